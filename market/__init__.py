@@ -1,0 +1,1 @@
+"""Pure market decisions: no sockets, no files, no clock reads (time is passed in)."""

@@ -1,0 +1,204 @@
+"""Canonical, bounded msgpack.
+
+Every value has exactly one encoding, so that a signature over bytes is a
+signature over a value:
+
+* nil, bool, int (-2**63 .. 2**64-1), float (finite, always float 64), str (UTF-8),
+  bin, array and map are the only types; ext types and float 32 are not allowed;
+* integers, strings, binaries, arrays and maps use the shortest msgpack form
+  (this is what msgpack's reference packers emit);
+* map keys are strings, unique, sorted by their UTF-8 bytes (equal to code point
+  order, since UTF-8 preserves it).
+
+Decoding is strict: the input is size-capped before it is parsed, then depth and
+every length are checked, then the value is re-encoded and compared byte for byte
+with the input, which rejects every non-canonical form (unsorted or duplicate keys,
+long integer forms, float 32, str8 for a short string, ...).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from protocol.errors import (
+    DuplicateKeyError,
+    LocalProtocolError,
+    MalformedError,
+    NonCanonicalError,
+    TooDeepError,
+    TooLargeError,
+    TooLongError,
+)
+
+_INT_MIN = -(2**63)
+_INT_MAX = 2**64 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds applied to every decoded message (all inclusive)."""
+
+    max_size: int = 1 << 20  # whole message, bytes
+    max_depth: int = 16  # nesting of arrays and maps; a scalar at top level is depth 0
+    max_container: int = 10_000  # elements of one array, or pairs of one map
+    max_str: int = 64 * 1024  # bytes of one UTF-8 string
+    max_bin: int = 1 << 20  # bytes of one byte string
+
+
+DEFAULT_LIMITS = Limits()
+
+_packer = msgpack.Packer(use_bin_type=True, use_single_float=False, autoreset=True)
+
+
+def _canon(value: Any, depth: int) -> Any:
+    """Return ``value`` with every map rebuilt in sorted key order; refuse foreign types."""
+    # Exact type checks first: they are the hot path and exclude bool-as-int surprises.
+    t = type(value)
+    if t is str or t is bytes or t is bool or value is None:
+        return value
+    if t is int:
+        if value < _INT_MIN or value > _INT_MAX:
+            raise LocalProtocolError(f"integer {value} does not fit msgpack's 64 bits")
+        return value
+    if t is dict:
+        if depth >= 64:
+            raise LocalProtocolError("value nests too deeply to encode")
+        out = {}
+        for k in sorted(value):
+            if type(k) is not str:
+                raise LocalProtocolError(f"map key {k!r} is not a string")
+            out[k] = _canon(value[k], depth + 1)
+        return out
+    if t is list or t is tuple:
+        if depth >= 64:
+            raise LocalProtocolError("value nests too deeply to encode")
+        return [_canon(v, depth + 1) for v in value]
+    if t is float:
+        if not math.isfinite(value):
+            raise LocalProtocolError("NaN and infinities have no canonical encoding")
+        return value
+    # Subclasses (str enums, IntEnum, bytearray, ...) are normalised to their base type.
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int):
+        return _canon(int(value), depth)
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    if isinstance(value, float):
+        return _canon(float(value), depth)
+    raise LocalProtocolError(f"type {t.__name__} cannot be encoded")
+
+
+def encode(value: Any) -> bytes:
+    """Encode ``value`` canonically. Raises LocalProtocolError for unencodable values."""
+    try:
+        data: bytes = _packer.pack(_canon(value, 0))
+    except LocalProtocolError:
+        raise
+    except (ValueError, OverflowError, TypeError) as e:  # pragma: no cover - guarded above
+        raise LocalProtocolError(f"cannot encode: {e}") from e
+    return data
+
+
+def _check_bounds(value: Any, limits: Limits) -> None:
+    """Depth, length and float checks on a decoded value, iteratively (no recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        v, depth = stack.pop()
+        t = type(v)
+        if t is dict:
+            if depth + 1 > limits.max_depth:
+                raise TooDeepError(f"nesting deeper than {limits.max_depth}")
+            if len(v) > limits.max_container:
+                raise TooLongError(f"map with {len(v)} pairs exceeds {limits.max_container}")
+            keys = list(v)
+            if keys != sorted(keys):
+                raise NonCanonicalError("map keys are not sorted by their UTF-8 bytes")
+            for k, item in v.items():
+                if len(k) > limits.max_str:
+                    raise TooLongError(f"map key longer than {limits.max_str} characters")
+                if type(item) in (dict, list):
+                    stack.append((item, depth + 1))
+                else:
+                    _check_scalar(item, limits)
+        elif t is list:
+            if depth + 1 > limits.max_depth:
+                raise TooDeepError(f"nesting deeper than {limits.max_depth}")
+            if len(v) > limits.max_container:
+                raise TooLongError(f"array of {len(v)} items exceeds {limits.max_container}")
+            for item in v:
+                if type(item) in (dict, list):
+                    stack.append((item, depth + 1))
+                else:
+                    _check_scalar(item, limits)
+        else:
+            _check_scalar(v, limits)
+
+
+def _check_scalar(v: Any, limits: Limits) -> None:
+    t = type(v)
+    if t is str:
+        # len() counts code points; the limit is on UTF-8 bytes, which are >= code points.
+        if len(v) > limits.max_str or len(v.encode()) > limits.max_str:
+            raise TooLongError(f"string longer than {limits.max_str} bytes")
+    elif t is bytes:
+        if len(v) > limits.max_bin:
+            raise TooLongError(f"byte string longer than {limits.max_bin} bytes")
+    elif t is float and not math.isfinite(v):
+        raise NonCanonicalError("NaN and infinities are not allowed")
+
+
+def _reject_duplicates(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    out: dict[Any, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise DuplicateKeyError(f"map repeats the key {k!r}")
+        out[k] = v
+    return out
+
+
+def _diagnose(data: bytes) -> None:
+    """Slow path, only after a canonical mismatch: name duplicates precisely."""
+    try:
+        msgpack.unpackb(data, raw=False, object_pairs_hook=_reject_duplicates)
+    except DuplicateKeyError:
+        raise
+    except Exception:  # the mismatch itself is reported by the caller
+        return
+
+
+def decode(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
+    """Decode one canonical msgpack value, or raise a RemoteProtocolError with a code."""
+    if len(data) > limits.max_size:
+        raise TooLargeError(f"{len(data)} bytes exceeds the cap of {limits.max_size}")
+    try:
+        # msgpack's own limits default to len(data), so a forged container header can
+        # never make it pre-allocate more than the input could fill.
+        value = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            max_ext_len=0,
+        )
+    except msgpack.ExtraData as e:
+        raise MalformedError("trailing bytes after the value") from e
+    except msgpack.StackError as e:
+        raise TooDeepError("nesting deeper than the decoder's stack") from e
+    except (ValueError, TypeError, msgpack.UnpackException) as e:
+        # UnicodeDecodeError, OutOfData, FormatError, ext or non-string map key.
+        raise MalformedError(f"not valid protocol msgpack ({type(e).__name__})") from e
+    _check_bounds(value, limits)
+    # Keys are known sorted now; packing the value as decoded reproduces the input only
+    # if every integer, string, float and header used its one canonical form and no
+    # key was repeated (a repeated key shrinks the dict, so the bytes differ).
+    if _packer.pack(value) != data:
+        _diagnose(data)
+        raise NonCanonicalError("valid msgpack but not the canonical encoding of its value")
+    return value

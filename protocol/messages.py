@@ -1,0 +1,382 @@
+"""Message bodies: frozen, strict pydantic models, one per message type.
+
+Conventions that hold for every message (docs/protocol.md repeats them):
+
+* money is an integer number of micro-credits (1 credit = 1_000_000); prices are
+  micro-credits per device-hour;
+* times are integer milliseconds since the Unix epoch (``*_ms``), durations are
+  integer milliseconds (``*_ms``) unless the name says otherwise;
+* sizes and rates are integers in bytes and bytes per second; FLOP/s are integers;
+* node ids are 32-character base32 strings (see protocol.identity);
+* hashes are lowercase hex SHA-256 (64 characters);
+* validation is strict: no coercion ("5" is not 5, 1.0 is not 1, true is not 1);
+  unknown fields are rejected.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+PROTOCOL_VERSION = 1
+
+MAX_U63 = 2**63 - 1
+
+NodeId = Annotated[str, StringConstraints(pattern=r"^[a-z2-7]{32}$")]
+Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+Ident = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")]
+Text = Annotated[str, StringConstraints(max_length=1024)]
+Name = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+Address = Annotated[str, StringConstraints(pattern=r"^https?://[^\s]{1,250}$")]
+MicroCredits = Annotated[int, Field(ge=0, le=MAX_U63)]
+TimeMs = Annotated[int, Field(ge=0, le=MAX_U63)]
+DurationMs = Annotated[int, Field(ge=0, le=MAX_U63)]
+Count = Annotated[int, Field(ge=0, le=1_000_000)]
+Units = Annotated[int, Field(ge=1, le=100_000)]
+Seq = Annotated[int, Field(ge=0, le=MAX_U63)]
+Bytes_ = Annotated[int, Field(ge=0, le=MAX_U63)]
+Rate = Annotated[int, Field(ge=0, le=MAX_U63)]
+Flops = Annotated[int, Field(ge=0, le=MAX_U63)]
+
+DeviceKind = Literal["gpu", "ipu", "cpu"]
+WorkloadClass = Literal["sweep", "training", "service"]
+
+
+class Body(BaseModel):
+    """Base of all message bodies."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    TYPE: ClassVar[str] = ""
+
+
+class Part(BaseModel):
+    """Base of nested records inside bodies."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+# --- capacity -------------------------------------------------------------------
+
+
+class DeviceGroup(Part):
+    """Identical devices on one provider, with their published figures and price."""
+
+    model: Name  # catalog name, e.g. "H100-SXM", "Bow-IPU", or "sim-*" in test clusters
+    kind: DeviceKind
+    ids: Annotated[list[Ident], Field(min_length=1, max_length=1024)]  # concrete device ids
+    free: Annotated[list[Ident], Field(max_length=1024)]  # ids not leased nor reserved
+    memory_bytes: Bytes_
+    fp16_flops: Flops  # dense FP16/BF16 FLOP/s per device
+    memory_bandwidth: Rate  # bytes/s per device
+    price_floor: MicroCredits  # per device-hour
+    simulated: bool = False
+
+    @model_validator(mode="after")
+    def _free_subset(self) -> DeviceGroup:
+        if not set(self.free) <= set(self.ids):
+            raise ValueError("free ids must be a subset of ids")
+        if len(set(self.ids)) != len(self.ids):
+            raise ValueError("device ids must be unique")
+        return self
+
+
+class Interconnect(Part):
+    """How the provider's devices talk to each other."""
+
+    kind: Literal["nvlink", "infinity-fabric", "ipu-link", "pcie", "ethernet", "none"]
+    bandwidth: Rate  # bytes/s per direction per device, inside the gang
+    gang_size: Count  # devices that share this fabric
+    latency_us: Count = 0
+
+
+# --- discovery ------------------------------------------------------------------
+
+
+class PeerInfo(Part):
+    node_id: NodeId
+    address: Address
+    role: Literal["provider", "bootstrap", "tenant"]
+
+
+class Hello(Body):
+    """First contact: who I am and where I listen (tenants give no address)."""
+
+    TYPE = "hello"
+    role: Literal["provider", "bootstrap", "tenant"]
+    address: Address | None
+    agent: Text  # software name and version
+
+
+class PeerList(Body):
+    """Answer to Hello: peers the responder knows."""
+
+    TYPE = "peer_list"
+    peers: Annotated[list[PeerInfo], Field(max_length=1000)]
+
+
+class Advert(Body):
+    """A provider's signed statement of its capacity and prices."""
+
+    TYPE = "advert"
+    provider: NodeId  # must equal the signer's node id
+    address: Address
+    devices: Annotated[list[DeviceGroup], Field(min_length=1, max_length=64)]
+    interconnect: Interconnect
+    seq: Seq  # strictly increasing per provider; the highest wins
+    expires_ms: TimeMs
+
+    @property
+    def free_units(self) -> int:
+        return sum(len(g.free) for g in self.devices)
+
+
+class DigestEntry(Part):
+    provider: NodeId
+    seq: Seq
+
+
+class DirectoryRequest(Body):
+    """Anti-entropy: what I hold (provider, seq); send what is newer or missing."""
+
+    TYPE = "directory_request"
+    digest: Annotated[list[DigestEntry], Field(max_length=100_000)]
+    limit: Annotated[int, Field(ge=1, le=2000)] = 500
+
+
+class Directory(Body):
+    """Sealed Advert envelopes, verbatim as their providers signed them."""
+
+    TYPE = "directory"
+    adverts: Annotated[list[bytes], Field(max_length=2000)]
+    wanted: Annotated[list[NodeId], Field(max_length=100_000)] = []  # newer at requester
+    more: bool = False  # the limit cut the answer; ask again
+
+
+# --- auction --------------------------------------------------------------------
+
+
+class Requirement(Part):
+    """What one unit of the order needs (HTCondor-style Requirements, evaluated locally)."""
+
+    kind: Literal["gpu", "ipu", "cpu", "any"] = "any"
+    model: Name | None = None
+    min_memory_bytes: Bytes_ = 0
+    min_fp16_flops: Flops = 0
+    devices_per_unit: Annotated[int, Field(ge=1, le=1024)] = 1
+    min_interconnect: Rate = 0  # bytes/s inside the gang; 0 = any
+    gang: bool = False  # all units on one provider, all or nothing
+
+
+class Order(Body):
+    """A tenant's call for bids."""
+
+    TYPE = "order"
+    order_id: Ident
+    tenant: NodeId
+    job_spec_hash: Sha256Hex
+    workload: WorkloadClass
+    requirement: Requirement
+    units: Units
+    max_price: MicroCredits  # per device-hour
+    bid_deadline_ms: TimeMs
+    expected_flop: Annotated[int, Field(ge=0, le=MAX_U63)] = 0  # work per unit, 0 = unknown
+    lease_ms: DurationMs  # how long the tenant expects to hold the lease
+
+
+class Bid(Body):
+    """A provider's offer; the named devices stay reserved until ``expires_ms``."""
+
+    TYPE = "bid"
+    order_id: Ident
+    bid_id: Ident
+    provider: NodeId
+    units: Units
+    devices: Annotated[list[Ident], Field(min_length=1, max_length=100_000)]
+    model: Name
+    price: MicroCredits  # per device-hour
+    expires_ms: TimeMs
+
+
+NoBidReason = Literal[
+    "no_matching_devices",
+    "all_reserved",
+    "price_below_floor",
+    "gang_too_small",
+    "interconnect_too_slow",
+    "deadline_passed",
+    "draining",
+    "other",
+]
+
+
+class NoBid(Body):
+    TYPE = "no_bid"
+    order_id: Ident
+    provider: NodeId
+    reason: NoBidReason
+    detail: Text = ""
+
+
+class Award(Body):
+    """The tenant picks a bid; the provider's Accept makes the lease."""
+
+    TYPE = "award"
+    order_id: Ident
+    bid_id: Ident
+    lease_id: Ident
+    provider: NodeId
+    units: Units
+    price: MicroCredits
+    heartbeat_interval_ms: Annotated[int, Field(ge=100, le=3_600_000)]
+    lease_end_ms: TimeMs
+
+
+class Accept(Body):
+    """Provider's countersignature: binds the award by the hash of its envelope."""
+
+    TYPE = "accept"
+    lease_id: Ident
+    order_id: Ident
+    award_hash: Sha256Hex  # SHA-256 of the Award envelope bytes
+    start_ms: TimeMs
+
+
+class Decline(Body):
+    TYPE = "decline"
+    lease_id: Ident
+    order_id: Ident
+    reason: Text
+
+
+class Release(Body):
+    """Tenant frees a bid's reservation (lost auction) or ends a lease early."""
+
+    TYPE = "release"
+    order_id: Ident
+    bid_id: Ident | None = None
+    lease_id: Ident | None = None
+    reason: Text = ""
+
+
+# --- execution ------------------------------------------------------------------
+
+
+class TaskAssign(Body):
+    TYPE = "task_assign"
+    lease_id: Ident
+    task_id: Ident
+    job_spec_hash: Sha256Hex
+    workspace_hash: Sha256Hex
+    command: Annotated[
+        list[Annotated[str, StringConstraints(max_length=4096)]],
+        Field(min_length=1, max_length=256),
+    ]
+    env: Annotated[
+        dict[str, Annotated[str, StringConstraints(max_length=4096)]], Field(max_length=256)
+    ] = {}
+    timeout_ms: Annotated[int, Field(ge=1, le=7 * 24 * 3_600_000)]
+    max_output_bytes: Annotated[int, Field(ge=0, le=1 << 30)] = 10 << 20
+    attempt: Annotated[int, Field(ge=0, le=1000)] = 0
+    network: bool = False
+
+
+TaskState = Literal["queued", "running", "succeeded", "failed", "timed_out", "cancelled"]
+
+
+class TaskStatus(Body):
+    TYPE = "task_status"
+    lease_id: Ident
+    task_id: Ident
+    state: TaskState
+    detail: Text = ""
+
+
+class Usage(Part):
+    """Measured usage, the basis of the receipt."""
+
+    wall_ms: DurationMs
+    cpu_ms: DurationMs
+    device_ms: DurationMs  # wall time x devices held
+    max_rss_bytes: Bytes_ = 0
+    output_bytes: Bytes_ = 0
+
+
+Metric = Annotated[float, Field(allow_inf_nan=False)] | int
+
+
+class TaskResult(Body):
+    TYPE = "task_result"
+    lease_id: Ident
+    task_id: Ident
+    state: TaskState
+    exit_code: Annotated[int, Field(ge=-255, le=255)] | None
+    metrics: Annotated[dict[Name, Metric], Field(max_length=256)] = {}
+    usage: Usage
+    started_ms: TimeMs
+    finished_ms: TimeMs
+    output_hash: Sha256Hex | None = None
+
+
+class Receipt(Body):
+    """Provider signs measured usage and the amount; the tenant countersigns.
+
+    ``countersigns`` is empty in the provider's receipt and holds the SHA-256 of the
+    provider's receipt envelope in the tenant's countersignature.
+    """
+
+    TYPE = "receipt"
+    lease_id: Ident
+    task_id: Ident
+    provider: NodeId
+    tenant: NodeId
+    device_ms: DurationMs
+    price: MicroCredits  # per device-hour
+    amount: MicroCredits  # ceil(device_ms * price / 3_600_000)
+    result_hash: Sha256Hex  # SHA-256 of the TaskResult envelope
+    countersigns: Sha256Hex | None = None
+
+
+class Heartbeat(Body):
+    TYPE = "heartbeat"
+    lease_id: Ident
+    seq: Seq
+    running: Annotated[list[Ident], Field(max_length=10_000)] = []
+
+
+class Cancel(Body):
+    TYPE = "cancel"
+    lease_id: Ident
+    task_id: Ident | None = None
+    reason: Text = ""
+
+
+MESSAGE_TYPES: dict[str, type[Body]] = {
+    m.TYPE: m
+    for m in (
+        Hello,
+        PeerList,
+        Advert,
+        DirectoryRequest,
+        Directory,
+        Order,
+        Bid,
+        NoBid,
+        Award,
+        Accept,
+        Decline,
+        Release,
+        TaskAssign,
+        TaskStatus,
+        TaskResult,
+        Receipt,
+        Heartbeat,
+        Cancel,
+    )
+}
+
+
+def body_to_wire(body: Body) -> dict[str, Any]:
+    """The body as a plain dict for the canonical codec (defaults included)."""
+    return body.model_dump(mode="python")
