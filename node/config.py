@@ -1,0 +1,117 @@
+"""Daemon configuration: a TOML file validated by pydantic.
+
+A bad file never starts a half-configured daemon: ``load_config`` raises ConfigError
+whose message names the file, each bad field (dotted path) and what was wrong.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from node.inventory import DeviceDecl, InterconnectDecl
+from protocol.errors import MercatoError
+
+
+class ConfigError(MercatoError):
+    """The configuration file is missing, unparsable or invalid."""
+
+    code = "bad_config"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class NodeSection(_Section):
+    """Identity and reachability."""
+
+    role: Literal["provider", "bootstrap"] = "provider"
+    listen_host: str = "127.0.0.1"
+    listen_port: Annotated[int, Field(ge=0, le=65535)] = 7400  # 0 = any free port
+    # The address peers use to reach this node; default http://{listen_host}:{bound port}.
+    public_address: Annotated[str, Field(pattern=r"^https?://[^\s/]+(:\d+)?/?$")] | None = None
+    bootstrap: list[Annotated[str, Field(pattern=r"^https?://[^\s]+$")]] = []
+    home: Path | None = None  # overrides MERCATO_HOME
+
+
+class GossipSection(_Section):
+    """Discovery timing. Defaults suit a WAN; the local cluster shortens them."""
+
+    interval_s: Annotated[float, Field(gt=0, le=3600)] = 2.0  # anti-entropy period
+    fanout: Annotated[int, Field(ge=1, le=32)] = 3  # peers a new advert is pushed to
+    request_timeout_s: Annotated[float, Field(gt=0, le=120)] = 3.0
+    max_peer_failures: Annotated[int, Field(ge=1, le=1000)] = 3  # then the peer is dropped
+    max_peers: Annotated[int, Field(ge=1, le=100_000)] = 1000
+
+
+class AdvertSection(_Section):
+    """How long an advert lives and when it is renewed."""
+
+    ttl_s: Annotated[float, Field(ge=1, le=86_400)] = 60.0
+    # Re-advertise after this fraction of the TTL, so a live provider never expires.
+    refresh_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.4
+
+
+class LimitsSection(_Section):
+    """What a peer may send us."""
+
+    max_message_bytes: Annotated[int, Field(ge=1024, le=64 << 20)] = 1 << 20
+    rate_per_s: Annotated[float, Field(gt=0)] = 200.0  # per sender, sustained
+    burst: Annotated[int, Field(ge=1)] = 400  # per sender, short bursts
+    replay_window_s: Annotated[int, Field(ge=1, le=3600)] = 120
+    clock_skew_s: Annotated[int, Field(ge=0, le=3600)] = 30
+
+
+class NodeConfig(_Section):
+    """The whole ``provider.toml``."""
+
+    node: NodeSection = NodeSection()
+    gossip: GossipSection = GossipSection()
+    advert: AdvertSection = AdvertSection()
+    limits: LimitsSection = LimitsSection()
+    devices: list[DeviceDecl] = []
+    interconnect: InterconnectDecl | None = None
+    detect_gpus: bool = True  # add NVIDIA GPUs found through NVML
+
+    @model_validator(mode="after")
+    def _bootstrap_has_no_devices(self) -> NodeConfig:
+        if self.node.role == "bootstrap" and self.devices:
+            raise ValueError("a bootstrap node sells nothing: remove [[devices]] or set role")
+        return self
+
+
+def format_validation_error(source: str, error: ValidationError) -> str:
+    """One line per problem: ``file: dotted.path: message``."""
+    lines = []
+    for err in error.errors(include_url=False):
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown setting (check the spelling; see deploy/provider.example.toml)"
+        lines.append(f"{source}: {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(text: str, source: str = "<config>") -> NodeConfig:
+    """Parse and validate TOML text."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: not valid TOML: {e}") from e
+    try:
+        return NodeConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(source, e)) from e
+
+
+def load_config(path: Path) -> NodeConfig:
+    """Read and validate a config file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from e
+    return parse_config(text, str(path))

@@ -1,0 +1,476 @@
+"""The node: opens every incoming envelope, dispatches it through a typed table, and runs
+discovery (advert publishing, rumor push, anti-entropy pull, peer exchange, expiry).
+
+The node is transport-agnostic: the same code runs behind aiohttp in the daemon and on
+the in-memory network in tests and simulations. Its clock and random source are passed
+in. One TaskGroup owns every background task; ``close()`` cancels them all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from market.directory import Directory, Entry, Offer
+from node.metrics import NodeMetrics
+from node.ratelimit import RateLimiter
+from node.transport import Transport
+from protocol import codec
+from protocol.envelope import Envelope, open_envelope, seal
+from protocol.errors import (
+    MercatoError,
+    RateLimitedError,
+    RemoteProtocolError,
+    TooLargeError,
+    UnexpectedMessageError,
+)
+from protocol.identity import Identity
+from protocol.messages import (
+    Advert,
+    Body,
+    DeviceGroup,
+    DigestEntry,
+    DirectoryRequest,
+    Hello,
+    Interconnect,
+    PeerInfo,
+    PeerList,
+)
+from protocol.messages import (
+    Directory as DirectoryMsg,
+)
+from protocol.replay import ReplayGuard
+
+log = logging.getLogger("mercato.node")
+
+Role = Literal["provider", "bootstrap", "tenant"]
+#: What a provider sells right now: device groups (with their free ids) and fabric.
+CapacityFn = Callable[[], tuple[list[DeviceGroup], Interconnect]]
+MessageHandler = Callable[[Envelope], Awaitable[Body | None]]
+AGENT = "mercato/0.1"
+
+
+def wall_clock_ms() -> int:
+    """The real clock in ms; nodes take a clock function so simulations can replace it."""
+    return time.time_ns() // 1_000_000
+
+
+@dataclass
+class NodeSettings:
+    """Everything a Node needs to know besides its collaborators (see node.config)."""
+
+    role: Role
+    address: str | None  # None for tenants, which are never called
+    bootstrap: list[str] = field(default_factory=list)
+    gossip_interval_s: float = 2.0
+    fanout: int = 3
+    request_timeout_s: float = 3.0
+    max_peer_failures: int = 3
+    max_peers: int = 1000
+    advert_ttl_s: float = 60.0
+    advert_refresh_fraction: float = 0.4
+    max_message_bytes: int = 1 << 20
+    rate_per_s: float = 200.0
+    burst: int = 400
+    replay_window_ms: int = 120_000
+    clock_skew_ms: int = 30_000
+    directory_page: int = 500
+
+
+@dataclass
+class Peer:
+    """A node we can call. Keyed by address: bootstrap peers are known before their id."""
+
+    address: str
+    node_id: str | None = None
+    role: Role = "provider"
+    last_seen_ms: int = 0
+    failures: int = 0
+
+
+class Node:
+    """One Mercato node (provider, bootstrap or tenant client)."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        settings: NodeSettings,
+        transport: Transport,
+        *,
+        clock: Callable[[], int] = wall_clock_ms,
+        rng: random.Random | None = None,
+        capacity: CapacityFn | None = None,
+        metrics: NodeMetrics | None = None,
+        on_advert: Callable[[Entry], None] | None = None,
+        on_peer: Callable[[Peer], None] | None = None,
+    ) -> None:
+        self.identity = identity
+        self.node_id = identity.node_id
+        self.settings = settings
+        self.transport = transport
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.capacity = capacity
+        self.metrics = metrics or NodeMetrics()
+        self.directory = Directory()
+        self.peers: dict[str, Peer] = {}
+        self.guard = ReplayGuard(settings.replay_window_ms, settings.clock_skew_ms)
+        self.limiter = RateLimiter(settings.rate_per_s, settings.burst)
+        self.limits = codec.Limits(max_size=settings.max_message_bytes)
+        self._on_advert = on_advert
+        self._on_peer = on_peer
+        self._advert_seq = 0
+        self._own_advert: bytes | None = None
+        self._capacity_changed = asyncio.Event()
+        self._tasks: asyncio.TaskGroup | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._started = asyncio.Event()
+        self.handlers: dict[str, MessageHandler] = {
+            Hello.TYPE: self._on_hello,
+            DirectoryRequest.TYPE: self._on_directory_request,
+            DirectoryMsg.TYPE: self._on_directory_push,
+        }
+        for address in settings.bootstrap:
+            if address != settings.address:
+                self.peers[address] = Peer(address=address, role="bootstrap")
+
+    # --- incoming ---------------------------------------------------------------
+
+    async def handle(self, data: bytes, remote: str = "") -> bytes:
+        """Open, check and dispatch one request; return the sealed reply or b"".
+
+        Raises a MercatoError (with its code) for every rejection, after counting it.
+        """
+        try:
+            if len(data) > self.limits.max_size:
+                raise TooLargeError(f"{len(data)} bytes exceeds {self.limits.max_size}")
+            env = open_envelope(
+                data,
+                now_ms=self.clock(),
+                replay=self.guard,
+                recipient=self.node_id,
+                limits=self.limits,
+            )
+            if not self.limiter.allow(env.sender, self.clock() / 1000):
+                raise RateLimitedError(f"{env.sender} exceeds {self.settings.rate_per_s}/s")
+            handler = self.handlers.get(env.type)
+            if handler is None:
+                raise UnexpectedMessageError(f"this node does not accept {env.type} messages")
+            self.metrics.messages_in.labels(env.type).inc()
+            reply = await handler(env)
+        except MercatoError as e:
+            self.metrics.rejections.labels(e.code).inc()
+            log.debug("rejected message from %s: %s", remote or "?", e)
+            raise
+        if reply is None:
+            return b""
+        return self.seal(reply, to=env.sender)
+
+    def seal(self, body: Body, to: str | None = None) -> bytes:
+        return seal(self.identity, body, now_ms=self.clock(), nonce=os.urandom(16), to=to)
+
+    # --- outgoing ---------------------------------------------------------------
+
+    async def request(self, peer: Peer, body: Body) -> Envelope | None:
+        """Send ``body`` to ``peer``; return its opened reply, if any. Updates peer health."""
+        self.metrics.messages_out.labels(body.TYPE).inc()
+        try:
+            raw = await self.transport.request(
+                peer.address, self.seal(body, to=peer.node_id), self.settings.request_timeout_s
+            )
+            reply = None
+            if raw:
+                reply = open_envelope(
+                    raw,
+                    now_ms=self.clock(),
+                    replay=self.guard,
+                    recipient=self.node_id,
+                    limits=self.limits,
+                )
+                if peer.node_id is not None and reply.sender != peer.node_id:
+                    raise RemoteProtocolError("reply signed by another node than the peer")
+        except MercatoError as e:
+            self.metrics.send_failures.labels(e.code).inc()
+            self._peer_failed(peer)
+            raise
+        peer.failures = 0
+        peer.last_seen_ms = self.clock()
+        if reply is not None and peer.node_id is None:
+            peer.node_id = reply.sender
+        return reply
+
+    def _peer_failed(self, peer: Peer) -> None:
+        peer.failures += 1
+        if peer.failures >= self.settings.max_peer_failures and peer.role != "bootstrap":
+            if self.peers.pop(peer.address, None) is not None:
+                log.info("dropped dead peer %s after %d failures", peer.address, peer.failures)
+            self.metrics.peers.set(len(self.peers))
+
+    # --- peers ------------------------------------------------------------------
+
+    def learn_peer(self, address: str, node_id: str | None, role: Role) -> None:
+        if address == self.settings.address or node_id == self.node_id:
+            return
+        peer = self.peers.get(address)
+        if peer is None:
+            if len(self.peers) >= self.settings.max_peers:
+                return
+            peer = self.peers[address] = Peer(address=address, node_id=node_id, role=role)
+            self.metrics.peers.set(len(self.peers))
+            if self._on_peer is not None:
+                self._on_peer(peer)
+        elif node_id is not None and peer.node_id is None:
+            peer.node_id = node_id
+        if peer.role != "bootstrap":
+            peer.role = role
+
+    def sample_peers(self, k: int, exclude: Iterable[str] = ()) -> list[Peer]:
+        skip = set(exclude)
+        pool = [p for p in self.peers.values() if p.address not in skip]
+        return self.rng.sample(pool, min(k, len(pool)))
+
+    async def _on_hello(self, env: Envelope) -> Body | None:
+        hello = env.body
+        assert isinstance(hello, Hello)
+        if hello.address is not None and hello.role != "tenant":
+            self.learn_peer(hello.address, env.sender, hello.role)
+        known = [
+            PeerInfo(node_id=p.node_id, address=p.address, role=p.role)
+            for p in self.sample_peers(50, exclude=[hello.address or ""])
+            if p.node_id is not None
+        ]
+        return PeerList(peers=known)
+
+    async def exchange_peers(self, peer: Peer) -> None:
+        """Hello to ``peer``; learn the peers it knows."""
+        hello = Hello(
+            role=self.settings.role,
+            address=self.settings.address if self.settings.role != "tenant" else None,
+            agent=AGENT,
+        )
+        reply = await self.request(peer, hello)
+        if reply is not None and isinstance(reply.body, PeerList):
+            for info in reply.body.peers:
+                self.learn_peer(info.address, info.node_id, info.role)
+
+    # --- directory --------------------------------------------------------------
+
+    def ingest_advert(self, raw: bytes) -> Offer | None:
+        """Verify a relayed advert envelope and offer it to the directory.
+
+        Relayed adverts keep their provider's original signature and timestamp, so the
+        replay window does not apply (freshness is the advert's own ``expires_ms``, and a
+        replayed advert can never win because it never carries a higher ``seq``).
+        Returns None when the advert is rejected (counted by code).
+        """
+        try:
+            env = open_envelope(raw, now_ms=self.clock(), replay=None, limits=self.limits)
+            if not isinstance(env.body, Advert):
+                raise UnexpectedMessageError(f"directory holds adverts, not {env.type}")
+        except MercatoError as e:
+            self.metrics.rejections.labels(e.code).inc()
+            log.debug("dropped relayed advert: %s", e)
+            return None
+        advert = env.body
+        now = self.clock()
+        result = self.directory.offer(advert, raw, now)
+        if result is Offer.EXPIRED:
+            self.metrics.rejections.labels("expired_advert").inc()
+        if result.accepted:
+            self.metrics.adverts.set(len(self.directory))
+            if advert.provider != self.node_id:
+                self.learn_peer(advert.address, advert.provider, "provider")
+            entry = self.directory.get(advert.provider)
+            if entry is not None and self._on_advert is not None:
+                self._on_advert(entry)
+        return result
+
+    def _digest(self) -> list[DigestEntry]:
+        return [
+            DigestEntry(provider=p, seq=s) for p, s in self.directory.digest(self.clock()).items()
+        ]
+
+    async def _on_directory_request(self, env: Envelope) -> Body | None:
+        req = env.body
+        assert isinstance(req, DirectoryRequest)
+        missing, wanted, more = self.directory.diff(
+            ((d.provider, d.seq) for d in req.digest),
+            self.clock(),
+            min(req.limit, self.settings.directory_page),
+        )
+        return DirectoryMsg(adverts=[e.envelope for e in missing], wanted=wanted, more=more)
+
+    async def _on_directory_push(self, env: Envelope) -> Body | None:
+        msg = env.body
+        assert isinstance(msg, DirectoryMsg)
+        fresh = [raw for raw in msg.adverts if self._ingest_is_news(raw)]
+        if fresh:
+            self._spawn(self._push(fresh, exclude=[self._address_of(env.sender)]))
+        return None
+
+    def _ingest_is_news(self, raw: bytes) -> bool:
+        result = self.ingest_advert(raw)
+        return result is not None and result.accepted
+
+    def _address_of(self, node_id: str) -> str:
+        for p in self.peers.values():
+            if p.node_id == node_id:
+                return p.address
+        return ""
+
+    async def _push(self, adverts: list[bytes], exclude: Iterable[str] = ()) -> None:
+        """Rumor mongering: push news to ``fanout`` random peers (not back to its source)."""
+        targets = self.sample_peers(self.settings.fanout, exclude=exclude)
+        msg = DirectoryMsg(adverts=adverts)
+        await asyncio.gather(*(self._quiet(self.request(p, msg)) for p in targets))
+
+    async def anti_entropy(self, peer: Peer) -> int:
+        """Pull what ``peer`` has that we lack, push what it lacks. Returns adverts learned."""
+        learned = 0
+        for _ in range(100):  # pages; bounded so a lying peer cannot keep us here
+            reply = await self.request(
+                peer, DirectoryRequest(digest=self._digest(), limit=self.settings.directory_page)
+            )
+            if reply is None or not isinstance(reply.body, DirectoryMsg):
+                return learned
+            page = reply.body
+            fresh = [raw for raw in page.adverts if self._ingest_is_news(raw)]
+            learned += len(fresh)
+            if page.wanted:
+                theirs = [
+                    self.directory.get(p) for p in page.wanted[: self.settings.directory_page]
+                ]
+                push = [e.envelope for e in theirs if e is not None]
+                if push:
+                    await self.request(peer, DirectoryMsg(adverts=push))
+            if not page.more or not fresh:
+                return learned
+        return learned
+
+    async def fetch_directory(self, peer: Peer) -> list[Entry]:
+        """Pull the whole live directory from ``peer`` (what a tenant does)."""
+        await self.anti_entropy(peer)
+        return list(self.directory.live(self.clock()))
+
+    # --- provider: adverts --------------------------------------------------------
+
+    def capacity_changed(self) -> None:
+        """Call when free units change: the provider re-advertises promptly."""
+        self._capacity_changed.set()
+
+    def make_advert(self) -> bytes:
+        """Seal a fresh advert. ``seq`` is ms-clock based so it grows across restarts."""
+        assert self.capacity is not None, "only providers advertise"
+        assert self.settings.address is not None, "a provider needs an address"
+        devices, interconnect = self.capacity()
+        now = self.clock()
+        self._advert_seq = max(self._advert_seq + 1, now)
+        advert = Advert(
+            provider=self.node_id,
+            address=self.settings.address,
+            devices=devices,
+            interconnect=interconnect,
+            seq=self._advert_seq,
+            expires_ms=now + int(self.settings.advert_ttl_s * 1000),
+        )
+        self.metrics.free_units.set(advert.free_units)
+        return self.seal(advert)
+
+    async def advertise(self) -> None:
+        """Publish a new advert: keep it ourselves and push it to ``fanout`` peers."""
+        raw = self.make_advert()
+        self._own_advert = raw
+        self.ingest_advert(raw)
+        await self._push([raw])
+
+    # --- service ----------------------------------------------------------------
+
+    async def _quiet(self, coro: Awaitable[object]) -> None:
+        """Run a best-effort exchange; failures are already counted and logged."""
+        with contextlib.suppress(MercatoError):
+            await coro
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        if self._tasks is None:  # not running as a service: just drop the follow-up
+            if asyncio.iscoroutine(coro):
+                coro.close()
+            return
+        self._tasks.create_task(self._quiet(coro))
+
+    async def start(self) -> None:
+        """Start the background loops and return once the node is bootstrapped."""
+        self._runner = asyncio.create_task(self._run(), name=f"node-{self.node_id[:8]}")
+        await self._started.wait()
+
+    async def _run(self) -> None:
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tasks = tg
+                await self._join()
+                if self.capacity is not None:
+                    await self._quiet(self.advertise())
+                    tg.create_task(self._advert_loop())
+                tg.create_task(self._gossip_loop())
+                tg.create_task(self._expiry_loop())
+                self._started.set()
+        finally:
+            self._tasks = None
+            self._started.set()
+
+    async def _join(self) -> None:
+        """Greet the bootstrap peers and pull their directory."""
+        for peer in list(self.peers.values()):
+            with contextlib.suppress(MercatoError):
+                await self.exchange_peers(peer)
+                await self.anti_entropy(peer)
+
+    async def _advert_loop(self) -> None:
+        period = self.settings.advert_ttl_s * self.settings.advert_refresh_fraction
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._capacity_changed.wait(), timeout=period)
+            self._capacity_changed.clear()
+            await self._quiet(self.advertise())
+
+    async def _gossip_loop(self) -> None:
+        rounds = 0
+        while True:
+            # Jitter avoids every node of a cluster gossiping in lock-step.
+            await asyncio.sleep(self.settings.gossip_interval_s * self.rng.uniform(0.75, 1.25))
+            rounds += 1
+            for peer in self.sample_peers(1):
+                await self._quiet(self.anti_entropy(peer))
+                if rounds % 5 == 0 or len(self.peers) < self.settings.fanout:
+                    await self._quiet(self.exchange_peers(peer))
+            if not self.peers:
+                for address in self.settings.bootstrap:
+                    if address != self.settings.address:
+                        self.peers[address] = Peer(address=address, role="bootstrap")
+
+    async def _expiry_loop(self) -> None:
+        while True:
+            await asyncio.sleep(min(1.0, self.settings.gossip_interval_s))
+            gone = self.directory.expire(self.clock())
+            if gone:
+                self.metrics.adverts.set(len(self.directory))
+                log.info("adverts expired: %s", ", ".join(p[:8] for p in gone))
+
+    async def close(self) -> None:
+        """Stop every background task (idempotent)."""
+        if self._runner is not None:
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._runner
+            self._runner = None
+
+    async def wait_closed(self) -> None:
+        if self._runner is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._runner

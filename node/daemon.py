@@ -1,0 +1,287 @@
+"""The daemon: an aiohttp server in front of a Node, with its home, store and metrics.
+
+Endpoints (docs/protocol.md, "HTTP transport"):
+
+* ``POST /p2p``: one sealed envelope in, a sealed reply (or 204) out. The body size is
+  capped before it is read; every rejection answers 4xx JSON ``{"error": {code, reason}}``
+  and is counted in ``mercato_rejections_total{code}``.
+* ``GET /healthz``: JSON with the node id, role, address, peers, adverts, devices.
+* ``GET /metrics``: Prometheus text format.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from market.directory import Entry
+from node.config import NodeConfig
+from node.core import Node, NodeSettings, Peer, wall_clock_ms
+from node.home import NodeHome, resolve_home
+from node.inventory import Inventory, build_inventory
+from node.metrics import CONTENT_TYPE, NodeMetrics
+from node.store import Store
+from node.transport import ENVELOPE_CONTENT_TYPE, P2P_PATH, HttpTransport
+from protocol.errors import MercatoError, TooLargeError, http_status
+from protocol.messages import DeviceGroup, Interconnect
+
+log = logging.getLogger("mercato.daemon")
+
+NODE_KEY: web.AppKey[Node] = web.AppKey("node", Node)
+INFO_KEY: web.AppKey[dict[str, Any]] = web.AppKey("info")
+READY_FILE = "daemon.json"
+
+
+class DaemonError(MercatoError):
+    """The daemon cannot start (port taken, no devices, ...)."""
+
+    code = "daemon_error"
+
+
+def error_response(error: MercatoError) -> web.Response:
+    """The one place a MercatoError becomes an HTTP answer."""
+    return web.json_response(
+        {"error": {"code": error.code, "reason": error.reason}}, status=http_status(error)
+    )
+
+
+async def _read_capped(request: web.Request, cap: int) -> bytes:
+    """Read the body, refusing it as soon as it passes ``cap`` (before buffering more)."""
+    if request.content_length is not None and request.content_length > cap:
+        raise TooLargeError(f"Content-Length {request.content_length} exceeds {cap}")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await request.content.read(64 * 1024)
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > cap:
+            raise TooLargeError(f"body exceeds {cap} bytes")
+        chunks.append(chunk)
+
+
+async def handle_p2p(request: web.Request) -> web.StreamResponse:
+    node = request.app[NODE_KEY]
+    try:
+        data = await _read_capped(request, node.limits.max_size)
+        reply = await node.handle(data, request.remote or "")
+    except TooLargeError as e:
+        node.metrics.rejections.labels(e.code).inc()
+        return error_response(e)
+    except MercatoError as e:  # already counted by the node
+        return error_response(e)
+    if not reply:
+        return web.Response(status=204)
+    return web.Response(body=reply, content_type=ENVELOPE_CONTENT_TYPE)
+
+
+async def handle_healthz(request: web.Request) -> web.Response:
+    node = request.app[NODE_KEY]
+    info = dict(request.app[INFO_KEY])
+    now = node.clock()
+    devices: list[dict[str, Any]] = []
+    if node.capacity is not None:
+        groups, _ = node.capacity()
+        devices = [
+            {"model": g.model, "kind": g.kind, "count": len(g.ids), "free": len(g.free)}
+            for g in groups
+        ]
+    info.update(
+        status="ok",
+        peers=len(node.peers),
+        adverts=sum(1 for _ in node.directory.live(now)),
+        devices=devices,
+    )
+    return web.json_response(info)
+
+
+async def handle_directory(request: web.Request) -> web.Response:
+    """Read-only summary of the live directory (for people and the local cluster)."""
+    node = request.app[NODE_KEY]
+    now = node.clock()
+    entries = list(node.directory.live(now))
+    return web.json_response(
+        {
+            "providers": [e.provider for e in entries],
+            "adverts": [
+                {
+                    "provider": e.provider,
+                    "address": e.advert.address,
+                    "seq": e.seq,
+                    "free_units": e.advert.free_units,
+                    "expires_in_ms": e.advert.expires_ms - now,
+                }
+                for e in entries
+            ],
+        }
+    )
+
+
+async def handle_metrics(request: web.Request) -> web.Response:
+    node = request.app[NODE_KEY]
+    return web.Response(body=node.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+
+def build_app(node: Node, info: dict[str, Any]) -> web.Application:
+    app = web.Application(client_max_size=node.limits.max_size)
+    app[NODE_KEY] = node
+    app[INFO_KEY] = info
+    app.router.add_post(P2P_PATH, handle_p2p)
+    app.router.add_get("/healthz", handle_healthz)
+    app.router.add_get("/metrics", handle_metrics)
+    app.router.add_get("/directory.json", handle_directory)
+    return app
+
+
+def settings_from_config(config: NodeConfig, address: str) -> NodeSettings:
+    g, a, lim = config.gossip, config.advert, config.limits
+    return NodeSettings(
+        role=config.node.role,
+        address=address,
+        bootstrap=list(config.node.bootstrap),
+        gossip_interval_s=g.interval_s,
+        fanout=g.fanout,
+        request_timeout_s=g.request_timeout_s,
+        max_peer_failures=g.max_peer_failures,
+        max_peers=g.max_peers,
+        advert_ttl_s=a.ttl_s,
+        advert_refresh_fraction=a.refresh_fraction,
+        max_message_bytes=lim.max_message_bytes,
+        rate_per_s=lim.rate_per_s,
+        burst=lim.burst,
+        replay_window_ms=lim.replay_window_s * 1000,
+        clock_skew_ms=lim.clock_skew_s * 1000,
+    )
+
+
+@dataclass
+class Daemon:
+    """A running daemon: start with ``Daemon.start(config)``, stop with ``close()``."""
+
+    node: Node
+    runner: web.AppRunner
+    store: Store
+    home: NodeHome
+    address: str
+    transport: HttpTransport
+
+    @classmethod
+    async def start(cls, config: NodeConfig, home: NodeHome | None = None) -> Daemon:
+        home = home or NodeHome(config.node.home or resolve_home())
+        identity = home.load_or_create_identity()
+        store = Store(home.store_path)
+        inventory: Inventory | None = None
+        if config.node.role == "provider":
+            inventory = build_inventory(
+                config.devices, config.interconnect, detect=config.detect_gpus
+            )
+        metrics = NodeMetrics()
+        transport = HttpTransport(max_reply_bytes=config.limits.max_message_bytes)
+        # Bind first (port 0 picks a free port), then tell the node its real address.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((config.node.listen_host, config.node.listen_port))
+        except OSError as e:
+            sock.close()
+            raise DaemonError(
+                f"cannot listen on {config.node.listen_host}:{config.node.listen_port}: "
+                f"{e.strerror}"
+            ) from e
+        port = sock.getsockname()[1]
+        address = config.node.public_address or f"http://{config.node.listen_host}:{port}"
+        address = address.rstrip("/")
+        capacity = None
+        if inventory is not None:
+            inv = inventory
+
+            def capacity_fn() -> tuple[list[DeviceGroup], Interconnect]:
+                ids = {i for g in inv.groups for i in g.ids}
+                return inv.device_groups(free=ids), inv.interconnect_message()
+
+            capacity = capacity_fn
+        node = Node(
+            identity,
+            settings_from_config(config, address),
+            transport,
+            capacity=capacity,
+            metrics=metrics,
+            on_advert=lambda e: _persist_advert(store, e),
+            on_peer=lambda p: _persist_peer(store, p, wall_clock_ms()),
+        )
+        info: dict[str, Any] = {"node_id": identity.node_id, "role": config.node.role}
+        runner = web.AppRunner(build_app(node, info), access_log=None, handle_signals=False)
+        await runner.setup()
+        await web.SockSite(runner, sock).start()
+        info.update(address=address, pid=os.getpid())
+        _restore(node, store)
+        await node.start()
+        (home.path / READY_FILE).write_text(json.dumps(info))
+        log.info("%s %s listening on %s", config.node.role, identity.node_id, address)
+        return cls(node, runner, store, home, address, transport)
+
+    async def close(self) -> None:
+        """Stop serving, stop every task, close the store. Idempotent."""
+        with contextlib.suppress(FileNotFoundError):
+            (self.home.path / READY_FILE).unlink()
+        await self.runner.cleanup()
+        await self.node.close()
+        await self.transport.close()
+        self.store.close()
+
+
+def _persist_advert(store: Store, entry: Entry) -> None:
+    a = entry.advert
+    store.put_advert(a.provider, a.seq, a.expires_ms, entry.received_ms, entry.envelope)
+
+
+def _persist_peer(store: Store, peer: Peer, now_ms: int) -> None:
+    if peer.node_id is not None:
+        store.upsert_peer(peer.node_id, peer.address, peer.role, now_ms)
+
+
+def _restore(node: Node, store: Store) -> None:
+    """Reload live adverts (re-verified) and peers from the store after a restart."""
+    for stored in store.get_adverts(node.clock()):
+        node.ingest_advert(stored.envelope)
+    for p in store.list_peers():
+        node.learn_peer(p.address, p.node_id, p.role)
+
+
+async def run_daemon(config: NodeConfig, home: NodeHome | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then shut down cleanly."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    daemon = await Daemon.start(config, home)
+    try:
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        await daemon.close()
+
+
+def setup_logging(home: Path, verbose: bool = False) -> None:
+    log_dir = home / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    file_handler = logging.FileHandler(log_dir / "node.log")
+    file_handler.setFormatter(fmt)
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(fmt)
+    root = logging.getLogger()
+    root.handlers[:] = [file_handler, stream]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)

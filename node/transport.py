@@ -1,0 +1,165 @@
+"""How envelopes travel: HTTP on real networks, an in-memory bus for tests and simulation.
+
+A transport does one thing: deliver request bytes to an address and bring back the
+reply bytes (an envelope, or empty when the peer has nothing to say). Every exchange
+is started by the caller, so a tenant behind NAT never needs to be reachable.
+Errors are typed: an unreachable peer raises PeerUnavailableError, a slow one
+PeerTimeoutError, and a peer's rejection the error class of the code it sent back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+import aiohttp
+
+from protocol.errors import (
+    MercatoError,
+    PeerTimeoutError,
+    PeerUnavailableError,
+    RemoteProtocolError,
+    error_from_code,
+)
+
+ENVELOPE_CONTENT_TYPE = "application/x-mercato-envelope"
+P2P_PATH = "/p2p"
+
+#: Handles one incoming request: returns reply bytes (b"" for none) or raises MercatoError.
+Handler = Callable[[bytes, str], Awaitable[bytes]]
+
+
+class Transport(Protocol):
+    """Request/response delivery of envelope bytes."""
+
+    async def request(self, address: str, data: bytes, timeout_s: float = 5.0) -> bytes:
+        """Send ``data`` to ``address``; return the reply bytes (possibly empty)."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections."""
+        ...
+
+
+class HttpTransport:
+    """Envelopes POSTed to ``{address}/p2p`` over aiohttp, with pooled connections."""
+
+    def __init__(self, max_reply_bytes: int = 1 << 20) -> None:
+        self._session: aiohttp.ClientSession | None = None
+        self._max_reply = max_reply_bytes
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=256, limit_per_host=16),
+                headers={"Content-Type": ENVELOPE_CONTENT_TYPE},
+            )
+        return self._session
+
+    async def request(self, address: str, data: bytes, timeout_s: float = 5.0) -> bytes:
+        session = self._get_session()
+        try:
+            async with session.post(
+                address.rstrip("/") + P2P_PATH,
+                data=data,
+                timeout=aiohttp.ClientTimeout(total=timeout_s),
+            ) as resp:
+                body = await resp.content.read(self._max_reply + 1)
+                if len(body) > self._max_reply:
+                    raise RemoteProtocolError(f"reply from {address} exceeds the size cap")
+                if resp.status >= 400:
+                    raise _error_from_reply(resp.status, body)
+                return body
+        except TimeoutError as e:
+            raise PeerTimeoutError(f"{address} did not answer within {timeout_s} s") from e
+        except aiohttp.ClientError as e:
+            raise PeerUnavailableError(f"{address}: {e}") from e
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def _error_from_reply(status: int, body: bytes) -> MercatoError:
+    try:
+        err = json.loads(body)["error"]
+        return error_from_code(str(err["code"]), str(err["reason"]))
+    except (ValueError, KeyError, TypeError):
+        return RemoteProtocolError(f"peer answered HTTP {status}")
+
+
+class MemoryNetwork:
+    """An in-process network: addresses map to handlers; latency and loss injectable.
+
+    For tests about logic and for simulating thousands of nodes in one process. Loss
+    and latency are drawn from a seeded random source so a run can be replayed.
+    """
+
+    def __init__(self, *, seed: int = 0, loss: float = 0.0, latency_s: float = 0.0) -> None:
+        self._handlers: dict[str, Handler] = {}
+        self._down: set[str] = set()
+        self._partition: dict[str, int] = {}
+        self.loss = loss
+        self.latency_s = latency_s
+        self.random = random.Random(seed)
+        self.delivered = 0
+        self.dropped = 0
+
+    def attach(self, address: str, handler: Handler) -> None:
+        self._handlers[address] = handler
+        self._down.discard(address)
+
+    def detach(self, address: str) -> None:
+        self._handlers.pop(address, None)
+
+    def set_down(self, address: str, down: bool = True) -> None:
+        """Simulate a crash (down) or recovery without removing the handler."""
+        if down:
+            self._down.add(address)
+        else:
+            self._down.discard(address)
+
+    def partition(self, groups: list[list[str]]) -> None:
+        """Only addresses in the same group can talk; unlisted addresses form group -1."""
+        self._partition = {a: i for i, g in enumerate(groups) for a in g}
+
+    def heal(self) -> None:
+        self._partition = {}
+
+    def transport(self, source: str) -> MemoryTransport:
+        return MemoryTransport(self, source)
+
+    def _reachable(self, source: str, dest: str) -> bool:
+        if dest in self._down or source in self._down or dest not in self._handlers:
+            return False
+        return self._partition.get(source, -1) == self._partition.get(dest, -1)
+
+    async def deliver(self, source: str, dest: str, data: bytes, timeout_s: float) -> bytes:
+        if not self._reachable(source, dest):
+            self.dropped += 1
+            raise PeerUnavailableError(f"{dest} is unreachable from {source}")
+        if self.loss and self.random.random() < self.loss:
+            self.dropped += 1
+            raise PeerTimeoutError(f"message to {dest} was lost")
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
+        self.delivered += 1
+        return await self._handlers[dest](data, source)
+
+
+class MemoryTransport:
+    """One node's view of a MemoryNetwork."""
+
+    def __init__(self, network: MemoryNetwork, source: str) -> None:
+        self._network = network
+        self._source = source
+
+    async def request(self, address: str, data: bytes, timeout_s: float = 5.0) -> bytes:
+        return await self._network.deliver(self._source, address, data, timeout_s)
+
+    async def close(self) -> None:
+        return None
