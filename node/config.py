@@ -66,6 +66,13 @@ class LimitsSection(_Section):
     clock_skew_s: Annotated[int, Field(ge=0, le=3600)] = 30
 
 
+class MarketSection(_Section):
+    """How this provider bids."""
+
+    bid_ttl_s: Annotated[float, Field(gt=0, le=3600)] = 10.0  # how long a bid holds devices
+    surge_pct: Annotated[int, Field(ge=0, le=1000)] = 50  # price rise at full utilisation
+
+
 class NodeConfig(_Section):
     """The whole ``provider.toml``."""
 
@@ -73,9 +80,11 @@ class NodeConfig(_Section):
     gossip: GossipSection = GossipSection()
     advert: AdvertSection = AdvertSection()
     limits: LimitsSection = LimitsSection()
+    market: MarketSection = MarketSection()
     devices: list[DeviceDecl] = []
     interconnect: InterconnectDecl | None = None
-    detect_gpus: bool = True  # add NVIDIA GPUs found through NVML
+    # Check declared NVIDIA devices against what NVML finds (refuses to sell phantoms).
+    detect_gpus: bool = True
 
     @model_validator(mode="after")
     def _bootstrap_has_no_devices(self) -> NodeConfig:
@@ -92,6 +101,8 @@ def format_validation_error(source: str, error: ValidationError) -> str:
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown setting (check the spelling; see deploy/provider.example.toml)"
+        elif err["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")  # pydantic's prefix says nothing to people
         lines.append(f"{source}: {loc}: {msg}")
     return "\n".join(lines)
 

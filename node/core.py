@@ -14,9 +14,9 @@ import logging
 import os
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from market.directory import Directory, Entry, Offer
 from node.metrics import NodeMetrics
@@ -53,7 +53,8 @@ log = logging.getLogger("mercato.node")
 Role = Literal["provider", "bootstrap", "tenant"]
 #: What a provider sells right now: device groups (with their free ids) and fabric.
 CapacityFn = Callable[[], tuple[list[DeviceGroup], Interconnect]]
-MessageHandler = Callable[[Envelope], Awaitable[Body | None]]
+#: A handler returns a body to seal as the reply, pre-sealed reply bytes, or None.
+MessageHandler = Callable[[Envelope], Awaitable[Body | bytes | None]]
 AGENT = "mercato/0.1"
 
 
@@ -132,6 +133,8 @@ class Node:
         self._tasks: asyncio.TaskGroup | None = None
         self._runner: asyncio.Task[None] | None = None
         self._started = asyncio.Event()
+        #: Extra long-running coroutines (role services) run in the node's TaskGroup.
+        self.services: list[Callable[[], Coroutine[Any, Any, None]]] = []
         self.handlers: dict[str, MessageHandler] = {
             Hello.TYPE: self._on_hello,
             DirectoryRequest.TYPE: self._on_directory_request,
@@ -171,6 +174,8 @@ class Node:
             raise
         if reply is None:
             return b""
+        if isinstance(reply, bytes):
+            return reply
         return self.seal(reply, to=env.sender)
 
     def seal(self, body: Body, to: str | None = None) -> bytes:
@@ -178,12 +183,19 @@ class Node:
 
     # --- outgoing ---------------------------------------------------------------
 
-    async def request(self, peer: Peer, body: Body) -> Envelope | None:
-        """Send ``body`` to ``peer``; return its opened reply, if any. Updates peer health."""
+    async def request(
+        self, peer: Peer, body: Body, *, sealed: bytes | None = None, timeout_s: float | None = None
+    ) -> Envelope | None:
+        """Send ``body`` to ``peer``; return its opened reply, if any. Updates peer health.
+
+        ``sealed`` sends those envelope bytes instead of sealing ``body`` afresh (when
+        the caller must keep the exact bytes, e.g. an award whose hash the accept names).
+        """
         self.metrics.messages_out.labels(body.TYPE).inc()
+        data = sealed if sealed is not None else self.seal(body, to=peer.node_id)
         try:
             raw = await self.transport.request(
-                peer.address, self.seal(body, to=peer.node_id), self.settings.request_timeout_s
+                peer.address, data, timeout_s or self.settings.request_timeout_s
             )
             reply = None
             if raw:
@@ -236,7 +248,7 @@ class Node:
         pool = [p for p in self.peers.values() if p.address not in skip]
         return self.rng.sample(pool, min(k, len(pool)))
 
-    async def _on_hello(self, env: Envelope) -> Body | None:
+    async def _on_hello(self, env: Envelope) -> Body | bytes | None:
         hello = env.body
         assert isinstance(hello, Hello)
         if hello.address is not None and hello.role != "tenant":
@@ -297,7 +309,7 @@ class Node:
             DigestEntry(provider=p, seq=s) for p, s in self.directory.digest(self.clock()).items()
         ]
 
-    async def _on_directory_request(self, env: Envelope) -> Body | None:
+    async def _on_directory_request(self, env: Envelope) -> Body | bytes | None:
         req = env.body
         assert isinstance(req, DirectoryRequest)
         missing, wanted, more = self.directory.diff(
@@ -307,7 +319,7 @@ class Node:
         )
         return DirectoryMsg(adverts=[e.envelope for e in missing], wanted=wanted, more=more)
 
-    async def _on_directory_push(self, env: Envelope) -> Body | None:
+    async def _on_directory_push(self, env: Envelope) -> Body | bytes | None:
         msg = env.body
         assert isinstance(msg, DirectoryMsg)
         fresh = [raw for raw in msg.adverts if self._ingest_is_news(raw)]
@@ -419,6 +431,8 @@ class Node:
                     tg.create_task(self._advert_loop())
                 tg.create_task(self._gossip_loop())
                 tg.create_task(self._expiry_loop())
+                for service in self.services:
+                    tg.create_task(service())
                 self._started.set()
         finally:
             self._tasks = None

@@ -25,16 +25,17 @@ from typing import Any
 
 from aiohttp import web
 
+from market.bidding import BidEngine, FloorPlusUtilisation, devices_from_groups
 from market.directory import Entry
 from node.config import NodeConfig
 from node.core import Node, NodeSettings, Peer, wall_clock_ms
 from node.home import NodeHome, resolve_home
 from node.inventory import Inventory, build_inventory
 from node.metrics import CONTENT_TYPE, NodeMetrics
+from node.provider import ProviderService
 from node.store import Store
 from node.transport import ENVELOPE_CONTENT_TYPE, P2P_PATH, HttpTransport
 from protocol.errors import MercatoError, TooLargeError, http_status
-from protocol.messages import DeviceGroup, Interconnect
 
 log = logging.getLogger("mercato.daemon")
 
@@ -89,7 +90,8 @@ async def handle_p2p(request: web.Request) -> web.StreamResponse:
 
 async def handle_healthz(request: web.Request) -> web.Response:
     node = request.app[NODE_KEY]
-    info = dict(request.app[INFO_KEY])
+    base: dict[str, Any] = request.app[INFO_KEY]
+    info = dict(base)
     now = node.clock()
     devices: list[dict[str, Any]] = []
     if node.capacity is not None:
@@ -203,24 +205,24 @@ class Daemon:
         port = sock.getsockname()[1]
         address = config.node.public_address or f"http://{config.node.listen_host}:{port}"
         address = address.rstrip("/")
-        capacity = None
-        if inventory is not None:
-            inv = inventory
-
-            def capacity_fn() -> tuple[list[DeviceGroup], Interconnect]:
-                ids = {i for g in inv.groups for i in g.ids}
-                return inv.device_groups(free=ids), inv.interconnect_message()
-
-            capacity = capacity_fn
         node = Node(
             identity,
             settings_from_config(config, address),
             transport,
-            capacity=capacity,
             metrics=metrics,
             on_advert=lambda e: _persist_advert(store, e),
             on_peer=lambda p: _persist_peer(store, p, wall_clock_ms()),
         )
+        if inventory is not None:
+            all_ids = set(inventory.ids)
+            engine = BidEngine(
+                identity.node_id,
+                devices_from_groups(inventory.device_groups(free=all_ids)),
+                inventory.interconnect_message(),
+                bid_ttl_ms=int(config.market.bid_ttl_s * 1000),
+                strategy=FloorPlusUtilisation(surge_pct=config.market.surge_pct),
+            )
+            ProviderService(node, engine, store)
         info: dict[str, Any] = {"node_id": identity.node_id, "role": config.node.role}
         runner = web.AppRunner(build_app(node, info), access_log=None, handle_signals=False)
         await runner.setup()

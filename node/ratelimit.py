@@ -21,7 +21,8 @@ class RateLimiter:
 
     def allow(self, key: str, now_s: float) -> bool:
         tokens, last = self._buckets.pop(key, (self.burst, now_s))
-        tokens = min(self.burst, tokens + (now_s - last) * self.rate)
+        # The node passes wall-clock time: a step backwards (NTP) must not drain the bucket.
+        tokens = min(self.burst, tokens + max(0.0, now_s - last) * self.rate)
         allowed = tokens >= 1.0
         if allowed:
             tokens -= 1.0

@@ -13,9 +13,11 @@ event loop; use it from the thread that opened it.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import sqlite3
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -88,6 +90,73 @@ MIGRATIONS: tuple[Migration, ...] = (
             CREATE TABLE meta (
                 key TEXT NOT NULL PRIMARY KEY,
                 value TEXT NOT NULL
+            ) STRICT
+            """,
+        ),
+    ),
+    Migration(
+        "leases, receipts, ledger and reputation",
+        (
+            # One row per lease, on both sides; ``side`` says which one we are.
+            """
+            CREATE TABLE leases (
+                lease_id TEXT NOT NULL PRIMARY KEY,
+                side TEXT NOT NULL CHECK (side IN ('provider', 'tenant')),
+                order_id TEXT NOT NULL,
+                tenant TEXT NOT NULL,
+                provider TEXT NOT NULL,
+                provider_address TEXT NOT NULL DEFAULT '',
+                units INTEGER NOT NULL CHECK (units > 0),
+                devices TEXT NOT NULL,
+                model TEXT NOT NULL,
+                price INTEGER NOT NULL CHECK (price >= 0),
+                job_spec_hash TEXT NOT NULL,
+                start_ms INTEGER NOT NULL,
+                end_ms INTEGER NOT NULL,
+                heartbeat_interval_ms INTEGER NOT NULL,
+                state TEXT NOT NULL CHECK (state IN ('active', 'ended', 'lost')),
+                award_hash TEXT NOT NULL,
+                award BLOB NOT NULL,
+                accept BLOB NOT NULL,
+                updated_ms INTEGER NOT NULL
+            ) STRICT
+            """,
+            # A receipt is the provider's signed usage; ``countersign`` is the tenant's
+            # envelope that names it. Both bytes are kept verbatim as proof.
+            """
+            CREATE TABLE receipts (
+                receipt_hash TEXT NOT NULL PRIMARY KEY,
+                lease_id TEXT NOT NULL,
+                task_id TEXT,
+                provider TEXT NOT NULL,
+                tenant TEXT NOT NULL,
+                device_ms INTEGER NOT NULL CHECK (device_ms >= 0),
+                price INTEGER NOT NULL CHECK (price >= 0),
+                amount INTEGER NOT NULL CHECK (amount >= 0),
+                receipt BLOB NOT NULL,
+                countersign BLOB,
+                created_ms INTEGER NOT NULL
+            ) STRICT
+            """,
+            "CREATE INDEX receipts_lease ON receipts (lease_id)",
+            # Money moves only through countersigned receipts: one ledger line each.
+            # amount > 0 is earned (provider side), < 0 is spent (tenant side).
+            """
+            CREATE TABLE ledger (
+                receipt_hash TEXT NOT NULL PRIMARY KEY REFERENCES receipts (receipt_hash),
+                ts_ms INTEGER NOT NULL,
+                lease_id TEXT NOT NULL,
+                counterparty TEXT NOT NULL,
+                amount INTEGER NOT NULL
+            ) STRICT
+            """,
+            """
+            CREATE TABLE reputation (
+                provider TEXT NOT NULL PRIMARY KEY,
+                completed INTEGER NOT NULL DEFAULT 0,
+                failed INTEGER NOT NULL DEFAULT 0,
+                declined INTEGER NOT NULL DEFAULT 0,
+                rejected INTEGER NOT NULL DEFAULT 0
             ) STRICT
             """,
         ),
@@ -200,6 +269,18 @@ class Store:
 
     def _execute(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
         return cast(sqlite3.Cursor, self._db.execute(sql, params))
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """BEGIN IMMEDIATE ... COMMIT, rolled back on any error."""
+        self._execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            if self._db.conn.in_transaction:
+                self._execute("ROLLBACK")
+            raise
+        self._execute("COMMIT")
 
     # --- schema and connection ----------------------------------------------------
 
@@ -332,3 +413,157 @@ class Store:
             " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             (key, value),
         )
+
+    # --- leases -------------------------------------------------------------------
+
+    def put_lease(self, lease: LeaseRow) -> None:
+        """Insert a lease, or update its state and end if it is already held."""
+        row = asdict(lease)
+        row["devices"] = json.dumps(list(lease.devices))
+        cols = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        self._execute(
+            f"""
+            INSERT INTO leases ({cols}) VALUES ({marks})
+            ON CONFLICT (lease_id) DO UPDATE SET
+                state = excluded.state, end_ms = excluded.end_ms,
+                updated_ms = excluded.updated_ms
+            """,
+            tuple(row.values()),
+        )
+
+    def set_lease_state(self, lease_id: str, state: str, now_ms: int) -> bool:
+        cursor = self._execute(
+            "UPDATE leases SET state = ?, updated_ms = ? WHERE lease_id = ?",
+            (state, now_ms, lease_id),
+        )
+        return cursor.rowcount > 0
+
+    def get_lease(self, lease_id: str) -> LeaseRow | None:
+        rows = list(self._db.query("SELECT * FROM leases WHERE lease_id = ?", [lease_id]))
+        return _lease_row(rows[0]) if rows else None
+
+    def list_leases(self, state: str | None = None) -> list[LeaseRow]:
+        where, params = ("WHERE state = ?", [state]) if state else ("", [])
+        rows = self._db.query(f"SELECT * FROM leases {where} ORDER BY start_ms, lease_id", params)
+        return [_lease_row(r) for r in rows]
+
+    # --- receipts and ledger --------------------------------------------------------
+
+    def put_receipt(self, receipt: ReceiptRow) -> bool:
+        """Store a provider-signed receipt once (idempotent by hash)."""
+        row = asdict(receipt)
+        cols = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        cursor = self._execute(
+            f"INSERT INTO receipts ({cols}) VALUES ({marks}) ON CONFLICT DO NOTHING",
+            tuple(row.values()),
+        )
+        return cursor.rowcount > 0
+
+    def countersign_receipt(
+        self,
+        receipt_hash: str,
+        countersign: bytes,
+        ledger_amount: int,
+        counterparty: str,
+        now_ms: int,
+    ) -> bool:
+        """Attach the tenant's countersignature and book the ledger line, atomically.
+
+        Books at most once per receipt: a repeated countersignature changes nothing.
+        """
+        with self._transaction():
+            cursor = self._execute(
+                "UPDATE receipts SET countersign = ?"
+                " WHERE receipt_hash = ? AND countersign IS NULL",
+                (bytes(countersign), receipt_hash),
+            )
+            if cursor.rowcount == 0:
+                return False
+            lease_id = self._execute(
+                "SELECT lease_id FROM receipts WHERE receipt_hash = ?", (receipt_hash,)
+            ).fetchone()[0]
+            self._execute(
+                "INSERT INTO ledger (receipt_hash, ts_ms, lease_id, counterparty, amount)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (receipt_hash, now_ms, lease_id, counterparty, ledger_amount),
+            )
+        return True
+
+    def list_receipts(self, lease_id: str | None = None) -> list[ReceiptRow]:
+        where, params = ("WHERE lease_id = ?", [lease_id]) if lease_id else ("", [])
+        rows = self._db.query(f"SELECT * FROM receipts {where} ORDER BY created_ms", params)
+        return [ReceiptRow(**r) for r in rows]
+
+    def ledger_balance(self) -> int:
+        """Sum of the ledger in micro-credits (earned minus spent)."""
+        row = self._execute("SELECT COALESCE(SUM(amount), 0) FROM ledger").fetchone()
+        return int(row[0])
+
+    def ledger(self) -> list[dict[str, Any]]:
+        return list(self._db.query("SELECT * FROM ledger ORDER BY ts_ms, receipt_hash"))
+
+    # --- reputation -----------------------------------------------------------------
+
+    def record_outcome(self, provider: str, outcome: str) -> None:
+        """Count one lease outcome (completed, failed, declined, rejected) for a provider."""
+        if outcome not in ("completed", "failed", "declined", "rejected"):
+            raise ValueError(f"unknown outcome {outcome!r}")
+        self._execute(
+            f"""
+            INSERT INTO reputation (provider, {outcome}) VALUES (?, 1)
+            ON CONFLICT (provider) DO UPDATE SET {outcome} = {outcome} + 1
+            """,
+            (provider,),
+        )
+
+    def reputation(self) -> dict[str, dict[str, int]]:
+        rows = self._db.query("SELECT * FROM reputation")
+        return {r.pop("provider"): r for r in rows}
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseRow:
+    """A lease as stored on either side (``side``), with both signed envelopes."""
+
+    lease_id: str
+    side: str
+    order_id: str
+    tenant: str
+    provider: str
+    provider_address: str
+    units: int
+    devices: tuple[str, ...]
+    model: str
+    price: int
+    job_spec_hash: str
+    start_ms: int
+    end_ms: int
+    heartbeat_interval_ms: int
+    state: str
+    award_hash: str
+    award: bytes
+    accept: bytes
+    updated_ms: int
+
+
+def _lease_row(row: dict[str, Any]) -> LeaseRow:
+    row = dict(row)
+    row["devices"] = tuple(json.loads(row["devices"]))
+    return LeaseRow(**row)
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiptRow:
+    receipt_hash: str
+    lease_id: str
+    task_id: str | None
+    provider: str
+    tenant: str
+    device_ms: int
+    price: int
+    amount: int
+    receipt: bytes
+    countersign: bytes | None
+    created_ms: int

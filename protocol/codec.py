@@ -54,11 +54,15 @@ DEFAULT_LIMITS = Limits()
 _packer = msgpack.Packer(use_bin_type=True, use_single_float=False, autoreset=True)
 
 
+# Types that encode as they are; everything else goes through _canon's checks.
+_PLAIN = frozenset({str, bytes, bool, type(None)})
+
+
 def _canon(value: Any, depth: int) -> Any:
     """Return ``value`` with every map rebuilt in sorted key order; refuse foreign types."""
     # Exact type checks first: they are the hot path and exclude bool-as-int surprises.
     t = type(value)
-    if t is str or t is bytes or t is bool or value is None:
+    if t in _PLAIN:
         return value
     if t is int:
         if value < _INT_MIN or value > _INT_MAX:
@@ -71,12 +75,18 @@ def _canon(value: Any, depth: int) -> Any:
         for k in sorted(value):
             if type(k) is not str:
                 raise LocalProtocolError(f"map key {k!r} is not a string")
-            out[k] = _canon(value[k], depth + 1)
+            v = value[k]
+            # Inline the common cases: a call per scalar is most of the cost of sealing.
+            tv = type(v)
+            if tv in _PLAIN or (tv is int and _INT_MIN <= v <= _INT_MAX):
+                out[k] = v
+            else:
+                out[k] = _canon(v, depth + 1)
         return out
     if t is list or t is tuple:
         if depth >= 64:
             raise LocalProtocolError("value nests too deeply to encode")
-        return [_canon(v, depth + 1) for v in value]
+        return [v if type(v) in _PLAIN else _canon(v, depth + 1) for v in value]
     if t is float:
         if not math.isfinite(value):
             raise LocalProtocolError("NaN and infinities have no canonical encoding")
@@ -93,6 +103,29 @@ def _canon(value: Any, depth: int) -> Any:
     if isinstance(value, float):
         return _canon(float(value), depth)
     raise LocalProtocolError(f"type {t.__name__} cannot be encoded")
+
+
+def canonical(value: Any) -> Any:
+    """``value`` in canonical form (maps sorted, subclasses normalised), ready to pack.
+
+    Raises LocalProtocolError for values that have no encoding. Lets a caller that
+    packs the same value more than once (``seal``) pay for the walk only once.
+    """
+    try:
+        return _canon(value, 0)
+    except TypeError as e:  # sorting keys of mixed types
+        raise LocalProtocolError(f"cannot encode: {e}") from e
+
+
+def pack_canonical(value: Any) -> bytes:
+    """Pack a value that is already canonical: the result of ``canonical`` or ``decode``.
+
+    No walk, no checks: maps are packed in their own order, so a map whose keys are
+    not sorted gives non-canonical bytes. Removing keys from such a map keeps it
+    canonical; adding keys does not (insertion order).
+    """
+    data: bytes = _packer.pack(value)
+    return data
 
 
 def encode(value: Any) -> bytes:
@@ -118,6 +151,9 @@ def _check_bounds(value: Any, limits: Limits) -> None:
             if len(v) > limits.max_container:
                 raise TooLongError(f"map with {len(v)} pairs exceeds {limits.max_container}")
             keys = list(v)
+            if any(type(k) is not str for k in keys):
+                # msgpack's strict_map_key still lets bin keys through.
+                raise MalformedError("map keys must be strings")
             if keys != sorted(keys):
                 raise NonCanonicalError("map keys are not sorted by their UTF-8 bytes")
             for k, item in v.items():
@@ -150,8 +186,59 @@ def _check_scalar(v: Any, limits: Limits) -> None:
     elif t is bytes:
         if len(v) > limits.max_bin:
             raise TooLongError(f"byte string longer than {limits.max_bin} bytes")
-    elif t is float and not math.isfinite(v):
-        raise NonCanonicalError("NaN and infinities are not allowed")
+    elif t is float:
+        if not math.isfinite(v):
+            raise NonCanonicalError("NaN and infinities are not allowed")
+    elif t is not int and t is not bool and v is not None:
+        # A zero-length ext passes max_ext_len=0 and would re-encode identically.
+        raise MalformedError(f"type {t.__name__} is not allowed")
+
+
+def _check_shape(value: Any, max_depth: int) -> None:
+    """``_check_bounds`` for a message no longer than any length limit.
+
+    Every byte of a string, byte string or map key lies inside the message, and every
+    element of a container takes at least one byte of it, so in such a message no
+    length can exceed its limit: only depth, map keys (strings, sorted) and floats
+    are left to check. Ext values never get here (``_reject_ext``).
+    """
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        v, depth = stack.pop()
+        t = type(v)
+        depth += 1
+        if t is dict:
+            if depth > max_depth:
+                raise TooDeepError(f"nesting deeper than {max_depth}")
+            prev = ""  # every string sorts at or after ""
+            for k, item in v.items():
+                if type(k) is not str:
+                    # msgpack's strict_map_key still lets bin keys through.
+                    raise MalformedError("map keys must be strings")
+                if k < prev:
+                    raise NonCanonicalError("map keys are not sorted by their UTF-8 bytes")
+                prev = k
+                t = type(item)
+                if t is dict or t is list:
+                    stack.append((item, depth))
+                elif t is float and not math.isfinite(item):
+                    raise NonCanonicalError("NaN and infinities are not allowed")
+        elif t is list:
+            if depth > max_depth:
+                raise TooDeepError(f"nesting deeper than {max_depth}")
+            for item in v:
+                t = type(item)
+                if t is dict or t is list:
+                    stack.append((item, depth))
+                elif t is float and not math.isfinite(item):
+                    raise NonCanonicalError("NaN and infinities are not allowed")
+        elif t is float and not math.isfinite(v):
+            raise NonCanonicalError("NaN and infinities are not allowed")
+
+
+def _reject_ext(code: int, data: bytes) -> Any:
+    # max_ext_len=0 still lets a zero-length ext through, which would re-encode as is.
+    raise MalformedError(f"ext type {code} is not allowed")
 
 
 def _reject_duplicates(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
@@ -186,6 +273,7 @@ def decode(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
             strict_map_key=True,
             use_list=True,
             max_ext_len=0,
+            ext_hook=_reject_ext,
         )
     except msgpack.ExtraData as e:
         raise MalformedError("trailing bytes after the value") from e
@@ -194,7 +282,11 @@ def decode(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
     except (ValueError, TypeError, msgpack.UnpackException) as e:
         # UnicodeDecodeError, OutOfData, FormatError, ext or non-string map key.
         raise MalformedError(f"not valid protocol msgpack ({type(e).__name__})") from e
-    _check_bounds(value, limits)
+    n = len(data)
+    if n <= limits.max_str and n <= limits.max_bin and n <= limits.max_container:
+        _check_shape(value, limits.max_depth)
+    else:
+        _check_bounds(value, limits)
     # Keys are known sorted now; packing the value as decoded reproduces the input only
     # if every integer, string, float and header used its one canonical form and no
     # key was repeated (a repeated key shrinks the dict, so the bytes differ).

@@ -107,19 +107,32 @@ def seal(
         raise LocalProtocolError(f"recipient {to!r} is not a node id")
     if not body.TYPE:
         raise LocalProtocolError(f"{type(body).__name__} is not a message type")
-    wire_body = body.model_dump(mode="python")
-    fields: dict[str, Any] = {
-        "body": wire_body,
-        "from": identity.public_key,
-        "nonce": nonce,
-        "to": to,
-        "ts": now_ms,
-        "type": body.TYPE,
-        "v": PROTOCOL_VERSION,
+    signed = codec.canonical(
+        {
+            # model_dump() minus its argument handling, which costs as much as the dump.
+            "body": body.__pydantic_serializer__.to_python(body),
+            "from": identity.public_key,
+            "nonce": nonce,
+            "to": to,
+            "ts": now_ms,
+            "type": body.TYPE,
+            "v": PROTOCOL_VERSION,
+        }
+    )
+    # The same map plus "sig", which sorts between "nonce" and "to". Maps pack in
+    # insertion order, so the map is rebuilt rather than extended; the values are
+    # canonical already and are not walked again.
+    sealed = {
+        "body": signed["body"],
+        "from": signed["from"],
+        "nonce": signed["nonce"],
+        "sig": identity.sign(codec.pack_canonical(signed)),
+        "to": signed["to"],
+        "ts": signed["ts"],
+        "type": signed["type"],
+        "v": signed["v"],
     }
-    payload = codec.encode(fields)
-    fields["sig"] = identity.sign(payload)
-    return codec.encode(fields)
+    return codec.pack_canonical(sealed)
 
 
 def _field(env: dict[str, Any], key: str, typ: type, size: int | None = None) -> Any:
@@ -179,14 +192,16 @@ def open_envelope(
     if replay is not None:
         replay.check_time(ts, now_ms)
     del env["sig"]
-    verify(sender_key, sig, codec.encode(env))
+    # A decoded map is canonical and stays so without "sig": pack it as it is.
+    verify(sender_key, sig, codec.pack_canonical(env))
     if recipient is not None and to is not None and to != recipient:
         raise WrongRecipientError(f"envelope is addressed to {to}, not to this node")
     if replay is not None:
         replay.admit(sender_key, nonce, ts, now_ms)
 
     try:
-        parsed = model.model_validate(body)
+        # model_validate() minus its argument handling: the same validator, strict.
+        parsed: Body = model.__pydantic_validator__.validate_python(body)
     except ValidationError as e:
         raise _validation_error(type_, e) from e
     sender = node_id_from_public_key(sender_key)

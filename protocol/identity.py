@@ -34,6 +34,12 @@ def node_id_from_public_key(public_key: bytes) -> str:
     """Derive the node id of a raw 32-byte Ed25519 public key."""
     if len(public_key) != PUBLIC_KEY_SIZE:
         raise LocalProtocolError(f"public key must be {PUBLIC_KEY_SIZE} bytes")
+    return _node_id(bytes(public_key))
+
+
+@lru_cache(maxsize=4096)
+def _node_id(public_key: bytes) -> str:
+    # Every opened envelope derives its sender's id; peers repeat, so cache by key.
     digest = hashlib.sha256(public_key).digest()[:20]
     return base64.b32encode(digest).decode("ascii").lower()
 

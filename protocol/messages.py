@@ -322,19 +322,21 @@ class TaskResult(Body):
 class Receipt(Body):
     """Provider signs measured usage and the amount; the tenant countersigns.
 
-    ``countersigns`` is empty in the provider's receipt and holds the SHA-256 of the
-    provider's receipt envelope in the tenant's countersignature.
+    ``task_id`` and ``result_hash`` name the task a receipt pays for; both are nil in a
+    receipt for a lease's held time. ``countersigns`` is nil in the provider's receipt
+    and holds the SHA-256 of the provider's receipt envelope in the tenant's
+    countersignature (which repeats every other field unchanged).
     """
 
     TYPE = "receipt"
     lease_id: Ident
-    task_id: Ident
+    task_id: Ident | None = None
     provider: NodeId
     tenant: NodeId
     device_ms: DurationMs
     price: MicroCredits  # per device-hour
-    amount: MicroCredits  # ceil(device_ms * price / 3_600_000)
-    result_hash: Sha256Hex  # SHA-256 of the TaskResult envelope
+    amount: MicroCredits  # ceil(device_ms * price / 3_600_000), see market.settlement
+    result_hash: Sha256Hex | None = None  # SHA-256 of the TaskResult envelope
     countersigns: Sha256Hex | None = None
 
 

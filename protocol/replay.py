@@ -32,7 +32,8 @@ class ReplayGuard:
         self.skew_ms = skew_ms
         self.max_entries = max_entries
         self._seen: set[tuple[bytes, bytes]] = set()
-        self._by_time: list[tuple[int, bytes, bytes]] = []  # min-heap on timestamp
+        # Min-heap on timestamp; holds the very key tuples of _seen (no second copy).
+        self._by_time: list[tuple[int, tuple[bytes, bytes]]] = []
         self._floor_ms = -(2**63)
 
     def __len__(self) -> int:
@@ -50,21 +51,24 @@ class ReplayGuard:
 
     def admit(self, sender: bytes, nonce: bytes, ts_ms: int, now_ms: int) -> None:
         """Check the window and the nonce, then remember the pair. Raises on rejection."""
-        self._expire(now_ms)
+        heap = self._by_time
+        horizon = now_ms - self.window_ms
+        if heap and heap[0][0] < horizon:
+            self._expire(horizon)
         self.check_time(ts_ms, now_ms)
         key = (sender, nonce)
-        if key in self._seen:
+        seen = self._seen
+        if key in seen:
             raise ReplayError("this sender already used this nonce inside the replay window")
-        self._seen.add(key)
-        heapq.heappush(self._by_time, (ts_ms, sender, nonce))
-        while len(self._seen) > self.max_entries:
-            old_ts, s, n = heapq.heappop(self._by_time)
-            self._seen.discard((s, n))
+        seen.add(key)
+        heapq.heappush(heap, (ts_ms, key))
+        while len(seen) > self.max_entries:
+            old_ts, old_key = heapq.heappop(heap)
+            seen.discard(old_key)
             self._floor_ms = max(self._floor_ms, old_ts)
 
-    def _expire(self, now_ms: int) -> None:
-        horizon = now_ms - self.window_ms
+    def _expire(self, horizon_ms: int) -> None:
         heap = self._by_time
-        while heap and heap[0][0] < horizon:
-            _, s, n = heapq.heappop(heap)
-            self._seen.discard((s, n))
+        while heap and heap[0][0] < horizon_ms:
+            _, key = heapq.heappop(heap)
+            self._seen.discard(key)
