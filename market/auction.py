@@ -74,7 +74,8 @@ class AuctionOutcome:
 
     def explain(self) -> str:
         """One line for people: 'no bids: 2 price_below_floor, 1 all_reserved'."""
-        parts = [f"{n} {r}" for r, n in self.no_bids.most_common()]
+        parts = [f"{self.bids} bid{'s' if self.bids != 1 else ''}"] if self.bids else []
+        parts += [f"{n} {r}" for r, n in self.no_bids.most_common()]
         parts += [f"{n} ignored ({r})" for r, n in self.ignored.most_common()]
         if self.declined:
             parts.append(f"{self.declined} declined after award")
@@ -112,6 +113,8 @@ class Auction:
         self.leases: list[TenantLease] = []
         self._lease_seq = 0
         self.failure: str | None = None
+        #: The awards ``close`` produced, for a driver that closes from several places.
+        self.last_awards: list[Award] = []
 
     # --- collecting -------------------------------------------------------------
 
@@ -204,6 +207,7 @@ class Auction:
         awards = self._allocate(self.order.units, now_ms)
         if not awards:
             self._fail("no usable bid")
+        self.last_awards = awards
         return awards
 
     def _allocate(self, units: int, now_ms: int) -> list[Award]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
 
-from market.matching import group_matches
+from market.matching import describe, group_matches
 from protocol.messages import (
     Accept,
     Award,
@@ -31,6 +31,7 @@ from protocol.messages import (
     NoBidReason,
     Order,
     Release,
+    Requirement,
 )
 
 
@@ -398,8 +399,8 @@ def _as_group(d: Device) -> DeviceGroup:
     )
 
 
-def _describe(req: object) -> str:
-    return f"no device satisfies {req}"
+def _describe(req: Requirement) -> str:
+    return f"no device here is {describe(req)}"
 
 
 def devices_from_groups(groups: Iterable[DeviceGroup]) -> list[Device]:

@@ -26,6 +26,21 @@ from protocol.messages import Advert, DeviceGroup, Requirement
 REFERENCE_FLOP = 10**15
 
 
+def describe(req: Requirement) -> str:
+    """A requirement in words: '2x gpu (H100-SXM) >= 40 GB per unit, on one fabric'."""
+    what = req.model or (req.kind if req.kind != "any" else "device")
+    parts = [f"{req.devices_per_unit}x {what}" if req.devices_per_unit > 1 else what]
+    if req.min_memory_bytes:
+        parts.append(f">= {req.min_memory_bytes / 1e9:g} GB")
+    if req.min_fp16_flops:
+        parts.append(f">= {req.min_fp16_flops / 1e12:g} TFLOP/s")
+    if req.min_interconnect:
+        parts.append(f"interconnect >= {req.min_interconnect / 1e9:g} GB/s")
+    if req.gang:
+        parts.append("all units on one provider")
+    return ", ".join(parts)
+
+
 def group_matches(req: Requirement, group: DeviceGroup) -> bool:
     """Requirements of one unit against one device group (ignores free count)."""
     if req.kind != "any" and req.kind != group.kind:
@@ -91,7 +106,12 @@ def rank(
     out: list[Candidate] = []
     for advert in adverts:
         can = servable_units(req, advert)
-        if can <= 0 or (req.gang and can < units):
+        if can <= 0:
+            continue
+        # A gang is all of its devices on one fabric, as the provider's bid engine demands.
+        if req.gang and (
+            can < units or advert.interconnect.gang_size < units * req.devices_per_unit
+        ):
             continue
         groups = [g for g in matching_groups(req, advert) if g.free and g.price_floor <= max_price]
         if not groups:

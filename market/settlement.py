@@ -44,4 +44,4 @@ def format_credits(micro: int) -> str:
     sign = "-" if micro < 0 else ""
     micro = abs(micro)
     whole, frac = divmod(micro, MICRO_PER_CREDIT)
-    return f"{sign}{whole}.{frac:06d}".rstrip("0").rstrip(".")
+    return sign + f"{whole}.{frac:06d}".rstrip("0").rstrip(".")

@@ -28,7 +28,9 @@ EXIT_USAGE = 2
 
 def _credits(micro: int) -> str:
     """Format micro-credits for people (integers stay integers in every store)."""
-    return f"{micro // 1_000_000}.{micro % 1_000_000:06d}".rstrip("0").rstrip(".") or "0"
+    from market.settlement import format_credits
+
+    return format_credits(micro)
 
 
 # --- provider -------------------------------------------------------------------
@@ -129,6 +131,171 @@ def cmd_market(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _tenant_home() -> Path:
+    from node.home import resolve_home
+
+    return resolve_home() / "tenant"
+
+
+def _parse_credits(text: str) -> int:
+    """'2.5' credits -> 2_500_000 micro-credits, exactly (no float on the way)."""
+    from decimal import Decimal, InvalidOperation
+
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of credits") from None
+    micro = value * 1_000_000
+    if micro != micro.to_integral_value() or micro < 0:
+        raise argparse.ArgumentTypeError("credits need at most 6 decimals and must be >= 0")
+    return int(micro)
+
+
+async def _order(args: argparse.Namespace) -> dict[str, Any]:
+    import hashlib
+
+    from node.home import NodeHome
+    from node.store import Store
+    from node.tenant import Tenant
+    from node.transport import HttpTransport
+    from protocol.messages import Requirement
+
+    home = NodeHome(_tenant_home())
+    transport = HttpTransport()
+    with Store(home.store_path) as store:
+        try:
+            tenant = Tenant(home.load_or_create_identity(), store, transport)
+            await tenant.refresh(resolve_peer(args.peer))
+            req = Requirement(
+                kind=args.kind,
+                model=args.model,
+                devices_per_unit=args.devices_per_unit,
+                gang=args.gang,
+            )
+            report = await tenant.auction(
+                req,
+                args.units,
+                args.max_price,
+                job_spec_hash=hashlib.sha256(b"mercato order (no job)").hexdigest(),
+                k=args.k,
+                lease_ms=int(args.hold * 1000) + 60_000,
+            )
+            receipts = []
+            if report.leases and not args.keep:
+                await asyncio.sleep(args.hold)
+                for lease in report.leases:
+                    row = store.get_lease(lease.lease_id)
+                    if row is not None:
+                        r = await tenant.release(row)
+                        receipts.append({"lease_id": r.lease_id, "amount": r.amount})
+        finally:
+            await transport.close()
+    return {
+        "order_id": report.order.order_id,
+        "state": report.state.value,
+        "units": report.units,
+        "asked": [c.provider for c in report.asked],
+        "answers": report.explanation,
+        "failure": report.failure,
+        "leases": [
+            {
+                "lease_id": x.lease_id,
+                "provider": x.provider,
+                "model": x.model,
+                "units": x.units,
+                "devices": list(x.devices),
+                "price": x.price,
+            }
+            for x in report.leases
+        ],
+        "receipts": receipts,
+    }
+
+
+def cmd_order(args: argparse.Namespace) -> int:
+    result = asyncio.run(_order(args))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(
+            f"order {result['order_id']}: {result['state']}, {result['units']} units "
+            f"({result['answers']})"
+        )
+        for x in result["leases"]:
+            print(
+                f"  lease {x['lease_id']}: {x['units']}x {x['model']} from "
+                f"{x['provider'][:12]} at {_credits(x['price'])} cr/device-h"
+            )
+        for r in result["receipts"]:
+            print(f"  receipt {r['lease_id']}: {_credits(r['amount'])} credits")
+        if result["failure"]:
+            print(f"  no lease: {result['failure']}")
+    return EXIT_OK if result["state"] == "leased" else EXIT_ERROR
+
+
+def cmd_leases(args: argparse.Namespace) -> int:
+    from node.store import ReceiptRow, Store
+
+    home = Path(args.home) if args.home else _tenant_home()
+    path = home / "node.sqlite"
+    if not path.exists():
+        raise MercatoError(f"no store at {path} (pass --home of a node or tenant)")
+    with Store(path) as store:
+        leases = store.list_leases()
+        receipts: dict[str, list[ReceiptRow]] = {}
+        for rec in store.list_receipts():
+            receipts.setdefault(rec.lease_id, []).append(rec)
+        balance = store.ledger_balance()
+    rows: list[dict[str, Any]] = [
+        {
+            "lease_id": x.lease_id,
+            "side": x.side,
+            "order_id": x.order_id,
+            "tenant": x.tenant,
+            "provider": x.provider,
+            "model": x.model,
+            "units": x.units,
+            "devices": list(x.devices),
+            "price": x.price,
+            "state": x.state,
+            "start_ms": x.start_ms,
+            "end_ms": x.end_ms,
+            "award_hash": x.award_hash,
+            "receipts": [
+                {
+                    "receipt_hash": r.receipt_hash,
+                    "device_ms": r.device_ms,
+                    "amount": r.amount,
+                    "countersigned": r.countersign is not None,
+                }
+                for r in receipts.get(x.lease_id, [])
+            ],
+        }
+        for x in leases
+    ]
+    if args.json:
+        print(json.dumps({"leases": rows, "balance": balance}, indent=2))
+        return EXIT_OK
+    table = Table(title=f"Leases ({home})")
+    for col in ("lease", "side", "counterparty", "units", "price (cr/dev-h)", "state", "paid"):
+        table.add_column(col)
+    for r in rows:
+        other = r["provider"] if r["side"] == "tenant" else r["tenant"]
+        paid = sum(x["amount"] for x in r["receipts"] if x["countersigned"])
+        table.add_row(
+            r["lease_id"],
+            r["side"],
+            other[:12],
+            f"{r['units']}x {r['model']}",
+            _credits(r["price"]),
+            r["state"],
+            _credits(paid),
+        )
+    Console().print(table)
+    print(f"ledger balance: {_credits(balance)} credits")
+    return EXIT_OK
+
+
 # --- cluster --------------------------------------------------------------------
 
 
@@ -205,6 +372,40 @@ def build_parser() -> argparse.ArgumentParser:
     market.add_argument("--peer", help="a node's URL (default: $MERCATO_PEER or local cluster)")
     market.add_argument("--json", action="store_true", help="machine-readable output")
     market.set_defaults(func=cmd_market)
+
+    order = sub.add_parser(
+        "order",
+        help="run a reverse auction for devices and lease the winners",
+        description="Send an order to the best-matching providers, award the bids with the "
+        "lowest expected cost to complete, and (unless --keep) release the leases after "
+        "--hold seconds, countersigning each provider's receipt.",
+    )
+    order.add_argument("--units", type=int, default=1, help="units wanted (default 1)")
+    order.add_argument("--kind", choices=["gpu", "ipu", "cpu", "any"], default="any")
+    order.add_argument("--model", help="a catalog model, e.g. H100-SXM")
+    order.add_argument("--devices-per-unit", type=int, default=1)
+    order.add_argument("--gang", action="store_true", help="all units on one provider")
+    order.add_argument(
+        "--max-price",
+        type=_parse_credits,
+        default=10_000_000,
+        help="credits per device-hour (default 10)",
+    )
+    order.add_argument("-k", type=int, default=8, help="providers to ask (default 8)")
+    order.add_argument("--hold", type=float, default=0.0, help="seconds to hold the leases")
+    order.add_argument("--keep", action="store_true", help="do not release the leases")
+    order.add_argument("--peer", help="a node's URL (default: $MERCATO_PEER or local cluster)")
+    order.add_argument("--json", action="store_true", help="machine-readable output")
+    order.set_defaults(func=cmd_order)
+
+    leases = sub.add_parser(
+        "leases",
+        help="list leases and receipts from a node's or the tenant's store",
+        description="Leases held on either side with their receipts and the ledger balance.",
+    )
+    leases.add_argument("--home", help="a node home (default: $MERCATO_HOME/tenant)")
+    leases.add_argument("--json", action="store_true", help="machine-readable output")
+    leases.set_defaults(func=cmd_leases)
 
     cl = sub.add_parser("cluster", help="a local multi-node test cluster on loopback")
     cl_sub = cl.add_subparsers(dest="cluster_command", required=True, metavar="ACTION")
