@@ -174,6 +174,30 @@ class UnexpectedMessageError(RemoteProtocolError):
     http_status = 422
 
 
+class SpecMismatchError(RemoteProtocolError):
+    """Work names a job spec hash other than the one the lease was bid for."""
+
+    code = "spec_mismatch"
+    http_status = 409
+
+
+class BusyError(MercatoError):
+    """The provider cannot take this work now (every slot of the lease is busy).
+
+    Not the peer's fault, so not a RemoteProtocolError: try again later.
+    """
+
+    code = "busy"
+    http_status = 503
+
+
+class NotFoundError(RemoteProtocolError):
+    """The message names a lease, task or workspace this node does not hold."""
+
+    code = "not_found"
+    http_status = 404
+
+
 class PeerTimeoutError(MercatoError, TimeoutError):
     """A peer did not answer in time."""
 

@@ -280,17 +280,69 @@ class TaskAssign(Body):
     max_output_bytes: Annotated[int, Field(ge=0, le=1 << 30)] = 10 << 20
     attempt: Annotated[int, Field(ge=0, le=1000)] = 0
     network: bool = False
+    # Small files written into the trial's directory before it starts (e.g. params.json).
+    files: Annotated[
+        dict[
+            Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")],
+            Annotated[str, StringConstraints(max_length=65_536)],
+        ],
+        Field(max_length=8),
+    ] = {}
 
 
 TaskState = Literal["queued", "running", "succeeded", "failed", "timed_out", "cancelled"]
 
 
 class TaskStatus(Body):
+    """Progress of a task, with the next piece of its log and its latest metrics."""
+
     TYPE = "task_status"
     lease_id: Ident
     task_id: Ident
     state: TaskState
     detail: Text = ""
+    log: Annotated[str, StringConstraints(max_length=65_536)] = ""
+    log_offset: Bytes_ = 0  # byte offset of the log just after ``log``
+    metrics: Annotated[
+        dict[Name, Annotated[float, Field(allow_inf_nan=False)] | int], Field(max_length=256)
+    ] = {}
+
+
+class TaskQuery(Body):
+    """Tenant asks how a task is doing; the provider may hold the answer up to ``wait_ms``.
+
+    The answer is a TaskStatus while the task runs or log remains past ``log_offset``,
+    and the signed TaskResult once it has finished and the whole log was delivered.
+    """
+
+    TYPE = "task_query"
+    lease_id: Ident
+    task_id: Ident
+    log_offset: Bytes_ = 0
+    wait_ms: Annotated[int, Field(ge=0, le=30_000)] = 0
+
+
+class WorkspaceChunk(Body):
+    """One piece of a content-addressed workspace archive (tar), uploaded in order.
+
+    An empty chunk at offset 0 asks what the provider already has (no re-upload).
+    """
+
+    TYPE = "workspace_chunk"
+    lease_id: Ident
+    workspace_hash: Sha256Hex  # SHA-256 of the whole archive
+    offset: Bytes_
+    total_size: Annotated[int, Field(ge=1, le=1 << 40)]
+    data: Annotated[bytes, Field(max_length=512 * 1024)]
+
+
+class WorkspaceStatus(Body):
+    """How much of a workspace the provider holds; ``complete`` once hash-verified."""
+
+    TYPE = "workspace_status"
+    workspace_hash: Sha256Hex
+    received: Bytes_
+    complete: bool
 
 
 class Usage(Part):
@@ -317,6 +369,7 @@ class TaskResult(Body):
     started_ms: TimeMs
     finished_ms: TimeMs
     output_hash: Sha256Hex | None = None
+    output_truncated: bool = False
 
 
 class Receipt(Body):
@@ -371,7 +424,10 @@ MESSAGE_TYPES: dict[str, type[Body]] = {
         Release,
         TaskAssign,
         TaskStatus,
+        TaskQuery,
         TaskResult,
+        WorkspaceChunk,
+        WorkspaceStatus,
         Receipt,
         Heartbeat,
         Cancel,

@@ -111,6 +111,17 @@ EXAMPLES: dict[str, Body] = {
         timeout_ms=3_600_000,
     ),
     "task_status": m.TaskStatus(lease_id="lease-9", task_id="trial-0003", state="running"),
+    "task_query": m.TaskQuery(
+        lease_id="lease-9", task_id="trial-0003", log_offset=1024, wait_ms=10_000
+    ),
+    "workspace_chunk": m.WorkspaceChunk(
+        lease_id="lease-9",
+        workspace_hash="c" * 64,
+        offset=0,
+        total_size=3,
+        data=b"tar",
+    ),
+    "workspace_status": m.WorkspaceStatus(workspace_hash="c" * 64, received=3, complete=True),
     "task_result": m.TaskResult(
         lease_id="lease-9",
         task_id="trial-0003",
@@ -140,7 +151,17 @@ EXAMPLES: dict[str, Body] = {
 SENDER = {
     name: PROVIDER
     if name
-    in {"advert", "bid", "no_bid", "accept", "decline", "task_status", "task_result", "receipt"}
+    in {
+        "advert",
+        "bid",
+        "no_bid",
+        "accept",
+        "decline",
+        "task_status",
+        "task_result",
+        "receipt",
+        "workspace_status",
+    }
     else TENANT
     for name in EXAMPLES
 }
