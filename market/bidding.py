@@ -98,6 +98,7 @@ class ProviderLease:
     end_ms: int
     heartbeat_interval_ms: int
     last_heartbeat_ms: int
+    units: int = 1  # the lease's devices split evenly into this many units
     state: LeaseState = LeaseState.ACTIVE
 
 
@@ -250,9 +251,10 @@ class BidEngine:
             devices=list(chosen),
             model=model,
             price=price,
-            expires_ms=min(
-                now_ms + self.bid_ttl_ms, max(order.bid_deadline_ms, now_ms) + self.bid_ttl_ms
-            ),
+            # Alive until the auction closes (its deadline) plus one TTL for the award round
+            # trip; the wait for the deadline is capped at one TTL, so an order with a far
+            # deadline cannot hold devices for longer than two.
+            expires_ms=min(order.bid_deadline_ms, now_ms + self.bid_ttl_ms) + self.bid_ttl_ms,
         )
         self.free.difference_update(chosen)
         self.reservations[bid.bid_id] = Reservation(bid, tenant, order.job_spec_hash, chosen)
@@ -294,6 +296,7 @@ class BidEngine:
             end_ms=award.lease_end_ms,
             heartbeat_interval_ms=award.heartbeat_interval_ms,
             last_heartbeat_ms=now_ms,
+            units=award.units,
         )
         self.counters.accepted += 1
         return Accept(

@@ -409,12 +409,33 @@ class Node:
         with contextlib.suppress(MercatoError):
             await coro
 
+    def spawn(self, coro: Awaitable[object]) -> None:
+        """Run ``coro`` in the node's TaskGroup (closed with the node); errors are logged."""
+        self._start_task(self._guarded(coro), coro)
+
+    async def _guarded(self, coro: Awaitable[object]) -> None:
+        try:
+            await coro
+        except MercatoError as e:
+            log.info("background exchange failed: %s", e)
+        except Exception:  # a bug in a handler's follow-up must not take the node down
+            log.exception("background task failed")
+
     def _spawn(self, coro: Awaitable[None]) -> None:
-        if self._tasks is None:  # not running as a service: just drop the follow-up
-            if asyncio.iscoroutine(coro):
-                coro.close()
-            return
-        self._tasks.create_task(self._quiet(coro))
+        self._start_task(self._quiet(coro), coro)
+
+    def _start_task(self, wrapper: Coroutine[Any, Any, None], coro: Awaitable[object]) -> None:
+        """Start ``wrapper`` in the TaskGroup, or drop it (and ``coro``) unrun when the node
+        is not running or is stopping: a handler must never raise into the caller then."""
+        if self._tasks is not None:
+            try:
+                self._tasks.create_task(wrapper)
+                return
+            except RuntimeError:  # the group is shutting down (close() or a failed loop)
+                pass
+        wrapper.close()
+        if asyncio.iscoroutine(coro):
+            coro.close()
 
     async def start(self) -> None:
         """Start the background loops and return once the node is bootstrapped."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from collections.abc import Callable
 
 from market.bidding import BidEngine, LeaseState, ProviderLease
 from market.settlement import amount_owed
@@ -53,6 +54,12 @@ class ProviderService:
             }
         )
         node.services.append(self._timer)
+        #: Called when a lease stops being active (released, expired, lost).
+        self.on_lease_end: list[Callable[[ProviderLease], None]] = []
+
+    def _ended(self, lease: ProviderLease) -> None:
+        for callback in self.on_lease_end:
+            callback(lease)
 
     def capacity(self) -> tuple[list[DeviceGroup], Interconnect]:
         return self.engine.device_groups(), self.engine.interconnect
@@ -90,7 +97,7 @@ class ProviderService:
             tenant=lease.tenant,
             provider=self.node.node_id,
             provider_address=self.node.settings.address or "",
-            units=len(lease.devices),
+            units=lease.units,
             devices=lease.devices,
             model=self._models[lease.devices[0]],
             price=lease.price,
@@ -116,6 +123,7 @@ class ProviderService:
         if lease is None or not was_active or lease.state is not LeaseState.ENDED:
             return None
         self.store.set_lease_state(lease.lease_id, lease.state.value, now)
+        self._ended(lease)
         return self._receipt(lease, now)
 
     def _receipt(self, lease: ProviderLease, now: int) -> bytes:
@@ -187,5 +195,6 @@ class ProviderService:
                 if lease is not None:
                     self.store.set_lease_state(key, lease.state.value, now)
                     log.info("lease %s %s", key, lease.state.value)
+                    self._ended(lease)
             if changed:
                 self.node.capacity_changed()

@@ -169,8 +169,12 @@ class Tenant:
         auction.start()
         if not candidates:
             auction.close(self.clock())
+            # A gang needs every unit from one provider, so the count is the requirement.
+            what = describe(requirement)
+            if requirement.gang:
+                what = f"{units} units of {what}"
             why = (
-                f"no provider in the directory offers {describe(requirement)} at or below "
+                f"no provider in the directory offers {what} at or below "
                 f"{format_credits(max_price)} credits per device-hour"
             )
             return AuctionReport(order, auction.state, [], [], why, why)
@@ -243,7 +247,7 @@ class Tenant:
             tenant=self.node_id,
             provider=lease.provider,
             provider_address=self._addresses[lease.provider],
-            units=len(lease.devices),
+            units=lease.units,
             devices=lease.devices,
             model=lease.model,
             price=lease.price,

@@ -83,12 +83,12 @@ class TestMigrations:
         Store(db_path).close()
         broken = Migration(
             "half broken",
-            ("CREATE TABLE trials (id TEXT PRIMARY KEY) STRICT", "THIS IS NOT SQL"),
+            ("CREATE TABLE half_broken_test (id TEXT PRIMARY KEY) STRICT", "THIS IS NOT SQL"),
         )
         with pytest.raises(MigrationError, match="half broken") as info:
             Store(db_path, migrations=(*MIGRATIONS, broken))
         assert info.value.code == "migration_failed"
-        assert "trials" not in _tables(db_path)
+        assert "half_broken_test" not in _tables(db_path)
         with Store(db_path) as store:
             assert store.schema_version == SCHEMA_VERSION
 

@@ -1,0 +1,344 @@
+"""The provider runs tenants' work: workspaces in, sandboxed tasks, results out.
+
+A lease of U units runs at most U tasks at once, each on its own slice of the lease's
+devices, and queues at most U more so the tenant can keep every slot busy without a
+gap between tasks. The tenant starts every exchange: it uploads the workspace in
+chunks, assigns tasks, and long-polls each task for log, metrics and the signed
+result. A task id is run at most once, however often it is assigned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from market.bidding import LeaseState, ProviderLease
+from node.core import Node
+from node.executor import Executor, ResourceLimits, TrialOutcome, TrialSpec
+from node.provider import ProviderService
+from node.workspace import WorkspaceError, unpack
+from protocol.envelope import Envelope
+from protocol.errors import (
+    BusyError,
+    NotFoundError,
+    SpecMismatchError,
+    TooLargeError,
+    UnexpectedMessageError,
+)
+from protocol.messages import (
+    Body,
+    Cancel,
+    TaskAssign,
+    TaskQuery,
+    TaskResult,
+    TaskState,
+    TaskStatus,
+    Usage,
+    WorkspaceChunk,
+    WorkspaceStatus,
+)
+
+log = logging.getLogger("mercato.work")
+
+LOG_CHUNK = 60_000  # bytes of log per task_status (its ``log`` field holds 65 536 chars)
+
+
+@dataclass
+class Task:
+    """One task on this provider, from assignment to signed result."""
+
+    assign: TaskAssign
+    tenant: str
+    devices: tuple[str, ...] = ()
+    state: TaskState = "queued"
+    log: bytearray = field(default_factory=bytearray)
+    metrics: dict[str, float | int] = field(default_factory=dict)
+    result: bytes | None = None  # the sealed TaskResult
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    cancel_reason: str = ""
+
+    def touch(self) -> None:
+        """Wake every long poll waiting on this task."""
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+
+class WorkService:
+    """Handlers for workspace_chunk, task_assign, task_query and cancel."""
+
+    def __init__(
+        self,
+        node: Node,
+        provider: ProviderService,
+        executor: Executor,
+        root: Path,
+        *,
+        device_env: Callable[[tuple[str, ...]], dict[str, str]] | None = None,
+        limits: ResourceLimits | None = None,
+        max_workspace_bytes: int = 256 << 20,
+        allow_network: bool = False,
+    ) -> None:
+        self.node = node
+        self.provider = provider
+        self.executor = executor
+        self.root = root
+        self.workspaces = root / "workspaces"
+        self.trials = root / "trials"
+        self.workspaces.mkdir(parents=True, exist_ok=True)
+        self.trials.mkdir(parents=True, exist_ok=True)
+        self.device_env = device_env or (lambda ids: {"MERCATO_DEVICES": ",".join(ids)})
+        self.limits = limits or ResourceLimits()
+        self.max_workspace_bytes = max_workspace_bytes
+        self.allow_network = allow_network
+        self.tasks: dict[str, Task] = {}
+        self._busy: dict[str, set[str]] = {}  # lease_id -> device ids running a task
+        node.handlers.update(
+            {
+                WorkspaceChunk.TYPE: self._on_chunk,
+                TaskAssign.TYPE: self._on_assign,
+                TaskQuery.TYPE: self._on_query,
+                Cancel.TYPE: self._on_cancel,
+            }
+        )
+        provider.on_lease_end.append(self._lease_ended)
+
+    # --- leases -----------------------------------------------------------------
+
+    def _lease(self, lease_id: str, tenant: str) -> ProviderLease:
+        lease = self.provider.engine.leases.get(lease_id)
+        if lease is None or lease.tenant != tenant:
+            raise NotFoundError(f"no lease {lease_id} for this tenant")
+        if lease.state is not LeaseState.ACTIVE:
+            raise UnexpectedMessageError(f"lease {lease_id} is {lease.state.value}")
+        return lease
+
+    def _lease_ended(self, lease: ProviderLease) -> None:
+        for task in self.tasks.values():
+            if task.assign.lease_id == lease.lease_id and task.state in ("queued", "running"):
+                self._cancel(task, f"lease {lease.state.value}")
+
+    # --- workspaces -------------------------------------------------------------
+
+    def _ws_dir(self, digest: str) -> Path:
+        return self.workspaces / digest
+
+    async def _on_chunk(self, env: Envelope) -> Body | bytes | None:
+        chunk = env.body
+        assert isinstance(chunk, WorkspaceChunk)
+        self._lease(chunk.lease_id, env.sender)
+        digest = chunk.workspace_hash
+        if self._ws_dir(digest).is_dir():
+            return WorkspaceStatus(workspace_hash=digest, received=chunk.total_size, complete=True)
+        if chunk.total_size > self.max_workspace_bytes:
+            raise TooLargeError(
+                f"workspace of {chunk.total_size} bytes exceeds this provider's "
+                f"{self.max_workspace_bytes}"
+            )
+        part = self.workspaces / f"{digest}.part"
+        have = part.stat().st_size if part.exists() else 0
+        if chunk.data and chunk.offset == have:
+            if have + len(chunk.data) > chunk.total_size:
+                part.unlink(missing_ok=True)
+                raise TooLargeError("chunk runs past the workspace's total size")
+            with part.open("ab") as f:
+                f.write(chunk.data)
+            have += len(chunk.data)
+        if have == chunk.total_size:
+            data = part.read_bytes()
+            staging = self.workspaces / f"{digest}.unpacking"
+            shutil.rmtree(staging, ignore_errors=True)
+            try:
+                unpack(data, digest, staging)
+            except WorkspaceError:
+                part.unlink(missing_ok=True)
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            staging.rename(self._ws_dir(digest))
+            part.unlink(missing_ok=True)
+            log.info("workspace %s unpacked (%d bytes)", digest[:12], have)
+            return WorkspaceStatus(workspace_hash=digest, received=have, complete=True)
+        return WorkspaceStatus(workspace_hash=digest, received=have, complete=False)
+
+    # --- tasks ------------------------------------------------------------------
+
+    def _status(self, task: Task, offset: int = 0) -> TaskStatus:
+        chunk = bytes(task.log[offset : offset + LOG_CHUNK])
+        text = chunk.decode("utf-8", errors="replace")
+        return TaskStatus(
+            lease_id=task.assign.lease_id,
+            task_id=task.assign.task_id,
+            state=task.state,
+            detail=task.cancel_reason,
+            log=text[:65_536],
+            log_offset=offset + len(chunk),
+            metrics=dict(list(task.metrics.items())[:256]),
+        )
+
+    async def _on_assign(self, env: Envelope) -> Body | bytes | None:
+        assign = env.body
+        assert isinstance(assign, TaskAssign)
+        known = self.tasks.get(assign.task_id)
+        if known is not None:
+            if known.tenant != env.sender:
+                raise NotFoundError(f"task {assign.task_id} belongs to another tenant")
+            return self._status(known)
+        lease = self._lease(assign.lease_id, env.sender)
+        if assign.job_spec_hash != lease.job_spec_hash:
+            raise SpecMismatchError(
+                f"task names job spec {assign.job_spec_hash[:12]}, but lease "
+                f"{lease.lease_id} was bid for {lease.job_spec_hash[:12]}"
+            )
+        if not self._ws_dir(assign.workspace_hash).is_dir():
+            raise NotFoundError(f"workspace {assign.workspace_hash[:12]} was not uploaded")
+        if assign.network and not self.allow_network:
+            raise UnexpectedMessageError("this provider does not give tasks network access")
+        mine = [t for t in self.tasks.values() if t.assign.lease_id == lease.lease_id]
+        waiting = sum(1 for t in mine if t.state == "queued")
+        if waiting >= lease.units:
+            raise BusyError(f"lease {lease.lease_id}: {lease.units} running and queued is full")
+        task = Task(assign=assign, tenant=env.sender)
+        self.tasks[assign.task_id] = task
+        self._schedule(lease)
+        return self._status(task)
+
+    def _schedule(self, lease: ProviderLease) -> None:
+        """Start queued tasks of ``lease`` on free device slices, oldest first."""
+        per_unit = len(lease.devices) // lease.units
+        busy = self._busy.setdefault(lease.lease_id, set())
+        for task in list(self.tasks.values()):
+            if task.assign.lease_id != lease.lease_id or task.state != "queued":
+                continue
+            free = [d for d in lease.devices if d not in busy]
+            if len(free) < per_unit:
+                return
+            task.devices = tuple(free[:per_unit])
+            busy.update(task.devices)
+            task.state = "running"
+            task.touch()
+            self.node.spawn(self._run(task, lease))
+
+    async def _run(self, task: Task, lease: ProviderLease) -> None:
+        a = task.assign
+        workdir = self.trials / a.task_id
+        shutil.rmtree(workdir, ignore_errors=True)
+        workdir.mkdir(parents=True)
+        for name, content in a.files.items():
+            (workdir / name).write_text(content)
+        spec = TrialSpec(
+            task_id=a.task_id,
+            command=tuple(a.command),
+            env={**a.env, **self.device_env(task.devices)},
+            workspace_dir=self._ws_dir(a.workspace_hash),
+            work_dir=workdir,
+            devices=task.devices,
+            timeout_s=a.timeout_ms / 1000,
+            max_output_bytes=a.max_output_bytes,
+            network=a.network and self.allow_network,
+            limits=self.limits,
+        )
+        started = self.node.clock()
+
+        def on_output(data: bytes) -> None:
+            task.log += data
+            task.touch()
+
+        def on_metrics(values: dict[str, float | int]) -> None:
+            task.metrics.update(values)
+            task.touch()
+
+        try:
+            outcome: TrialOutcome = await self.executor.run(spec, on_output, on_metrics)
+            state: TaskState = outcome.state
+            if task.cancel_reason:
+                state = "cancelled"
+        except Exception as e:  # the executor failed, not the task: report, never crash
+            log.exception("task %s could not run", a.task_id)
+            task.log += f"\n[mercato] task could not run: {e}\n".encode()
+            outcome = TrialOutcome.failed_to_start(str(e))
+            state = "failed"
+        finished = self.node.clock()
+        wall = outcome.wall_ms or max(0, finished - started)
+        result = TaskResult(
+            lease_id=a.lease_id,
+            task_id=a.task_id,
+            state=state,
+            exit_code=outcome.exit_code,
+            metrics=dict(list(outcome.metrics.items())[:256]),
+            usage=Usage(
+                wall_ms=wall,
+                cpu_ms=outcome.cpu_ms,
+                device_ms=wall * max(1, len(task.devices)),
+                max_rss_bytes=outcome.max_rss_bytes,
+                output_bytes=outcome.output_bytes,
+            ),
+            started_ms=started,
+            finished_ms=finished,
+            output_hash=hashlib.sha256(bytes(task.log)).hexdigest(),
+            output_truncated=outcome.output_truncated,
+        )
+        task.state = state
+        task.metrics.update(result.metrics)
+        task.result = self.node.seal(result, to=task.tenant)
+        self._busy.get(a.lease_id, set()).difference_update(task.devices)
+        task.touch()
+        log.info("task %s %s in %d ms", a.task_id, state, wall)
+        current = self.provider.engine.leases.get(a.lease_id)
+        if current is not None and current.state is LeaseState.ACTIVE:
+            self._schedule(current)
+
+    async def _on_query(self, env: Envelope) -> Body | bytes | None:
+        q = env.body
+        assert isinstance(q, TaskQuery)
+        task = self.tasks.get(q.task_id)
+        if task is None or task.tenant != env.sender or task.assign.lease_id != q.lease_id:
+            raise NotFoundError(f"no task {q.task_id} under lease {q.lease_id}")
+        if len(task.log) <= q.log_offset and task.result is None and q.wait_ms:
+            waiter = task.changed
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(waiter.wait(), q.wait_ms / 1000)
+        if len(task.log) > q.log_offset or task.result is None:
+            return self._status(task, min(q.log_offset, len(task.log)))
+        return task.result
+
+    async def _on_cancel(self, env: Envelope) -> Body | bytes | None:
+        c = env.body
+        assert isinstance(c, Cancel)
+        targets = [
+            t
+            for t in self.tasks.values()
+            if t.tenant == env.sender
+            and t.assign.lease_id == c.lease_id
+            and (c.task_id is None or t.assign.task_id == c.task_id)
+        ]
+        if c.task_id is not None and not targets:
+            raise NotFoundError(f"no task {c.task_id} under lease {c.lease_id}")
+        for t in targets:
+            self._cancel(t, c.reason or "cancelled by the tenant")
+        return self._status(targets[0]) if len(targets) == 1 else None
+
+    def _cancel(self, task: Task, reason: str) -> None:
+        if task.state == "queued":
+            task.state = "cancelled"
+            task.cancel_reason = reason
+            task.result = self.node.seal(
+                TaskResult(
+                    lease_id=task.assign.lease_id,
+                    task_id=task.assign.task_id,
+                    state="cancelled",
+                    exit_code=None,
+                    usage=Usage(wall_ms=0, cpu_ms=0, device_ms=0),
+                    started_ms=self.node.clock(),
+                    finished_ms=self.node.clock(),
+                ),
+                to=task.tenant,
+            )
+            task.touch()
+        elif task.state == "running":
+            task.cancel_reason = reason
+            self.node.spawn(self.executor.cancel(task.assign.task_id))
