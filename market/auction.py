@@ -110,6 +110,7 @@ class Auction:
         self._pending: dict[str, _Pending] = {}  # lease_id ->
         self._used: set[tuple[str, str]] = set()  # bids awarded (pending or leased)
         self._leased_bids: set[tuple[str, str]] = set()
+        self._unusable: dict[tuple[str, str], Bid] = {}  # asked providers' invalid bids
         self.leases: list[TenantLease] = []
         self._lease_seq = 0
         self.failure: str | None = None
@@ -128,6 +129,17 @@ class Auction:
         reason = self._invalid(sender, bid, now_ms)
         if reason is not None:
             self.outcome.ignored[reason] += 1
+            if (
+                self.state is AuctionState.COLLECTING
+                and sender in self.asked
+                and bid.provider == sender
+                and bid.order_id == self.order.order_id
+                and sender not in self._answered
+            ):
+                # An asked provider's own unusable bid still answers the order (so the
+                # auction can close early) and must be released (its devices are held).
+                self._answered.add(sender)
+                self._unusable[(sender, bid.bid_id)] = bid
             return False
         self.bids[(sender, bid.bid_id)] = bid
         self._answered.add(sender)
@@ -320,6 +332,6 @@ class Auction:
             return []
         return [
             (key[0], Release(order_id=self.order.order_id, bid_id=b.bid_id, reason="auction lost"))
-            for key, b in self.bids.items()
+            for key, b in {**self.bids, **self._unusable}.items()
             if key not in self._leased_bids
         ]

@@ -341,7 +341,13 @@ class Node:
         """Rumor mongering: push news to ``fanout`` random peers (not back to its source)."""
         targets = self.sample_peers(self.settings.fanout, exclude=exclude)
         msg = DirectoryMsg(adverts=adverts)
-        await asyncio.gather(*(self._quiet(self.request(p, msg)) for p in targets))
+        await asyncio.gather(*(self._try_request(p, msg) for p in targets))
+
+    async def _try_request(self, peer: Peer, body: Body) -> None:
+        # The request coroutine is made inside the gathered task, so a task cancelled
+        # before it starts (at close) leaves no never-awaited coroutine behind.
+        with contextlib.suppress(MercatoError):
+            await self.request(peer, body)
 
     async def anti_entropy(self, peer: Peer) -> int:
         """Pull what ``peer`` has that we lack, push what it lacks. Returns adverts learned."""
@@ -429,10 +435,15 @@ class Node:
         is not running or is stopping: a handler must never raise into the caller then."""
         if self._tasks is not None:
             try:
-                self._tasks.create_task(wrapper)
-                return
+                task = self._tasks.create_task(wrapper)
             except RuntimeError:  # the group is shutting down (close() or a failed loop)
                 pass
+            else:
+                if asyncio.iscoroutine(coro):
+                    # A task cancelled before its first step never awaits ``coro``; closing
+                    # it then avoids "never awaited" warnings (a no-op once it has run).
+                    task.add_done_callback(lambda _: coro.close())
+                return
         wrapper.close()
         if asyncio.iscoroutine(coro):
             coro.close()

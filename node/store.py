@@ -477,6 +477,9 @@ class Store:
             tuple(row.values()),
         )
 
+    def set_lease_job(self, lease_id: str, job_id: str) -> None:
+        self._execute("UPDATE leases SET job_id = ? WHERE lease_id = ?", (job_id, lease_id))
+
     def set_lease_state(self, lease_id: str, state: str, now_ms: int) -> bool:
         cursor = self._execute(
             "UPDATE leases SET state = ?, updated_ms = ? WHERE lease_id = ?",
@@ -591,6 +594,7 @@ class LeaseRow:
     award: bytes
     accept: bytes
     updated_ms: int
+    job_id: str | None = None  # tenant side: the job the lease serves
 
 
 def _lease_row(row: dict[str, Any]) -> LeaseRow:

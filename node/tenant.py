@@ -109,6 +109,11 @@ class Tenant:
     def reputation(self) -> dict[str, Reputation]:
         return {p: Reputation(**r) for p, r in self.store.reputation().items()}
 
+    def peer_of(self, lease: LeaseRow) -> Peer:
+        """The provider of a lease, as a peer to call."""
+        self._addresses.setdefault(lease.provider, lease.provider_address)
+        return self._peer(lease.provider)
+
     def _peer(self, provider: str) -> Peer:
         return Peer(address=self._addresses[provider], node_id=provider, role="provider")
 

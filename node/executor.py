@@ -1,0 +1,382 @@
+"""The executor interface: how a provider runs one trial, whatever runs it.
+
+A provider hands an :class:`Executor` a :class:`TrialSpec` and gets back a
+:class:`TrialOutcome`. Nothing in ``market/`` or ``protocol/`` knows which executor
+ran a trial, so a Kubernetes Job, a Slurm batch step or a Ray task can be added as
+one more class in ``node/`` that implements the two methods below. The default is
+:class:`node.sandbox.SandboxExecutor` (a local process inside bubblewrap).
+
+Contract
+--------
+
+``await executor.run(spec, on_output, on_metrics) -> TrialOutcome``
+    Runs the trial to the end and always returns an outcome, also when the trial
+    fails, times out or is cancelled; it raises only when the trial could not be
+    started at all (a typed :class:`~protocol.errors.MercatoError`: a bad spec, a
+    task id already running, network asked of an executor that forbids it, the
+    sandbox missing). When ``run`` itself is cancelled (``asyncio.CancelledError``)
+    the trial's processes are killed before the cancellation propagates: an
+    executor never leaves a trial running that nobody waits for.
+
+    ``on_output(line)`` is called with each line of the trial's merged stdout and
+    stderr (bytes, newline included) while it is kept within
+    ``spec.max_output_bytes``; ``on_metrics(obj)`` with every stdout line that is a
+    JSON object. Both are called from the event loop and must not block; an
+    exception they raise is logged and does not stop the trial.
+
+``await executor.cancel(task_id) -> bool``
+    Stops a running trial (its whole process tree) and returns once ``run`` has
+    finished with state ``cancelled``; ``False`` if no such trial was running (a
+    cancel racing the trial's natural end is not an error).
+
+Trial I/O conventions (the same on every executor)
+--------------------------------------------------
+
+* The trial starts in a fresh, writable work directory holding a copy of the
+  workspace; ``HOME`` points at it. Its environment is ``spec.env`` plus what the
+  executor sets, never the provider's environment.
+* ``spec.device_env`` (e.g. ``CUDA_VISIBLE_DEVICES=1`` or the IPU partition
+  variable ``IPUOF_VIPU_API_PARTITION_ID``) is applied last, so the tenant's env
+  cannot point the trial at devices it did not lease.
+* Metrics: every output line that is a JSON object is a metrics record (print it
+  yourself or call :func:`node.trial.report`). Its finite int/float values (not
+  booleans) become ``metrics`` (last value per key wins); the whole object is
+  appended to ``metric_history``. Other lines are log lines.
+* Output beyond ``max_output_bytes`` is dropped and ``output_truncated`` set; the
+  trial keeps running (the timeout bounds it) and metric lines past the cap still
+  update ``metrics`` and reach ``on_metrics``, so the final result of a chatty
+  trial is not lost. ``metric_history`` keeps only records within the cap.
+* ``exit_code`` follows the shell convention: the exit status, or 128 + N when the
+  trial died of signal N.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Protocol, runtime_checkable
+
+from protocol.errors import MercatoError
+
+logger = logging.getLogger(__name__)
+
+#: Output lines longer than this are cut into pieces of this size and never parsed
+#: as metrics; it bounds the memory one line can take.
+MAX_LINE_BYTES = 64 * 1024
+#: At most this many distinct metric keys are kept per trial.
+MAX_METRIC_KEYS = 1024
+DEFAULT_MAX_OUTPUT_BYTES = 8 * 1024 * 1024
+
+OutputCallback = Callable[[bytes], None]
+MetricsCallback = Callable[[dict[str, Any]], None]
+
+_TASK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,255}")
+_MAX_ENV_VARS = 256
+_MAX_ARGV = 4096
+_MAX_ARGV_BYTES = 1024 * 1024
+
+
+class ExecutorError(MercatoError):
+    """A trial could not be started or controlled by its executor."""
+
+    code = "executor_error"
+
+
+class InvalidTrialSpecError(ExecutorError):
+    """A trial spec has a bad field (id, command, environment, limits, workspace)."""
+
+    code = "invalid_trial_spec"
+    http_status = 400
+
+
+class TrialAlreadyRunningError(ExecutorError):
+    """A trial with this task id is already running on this executor."""
+
+    code = "trial_already_running"
+    http_status = 409
+
+
+class NetworkNotAllowedError(ExecutorError):
+    """The trial asks for network access and this provider does not grant it."""
+
+    code = "network_not_allowed"
+    http_status = 403
+
+
+class TrialState(enum.StrEnum):
+    """How a trial ended."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ResourceLimits:
+    """Per-process limits (setrlimit(2)); ``None`` leaves the provider's own limit.
+
+    ``memory_bytes`` is address space (RLIMIT_AS): leave it unset for GPU trials,
+    since CUDA reserves far more virtual memory than it uses. ``max_processes`` is
+    RLIMIT_NPROC, counted per user, not per trial, and ignored for root (see
+    node.sandbox). ``cpu_seconds`` is per process. ``tmp_bytes`` sizes the trial's
+    private ``/tmp``, which lives in RAM.
+    """
+
+    memory_bytes: int | None = None
+    max_processes: int | None = None
+    max_file_bytes: int | None = 1 << 30
+    cpu_seconds: int | None = None
+    tmp_bytes: int | None = 256 << 20
+
+    def __post_init__(self) -> None:
+        for name in ("memory_bytes", "max_processes", "max_file_bytes", "cpu_seconds", "tmp_bytes"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value <= 0
+            ):
+                raise InvalidTrialSpecError(f"limit {name} must be a positive int, got {value!r}")
+
+
+def _check_env(what: str, env: Mapping[str, str]) -> dict[str, str]:
+    if len(env) > _MAX_ENV_VARS:
+        raise InvalidTrialSpecError(f"{what} has {len(env)} variables (max {_MAX_ENV_VARS})")
+    out: dict[str, str] = {}
+    for key, value in env.items():
+        if not isinstance(key, str) or not _ENV_NAME.fullmatch(key):
+            raise InvalidTrialSpecError(f"{what}: bad variable name {key!r}")
+        if not isinstance(value, str) or "\0" in value:
+            raise InvalidTrialSpecError(f"{what}: bad value for {key}")
+        out[key] = value
+    return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrialSpec:
+    """Everything an executor needs to run one trial; invalid fields are refused here.
+
+    ``workspace`` is the unpacked workspace (never modified: each trial works on its
+    own copy). ``device_nodes`` are host device files the trial may open (e.g.
+    ``/dev/nvidia0``, ``/dev/nvidiactl``); ``device_env`` assigns the leased
+    ``device_ids`` to the trial and overrides ``env``. ``network`` asks for the
+    host's network; the executor refuses it unless the provider allows it.
+    ``metric`` names the metric the sweep optimises (reported back as
+    ``TrialOutcome.metric_value``).
+    """
+
+    task_id: str
+    argv: Sequence[str]
+    workspace: Path
+    timeout_s: float
+    env: Mapping[str, str] = field(default_factory=dict)
+    device_ids: Sequence[str] = ()
+    device_env: Mapping[str, str] = field(default_factory=dict)
+    device_nodes: Sequence[str] = ()
+    max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
+    network: bool = False
+    limits: ResourceLimits = field(default_factory=ResourceLimits)
+    metric: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.task_id, str) or not _TASK_ID.fullmatch(self.task_id):
+            raise InvalidTrialSpecError(
+                f"task id {self.task_id!r} must be 1-128 of [A-Za-z0-9._-], not starting with . - _"
+            )
+        if isinstance(self.argv, str | bytes) or not self.argv:
+            raise InvalidTrialSpecError("argv must be a non-empty list of strings")
+        argv = tuple(self.argv)
+        if len(argv) > _MAX_ARGV or any(not isinstance(a, str) or "\0" in a for a in argv):
+            raise InvalidTrialSpecError("argv must hold at most 4096 strings without NUL")
+        if sum(len(a.encode()) for a in argv) > _MAX_ARGV_BYTES:
+            raise InvalidTrialSpecError("argv is longer than 1 MiB")
+        object.__setattr__(self, "argv", argv)
+        object.__setattr__(self, "workspace", Path(self.workspace))
+        object.__setattr__(self, "env", _check_env("env", self.env))
+        object.__setattr__(self, "device_env", _check_env("device_env", self.device_env))
+        object.__setattr__(self, "device_ids", tuple(str(d) for d in self.device_ids))
+        nodes = tuple(self.device_nodes)
+        for node in nodes:
+            if (
+                not isinstance(node, str)
+                or not node.startswith("/dev/")
+                or ".." in node.split("/")
+                or "\0" in node
+            ):
+                raise InvalidTrialSpecError(f"device node {node!r} is not a path under /dev/")
+        object.__setattr__(self, "device_nodes", nodes)
+        timeout = self.timeout_s
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, int | float)
+            or not math.isfinite(timeout)
+            or timeout <= 0
+        ):
+            raise InvalidTrialSpecError(f"timeout_s must be positive and finite, got {timeout!r}")
+        cap = self.max_output_bytes
+        if isinstance(cap, bool) or not isinstance(cap, int) or cap < 0:
+            raise InvalidTrialSpecError(f"max_output_bytes must be an int >= 0, got {cap!r}")
+        if not isinstance(self.limits, ResourceLimits):
+            raise InvalidTrialSpecError("limits must be a ResourceLimits")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrialOutcome:
+    """How a trial ended and what it used.
+
+    ``cpu_ms`` and ``max_rss_bytes`` come from the trial's own rusage (wait4(2)),
+    so concurrent trials do not blur each other; see the executor for what it counts.
+    ``log_path`` holds the output kept within the cap.
+    """
+
+    task_id: str
+    state: TrialState
+    exit_code: int | None
+    metrics: dict[str, int | float]
+    metric_history: list[dict[str, Any]]
+    metric_value: int | float | None
+    wall_ms: int
+    cpu_ms: int
+    max_rss_bytes: int
+    output_bytes: int
+    output_truncated: bool
+    log_path: Path
+
+
+@runtime_checkable
+class Executor(Protocol):
+    """Runs trials on some backend; see the module docstring for the full contract."""
+
+    async def run(
+        self,
+        spec: TrialSpec,
+        on_output: OutputCallback | None = None,
+        on_metrics: MetricsCallback | None = None,
+    ) -> TrialOutcome:
+        """Run ``spec`` to its end and return its outcome."""
+        ...
+
+    async def cancel(self, task_id: str) -> bool:
+        """Stop a running trial; ``False`` if it was not running."""
+        ...
+
+
+def parse_metrics_line(line: bytes) -> dict[str, Any] | None:
+    """The JSON object on ``line``, or ``None`` if the line is not one (a log line)."""
+    text = line.strip()
+    if not (text.startswith(b"{") and text.endswith(b"}")):
+        return None
+    try:
+        obj = json.loads(text)
+    # RecursionError: deeply nested input; ValueError: bad JSON or an over-long int.
+    except (ValueError, RecursionError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def numeric_metrics(obj: Mapping[str, Any]) -> dict[str, int | float]:
+    """The finite int/float values of a metrics record (booleans are not metrics)."""
+    out: dict[str, int | float] = {}
+    for key, value in obj.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            continue
+        out[key] = value
+    return out
+
+
+class OutputCollector:
+    """Turns a trial's raw output into log lines and metrics, under the output cap.
+
+    Backend-neutral: every executor feeds it the bytes it reads, so the cap and the
+    metrics rules are the same everywhere. ``log`` receives the kept lines.
+    """
+
+    def __init__(
+        self,
+        log: IO[bytes],
+        max_output_bytes: int,
+        on_output: OutputCallback | None = None,
+        on_metrics: MetricsCallback | None = None,
+    ) -> None:
+        self._log = log
+        self._cap = max_output_bytes
+        self._on_output = on_output
+        self._on_metrics = on_metrics
+        self._pending = b""
+        self._continued = False
+        self.output_bytes = 0
+        self.truncated = False
+        self.metrics: dict[str, int | float] = {}
+        self.metric_history: list[dict[str, Any]] = []
+
+    def feed(self, data: bytes) -> None:
+        """Take the next chunk of output."""
+        buf = self._pending + data
+        if self.truncated and b"{" not in buf:
+            # Past the cap only metric lines matter: skip line splitting for chunks
+            # that cannot hold one, so an endless printer costs little to drain.
+            newline = buf.rfind(b"\n")
+            if newline >= 0:
+                self._continued = False
+                buf = buf[newline + 1 :]
+            if len(buf) >= MAX_LINE_BYTES:
+                self._continued = True
+                buf = b""
+            self._pending = buf
+            return
+        start = 0
+        while (end := buf.find(b"\n", start)) >= 0:
+            self._piece(buf[start : end + 1], ends_line=True)
+            start = end + 1
+        rest = buf[start:]
+        while len(rest) >= MAX_LINE_BYTES:
+            self._piece(rest[:MAX_LINE_BYTES], ends_line=False)
+            rest = rest[MAX_LINE_BYTES:]
+        self._pending = rest
+
+    def close(self) -> None:
+        """End of output: a last line without a newline still counts."""
+        if self._pending:
+            self._piece(self._pending, ends_line=True)
+            self._pending = b""
+
+    def _piece(self, piece: bytes, *, ends_line: bool) -> None:
+        # Only a whole line of at most MAX_LINE_BYTES can be a metrics record; the
+        # pieces of a longer line are log text, including its last piece.
+        whole_line = ends_line and not self._continued
+        self._continued = not ends_line
+        keep = not self.truncated and self.output_bytes + len(piece) <= self._cap
+        if keep:
+            self._log.write(piece)
+            self.output_bytes += len(piece)
+            if self._on_output is not None:
+                _call(self._on_output, piece)
+        else:
+            self.truncated = True
+        obj = parse_metrics_line(piece) if whole_line else None
+        if obj is None:
+            return
+        for key, value in numeric_metrics(obj).items():
+            if key in self.metrics or len(self.metrics) < MAX_METRIC_KEYS:
+                self.metrics[key] = value
+        if keep:
+            self.metric_history.append(obj)
+        if self._on_metrics is not None:
+            _call(self._on_metrics, obj)
+
+
+def _call(callback: Callable[[Any], None], arg: Any) -> None:
+    try:
+        callback(arg)
+    except Exception:
+        # A broken consumer (say, a dropped stream to the tenant) must not kill the
+        # trial the tenant is paying for; the outcome still carries everything.
+        logger.exception("trial output callback failed")

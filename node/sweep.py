@@ -1,0 +1,572 @@
+"""The tenant runs a sweep: leases slots by auction, feeds them trials, survives failures.
+
+One coroutine (``SweepRunner.run``) owns the job's state; trial coroutines and the
+heartbeat loop report back to it. Every trial is written to the store *before* it is
+assigned, and every result is recorded at most once (``JobStore.finish_trial`` only
+updates a trial that is not final), so:
+
+* a provider that dies loses its lease; its trials go back to pending and are retried
+  on a *different* provider (new auction if needed), up to ``limits.retries``;
+* a slow provider answering after its trial was retried elsewhere changes nothing;
+* after ``kill -9`` of the tenant, ``resume`` rebuilds the search from the store:
+  finished trials are never run again, unfinished ones start over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from market.jobspec import JobSpec, render_command
+from market.search import Search
+
+from node.store import JobStore, LeaseRow, Store
+from node.tenant import Tenant
+from protocol.errors import BusyError, MercatoError, PeerTimeoutError, PeerUnavailableError
+from protocol.messages import (
+    Cancel,
+    Requirement,
+    TaskAssign,
+    TaskQuery,
+    TaskResult,
+    TaskStatus,
+    WorkspaceChunk,
+    WorkspaceStatus,
+)
+
+log = logging.getLogger("mercato.sweep")
+
+CHUNK = 512 * 1024
+#: Consecutive failed exchanges after which a provider's lease is given up.
+MAX_SILENCE = 3
+
+
+@dataclass
+class Progress:
+    """What the CLI shows while a sweep runs."""
+
+    total: int | None
+    done: int = 0
+    running: int = 0
+    failed: int = 0
+    pruned: int = 0
+    spend: int = 0  # micro-credits, estimated from leases held so far
+    best: tuple[int, dict[str, Any], float] | None = None
+    leases: int = 0
+    message: str = ""
+
+
+@dataclass
+class Slot:
+    lease: LeaseRow
+    capacity: int  # tasks that may be assigned at once (units x queue depth)
+    active: set[int] = field(default_factory=set)  # trial numbers
+    failures: int = 0
+    lost: bool = False
+    workspace_ready: bool = False
+
+
+class SweepError(MercatoError):
+    code = "sweep_failed"
+
+
+class SweepRunner:
+    """Drive one job to completion (or cancellation) with a Tenant."""
+
+    def __init__(
+        self,
+        tenant: Tenant,
+        store: Store,
+        job_id: str,
+        spec: JobSpec,
+        workspace: bytes,
+        workspace_hash: str,
+        *,
+        peer: str,
+        seed: int = 0,
+        parallel: int = 8,
+        log_dir: Path,
+        on_progress: Callable[[Progress], None] | None = None,
+        heartbeat_interval_ms: int = 1_000,
+        bid_window_ms: int = 1_500,
+    ) -> None:
+        self.tenant = tenant
+        self.store = store
+        self.jobs = JobStore(store)
+        self.job_id = job_id
+        self.spec = spec
+        self.workspace = workspace
+        self.workspace_hash = workspace_hash
+        self.peer = peer
+        self.search = Search(spec, seed=seed)
+        self.parallel = parallel
+        self.log_dir = log_dir
+        self.on_progress = on_progress
+        self.heartbeat_interval_ms = heartbeat_interval_ms
+        self.bid_window_ms = bid_window_ms
+        self.slots: dict[str, Slot] = {}  # lease_id ->
+        self.bad_providers: set[str] = set()
+        self.progress = Progress(total=self.search.total)
+        self._wake = asyncio.Event()
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._exhausted = False
+        self._cancelled = False
+        self.duplicates = 0
+        self._spend_since: dict[str, int] = {}
+
+    # --- bookkeeping ------------------------------------------------------------
+
+    def _notify(self) -> None:
+        self._wake.set()
+        if self.on_progress is not None:
+            self.on_progress(self.progress)
+
+    def _refresh_progress(self) -> None:
+        rows = self.jobs.trials(self.job_id)
+        p = self.progress
+        p.done = sum(1 for r in rows if r.state == "succeeded")
+        p.failed = sum(1 for r in rows if r.state == "failed")
+        p.pruned = sum(1 for r in rows if r.state == "pruned")
+        p.running = sum(1 for r in rows if r.state == "running")
+        p.best = self.search.best()
+        p.leases = sum(1 for s in self.slots.values() if not s.lost)
+        now = self.tenant.clock()
+        p.spend = self._spent_before + sum(
+            s.lease.price * len(s.lease.devices) * max(0, now - s.lease.start_ms) // 3_600_000
+            for s in self.slots.values()
+        )
+
+    _spent_before = 0
+
+    def _restore(self) -> None:
+        """Rebuild the search from the store; unfinished trials start over."""
+        rows = self.jobs.trials(self.job_id)
+        self.search.restore(rows)
+        for r in rows:
+            if r.state == "running":
+                self.jobs.update_trial(self.job_id, r.number, state="pending")
+        self._spent_before = -sum(
+            line["amount"] for line in self.store.ledger() if self._is_ours(line["lease_id"])
+        )
+
+    def _is_ours(self, lease_id: str) -> bool:
+        lease = self.store.get_lease(lease_id)
+        return lease is not None and lease.job_id == self.job_id
+
+    # --- main loop --------------------------------------------------------------
+
+    async def run(self) -> Progress:
+        self._restore()
+        self._refresh_progress()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                hb = tg.create_task(self._heartbeats())
+                try:
+                    await self._loop()
+                finally:
+                    hb.cancel()
+                    for t in self._tasks.values():
+                        t.cancel()
+        finally:
+            await self._release_all()
+        self._refresh_progress()
+        self._notify()
+        return self.progress
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self._wake.set()
+
+    async def _loop(self) -> None:
+        while not self._cancelled:
+            self._assign_all()
+            self._refresh_progress()
+            self._notify()
+            pending = [
+                r for r in self.jobs.trials(self.job_id) if r.state in ("pending", "running")
+            ]
+            if self._exhausted and not pending:
+                return
+            need = self._wanted_slots(len(pending))
+            if need > 0 and not self._over_budget():
+                await self._acquire(need)
+            await self._release_idle()
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+
+    def _over_budget(self) -> bool:
+        limit = self.spec.budget.max_spend
+        if limit and self.progress.spend >= limit:
+            self.progress.message = "budget spent: no new leases"
+            return True
+        return False
+
+    def _wanted_slots(self, pending: int) -> int:
+        live = [s for s in self.slots.values() if not s.lost]
+        have = sum(s.lease.units for s in live)
+        want = pending if self._exhausted else self.parallel
+        want = min(want, self.parallel)
+        return max(0, want - have)
+
+    # --- leases -----------------------------------------------------------------
+
+    async def _acquire(self, units: int) -> None:
+        try:
+            await self.tenant.refresh(self.peer)
+        except MercatoError as e:
+            self.progress.message = f"directory unavailable: {e.reason}"
+            await asyncio.sleep(1.0)
+            return
+        r = self.spec.resources
+        req = Requirement(
+            kind=r.kind,
+            model=r.model,
+            min_memory_bytes=r.min_memory_bytes,
+            devices_per_unit=r.devices_per_trial,
+        )
+        report = await self.tenant.auction(
+            req,
+            units,
+            self.spec.budget.max_price,
+            job_spec_hash=self.spec_hash,
+            workload="sweep",
+            lease_ms=24 * 3_600_000,
+            bid_window_ms=self.bid_window_ms,
+            heartbeat_interval_ms=self.heartbeat_interval_ms,
+            exclude=sorted(self.bad_providers),
+        )
+        if not report.leases:
+            self.progress.message = f"no lease: {report.failure or report.explanation}"
+            await asyncio.sleep(1.0)
+            return
+        for lease in report.leases:
+            row = self.store.get_lease(lease.lease_id)
+            if row is None:
+                continue
+            self.store.set_lease_job(lease.lease_id, self.job_id)
+            self.slots[lease.lease_id] = Slot(lease=row, capacity=2 * lease.units)
+        self.progress.message = f"leased {report.units} units: {report.explanation}"
+
+    @property
+    def spec_hash(self) -> str:
+        from market.jobspec import spec_hash
+
+        return spec_hash(self.spec)
+
+    async def _upload(self, slot: Slot) -> None:
+        lease = slot.lease
+        total = len(self.workspace)
+        status = await self._send(
+            slot,
+            WorkspaceChunk(
+                lease_id=lease.lease_id,
+                workspace_hash=self.workspace_hash,
+                offset=0,
+                total_size=total,
+                data=b"",
+            ),
+        )
+        while isinstance(status, WorkspaceStatus) and not status.complete:
+            off = status.received
+            status = await self._send(
+                slot,
+                WorkspaceChunk(
+                    lease_id=lease.lease_id,
+                    workspace_hash=self.workspace_hash,
+                    offset=off,
+                    total_size=total,
+                    data=self.workspace[off : off + CHUNK],
+                ),
+            )
+        slot.workspace_ready = True
+
+    async def _send(self, slot: Slot, body: Any, timeout_s: float | None = None) -> Any:
+        peer = self.tenant.peer_of(slot.lease)
+        reply = await self.tenant.node.request(peer, body, timeout_s=timeout_s)
+        if reply is None:
+            return None
+        if reply.sender != slot.lease.provider:
+            raise SweepError("reply signed by another node than the lease's provider")
+        return reply.body
+
+    async def _heartbeats(self) -> None:
+        seq = 0
+        while True:
+            await asyncio.sleep(self.heartbeat_interval_ms / 1000)
+            seq += 1
+            for slot in list(self.slots.values()):
+                if slot.lost:
+                    continue
+                if await self.tenant.heartbeat(slot.lease, seq):
+                    slot.failures = 0
+                else:
+                    slot.failures += 1
+                    if slot.failures >= MAX_SILENCE:
+                        self._lose(slot, "stopped answering heartbeats")
+
+    def _lose(self, slot: Slot, why: str) -> None:
+        """Give up a lease: its trials go back to pending, never to this provider again."""
+        if slot.lost:
+            return
+        slot.lost = True
+        provider = slot.lease.provider
+        log.warning("lease %s on %s lost: %s", slot.lease.lease_id, provider[:8], why)
+        self.progress.message = f"provider {provider[:12]} lost ({why}); retrying its trials"
+        self.bad_providers.add(provider)
+        now = self.tenant.clock()
+        self.store.set_lease_state(slot.lease.lease_id, "lost", now)
+        self.store.record_outcome(provider, "failed")
+        for number in list(slot.active):
+            task = self._tasks.pop(number, None)
+            if task is not None:
+                task.cancel()
+            self._requeue(number, provider, why)
+        slot.active.clear()
+        self._wake.set()
+
+    def _requeue(self, number: int, provider: str, why: str) -> None:
+        row = self.jobs.trial(self.job_id, number)
+        if row is None or row.state not in ("pending", "running"):
+            return
+        failed = sorted(set(row.failed_providers) | {provider})
+        if row.attempts > self.spec.limits.retries:
+            if self.jobs.finish_trial(
+                self.job_id,
+                number,
+                state="failed",
+                failed_providers=failed,
+                detail=f"gave up after {row.attempts} attempts: {why}",
+                finished_ms=self.tenant.clock(),
+            ):
+                self.search.tell(number, None, "failed")
+        else:
+            self.jobs.update_trial(
+                self.job_id, number, state="pending", failed_providers=failed, detail=why
+            )
+
+    async def _release_idle(self) -> None:
+        """Release leases that have nothing left to do, so the tenant stops paying."""
+        if not self._exhausted:
+            return
+        pending = [r for r in self.jobs.trials(self.job_id) if r.state == "pending"]
+        if pending:
+            return
+        for slot in list(self.slots.values()):
+            if not slot.lost and not slot.active:
+                await self._release(slot)
+
+    async def _release(self, slot: Slot) -> None:
+        slot.lost = True  # no new work
+        with contextlib.suppress(MercatoError):
+            receipt = await self.tenant.release(slot.lease)
+            self._spent_before += receipt.amount
+        self.slots.pop(slot.lease.lease_id, None)
+
+    async def _release_all(self) -> None:
+        for slot in list(self.slots.values()):
+            if slot.lost:
+                continue
+            if self._cancelled:
+                with contextlib.suppress(MercatoError):
+                    await self._send(
+                        slot, Cancel(lease_id=slot.lease.lease_id, reason="job cancelled")
+                    )
+            await self._release(slot)
+
+    # --- trials -----------------------------------------------------------------
+
+    def _next_trial(self, slot: Slot) -> int | None:
+        """A pending trial this provider has not failed, or a fresh one from the search."""
+        for r in self.jobs.trials(self.job_id):
+            if (
+                r.state == "pending"
+                and r.number not in self._tasks
+                and slot.lease.provider not in r.failed_providers
+            ):
+                return r.number
+        if self._exhausted or self._over_budget():
+            return None
+        trial = self.search.ask()
+        if trial is None:
+            self._exhausted = True
+            return None
+        self.jobs.add_trial(self.job_id, trial.number, trial.params)
+        return trial.number
+
+    def _assign_all(self) -> None:
+        for slot in list(self.slots.values()):
+            while not slot.lost and len(slot.active) < slot.capacity:
+                number = self._next_trial(slot)
+                if number is None:
+                    break
+                slot.active.add(number)
+                row = self.jobs.trial(self.job_id, number)
+                assert row is not None
+                attempt = row.attempts
+                self.jobs.update_trial(
+                    self.job_id,
+                    number,
+                    state="running",
+                    attempts=attempt + 1,
+                    provider=slot.lease.provider,
+                    lease_id=slot.lease.lease_id,
+                    task_id=self._task_id(number, attempt),
+                    started_ms=self.tenant.clock(),
+                )
+                self._tasks[number] = asyncio.get_running_loop().create_task(
+                    self._trial(slot, number, attempt, row.params)
+                )
+
+    def _task_id(self, number: int, attempt: int) -> str:
+        return f"{self.job_id[:40]}.{number}.{attempt}"
+
+    async def _trial(self, slot: Slot, number: int, attempt: int, params: dict[str, Any]) -> None:
+        task_id = self._task_id(number, attempt)
+        try:
+            await self._run_trial(slot, number, task_id, params)
+        except asyncio.CancelledError:
+            raise
+        except (PeerUnavailableError, PeerTimeoutError) as e:
+            slot.failures += 1
+            if slot.failures >= MAX_SILENCE:
+                self._lose(slot, str(e.reason))
+            else:
+                self._requeue(number, slot.lease.provider, e.reason)
+        except MercatoError as e:
+            log.warning("trial %d on %s failed to run: %s", number, slot.lease.provider[:8], e)
+            self._requeue(number, slot.lease.provider, e.reason)
+        finally:
+            slot.active.discard(number)
+            if self._tasks.get(number) is asyncio.current_task():
+                del self._tasks[number]
+            self._wake.set()
+
+    async def _run_trial(
+        self, slot: Slot, number: int, task_id: str, params: dict[str, Any]
+    ) -> None:
+        if not slot.workspace_ready:
+            await self._upload(slot)
+        limits = self.spec.limits
+        files = {}
+        args_file = None
+        if any("args_json_file" in c for c in self.spec.sweep.command):
+            args_file = "params.json"
+            files[args_file] = json.dumps(params)
+        command = render_command(self.spec, params, interpreter="python3", args_json_file=args_file)
+        assign = TaskAssign(
+            lease_id=slot.lease.lease_id,
+            task_id=task_id,
+            job_spec_hash=self.spec_hash,
+            workspace_hash=self.workspace_hash,
+            command=command,
+            timeout_ms=int(limits.trial_timeout_s * 1000),
+            max_output_bytes=limits.max_output_bytes,
+            attempt=0,
+            network=limits.network,
+            files=files,
+        )
+        while True:
+            try:
+                await self._send(slot, assign)
+                break
+            except BusyError:
+                await asyncio.sleep(0.2)
+        log_path = self.log_dir / f"{number}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        offset, step = 0, 0
+        metric = self.spec.sweep.metric.name if self.spec.sweep.metric else None
+        with log_path.open("ab") as logf:
+            while True:
+                body = await self._send(
+                    slot,
+                    TaskQuery(
+                        lease_id=slot.lease.lease_id,
+                        task_id=task_id,
+                        log_offset=offset,
+                        wait_ms=10_000,
+                    ),
+                    timeout_s=20.0,
+                )
+                slot.failures = 0
+                if isinstance(body, TaskResult):
+                    self._record(slot, number, task_id, body, metric)
+                    return
+                if not isinstance(body, TaskStatus):
+                    raise SweepError(f"unexpected answer to task_query: {type(body).__name__}")
+                if body.log:
+                    data = body.log.encode()
+                    logf.write(data)
+                    logf.flush()
+                    for line in body.log.splitlines():
+                        step += self._intermediate(slot, number, task_id, line, metric, step)
+                offset = body.log_offset
+
+    def _intermediate(
+        self, slot: Slot, number: int, task_id: str, line: str, metric: str | None, step: int
+    ) -> int:
+        """Feed an intermediate metric value to the pruner; cancel the trial if told to."""
+        if metric is None or not line.startswith("{"):
+            return 0
+        try:
+            values = json.loads(line)
+        except ValueError:
+            return 0
+        value = values.get(metric) if isinstance(values, dict) else None
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            return 0
+        at = values.get("step", step)
+        if self.search.report(number, int(at) if isinstance(at, int) else step, float(value)):
+            self.jobs.update_trial(self.job_id, number, detail="pruning")
+            asyncio.get_running_loop().create_task(
+                self._quiet_cancel(slot, task_id, "pruned by the search")
+            )
+        return 1
+
+    async def _quiet_cancel(self, slot: Slot, task_id: str, reason: str) -> None:
+        with contextlib.suppress(MercatoError):
+            await self._send(
+                slot, Cancel(lease_id=slot.lease.lease_id, task_id=task_id, reason=reason)
+            )
+
+    def _record(
+        self, slot: Slot, number: int, task_id: str, result: TaskResult, metric: str | None
+    ) -> None:
+        """Record a trial's result exactly once."""
+        if result.task_id != task_id or result.lease_id != slot.lease.lease_id:
+            raise SweepError("result names another task")
+        row = self.jobs.trial(self.job_id, number)
+        pruning = row is not None and row.detail == "pruning"
+        value = result.metrics.get(metric) if metric else None
+        if result.state == "succeeded" and (metric is None or value is not None):
+            state, detail = "succeeded", ""
+        elif pruning and result.state == "cancelled":
+            state, detail = "pruned", "pruned by the search"
+        elif result.state == "succeeded":
+            state, detail = "failed", f"trial never reported the metric {metric!r}"
+        else:
+            state, detail = "failed", f"{result.state} (exit code {result.exit_code})"
+        if not self.jobs.finish_trial(
+            self.job_id,
+            number,
+            state=state,
+            value=float(value) if value is not None else None,
+            metrics=dict(result.metrics),
+            detail=detail,
+            finished_ms=self.tenant.clock(),
+            provider=slot.lease.provider,
+        ):
+            self.duplicates += 1  # a slow provider answered after the trial was settled
+            return
+        self.search.tell(number, float(value) if value is not None else None, state)
+
+
+def elapsed_s(start: float) -> float:
+    return time.perf_counter() - start

@@ -1,0 +1,209 @@
+"""The advert directory as pure bookkeeping: newest seq wins, expiry, anti-entropy diffs.
+
+Time is a plain integer passed in; nothing here sleeps or opens a socket.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from market.directory import Directory, Entry, Offer
+from protocol.codec import decode
+from protocol.identity import Identity
+from protocol.messages import Advert
+
+NOW = 1_700_000_000_000
+TTL = 60_000
+
+AdvertSealer = Callable[..., bytes]
+Maker = Callable[..., tuple[Advert, bytes]]
+
+
+@pytest.fixture
+def make(sealed_advert: AdvertSealer) -> Maker:
+    """(identity, seq, expires_ms) -> (advert, the envelope its provider signed)."""
+
+    def build(identity: Identity, seq: int, expires_ms: int = NOW + TTL) -> tuple[Advert, bytes]:
+        raw = sealed_advert(identity, seq=seq, expires_ms=expires_ms, now_ms=NOW)
+        body = decode(raw)["body"]
+        return Advert.model_validate(body), raw
+
+    return build
+
+
+@pytest.fixture
+def ids() -> list[Identity]:
+    return [Identity.from_seed(bytes([i]) * 32) for i in range(1, 6)]
+
+
+class TestOffer:
+    def test_first_advert_is_new_and_kept_verbatim(self, make: Maker, ids: list[Identity]) -> None:
+        d = Directory()
+        advert, raw = make(ids[0], seq=1)
+        assert d.offer(advert, raw, NOW) is Offer.NEW
+        entry = d.get(ids[0].node_id)
+        assert entry == Entry(advert, raw, NOW)
+        assert entry.envelope == raw  # relayed byte for byte, so the signature still holds
+        assert ids[0].node_id in d
+        assert len(d) == 1
+
+    def test_newest_seq_wins(self, make: Maker, ids: list[Identity]) -> None:
+        d = Directory()
+        old, old_raw = make(ids[0], seq=5)
+        new, new_raw = make(ids[0], seq=9)
+        assert d.offer(old, old_raw, NOW) is Offer.NEW
+        assert d.offer(new, new_raw, NOW + 1) is Offer.NEWER
+        entry = d.get(ids[0].node_id)
+        assert entry is not None
+        assert entry.seq == 9
+        assert entry.envelope == new_raw
+
+    def test_older_and_duplicate_are_ignored(self, make: Maker, ids: list[Identity]) -> None:
+        d = Directory()
+        new, new_raw = make(ids[0], seq=9)
+        old, old_raw = make(ids[0], seq=5)
+        same, same_raw = make(ids[0], seq=9)  # same seq, other nonce: still not news
+        d.offer(new, new_raw, NOW)
+        assert d.offer(old, old_raw, NOW + 1) is Offer.OLDER
+        assert d.offer(same, same_raw, NOW + 2) is Offer.DUPLICATE
+        entry = d.get(ids[0].node_id)
+        assert entry is not None
+        assert entry.envelope == new_raw
+        assert entry.received_ms == NOW
+        assert not Offer.OLDER.accepted
+        assert not Offer.DUPLICATE.accepted
+        assert Offer.NEW.accepted
+        assert Offer.NEWER.accepted
+
+    def test_an_expired_advert_is_refused(self, make: Maker, ids: list[Identity]) -> None:
+        d = Directory()
+        advert, raw = make(ids[0], seq=1, expires_ms=NOW)
+        assert d.offer(advert, raw, NOW) is Offer.EXPIRED
+        assert ids[0].node_id not in d
+        assert not Offer.EXPIRED.accepted
+
+    def test_an_expired_newer_advert_does_not_replace_a_live_one(
+        self, make: Maker, ids: list[Identity]
+    ) -> None:
+        d = Directory()
+        live, live_raw = make(ids[0], seq=1)
+        dead, dead_raw = make(ids[0], seq=2, expires_ms=NOW - 1)
+        d.offer(live, live_raw, NOW)
+        assert d.offer(dead, dead_raw, NOW) is Offer.EXPIRED
+        entry = d.get(ids[0].node_id)
+        assert entry is not None
+        assert entry.seq == 1
+
+
+class TestExpiry:
+    def test_live_never_returns_an_expired_advert_even_before_it_is_purged(
+        self, make: Maker, ids: list[Identity]
+    ) -> None:
+        d = Directory()
+        for i, ident in enumerate(ids):
+            advert, raw = make(ident, seq=1, expires_ms=NOW + 1000 * (i + 1))
+            d.offer(advert, raw, NOW)
+        later = NOW + 2500  # the first two have expired
+        assert {e.provider for e in d.live(later)} == {i.node_id for i in ids[2:]}
+        assert set(d.digest(later)) == {i.node_id for i in ids[2:]}
+        assert len(d) == 5  # nothing purged yet
+        assert sorted(d.expire(later)) == sorted(i.node_id for i in ids[:2])
+        assert len(d) == 3
+        assert d.expire(later) == []
+
+    def test_expiry_boundary_is_exclusive(self, make: Maker, ids: list[Identity]) -> None:
+        d = Directory()
+        advert, raw = make(ids[0], seq=1, expires_ms=NOW + 10)
+        d.offer(advert, raw, NOW)
+        assert [e.provider for e in d.live(NOW + 9)] == [ids[0].node_id]
+        assert list(d.live(NOW + 10)) == []
+
+    def test_a_provider_can_come_back_after_expiry(self, make: Maker, ids: list[Identity]) -> None:
+        d = Directory()
+        advert, raw = make(ids[0], seq=1, expires_ms=NOW + 10)
+        d.offer(advert, raw, NOW)
+        d.expire(NOW + 10)
+        again, again_raw = make(ids[0], seq=2, expires_ms=NOW + TTL)
+        assert d.offer(again, again_raw, NOW + 20) is Offer.NEW
+
+    def test_remove(self, make: Maker, ids: list[Identity]) -> None:
+        d = Directory()
+        advert, raw = make(ids[0], seq=1)
+        d.offer(advert, raw, NOW)
+        assert d.remove(ids[0].node_id)
+        assert not d.remove(ids[0].node_id)
+        assert d.get(ids[0].node_id) is None
+
+
+class TestDiff:
+    @pytest.fixture
+    def full(self, make: Maker, ids: list[Identity]) -> Directory:
+        """Five providers at seq 10."""
+        d = Directory()
+        for ident in ids:
+            advert, raw = make(ident, seq=10)
+            d.offer(advert, raw, NOW)
+        return d
+
+    def test_an_empty_peer_is_sent_everything(self, full: Directory, ids: list[Identity]) -> None:
+        missing, wanted, more = full.diff([], NOW, limit=100)
+        assert {e.provider for e in missing} == {i.node_id for i in ids}
+        assert wanted == []
+        assert more is False
+
+    def test_a_peer_in_sync_is_sent_nothing(self, full: Directory) -> None:
+        missing, wanted, more = full.diff(full.digest(NOW).items(), NOW, limit=100)
+        assert (missing, wanted, more) == ([], [], False)
+
+    def test_older_missing_and_newer_at_the_peer(
+        self, full: Directory, ids: list[Identity]
+    ) -> None:
+        a, b, c, d, e = (i.node_id for i in ids)
+        stranger = Identity.from_seed(b"\x99" * 32).node_id
+        theirs = [(a, 10), (b, 3), (c, 11), (stranger, 1)]  # d and e missing
+        missing, wanted, more = full.diff(theirs, NOW, limit=100)
+        assert {x.provider for x in missing} == {b, d, e}
+        assert sorted(wanted) == sorted([c, stranger])
+        assert more is False
+
+    def test_paging_cuts_at_the_limit_and_says_so(
+        self, full: Directory, ids: list[Identity]
+    ) -> None:
+        seen: dict[str, int] = {}
+        pages = 0
+        while True:
+            missing, _, more = full.diff(seen.items(), NOW, limit=2)
+            assert len(missing) <= 2
+            pages += 1
+            for entry in missing:
+                seen[entry.provider] = entry.seq
+            if not more:
+                break
+        assert pages == 3  # 2 + 2 + 1
+        assert set(seen) == {i.node_id for i in ids}
+
+    def test_expired_adverts_are_neither_sent_nor_in_the_digest(
+        self, make: Maker, ids: list[Identity]
+    ) -> None:
+        d = Directory()
+        short, short_raw = make(ids[0], seq=1, expires_ms=NOW + 5)
+        long, long_raw = make(ids[1], seq=1)
+        d.offer(short, short_raw, NOW)
+        d.offer(long, long_raw, NOW)
+        missing, _, _ = d.diff([], NOW + 5, limit=10)
+        assert [e.provider for e in missing] == [ids[1].node_id]
+        assert d.digest(NOW + 5) == {ids[1].node_id: 1}
+
+    def test_an_expired_copy_does_not_make_us_want_an_old_seq(
+        self, make: Maker, ids: list[Identity]
+    ) -> None:
+        """We hold seq 1 expired (not yet purged); a peer with seq 1 has nothing newer."""
+        d = Directory()
+        advert, raw = make(ids[0], seq=1, expires_ms=NOW + 5)
+        d.offer(advert, raw, NOW)
+        _, wanted, _ = d.diff([(ids[0].node_id, 1)], NOW + 10, limit=10)
+        assert wanted == []
+        _, wanted, _ = d.diff([(ids[0].node_id, 2)], NOW + 10, limit=10)
+        assert wanted == [ids[0].node_id]
