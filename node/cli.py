@@ -296,6 +296,147 @@ def cmd_leases(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --- jobs -----------------------------------------------------------------------
+
+
+def _print_summary(summary: Any, as_json: bool) -> None:
+    data = summary.to_json()
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(data["trials"].items())) or "no trials"
+    print(f"job {data['job_id']} ({data['name']}): {data['state']}; {counts}")
+    best = data["best"]
+    if best is not None:
+        print(f"best: trial {best['number']} value {best['value']:.6g}")
+        print(f"      parameters {json.dumps(best['params'], sort_keys=True)}")
+    print(f"spend: {_credits(data['spend'])} credits")
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from node import jobs
+
+    summary = jobs.submit(
+        Path(args.job),
+        peer=resolve_peer(args.peer),
+        parallel=args.parallel,
+        seed=args.seed,
+        quiet=args.quiet or args.json,
+    )
+    _print_summary(summary, args.json)
+    return EXIT_OK if summary.job.state == "done" else EXIT_ERROR
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from node import jobs
+
+    summary = jobs.resume(
+        args.job,
+        peer=resolve_peer(args.peer),
+        parallel=args.parallel,
+        quiet=args.quiet or args.json,
+    )
+    _print_summary(summary, args.json)
+    return EXIT_OK if summary.job.state == "done" else EXIT_ERROR
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from node import jobs
+
+    job = jobs.cancel(args.job)
+    print(f"job {job.job_id}: {job.state}")
+    return EXIT_OK
+
+
+def _open_tenant_store() -> Any:
+    from node import jobs
+    from node.store import Store
+
+    path = jobs.tenant_home().store_path
+    return Store(path)
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from node import jobs
+    from node.store import JobStore
+
+    with _open_tenant_store() as store:
+        rows = [jobs.summarize(store, j).to_json() for j in JobStore(store).list_jobs()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    table = Table(title="Jobs")
+    for col in ("job", "name", "state", "trials", "best", "spend (cr)"):
+        table.add_column(col)
+    for r in rows:
+        counts = ", ".join(f"{n} {s}" for s, n in sorted(r["trials"].items()))
+        best = r["best"]
+        table.add_row(
+            r["job_id"],
+            r["name"],
+            r["state"],
+            counts,
+            "-" if best is None else f"{best['value']:.6g}",
+            _credits(r["spend"]),
+        )
+    Console().print(table)
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from node import jobs
+
+    with _open_tenant_store() as store:
+        summary = jobs.summarize(store, jobs.find(store, args.job))
+    if args.json:
+        data = summary.to_json()
+        data["trial_list"] = [jobs.trial_json(t) for t in summary.trials]
+        print(json.dumps(data, indent=2))
+        return EXIT_OK
+    _print_summary(summary, False)
+    table = Table()
+    for col in ("trial", "state", "value", "params", "provider", "attempts", "detail"):
+        table.add_column(col)
+    for t in summary.trials:
+        table.add_row(
+            str(t.number),
+            t.state,
+            "" if t.value is None else f"{t.value:.6g}",
+            json.dumps(t.params, sort_keys=True),
+            (t.provider or "")[:12],
+            str(t.attempts),
+            t.detail,
+        )
+    Console().print(table)
+    return EXIT_OK
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from node import jobs
+
+    with _open_tenant_store() as store:
+        job = jobs.find(store, args.job)
+    path = jobs.job_dir(jobs.tenant_home(), job.job_id) / "logs" / f"{args.trial}.log"
+    if not path.exists():
+        raise MercatoError(f"no log for trial {args.trial} of {job.job_id} (yet)")
+    sys.stdout.write(path.read_text(errors="replace"))
+    return EXIT_OK
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from node import jobs
+
+    with _open_tenant_store() as store:
+        summary = jobs.summarize(store, jobs.find(store, args.job))
+    if args.csv:
+        sys.stdout.write(jobs.results_csv(summary.trials))
+    elif args.json:
+        print(json.dumps([jobs.trial_json(t) for t in summary.trials], indent=2))
+    else:
+        _print_summary(summary, False)
+    return EXIT_OK
+
+
 # --- cluster --------------------------------------------------------------------
 
 
@@ -372,6 +513,55 @@ def build_parser() -> argparse.ArgumentParser:
     market.add_argument("--peer", help="a node's URL (default: $MERCATO_PEER or local cluster)")
     market.add_argument("--json", action="store_true", help="machine-readable output")
     market.set_defaults(func=cmd_market)
+
+    submit = sub.add_parser(
+        "submit",
+        help="run a job file (a W&B-format sweep) on the market",
+        description="Validate the job file (nothing is spent on a bad file), pack its "
+        "directory as the workspace, lease providers by reverse auction and run every "
+        "trial, retrying trials of providers that fail. Ctrl-C cancels; "
+        "`mercato resume JOB` continues after a crash.",
+    )
+    submit.add_argument("job", help="path to the job YAML (its directory is the workspace)")
+    submit.add_argument("--parallel", type=int, default=8, help="trials at once (default 8)")
+    submit.add_argument("--seed", type=int, help="search seed (default: random, stored)")
+    submit.add_argument("--peer", help="a node's URL (default: $MERCATO_PEER or local cluster)")
+    submit.add_argument("--quiet", action="store_true", help="no live progress view")
+    submit.add_argument("--json", action="store_true", help="print the summary as JSON")
+    submit.set_defaults(func=cmd_submit)
+
+    resume = sub.add_parser("resume", help="continue a job after the tenant stopped")
+    resume.add_argument("job", help="job id (or a unique prefix)")
+    resume.add_argument("--parallel", type=int, default=8)
+    resume.add_argument("--peer", help="a node's URL (default: $MERCATO_PEER or local cluster)")
+    resume.add_argument("--quiet", action="store_true")
+    resume.add_argument("--json", action="store_true")
+    resume.set_defaults(func=cmd_resume)
+
+    cancel = sub.add_parser("cancel", help="stop a running job (its leases are released)")
+    cancel.add_argument("job")
+    cancel.set_defaults(func=cmd_cancel)
+
+    jobs_p = sub.add_parser("jobs", help="list this tenant's jobs")
+    jobs_p.add_argument("--json", action="store_true")
+    jobs_p.set_defaults(func=cmd_jobs)
+
+    status = sub.add_parser("status", help="a job's trials and best result so far")
+    status.add_argument("job")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+
+    logs = sub.add_parser("logs", help="the output of one trial")
+    logs.add_argument("job")
+    logs.add_argument("trial", type=int, help="trial number")
+    logs.set_defaults(func=cmd_logs)
+
+    results = sub.add_parser("results", help="every trial's parameters and metric")
+    results.add_argument("job")
+    fmt = results.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true")
+    fmt.add_argument("--csv", action="store_true")
+    results.set_defaults(func=cmd_results)
 
     order = sub.add_parser(
         "order",

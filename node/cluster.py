@@ -126,7 +126,18 @@ def _alive(pid: int) -> bool:
         done, _ = os.waitpid(pid, os.WNOHANG)
         if done == pid:
             return False
-    return True
+    # Nodes outlive `cluster up`, so they are orphans: a container whose pid 1 does not
+    # reap (docker without --init) keeps them as zombies forever. A zombie is dead.
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # no procfs (macOS) or already gone
+        return False
+    # "pid (comm) state ...": comm may hold spaces and parentheses, so split after the last ")".
+    return stat.rpartition(")")[2].split()[:1] == ["Z"]
 
 
 def http_json(url: str, timeout_s: float = 2.0) -> dict[str, Any]:

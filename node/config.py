@@ -73,6 +73,20 @@ class MarketSection(_Section):
     surge_pct: Annotated[int, Field(ge=0, le=1000)] = 50  # price rise at full utilisation
 
 
+class SandboxSection(_Section):
+    """How tenant code runs on this provider. Untrusted code is sandboxed by default."""
+
+    # bubblewrap is required unless this is set: then trials run as plain processes with
+    # limits but WITHOUT isolation from this machine (only for code you trust).
+    allow_unsandboxed: bool = False
+    allow_network: bool = False  # let trials that ask for it reach the network
+    memory_bytes: Annotated[int, Field(gt=0)] | None = None  # per process (RLIMIT_AS)
+    max_processes: Annotated[int, Field(gt=0)] | None = None  # RLIMIT_NPROC
+    max_file_bytes: Annotated[int, Field(gt=0)] = 1 << 30  # RLIMIT_FSIZE
+    cpu_seconds: Annotated[int, Field(gt=0)] | None = None  # RLIMIT_CPU per process
+    max_workspace_bytes: Annotated[int, Field(gt=0)] = 256 << 20
+
+
 class NodeConfig(_Section):
     """The whole ``provider.toml``."""
 
@@ -81,6 +95,7 @@ class NodeConfig(_Section):
     advert: AdvertSection = AdvertSection()
     limits: LimitsSection = LimitsSection()
     market: MarketSection = MarketSection()
+    sandbox: SandboxSection = SandboxSection()
     devices: list[DeviceDecl] = []
     interconnect: InterconnectDecl | None = None
     # Check declared NVIDIA devices against what NVML finds (refuses to sell phantoms).

@@ -29,12 +29,15 @@ from market.bidding import BidEngine, FloorPlusUtilisation, devices_from_groups
 from market.directory import Entry
 from node.config import NodeConfig
 from node.core import Node, NodeSettings, Peer, wall_clock_ms
+from node.executor import ResourceLimits
 from node.home import NodeHome, resolve_home
 from node.inventory import Inventory, build_inventory
 from node.metrics import CONTENT_TYPE, NodeMetrics
 from node.provider import ProviderService
+from node.sandbox import SandboxExecutor
 from node.store import Store
 from node.transport import ENVELOPE_CONTENT_TYPE, P2P_PATH, HttpTransport
+from node.work import WorkService
 from protocol.errors import MercatoError, TooLargeError, http_status
 
 log = logging.getLogger("mercato.daemon")
@@ -222,7 +225,37 @@ class Daemon:
                 bid_ttl_ms=int(config.market.bid_ttl_s * 1000),
                 strategy=FloorPlusUtilisation(surge_pct=config.market.surge_pct),
             )
-            ProviderService(node, engine, store)
+            provider = ProviderService(node, engine, store)
+            sb = config.sandbox
+            executor = SandboxExecutor(
+                home.path / "sandbox",
+                allow_unsandboxed=sb.allow_unsandboxed,
+                allow_network=sb.allow_network,
+                hidden_paths=[home.path],
+            )
+            inv = inventory
+
+            def device_env(ids: tuple[str, ...]) -> dict[str, str]:
+                return {
+                    "MERCATO_DEVICES": ",".join(ids),
+                    "CUDA_VISIBLE_DEVICES": inv.cuda_visible_devices(ids),
+                }
+
+            WorkService(
+                node,
+                provider,
+                executor,
+                home.path / "work",
+                device_env=device_env,
+                limits=ResourceLimits(
+                    memory_bytes=sb.memory_bytes,
+                    max_processes=sb.max_processes,
+                    max_file_bytes=sb.max_file_bytes,
+                    cpu_seconds=sb.cpu_seconds,
+                ),
+                max_workspace_bytes=sb.max_workspace_bytes,
+                allow_network=sb.allow_network,
+            )
         info: dict[str, Any] = {"node_id": identity.node_id, "role": config.node.role}
         runner = web.AppRunner(build_app(node, info), access_log=None, handle_signals=False)
         await runner.setup()

@@ -146,17 +146,25 @@ _TOP_LEVEL = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 _SYS = ("/sys/devices/system/cpu",)
 _PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-# Runs in the child between spawn and exec: rlimits, signal dispositions, parent
-# death signal, descriptor hygiene. -I -S keeps it fast and immune to the env.
+# The trial's supervisor, run as ``python -I -S`` (fast, immune to the env): it sets
+# the rlimits, becomes a child subreaper, forks the command, reaps every process of
+# the trial and exits with the command's status (128 + N for signal N). Reaping
+# everything is what makes wait4() on it account for the whole trial; see the module
+# docstring. It ignores SIGTERM so that it outlives the trial it is stopping.
 _HELPER = r"""
 import json, os, resource, signal, sys
 cfg = json.loads(sys.argv[1])
 argv = sys.argv[2:]
 try:
     import ctypes
-    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)
+    libc = ctypes.CDLL(None, use_errno=True)
 except Exception:
-    pass
+    libc = None
+def prctl(option, value):
+    if libc is not None:
+        libc.prctl(option, value, 0, 0, 0)
+prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG: die with the provider
+prctl(36, 1)  # PR_SET_CHILD_SUBREAPER: orphans of the trial come to us
 if os.getppid() != cfg["parent"]:
     os._exit(125)
 for name, soft, hard in cfg["limits"]:
@@ -165,16 +173,43 @@ for name, soft, hard in cfg["limits"]:
     if cur_hard != resource.RLIM_INFINITY:
         soft, hard = min(soft, cur_hard), min(hard, cur_hard)
     resource.setrlimit(kind, (soft, hard))
-signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
 os.chdir(cfg["cwd"])
 os.closerange(3, max(3, resource.getrlimit(resource.RLIMIT_NOFILE)[0]))
-try:
-    os.execvp(argv[0], argv)
-except OSError as exc:
-    sys.stderr.write("mercato: cannot run %r: %s\n" % (argv[0], exc.strerror))
-    sys.stderr.flush()
+STOP = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+for sig in STOP:
+    signal.signal(sig, signal.SIG_IGN)
+pid = os.fork()
+if pid == 0:
+    try:
+        prctl(1, int(signal.SIGKILL))
+        for sig in (*STOP, signal.SIGPIPE, signal.SIGXFSZ):
+            signal.signal(sig, signal.SIG_DFL)
+        os.execvp(argv[0], argv)
+    except OSError as exc:
+        sys.stderr.write("mercato: cannot run %r: %s\n" % (argv[0], exc.strerror))
+        sys.stderr.flush()
     os._exit(127)
+def children():
+    try:
+        with open("/proc/self/task/%d/children" % os.getpid()) as f:
+            return [int(c) for c in f.read().split()]
+    except (OSError, ValueError):
+        return []
+code = None
+while True:
+    try:
+        died, status = os.waitpid(-1, 0)
+    except ChildProcessError:
+        break
+    if died == pid:
+        code = os.waitstatus_to_exitcode(status)
+    if code is not None:
+        for child in children():
+            try:
+                os.kill(child, signal.SIGKILL)
+            except OSError:
+                pass
+os._exit(128 - code if code < 0 else code)
 """
 
 
@@ -295,6 +330,9 @@ class SandboxExecutor:
         hidden.append(self.root_dir)
         self._hidden = sorted({p for h in hidden for p in (_absolute(h), os.path.realpath(h))})
         self._ro_paths = [_absolute(p) for p in ro_paths]
+        for path in ro_paths:
+            if {_absolute(path), os.path.realpath(path)} & set(self._hidden):
+                raise SandboxUnavailableError(f"{path} is both shared with trials and hidden")
         self._running: dict[str, _Running] = {}
         self.root_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
 
@@ -389,25 +427,24 @@ class SandboxExecutor:
 
     def _mounts(self, needed: list[str]) -> list[str]:
         """Read-only binds of ``needed``, with every hidden path under them covered."""
-        for path in needed:
-            if path in self._hidden:
-                # Sharing a hidden path whole cannot be masked: a misconfiguration.
-                raise SandboxUnavailableError(f"{path} is both shared with trials and hidden")
         binds: list[str] = []
         for path in sorted(set(needed), key=len):
             if not any(_is_under(path, kept) for kept in binds):
                 binds.append(path)
         args: list[str] = []
         for path in binds:
+            if path in self._hidden:
+                raise SandboxUnavailableError(f"{path} is both needed by trials and hidden")
             args += ["--ro-bind", path, path]
         masks = [
             h
             for h in self._hidden
             if os.path.lexists(h) and any(_is_under(h, b) and h != b for b in binds)
         ]
+        mask_dirs = [m for m in masks if os.path.isdir(m) and not os.path.islink(m)]
         for path in masks:
-            if os.path.isdir(path) and not os.path.islink(path):
-                args += ["--tmpfs", path, "--remount-ro", path]
+            if path in mask_dirs:
+                args += ["--tmpfs", path]
             else:
                 args += ["--ro-bind", "/dev/null", path]
         for path in sorted(set(needed), key=len):
@@ -415,6 +452,9 @@ class SandboxExecutor:
             holds_hidden = any(_is_under(h, path) for h in self._hidden)
             if covered and not holds_hidden and os.path.exists(path):
                 args += ["--ro-bind", path, path]
+        # Read-only only now: bwrap had to create the mount points of the binds above.
+        for path in mask_dirs:
+            args += ["--remount-ro", path]
         return args
 
     async def _run(

@@ -24,15 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from market.jobspec import JobSpec, render_command
-from market.search import Search
-
+from market.jobspec import JobSpec, render_command, uses_args_json_file
+from market.search import FinishedTrial, Search, TrialState
 from node.store import JobStore, LeaseRow, Store
 from node.tenant import Tenant
 from protocol.errors import BusyError, MercatoError, PeerTimeoutError, PeerUnavailableError
 from protocol.messages import (
     Cancel,
-    Requirement,
     TaskAssign,
     TaskQuery,
     TaskResult,
@@ -44,6 +42,14 @@ from protocol.messages import (
 log = logging.getLogger("mercato.sweep")
 
 CHUNK = 512 * 1024
+#: Without a budget in the job file, never pay more than this per device-hour (10 credits).
+DEFAULT_MAX_PRICE = 10_000_000
+#: Store trial state -> the search's notion of a finished trial.
+_SEARCH_STATE: dict[str, TrialState] = {
+    "succeeded": "completed",
+    "failed": "failed",
+    "pruned": "pruned",
+}
 #: Consecutive failed exchanges after which a provider's lease is given up.
 MAX_SILENCE = 3
 
@@ -113,7 +119,7 @@ class SweepRunner:
         self.bid_window_ms = bid_window_ms
         self.slots: dict[str, Slot] = {}  # lease_id ->
         self.bad_providers: set[str] = set()
-        self.progress = Progress(total=self.search.total)
+        self.progress = Progress(total=self.search.trial_cap)
         self._wake = asyncio.Event()
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._exhausted = False
@@ -148,7 +154,19 @@ class SweepRunner:
     def _restore(self) -> None:
         """Rebuild the search from the store; unfinished trials start over."""
         rows = self.jobs.trials(self.job_id)
-        self.search.restore(rows)
+        self.search.restore(
+            [
+                FinishedTrial(
+                    number=r.number,
+                    params=r.params,
+                    state=_SEARCH_STATE[r.state],
+                    value=r.value,
+                )
+                for r in rows
+                if r.state in _SEARCH_STATE
+            ],
+            next_number=max((r.number for r in rows), default=-1) + 1,
+        )
         for r in rows:
             if r.state == "running":
                 self.jobs.update_trial(self.job_id, r.number, state="pending")
@@ -183,6 +201,10 @@ class SweepRunner:
     def cancel(self) -> None:
         self._cancelled = True
         self._wake.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
 
     async def _loop(self) -> None:
         while not self._cancelled:
@@ -225,17 +247,10 @@ class SweepRunner:
             self.progress.message = f"directory unavailable: {e.reason}"
             await asyncio.sleep(1.0)
             return
-        r = self.spec.resources
-        req = Requirement(
-            kind=r.kind,
-            model=r.model,
-            min_memory_bytes=r.min_memory_bytes,
-            devices_per_unit=r.devices_per_trial,
-        )
         report = await self.tenant.auction(
-            req,
+            self.spec.requirement(),
             units,
-            self.spec.budget.max_price,
+            self.spec.budget.max_price or DEFAULT_MAX_PRICE,
             job_spec_hash=self.spec_hash,
             workload="sweep",
             lease_ms=24 * 3_600_000,
@@ -457,7 +472,7 @@ class SweepRunner:
         limits = self.spec.limits
         files = {}
         args_file = None
-        if any("args_json_file" in c for c in self.spec.sweep.command):
+        if uses_args_json_file(self.spec):
             args_file = "params.json"
             files[args_file] = json.dumps(params)
         command = render_command(self.spec, params, interpreter="python3", args_json_file=args_file)
@@ -467,7 +482,7 @@ class SweepRunner:
             job_spec_hash=self.spec_hash,
             workspace_hash=self.workspace_hash,
             command=command,
-            timeout_ms=int(limits.trial_timeout_s * 1000),
+            timeout_ms=limits.trial_timeout_ms,
             max_output_bytes=limits.max_output_bytes,
             attempt=0,
             network=limits.network,
@@ -482,7 +497,8 @@ class SweepRunner:
         log_path = self.log_dir / f"{number}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         offset, step = 0, 0
-        metric = self.spec.sweep.metric.name if self.spec.sweep.metric else None
+        sweep = self.spec.sweep_config
+        metric = sweep.metric.name if sweep.metric else None
         with log_path.open("ab") as logf:
             while True:
                 body = await self._send(
@@ -565,7 +581,7 @@ class SweepRunner:
         ):
             self.duplicates += 1  # a slow provider answered after the trial was settled
             return
-        self.search.tell(number, float(value) if value is not None else None, state)
+        self.search.tell(number, float(value) if value is not None else None, _SEARCH_STATE[state])
 
 
 def elapsed_s(start: float) -> float:

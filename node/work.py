@@ -17,6 +17,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from market.bidding import LeaseState, ProviderLease
 from node.core import Node
@@ -89,9 +90,9 @@ class WorkService:
         self.executor = executor
         self.root = root
         self.workspaces = root / "workspaces"
-        self.trials = root / "trials"
+        self.staging = root / "staging"
         self.workspaces.mkdir(parents=True, exist_ok=True)
-        self.trials.mkdir(parents=True, exist_ok=True)
+        self.staging.mkdir(parents=True, exist_ok=True)
         self.device_env = device_env or (lambda ids: {"MERCATO_DEVICES": ",".join(ids)})
         self.limits = limits or ResourceLimits()
         self.max_workspace_bytes = max_workspace_bytes
@@ -223,64 +224,86 @@ class WorkService:
             task.touch()
             self.node.spawn(self._run(task, lease))
 
+    def _workspace_for(self, task: Task) -> Path:
+        """The workspace a task starts from: shared, or a copy with its small files."""
+        a = task.assign
+        ws = self._ws_dir(a.workspace_hash)
+        if not a.files:
+            return ws
+        staged = self.staging / a.task_id
+        shutil.rmtree(staged, ignore_errors=True)
+        shutil.copytree(ws, staged)
+        for name, content in a.files.items():
+            (staged / name).write_text(content)
+        return staged
+
     async def _run(self, task: Task, lease: ProviderLease) -> None:
         a = task.assign
-        workdir = self.trials / a.task_id
-        shutil.rmtree(workdir, ignore_errors=True)
-        workdir.mkdir(parents=True)
-        for name, content in a.files.items():
-            (workdir / name).write_text(content)
-        spec = TrialSpec(
-            task_id=a.task_id,
-            command=tuple(a.command),
-            env={**a.env, **self.device_env(task.devices)},
-            workspace_dir=self._ws_dir(a.workspace_hash),
-            work_dir=workdir,
-            devices=task.devices,
-            timeout_s=a.timeout_ms / 1000,
-            max_output_bytes=a.max_output_bytes,
-            network=a.network and self.allow_network,
-            limits=self.limits,
-        )
         started = self.node.clock()
 
         def on_output(data: bytes) -> None:
             task.log += data
             task.touch()
 
-        def on_metrics(values: dict[str, float | int]) -> None:
-            task.metrics.update(values)
+        def on_metrics(values: dict[str, Any]) -> None:
+            task.metrics.update(
+                {
+                    k: v
+                    for k, v in values.items()
+                    if isinstance(v, int | float) and not isinstance(v, bool)
+                }
+            )
             task.touch()
 
+        exit_code: int | None = None
+        metrics: dict[str, int | float] = {}
+        cpu_ms = rss = out_bytes = wall = 0
+        truncated = False
         try:
+            spec = TrialSpec(
+                task_id=a.task_id,
+                argv=list(a.command),
+                workspace=self._workspace_for(task),
+                timeout_s=a.timeout_ms / 1000,
+                env=dict(a.env),
+                device_ids=task.devices,
+                device_env=self.device_env(task.devices),
+                max_output_bytes=a.max_output_bytes,
+                network=a.network and self.allow_network,
+                limits=self.limits,
+            )
             outcome: TrialOutcome = await self.executor.run(spec, on_output, on_metrics)
-            state: TaskState = outcome.state
+            state: TaskState = outcome.state.value
+            exit_code, metrics = outcome.exit_code, outcome.metrics
+            cpu_ms, rss, out_bytes = outcome.cpu_ms, outcome.max_rss_bytes, outcome.output_bytes
+            wall, truncated = outcome.wall_ms, outcome.output_truncated
             if task.cancel_reason:
                 state = "cancelled"
         except Exception as e:  # the executor failed, not the task: report, never crash
             log.exception("task %s could not run", a.task_id)
             task.log += f"\n[mercato] task could not run: {e}\n".encode()
-            outcome = TrialOutcome.failed_to_start(str(e))
             state = "failed"
+        finally:
+            shutil.rmtree(self.staging / a.task_id, ignore_errors=True)
         finished = self.node.clock()
-        wall = outcome.wall_ms or max(0, finished - started)
+        wall = wall or max(0, finished - started)
         result = TaskResult(
             lease_id=a.lease_id,
             task_id=a.task_id,
             state=state,
-            exit_code=outcome.exit_code,
-            metrics=dict(list(outcome.metrics.items())[:256]),
+            exit_code=None if exit_code is None else max(-255, min(255, exit_code)),
+            metrics=dict(list(metrics.items())[:256]),
             usage=Usage(
                 wall_ms=wall,
-                cpu_ms=outcome.cpu_ms,
+                cpu_ms=cpu_ms,
                 device_ms=wall * max(1, len(task.devices)),
-                max_rss_bytes=outcome.max_rss_bytes,
-                output_bytes=outcome.output_bytes,
+                max_rss_bytes=rss,
+                output_bytes=out_bytes,
             ),
             started_ms=started,
             finished_ms=finished,
             output_hash=hashlib.sha256(bytes(task.log)).hexdigest(),
-            output_truncated=outcome.output_truncated,
+            output_truncated=truncated,
         )
         task.state = state
         task.metrics.update(result.metrics)

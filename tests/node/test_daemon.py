@@ -224,11 +224,9 @@ class TestP2P:
     ) -> None:
         daemon = await start_daemon(rate_per_s=0.001, burst=2)
         flooder = Identity.generate()
-        statuses = [
-            (await post(http, daemon, sealed(hello(), flooder, None)))[0] for _ in range(4)
-        ]
+        statuses = [(await post(http, daemon, sealed(hello(), flooder, None)))[0] for _ in range(4)]
         assert statuses == [200, 200, 429, 429]
-        status, body = await post(http, daemon, sealed(hello(), flooder, None))
+        _, body = await post(http, daemon, sealed(hello(), flooder, None))
         assert json.loads(body)["error"]["code"] == "rate_limited"
         assert (await rejections(http, daemon)) == {"rate_limited": 3}
         assert (await post(http, daemon, sealed(hello(), Identity.generate(), None)))[0] == 200
@@ -283,9 +281,7 @@ class TestHealthAndHome:
             node_id = first.node.node_id
             # A foreign advert arrives by push; it must survive the restart.
             other = Identity.generate()
-            advert = sealed_advert(
-                other, seq=7, expires_ms=now_ms() + 600_000, now_ms=now_ms()
-            )
+            advert = sealed_advert(other, seq=7, expires_ms=now_ms() + 600_000, now_ms=now_ms())
             push = sealed(Directory(adverts=[advert]), Identity.generate(), node_id)
             assert (await post(http, first, push))[0] == 204
             assert other.node_id in first.node.directory

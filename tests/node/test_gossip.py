@@ -12,7 +12,7 @@ import os
 import random
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 
@@ -122,7 +122,8 @@ async def build(net: Net, providers: int = N_PROVIDERS) -> None:
     """A bootstrap node, then every provider starting at once (as a cluster does)."""
     await net.add("boot", role="bootstrap", bootstrap=[])
     await asyncio.gather(*(net.add(f"p{i}") for i in range(providers)))
-    net.nodes[1:] = sorted(net.nodes[1:], key=lambda n: int((n.settings.address or "")[8:-4]))
+    order = {address(f"p{i}"): i for i in range(providers)}  # nodes[i + 1] is "p{i}"
+    net.nodes[1:] = sorted(net.nodes[1:], key=lambda n: order[n.settings.address or ""])
 
 
 async def gossip_rounds(net: Net, rounds: int) -> None:
@@ -174,9 +175,7 @@ async def push(net: Net, target: Node, adverts: list[bytes]) -> None:
         to=target.node_id,
     )
     assert target.settings.address is not None
-    reply = await net.network.transport(address("outsider")).request(
-        target.settings.address, raw
-    )
+    reply = await net.network.transport(address("outsider")).request(target.settings.address, raw)
     assert reply == b""
 
 
@@ -187,12 +186,13 @@ class TestConvergence:
         want = newest(net)
         assert len(want) == N_PROVIDERS
         await eventually(converged(net.nodes, want))
-        addresses = {p.node_id: p.settings.address for p in net.providers}
+        own = {p.node_id: p.directory.get(p.node_id) for p in net.providers}
+        for entry in net.nodes[0].directory.live(now_ms()):
+            assert signer(entry.envelope) == entry.provider
         for node in net.nodes:
             for entry in node.directory.live(now_ms()):
-                # What every node holds is the provider's own signed bytes.
-                assert signer(entry.envelope) == entry.provider
-                assert entry.advert.address == addresses[entry.provider]
+                # What every node holds is the provider's own signed bytes, verbatim.
+                assert entry == replace(own[entry.provider], received_ms=entry.received_ms)
         # Everyone also learnt of many peers, not only the bootstrap node.
         assert all(len(n.peers) >= 3 for n in net.nodes)
 
@@ -332,12 +332,15 @@ class TestCatchUp:
             lambda: all(newest(net)[s.node_id] > before[s.node_id] for s in (left[-1], right[-1]))
         )
         await eventually(
-            lambda: all(
-                held(n).get(seller_left.node_id) == newest(net)[seller_left.node_id] for n in left
-            )
-            and all(
-                held(n).get(seller_right.node_id) == newest(net)[seller_right.node_id]
-                for n in right
+            lambda: (
+                all(
+                    held(n).get(seller_left.node_id) == newest(net)[seller_left.node_id]
+                    for n in left
+                )
+                and all(
+                    held(n).get(seller_right.node_id) == newest(net)[seller_right.node_id]
+                    for n in right
+                )
             )
         )
         # Nothing crossed the partition.

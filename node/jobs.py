@@ -1,0 +1,326 @@
+"""Tenant job commands: submit, resume, cancel, and read-only views of the store.
+
+A job lives in the tenant's home (``$MERCATO_HOME/tenant``): its row and trials in the
+SQLite store, its workspace archive and trial logs under ``jobs/<job_id>/``. A running
+job holds ``jobs/<job_id>/runner.lock`` (flock), so two processes never drive the same
+job; ``mercato cancel`` marks the job cancelled in the store and the runner notices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import fcntl
+import io
+import json
+import os
+import re
+import secrets
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from market.jobspec import JobSpec, parse_job, spec_hash
+from market.settlement import format_credits
+from node.core import wall_clock_ms
+from node.home import NodeHome, resolve_home
+from node.store import JobRow, JobStore, Store, TrialRow
+from node.sweep import Progress, SweepRunner
+from node.tenant import Tenant
+from node.transport import HttpTransport
+from node.workspace import pack
+from protocol.errors import MercatoError
+
+
+class JobNotFound(MercatoError):
+    code = "job_not_found"
+
+
+class JobBusy(MercatoError):
+    code = "job_busy"
+
+
+def tenant_home() -> NodeHome:
+    return NodeHome(resolve_home() / "tenant")
+
+
+def job_dir(home: NodeHome, job_id: str) -> Path:
+    return home.path / "jobs" / job_id
+
+
+@contextlib.contextmanager
+def runner_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive flock for the job (released if the process dies, even -9)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise JobBusy(
+                f"another mercato process is running this job ({path}); "
+                "wait for it, or stop it first"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        os.close(fd)
+
+
+def load_job_file(path: Path) -> tuple[JobSpec, str]:
+    """Parse a job file; errors name the field and the problem, before anything is spent."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise MercatoError(f"cannot read {path}: {e.strerror}") from e
+    return parse_job(text, str(path)), text
+
+
+def new_job_id(spec: JobSpec) -> str:
+    name = re.sub(r"[^A-Za-z0-9]+", "-", spec.name).strip("-")[:24] or "job"
+    return f"{name}-{secrets.token_hex(3)}"
+
+
+def find(store: Store, ref: str) -> JobRow:
+    jobs = JobStore(store)
+    job = jobs.get_job(ref) or jobs.find_job(ref)
+    if job is None:
+        raise JobNotFound(f"no job {ref!r} (see `mercato jobs`)")
+    return job
+
+
+@dataclass
+class JobSummary:
+    job: JobRow
+    trials: list[TrialRow]
+    spend: int
+    best: TrialRow | None
+
+    def to_json(self) -> dict[str, Any]:
+        counts: dict[str, int] = {}
+        for t in self.trials:
+            counts[t.state] = counts.get(t.state, 0) + 1
+        return {
+            "job_id": self.job.job_id,
+            "name": self.job.name,
+            "state": self.job.state,
+            "detail": self.job.detail,
+            "trials": counts,
+            "spend": self.spend,
+            "best": None if self.best is None else trial_json(self.best),
+        }
+
+
+def trial_json(t: TrialRow) -> dict[str, Any]:
+    return {
+        "number": t.number,
+        "state": t.state,
+        "params": t.params,
+        "value": t.value,
+        "metrics": t.metrics,
+        "attempts": t.attempts,
+        "provider": t.provider,
+        "detail": t.detail,
+    }
+
+
+def summarize(store: Store, job: JobRow) -> JobSummary:
+    spec = parse_job(job.spec_yaml, job.job_id)
+    trials = JobStore(store).trials(job.job_id)
+    metric = spec.sweep_config.metric
+    done = [t for t in trials if t.state == "succeeded" and t.value is not None]
+    best = None
+    if done and metric is not None:
+        key = (lambda t: t.value) if metric.goal == "minimize" else (lambda t: -(t.value or 0))
+        best = min(done, key=key)
+    leases = {x.lease_id for x in store.list_leases() if x.job_id == job.job_id}
+    spend = -sum(line["amount"] for line in store.ledger() if line["lease_id"] in leases)
+    return JobSummary(job, trials, spend, best)
+
+
+def _progress_table(job_id: str, p: Progress) -> Table:
+    table = Table(title=f"sweep {job_id}", show_header=False, min_width=60)
+    table.add_column("", style="bold")
+    table.add_column("")
+    total = "?" if p.total is None else str(p.total)
+    table.add_row(
+        "trials",
+        f"{p.done} done / {total}, {p.running} running, {p.failed} failed, {p.pruned} pruned",
+    )
+    table.add_row("leases", str(p.leases))
+    table.add_row("spend", f"{format_credits(p.spend)} credits")
+    if p.best is not None:
+        number, params, value = p.best
+        table.add_row("best", f"trial {number}: {value:.6g}  {json.dumps(params)}")
+    if p.message:
+        table.add_row("", p.message)
+    return table
+
+
+async def drive(
+    job: JobRow,
+    spec: JobSpec,
+    workspace: bytes,
+    *,
+    peer: str,
+    parallel: int,
+    store: Store,
+    home: NodeHome,
+    quiet: bool,
+) -> Progress:
+    """Run (or resume) a job until done or cancelled, with a live Rich view."""
+    transport = HttpTransport()
+    tenant = Tenant(home.load_or_create_identity(), store, transport)
+    console = Console(stderr=True)
+    live: Live | None = None
+    runner = SweepRunner(
+        tenant,
+        store,
+        job.job_id,
+        spec,
+        workspace,
+        job.workspace_hash,
+        peer=peer,
+        seed=job.seed,
+        parallel=parallel,
+        log_dir=job_dir(home, job.job_id) / "logs",
+    )
+    jobs = JobStore(store)
+
+    def show(p: Progress) -> None:
+        if live is not None:
+            live.update(_progress_table(job.job_id, p))
+        current = jobs.get_job(job.job_id)
+        if current is not None and current.state == "cancelled":
+            runner.cancel()
+
+    runner.on_progress = show
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, runner.cancel)
+    loop.add_signal_handler(signal.SIGTERM, runner.cancel)
+    try:
+        if quiet or not console.is_terminal:
+            progress = await runner.run()
+        else:
+            with Live(console=console, refresh_per_second=4, transient=False) as lv:
+                live = lv
+                progress = await runner.run()
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+        loop.remove_signal_handler(signal.SIGTERM)
+        await transport.close()
+    current = jobs.get_job(job.job_id)
+    now = wall_clock_ms()
+    if runner.cancelled or (current is not None and current.state == "cancelled"):
+        jobs.set_job_state(job.job_id, "cancelled", now, "cancelled by the tenant")
+    elif progress.done == 0 and progress.failed > 0:
+        jobs.set_job_state(job.job_id, "failed", now, "every trial failed")
+    else:
+        jobs.set_job_state(job.job_id, "done", now, progress.message)
+    return progress
+
+
+def submit(path: Path, *, peer: str, parallel: int, seed: int | None, quiet: bool) -> JobSummary:
+    spec, text = load_job_file(path)
+    ws = pack(path.resolve().parent)
+    home = tenant_home()
+    job_id = new_job_id(spec)
+    d = job_dir(home, job_id)
+    d.mkdir(parents=True, exist_ok=True)
+    archive = d / "workspace.tar"
+    archive.write_bytes(ws.data)
+    now = wall_clock_ms()
+    with Store(home.store_path) as store, runner_lock(d / "runner.lock"):
+        job = JobRow(
+            job_id=job_id,
+            name=spec.name,
+            spec_yaml=text,
+            spec_hash=spec_hash(spec),
+            workspace_hash=ws.sha256,
+            workspace_path=str(archive),
+            state="running",
+            detail="",
+            seed=secrets.randbelow(2**31) if seed is None else seed,
+            created_ms=now,
+            updated_ms=now,
+        )
+        JobStore(store).create_job(job)
+        print(
+            f"job {job_id}: {ws.files} files ({len(ws.data)} bytes) from {path.parent}", flush=True
+        )
+        asyncio.run(
+            drive(
+                job,
+                spec,
+                ws.data,
+                peer=peer,
+                parallel=parallel,
+                store=store,
+                home=home,
+                quiet=quiet,
+            )
+        )
+        return summarize(store, find(store, job_id))
+
+
+def resume(ref: str, *, peer: str, parallel: int, quiet: bool) -> JobSummary:
+    home = tenant_home()
+    with Store(home.store_path) as store:
+        job = find(store, ref)
+        if job.state in ("done", "cancelled"):
+            return summarize(store, job)
+        spec = parse_job(job.spec_yaml, job.job_id)
+        data = Path(job.workspace_path).read_bytes()
+        with runner_lock(job_dir(home, job.job_id) / "runner.lock"):
+            JobStore(store).set_job_state(job.job_id, "running", wall_clock_ms())
+            asyncio.run(
+                drive(
+                    job,
+                    spec,
+                    data,
+                    peer=peer,
+                    parallel=parallel,
+                    store=store,
+                    home=home,
+                    quiet=quiet,
+                )
+            )
+            return summarize(store, find(store, job.job_id))
+
+
+def cancel(ref: str) -> JobRow:
+    home = tenant_home()
+    with Store(home.store_path) as store:
+        job = find(store, ref)
+        if job.state == "running":
+            JobStore(store).set_job_state(
+                job.job_id, "cancelled", wall_clock_ms(), "cancelled by the tenant"
+            )
+        return find(store, job.job_id)
+
+
+def results_csv(trials: list[TrialRow]) -> str:
+    keys = sorted({k for t in trials for k in t.params})
+    out = io.StringIO()
+    w = csv.writer(out)
+    w.writerow(["number", "state", "value", *keys, "attempts", "provider"])
+    for t in trials:
+        w.writerow(
+            [
+                t.number,
+                t.state,
+                "" if t.value is None else repr(t.value),
+                *[json.dumps(t.params.get(k)) for k in keys],
+                t.attempts,
+                t.provider or "",
+            ]
+        )
+    return out.getvalue()
