@@ -264,7 +264,9 @@ class Search:
             # grid never consults it: every grid trial is enqueued with all its values.
             sampler = optuna.samplers.RandomSampler(seed=seed)
         pruner: optuna.pruners.BasePruner = optuna.pruners.NopPruner()
+        self._rung_base: tuple[int, int] | None = None
         if sweep.early_terminate is not None:
+            self._rung_base = (sweep.early_terminate.min_resource, sweep.early_terminate.eta)
             pruner = optuna.pruners.SuccessiveHalvingPruner(
                 min_resource=sweep.early_terminate.min_resource,
                 reduction_factor=sweep.early_terminate.eta,
@@ -492,8 +494,34 @@ class Search:
             params=internal,
             distributions={name: self._space[name] for name in internal},
             user_attrs={"number": ft.number, "params": self._params_from(ft, internal)},
+            system_attrs=self._rungs(steps, pruned=ft.state == "pruned"),
             intermediate_values=steps,
         )
+
+    def _rungs(self, steps: Mapping[int, float], pruned: bool) -> dict[str, float]:
+        """The rung values Optuna's SuccessiveHalvingPruner had recorded for a trial.
+
+        The pruner keeps, per trial, the value it judged at each rung under the system
+        attribute ``completed_rung_<k>`` and compares new trials with those, not with the
+        intermediate values. ``report`` asks it at every step, so a rung's value is the
+        one reported at the first step at or past the rung; a pruned trial stopped at
+        the first rung of its last step. Replaying this keeps decisions after a restart
+        the same as before it (TestRestore pins it against Optuna's implementation).
+        """
+        if self._rung_base is None:
+            return {}
+        base, eta = self._rung_base
+        out: dict[str, float] = {}
+        rung = 0
+        ordered = sorted(steps)
+        for step in ordered:
+            value = steps[step]
+            while step >= base * eta**rung and not math.isnan(value):
+                out[f"completed_rung_{rung}"] = value
+                rung += 1
+                if pruned and step == ordered[-1]:
+                    return out
+        return out
 
     def _params_from(self, ft: FinishedTrial, internal: dict[str, Any]) -> dict[str, Any]:
         # The stored parameters are what ran; rebuilt only where a constant is missing.

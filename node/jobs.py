@@ -307,6 +307,15 @@ def cancel(ref: str) -> JobRow:
         return find(store, job.job_id)
 
 
+def _cell(value: Any) -> str:
+    """Strings and numbers as themselves; nested values as JSON."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return repr(value)
+    return json.dumps(value, sort_keys=True)
+
+
 def results_csv(trials: list[TrialRow]) -> str:
     keys = sorted({k for t in trials for k in t.params})
     out = io.StringIO()

@@ -274,6 +274,12 @@ class TestEarlyTermination:
         assert bad is not None
         assert run_curve(search, bad, BAD) == 1
 
+    def test_a_diverged_trial_is_pruned(self) -> None:
+        search = Search(job("  x: {min: 0.0, max: 1.0}\n", extra=HYPERBAND))
+        trial = search.ask()
+        assert trial is not None
+        assert search.report(trial.number, 1, float("nan")) is True
+
     def test_nothing_is_pruned_without_early_terminate(self) -> None:
         search = Search(job("  x: {min: 0.0, max: 1.0}\n", extra="metric: {name: loss}\n"))
         for curve in (GOOD, GOOD, GOOD, BAD):
@@ -381,6 +387,35 @@ class TestRestore:
         bad = resumed.ask()
         assert bad is not None
         assert run_curve(resumed, bad, BAD) == 1
+
+    def test_pruning_decides_the_same_before_and_after_a_restart(self) -> None:
+        spec = job("  x: {min: 0.0, max: 1.0}\n", extra=HYPERBAND + "run_cap: 20\n")
+        curves = [
+            [1.0 / s for s in range(1, 10)],
+            [2.0 / s for s in range(1, 10)],
+            [0.5 + 1.0 / s for s in range(1, 10)],
+            [0.8 / s for s in range(1, 10)],
+            [3.0 / s for s in range(1, 10)],
+        ]
+        later = [[1.5 / s for s in range(1, 10)], [0.9 / s for s in range(1, 10)]]
+        original = Search(spec)
+        finished = []
+        for curve in curves:
+            trial = original.ask()
+            assert trial is not None
+            ran = run_curve(original, trial, curve)
+            steps = dict(enumerate(curve[:ran], start=1))
+            state = "pruned" if ran < len(curve) else "completed"
+            value = None if state == "pruned" else curve[-1]
+            finished.append(FinishedTrial(trial.number, trial.params, state, value, steps))
+        assert any(f.state == "pruned" for f in finished)  # the rungs did cut something
+        resumed = Search(spec)
+        resumed.restore(finished)
+        for curve in later:
+            a, b = original.ask(), resumed.ask()
+            assert a is not None
+            assert b is not None
+            assert run_curve(original, a, curve) == run_curve(resumed, b, curve)
 
     def test_restore_needs_a_fresh_search(self) -> None:
         search = Search(GRID)
