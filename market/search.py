@@ -42,6 +42,7 @@ uniform variable u in [0, 1] and the inverse CDF.
 from __future__ import annotations
 
 import bisect
+import copy
 import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -287,7 +288,6 @@ class Search:
         searched = [d for d in self._dims if d.dist is not None]
         self._grid_names = [d.name for d in searched]
         self._grid_done: set[tuple[Any, ...]] = set()
-        self._grid_left = sweep.grid_size() if sweep.method == "grid" else 0
         self._grid: Iterator[tuple[Any, ...]] = itertools.product(*(d.grid for d in searched))
 
     # -- state -------------------------------------------------------------------------
@@ -315,9 +315,11 @@ class Search:
     @property
     def exhausted(self) -> bool:
         """True when ``ask`` will return None: cap reached, grid done or target reached."""
-        if self._target_hit or self._issued >= self._cap:
+        if self._target_hit:
             return True
-        return self._method == "grid" and self._grid_left <= 0
+        # A grid counts points, so a point finished twice (a retry) leaves none out.
+        visited = len(self._grid_done) if self._method == "grid" else self._issued
+        return visited >= self._cap
 
     @property
     def done(self) -> bool:
@@ -333,18 +335,16 @@ class Search:
             return None
         if self._method == "grid":
             point = next((pt for pt in self._grid if pt not in self._grid_done), None)
-            if point is None:  # only if restored points were not in the grid's count
-                self._grid_left = 0
+            if point is None:  # cannot happen: restored points are grid points
                 return None
             self._grid_done.add(point)
-            self._grid_left -= 1
             self._study.enqueue_trial(dict(zip(self._grid_names, point, strict=True)))
         trial = self._study.ask(self._space)
         number = self._next_number
         self._next_number += 1
         params = self._params(trial.params)
         trial.set_user_attr("number", number)
-        trial.set_user_attr("params", params)
+        trial.set_user_attr("params", copy.deepcopy(params))  # the caller may edit its copy
         self._running[number] = trial
         self._decisions[number] = {}
         self._issued += 1
@@ -435,10 +435,7 @@ class Search:
             self._issued += 1
             highest = max(highest, ft.number)
             if self._method == "grid":
-                point = tuple(internal[n] for n in self._grid_names)
-                if point not in self._grid_done:
-                    self._grid_done.add(point)
-                    self._grid_left -= 1
+                self._grid_done.add(tuple(internal[n] for n in self._grid_names))
             if ft.state == "completed" and _finite(ft.value) and self._metric is not None:
                 assert ft.value is not None
                 self._check_target(float(ft.value))
@@ -475,10 +472,9 @@ class Search:
         for step, v in ft.intermediate.items():
             if isinstance(step, bool) or not isinstance(step, int) or step < 0:
                 raise SearchError(f"trial {ft.number}: step {step!r} is not a non-negative integer")
-            try:
-                steps[step] = _number(v) if not (isinstance(v, float) and math.isnan(v)) else v
-            except ValueError as e:
-                raise SearchError(f"trial {ft.number}, step {step}: {e}") from None
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise SearchError(f"trial {ft.number}, step {step}: {v!r} is not a number")
+            steps[step] = float(v)
         state, value = _OptunaState.FAIL, None
         if ft.state == "completed" and _finite(ft.value) and self._metric is not None:
             state, value = _OptunaState.COMPLETE, float(ft.value)  # type: ignore[arg-type]
