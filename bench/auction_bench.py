@@ -36,6 +36,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,7 @@ class TimedTenant(Tenant):
         self.first_award: float | None = None
         self.release_start: float | None = None
         self.bids = 0
+        self.no_bids: Counter[str] = Counter()
 
     async def _award(self, auction: Auction, award: Award) -> list[Award]:
         if self.first_award is None:
@@ -74,6 +76,8 @@ class TimedTenant(Tenant):
     async def _release_losers(self, auction: Auction) -> None:
         self.release_start = time.perf_counter()
         self.bids = auction.outcome.bids
+        self.no_bids = Counter(auction.outcome.no_bids)
+        self.no_bids.update({f"ignored ({r})": n for r, n in auction.outcome.ignored.items()})
         await super()._release_losers(auction)
 
 
@@ -86,21 +90,22 @@ class Sample:
     units: int
     leased: int
     bids: int
+    asked: int
 
 
 @dataclass
 class Run:
     samples: list[Sample] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    no_bids: Counter[str] = field(default_factory=Counter)
 
 
 async def one_order(tenant: TimedTenant, units: int, k: int) -> tuple[Sample, AuctionReport]:
     tenant.first_award = tenant.release_start = None
     tenant.bids = 0
+    tenant.no_bids = Counter()
     t0 = time.perf_counter()
-    report = await tenant.auction(
-        Requirement(kind="any"), units, MAX_PRICE, job_spec_hash=JOB, k=k
-    )
+    report = await tenant.auction(Requirement(kind="any"), units, MAX_PRICE, job_spec_hash=JOB, k=k)
     t3 = time.perf_counter()
     t1 = tenant.first_award or t3
     t2 = tenant.release_start or t3
@@ -112,6 +117,7 @@ async def one_order(tenant: TimedTenant, units: int, k: int) -> tuple[Sample, Au
         units=units,
         leased=report.units,
         bids=tenant.bids,
+        asked=len(report.asked),
     )
     return sample, report
 
@@ -124,6 +130,7 @@ async def drive(tenant: TimedTenant, peer: str, orders: int, k: int) -> Run:
         sample, report = await one_order(tenant, units, k)
         if i >= WARMUP:
             run.samples.append(sample)
+            run.no_bids.update(tenant.no_bids)
             if report.state is not AuctionState.LEASED:
                 run.failures.append(report.failure or report.explanation)
         for lease in report.leases:
@@ -231,7 +238,9 @@ def report(run: Run, providers: int, k: int, variant: str) -> None:
     s = run.samples
     print(
         f"{variant}: {providers} providers, k={k}, {len(s)} orders "
-        f"(units 1-4), {sum(x.bids for x in s) / len(s):.1f} bids per order, "
+        f"(units 1-4); per order {sum(x.asked for x in s) / len(s):.1f} asked "
+        f"(matchmaking skips providers its directory shows full), "
+        f"{sum(x.bids for x in s) / len(s):.1f} bids; "
         f"{len(run.failures)} not leased"
     )
     print(f"{'phase':<10}{'p50 ms':>10}{'p95 ms':>10}{'max ms':>10}{'mean ms':>10}")
@@ -241,6 +250,8 @@ def report(run: Run, providers: int, k: int, variant: str) -> None:
             f"{name:<10}{pct(values, 50):>10.1f}{pct(values, 95):>10.1f}"
             f"{max(values):>10.1f}{statistics.fmean(values):>10.1f}"
         )
+    if run.no_bids:
+        print("other answers: " + ", ".join(f"{n} {r}" for r, n in run.no_bids.most_common()))
     for why in sorted(set(run.failures)):
         print(f"  not leased: {why}")
     total = [x.total_ms for x in s]

@@ -203,9 +203,12 @@ _CREDITS = re.compile(
     re.IGNORECASE,
 )
 _SIZE = re.compile(rf"{_NUMBER}\s*(?P<unit>[kmgtp]i?b?|b)?", re.IGNORECASE)
-_SIZE_FACTORS = {"": 1, "b": 1}
-for _i, _p in enumerate("kmgtp", start=1):
-    _SIZE_FACTORS |= {_p: 1000**_i, _p + "b": 1000**_i, _p + "i": 1024**_i, _p + "ib": 1024**_i}
+# k, kb = 10**3 (SI); ki, kib = 2**10 (IEC); and so on up to peta.
+_SIZE_FACTORS = {"": 1, "b": 1} | {
+    prefix + suffix: (1024 if "i" in suffix else 1000) ** power
+    for power, prefix in enumerate("kmgtp", start=1)
+    for suffix in ("", "b", "i", "ib")
+}
 # Longest units first, so "10min" is not read as "10m" followed by "in".
 _DURATION_PART = re.compile(rf"{_NUMBER}\s*(ms|min|sec|s|m|h|d)", re.IGNORECASE)
 _DURATION = re.compile(rf"(?:\s*{_NUMBER}\s*(?:ms|min|sec|s|m|h|d)\s*)+", re.IGNORECASE)
@@ -926,12 +929,18 @@ class _FileProblem(Exception):
         self.problem = problem
 
 
+# Containers nested deeper than this are refused; the canonical codec stops at 64.
+_MAX_DEPTH = 32
+
+
 def _plain(value: Any, path: tuple[str | int, ...], out: list[Problem]) -> None:
     """Collect values the canonical codec cannot encode (and W&B would not accept)."""
     stack: list[tuple[Any, tuple[str | int, ...]]] = [(value, path)]
     while stack:
         v, at = stack.pop()
-        if isinstance(v, dict):
+        if isinstance(v, dict | list) and len(at) >= _MAX_DEPTH:
+            out.append(Problem(_dotted(at), f"nests deeper than {_MAX_DEPTH} levels"))
+        elif isinstance(v, dict):
             for k, item in v.items():
                 if not isinstance(k, str):
                     out.append(Problem(_dotted(at), f"keys must be text, got {k!r}"))

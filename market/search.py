@@ -22,8 +22,9 @@ A sweep stops (``ask`` returns None) after ``SweepConfig.trial_cap`` trials: run
 the grid's size, or ``DEFAULT_RUN_CAP`` for random and bayes without run_cap (W&B would
 run forever; a market that spends credits must not). It also stops once a completed
 trial reaches ``metric.target``. Failed and pruned trials count toward the cap, as runs
-do in W&B; retrying a trial lost with its provider is the tenant's business (it keeps
-the trial's number and parameters) and costs the search nothing.
+do in W&B (a grid counts distinct points); retrying a trial lost with its provider is
+the tenant's business (it keeps the trial's number and parameters) and costs the search
+nothing.
 
 Early termination (``early_terminate: {type: hyperband}``) is asynchronous successive
 halving (Optuna's SuccessiveHalvingPruner), which is what W&B's hyperband does: rungs
@@ -409,36 +410,49 @@ class Search:
         assert t.value is not None
         return Best(t.user_attrs["number"], dict(t.user_attrs["params"]), t.value)
 
-    def restore(self, finished: Iterable[FinishedTrial], next_number: int = 0) -> None:
-        """Rebuild the search from the trials a previous run of the tenant finished.
+    def restore(
+        self,
+        finished: Iterable[FinishedTrial],
+        next_number: int = 0,
+        running: Iterable[Trial] = (),
+    ) -> None:
+        """Rebuild the search from what a previous run of the tenant stored.
 
-        Call on a fresh Search (same spec and seed), before the first ``ask``. Finished
-        trials are never asked again: they count toward the cap, grid goes on with the
-        points not yet finished, and random and bayes learn from them. New trials are
-        numbered from ``next_number`` or past the highest restored number, whichever
-        is larger: pass the store's highest trial number + 1 so trials that were
-        running when the tenant stopped keep numbers of their own. Raises SearchError
-        if a stored trial does not fit the spec.
+        Call on a fresh Search (same spec and seed), before the first ``ask``.
+        ``finished`` trials are never asked again: they count toward the cap, grid goes
+        on with the points not yet visited, random and bayes learn from them, and early
+        termination keeps their rungs. ``running`` trials (handed out but not finished
+        when the tenant stopped) become running again under their own numbers and
+        parameters, so the tenant can run them again and ``tell`` and ``report`` them
+        as before; a grid does not hand their points out twice. New trials are
+        numbered from ``next_number`` or past the highest restored number, whichever is
+        larger. Raises SearchError if a stored trial does not fit the spec.
         """
         if not self._pristine:
             raise SearchError("restore a fresh search, before its first ask")
         self._pristine = False
         highest = -1
         for ft in finished:
-            if isinstance(ft.number, bool) or not isinstance(ft.number, int) or ft.number < 0:
-                raise SearchError(f"a trial number is a non-negative integer, got {ft.number!r}")
-            if ft.number in self._finished:
-                raise SearchError(f"trial {ft.number} appears twice")
-            internal = self._internal(ft)
+            self._check_new_number(ft.number)
+            internal = self._internal(ft.number, ft.params)
             self._study.add_trial(self._frozen(ft, internal))
             self._finished.add(ft.number)
-            self._issued += 1
+            self._restored_point(internal)
             highest = max(highest, ft.number)
-            if self._method == "grid":
-                self._grid_done.add(tuple(internal[n] for n in self._grid_names))
             if ft.state == "completed" and _finite(ft.value) and self._metric is not None:
                 assert ft.value is not None
                 self._check_target(float(ft.value))
+        for t in running:
+            self._check_new_number(t.number)
+            internal = self._internal(t.number, t.params)
+            self._study.enqueue_trial(internal)
+            trial = self._study.ask(self._space)
+            trial.set_user_attr("number", t.number)
+            trial.set_user_attr("params", self._stored_params(t.params, internal))
+            self._running[t.number] = trial
+            self._decisions[t.number] = {}
+            self._restored_point(internal)
+            highest = max(highest, t.number)
         self._next_number = max(next_number, highest + 1)
 
     # -- internals ---------------------------------------------------------------------
@@ -453,18 +467,29 @@ class Search:
             node[d.path[-1]] = d.to_value(internal[d.name] if d.dist is not None else None)
         return out
 
-    def _internal(self, ft: FinishedTrial) -> dict[str, Any]:
-        flat = _flatten(ft.params)
+    def _check_new_number(self, number: int) -> None:
+        if isinstance(number, bool) or not isinstance(number, int) or number < 0:
+            raise SearchError(f"a trial number is a non-negative integer, got {number!r}")
+        if number in self._finished or number in self._running:
+            raise SearchError(f"trial {number} appears twice")
+
+    def _restored_point(self, internal: Mapping[str, Any]) -> None:
+        self._issued += 1
+        if self._method == "grid":
+            self._grid_done.add(tuple(internal[n] for n in self._grid_names))
+
+    def _internal(self, number: int, params: Mapping[str, Any]) -> dict[str, Any]:
+        flat = _flatten(params)
         internal: dict[str, Any] = {}
         for d in self._dims:
             if d.dist is None:
                 continue
             if d.path not in flat:
-                raise SearchError(f"trial {ft.number} has no value for {'.'.join(d.path)}")
+                raise SearchError(f"trial {number} has no value for {'.'.join(d.path)}")
             try:
                 internal[d.name] = d.to_internal(flat[d.path])
             except ValueError as e:
-                raise SearchError(f"trial {ft.number}, {'.'.join(d.path)}: {e}") from None
+                raise SearchError(f"trial {number}, {'.'.join(d.path)}: {e}") from None
         return internal
 
     def _frozen(self, ft: FinishedTrial, internal: dict[str, Any]) -> optuna.trial.FrozenTrial:
@@ -489,7 +514,7 @@ class Search:
             value=value,
             params=internal,
             distributions={name: self._space[name] for name in internal},
-            user_attrs={"number": ft.number, "params": self._params_from(ft, internal)},
+            user_attrs={"number": ft.number, "params": self._stored_params(ft.params, internal)},
             system_attrs=self._rungs(steps, pruned=ft.state == "pruned"),
             intermediate_values=steps,
         )
@@ -519,17 +544,19 @@ class Search:
                     return out
         return out
 
-    def _params_from(self, ft: FinishedTrial, internal: dict[str, Any]) -> dict[str, Any]:
+    def _stored_params(
+        self, stored: Mapping[str, Any], internal: Mapping[str, Any]
+    ) -> dict[str, Any]:
         # The stored parameters are what ran; rebuilt only where a constant is missing.
         params = self._params(internal)
-        flat = _flatten(ft.params)
+        flat = _flatten(stored)
         for d in self._dims:
             if d.dist is not None and d.path in flat:
                 node = params
                 for key in d.path[:-1]:
                     node = node[key]
                 node[d.path[-1]] = flat[d.path]
-        return params
+        return copy.deepcopy(params)
 
     def _check_target(self, value: float) -> None:
         assert self._metric is not None

@@ -37,12 +37,17 @@ def _credits(micro: int) -> str:
 
 
 def cmd_provider_run(args: argparse.Namespace) -> int:
-    from node.config import load_config
+    from node.config import ConfigError, load_config
     from node.daemon import run_daemon, setup_logging
     from node.home import NodeHome, resolve_home
 
     config = load_config(Path(args.config))
-    home = NodeHome(config.node.home or resolve_home())
+    path = config.node.home or resolve_home()
+    try:
+        home = NodeHome(path)
+    except OSError as e:  # a typo in node.home must read as one, not as a traceback
+        where = f"{args.config}: node.home" if config.node.home else "MERCATO_HOME"
+        raise ConfigError(f"{where}: cannot use {path} as the node's home: {e.strerror}") from e
     setup_logging(home.path, verbose=args.verbose)
     asyncio.run(run_daemon(config, home))
     return EXIT_OK

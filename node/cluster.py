@@ -131,6 +131,18 @@ def _alive(pid: int) -> bool:
     return not _zombie(pid)
 
 
+def _running(n: NodeRecord) -> bool:
+    """``n``'s daemon still runs: its pid is alive and still runs ``n``'s config. A pid
+    recorded before a reboot may belong to another program now, which must not be killed."""
+    if not _alive(n.pid):
+        return False
+    try:
+        argv = Path(f"/proc/{n.pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:  # no procfs (macOS): trust the pid
+        return True
+    return os.fsencode(n.config) in argv
+
+
 def _zombie(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -163,7 +175,7 @@ def save_state(root: Path, nodes: list[NodeRecord]) -> None:
 def bootstrap_address(home: Path | None = None) -> str | None:
     """Address of the running local cluster's bootstrap node, if there is one."""
     for n in load_state(cluster_root(home)):
-        if n.role == "bootstrap" and _alive(n.pid):
+        if n.role == "bootstrap" and _running(n):
             return n.address
     return None
 
@@ -217,7 +229,7 @@ def up(
     if providers < 1:
         raise ClusterError("--providers must be at least 1")
     root = cluster_root(home)
-    running = [n for n in load_state(root) if _alive(n.pid)]
+    running = [n for n in load_state(root) if _running(n)]
     if running:
         raise ClusterError(
             f"a cluster is already running ({len(running)} nodes); `mercato cluster down` first"
@@ -288,7 +300,7 @@ def status(home: Path | None = None) -> list[dict[str, Any]]:
             "devices": [],
             "health": "dead",
         }
-        if _alive(n.pid):
+        if _running(n):
             try:
                 h = http_json(n.address + "/healthz", timeout_s=1.0)
                 row.update(health=h.get("status", "?"), devices=h.get("devices", []))
@@ -303,15 +315,15 @@ def down(home: Path | None = None, timeout_s: float = 10.0) -> int:
     """SIGTERM every node, SIGKILL what is still there after ``timeout_s``; return count."""
     root = cluster_root(home)
     nodes = load_state(root)
-    live = [n for n in nodes if _alive(n.pid)]
+    live = [n for n in nodes if _running(n)]
     for n in live:
         with contextlib.suppress(ProcessLookupError):
             os.kill(n.pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and any(_alive(n.pid) for n in live):
+    while time.monotonic() < deadline and any(_running(n) for n in live):
         time.sleep(0.05)
     for n in live:
-        if _alive(n.pid):
+        if _running(n):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(n.pid, signal.SIGKILL)
     with contextlib.suppress(FileNotFoundError):

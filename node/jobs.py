@@ -18,6 +18,7 @@ import os
 import re
 import secrets
 import signal
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -253,8 +254,11 @@ def submit(path: Path, *, peer: str, parallel: int, seed: int | None, quiet: boo
             updated_ms=now,
         )
         JobStore(store).create_job(job)
+        # stderr: stdout carries only the summary, so `submit --json` output parses as JSON.
         print(
-            f"job {job_id}: {ws.files} files ({len(ws.data)} bytes) from {path.parent}", flush=True
+            f"job {job_id}: {ws.files} files ({len(ws.data)} bytes) from {path.parent}",
+            file=sys.stderr,
+            flush=True,
         )
         asyncio.run(
             drive(

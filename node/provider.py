@@ -21,7 +21,6 @@ from protocol.envelope import Envelope
 from protocol.errors import SenderMismatchError, UnexpectedMessageError
 from protocol.messages import (
     Award,
-    Bid,
     Body,
     Decline,
     DeviceGroup,
@@ -66,10 +65,11 @@ class ProviderService:
 
     async def _on_order(self, env: Envelope) -> Body | bytes | None:
         assert isinstance(env.body, Order)
-        result = self.engine.on_order(env.body, env.sender, self.node.clock())
-        if isinstance(result, Bid):
-            self.node.capacity_changed()
-        return result
+        # No re-advert for a bid: a reservation lasts one auction (the losers' are released
+        # within milliseconds), and every advert costs ~fanout x N messages of rumor
+        # mongering, so re-advertising each bid and its release flooded the cluster (see
+        # bench/auction_bench.py). The engine, not the advert, guards against overcommit.
+        return self.engine.on_order(env.body, env.sender, self.node.clock())
 
     async def _on_award(self, env: Envelope) -> Body | bytes | None:
         award = env.body
@@ -118,8 +118,8 @@ class ProviderService:
         now = self.node.clock()
         lease = self.engine.leases.get(release.lease_id or "")
         was_active = lease is not None and lease.state is LeaseState.ACTIVE
-        if self.engine.on_release(release, env.sender, now):
-            self.node.capacity_changed()
+        if self.engine.on_release(release, env.sender, now) and release.lease_id is not None:
+            self.node.capacity_changed()  # a lease ended; a released bid is no news
         if lease is None or not was_active or lease.state is not LeaseState.ENDED:
             return None
         self.store.set_lease_state(lease.lease_id, lease.state.value, now)
@@ -196,5 +196,5 @@ class ProviderService:
                     self.store.set_lease_state(key, lease.state.value, now)
                     log.info("lease %s %s", key, lease.state.value)
                     self._ended(lease)
-            if changed:
+            if any(key in self.engine.leases for key in changed):
                 self.node.capacity_changed()

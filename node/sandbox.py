@@ -420,7 +420,9 @@ class SandboxExecutor:
             needed += [_absolute(path), os.path.realpath(path)]
         args += self._mounts(needed)
 
-        args += ["--bind", work, work, "--chdir", work, "--clearenv"]
+        # The root bwrap built is a tmpfs: read-only, so the trial writes only to its
+        # work dir and /tmp, the places that are cleaned up and bounded.
+        args += ["--bind", work, work, "--remount-ro", "/", "--chdir", work, "--clearenv"]
         for key, value in env.items():
             args += ["--setenv", key, value]
         return [*args, "--", *spec.argv]
@@ -481,6 +483,14 @@ class SandboxExecutor:
             try:
                 state = await proc.supervise(spec.timeout_s, running.cancel, self.kill_grace_s)
                 await proc.drain()
+            except asyncio.CancelledError:
+                # Stop it the orderly way, so the supervisor still reaps the whole
+                # trial; only a second cancel falls back to SIGKILL and a blocking reap.
+                try:
+                    await proc.stop(self.kill_grace_s)
+                finally:
+                    proc.kill_and_reap()
+                raise
             except BaseException:
                 proc.kill_and_reap()
                 raise
@@ -630,16 +640,23 @@ class _Process:
         state: TrialState | None = None
         if not self._exited.done():
             state = TrialState.CANCELLED if cancel.is_set() else TrialState.TIMED_OUT
+        await self.stop(grace_s)
+        return state
+
+    async def stop(self, grace_s: float) -> None:
+        """SIGTERM the group, SIGKILL it after ``grace_s``, then reap (no-op once reaped)."""
+        if self._reaped:
+            return
+        if not self._exited.done():
             self._signal(signal.SIGTERM)
             try:
                 await asyncio.wait_for(asyncio.shield(self._exited), grace_s)
             except TimeoutError:
                 self._signal(signal.SIGKILL)
                 await self._exited
-        # The leader is gone; whatever it left behind in its group goes too.
+        # The supervisor is gone; whatever is left in its group goes too.
         self._signal(signal.SIGKILL)
         self._reap()
-        return state
 
     def _signal(self, sig: int) -> None:
         if self._reaped:

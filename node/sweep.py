@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from market.jobspec import JobSpec, render_command, uses_args_json_file
-from market.search import FinishedTrial, Search, TrialState
+from market.search import FinishedTrial, Search, Trial, TrialState
 from node.store import JobStore, LeaseRow, Store
 from node.tenant import Tenant
 from protocol.errors import BusyError, MercatoError, PeerTimeoutError, PeerUnavailableError
@@ -166,6 +166,7 @@ class SweepRunner:
                 if r.state in _SEARCH_STATE
             ],
             next_number=max((r.number for r in rows), default=-1) + 1,
+            running=[Trial(r.number, r.params) for r in rows if r.state in ("running", "pending")],
         )
         for r in rows:
             if r.state == "running":

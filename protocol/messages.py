@@ -407,6 +407,21 @@ class Cancel(Body):
     reason: Text = ""
 
 
+# --- operator -------------------------------------------------------------------
+
+
+class PriceUpdate(Body):
+    """Operator to its own daemon: new price floors per device model.
+
+    Accepted only at the daemon's ``POST /control/prices``, and only when sealed with
+    the node's own key and addressed to the node; never sent to or accepted from peers.
+    """
+
+    TYPE = "price_update"
+    floors: Annotated[dict[Name, MicroCredits], Field(max_length=64)] = {}  # per device-hour
+    reset: bool = False  # first drop every earlier update: back to the config's floors
+
+
 MESSAGE_TYPES: dict[str, type[Body]] = {
     m.TYPE: m
     for m in (
@@ -431,6 +446,7 @@ MESSAGE_TYPES: dict[str, type[Body]] = {
         Receipt,
         Heartbeat,
         Cancel,
+        PriceUpdate,
     )
 }
 

@@ -6,6 +6,7 @@ import json
 import textwrap
 
 import pytest
+import yaml
 
 from market.jobspec import (
     DEFAULT_MAX_OUTPUT_BYTES,
@@ -199,6 +200,10 @@ class TestParse:
         lr = spec.sweep_config.parameters["lr"]
         assert (lr.min, lr.max) == (1e-5, 1e-1)
 
+    def test_pyyaml_itself_is_left_as_it_was(self) -> None:
+        parse_job(sweep_file("  lr: {values: [1e-3]}\n"))
+        assert yaml.safe_load("x: 1e-3") == {"x": "1e-3"}  # other YAML readers unchanged
+
     def test_dates_stay_text(self) -> None:
         spec = parse_job(sweep_file("  day: {values: [2024-01-01]}\n"))
         assert spec.sweep_config.parameters["day"].values == ["2024-01-01"]
@@ -380,6 +385,12 @@ class TestProblems:
     def test_non_finite_numbers(self) -> None:
         found = problems(sweep_file("  a: {min: 0.0, max: .inf}\n"))
         assert "finite" in found["parameters.a.max"]
+
+    def test_deep_nesting_is_refused(self) -> None:
+        deep = "[" * 40 + "]" * 40
+        found = problems(sweep_file(f"  a: {{value: {deep}}}\n"))
+        assert "nests deeper" in next(iter(found.values()))
+        assert "nests too deeply" in problems("a: " + "[" * 5000 + "]" * 5000)["(file)"]
 
     def test_bad_parameter_names(self) -> None:
         found = problems(sweep_file("  '1st': {values: [1]}\n  'has space': {values: [1]}\n"))

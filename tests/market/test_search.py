@@ -346,6 +346,44 @@ class TestRestore:
         assert best is not None
         assert (best.number, best.params) == (0, trials[0].params)
 
+    def test_a_grid_point_finished_twice_leaves_no_point_out(self) -> None:
+        spec = job("  a: {values: [1, 2, 3, 4]}\n", "grid", extra="metric: {name: loss}\n")
+        first = drain(Search(spec))
+        # Trial 0 was retried under a new number after its provider vanished.
+        finished = [
+            FinishedTrial(0, first[0].params, "failed"),
+            FinishedTrial(4, first[0].params, "completed", 0.5),
+        ]
+        resumed = Search(spec)
+        resumed.restore(finished)
+        assert [t.params["a"] for t in drain(resumed)] == [2, 3, 4]
+
+    def test_trials_running_at_the_stop_run_again_under_their_own_numbers(self) -> None:
+        spec = job(
+            "  a: {values: [1, 2, 3, 4]}\n",
+            "grid",
+            extra="metric: {name: loss}\n" + HYPERBAND.split("\n", 1)[1],
+        )
+        first = drain(Search(spec))
+        resumed = Search(spec)
+        resumed.restore(
+            [FinishedTrial(0, first[0].params, "completed", 0.5, {1: 0.5})],
+            running=[Trial(2, first[2].params)],
+        )
+        assert resumed.running == frozenset({2})
+        # The grid hands out only the points neither finished nor running.
+        assert [(t.number, t.params["a"]) for t in drain(resumed)] == [(3, 2), (4, 4)]
+        assert resumed.report(2, 1, 9.0) is True  # judged against trial 0's rung
+        resumed.tell(2, None, "pruned")
+        resumed.tell(3, 0.1)
+        best = resumed.best()
+        assert best is not None
+        assert (best.number, best.params) == (3, {"a": 2})
+        with pytest.raises(SearchError, match="twice"):
+            Search(spec).restore(
+                [FinishedTrial(0, first[0].params, "failed")], running=[Trial(0, first[0].params)]
+            )
+
     def test_random_resumes_under_the_cap_with_new_numbers(self) -> None:
         spec = job(MIXED, extra="metric: {name: loss}\nrun_cap: 10\n")
         first = Search(spec, seed=4)

@@ -3,6 +3,7 @@ processes on loopback, homes under a temporary MERCATO_HOME."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -59,11 +60,13 @@ def cluster_env(tmp_path: Path) -> Iterator[dict[str, str]]:
         yield env
     finally:
         state = tmp_path / "home" / "cluster" / "cluster.json"
-        pids = [n["pid"] for n in json.loads(state.read_text())["nodes"]] if state.exists() else []
-        mercato(env, "cluster", "down")
-        for pid in pids:  # never leave a daemon behind, even when the test failed
-            if not gone(pid):
-                os.kill(pid, signal.SIGKILL)
+        if state.exists():  # the test failed before its own `cluster down`
+            pids = [n["pid"] for n in json.loads(state.read_text())["nodes"]]
+            mercato(env, "cluster", "down")
+            for pid in pids:  # never leave a daemon behind
+                if not gone(pid):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
 
 
 def test_cluster_up_market_kill_and_down(cluster_env: dict[str, str]) -> None:
@@ -139,3 +142,33 @@ def test_cluster_up_market_kill_and_down(cluster_env: dict[str, str]) -> None:
     no_peer = mercato(env, "market")
     assert no_peer.returncode != 0
     assert "no peer to ask" in no_peer.stderr
+
+
+def test_a_stale_cluster_file_never_kills_another_program(
+    cluster_env: dict[str, str], tmp_path: Path
+) -> None:
+    """After a reboot, cluster.json may list pids that now belong to other programs."""
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        root = tmp_path / "home" / "cluster"
+        root.mkdir(parents=True)
+        node = {
+            "name": "provider-1",
+            "role": "provider",
+            "home": str(root / "provider-1"),
+            "config": str(root / "provider-1" / "provider.toml"),
+            "pid": bystander.pid,
+            "address": "http://127.0.0.1:9",
+            "node_id": "a" * 32,
+            "devices": [],
+        }
+        (root / "cluster.json").write_text(json.dumps({"nodes": [node]}))
+        rows = mercato_json(cluster_env, "cluster", "status")
+        assert [(r["name"], r["health"]) for r in rows] == [("provider-1", "dead")]
+        down = mercato(cluster_env, "cluster", "down")
+        assert down.returncode == 0
+        assert "stopped 0 nodes" in down.stdout
+        assert bystander.poll() is None  # still running
+    finally:
+        bystander.kill()
+        bystander.wait()

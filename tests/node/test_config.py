@@ -144,6 +144,16 @@ class TestProviderRunRefusesBadConfig:
         assert "absent.toml" in proc.stderr
         assert "Traceback" not in proc.stderr
 
+    def test_an_unusable_home_is_a_clear_error(self, tmp_path: Path) -> None:
+        blocker = tmp_path / "file"
+        blocker.write_text("not a directory")
+        text = GOOD.replace("[node]", f'[node]\nhome = "{blocker / "home"}"')
+        path = write(tmp_path, text)
+        proc = run_cli("provider", "run", "--config", str(path))
+        assert proc.returncode != 0
+        assert f"{path}: node.home: cannot use {blocker / 'home'}" in proc.stderr
+        assert "Traceback" not in proc.stderr
+
     def test_a_port_in_use_is_a_clear_error(self, tmp_path: Path) -> None:
         import socket
 

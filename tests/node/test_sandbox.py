@@ -85,12 +85,13 @@ def executor(bwrap: None, tmp_path: Path, home: Path) -> SandboxExecutor:
 def make_spec(
     workspace: Path, code: str, *args: str, task_id: str = "t1", **fields: Any
 ) -> TrialSpec:
-    """A trial that runs ``code`` with the provider's own interpreter."""
-    (workspace / "trial.py").write_text(textwrap.dedent(code))
+    """A trial that runs ``code`` (saved as ``<task_id>.py``) with the provider's interpreter."""
+    script = f"{task_id}.py"
+    (workspace / script).write_text(textwrap.dedent(code))
     fields.setdefault("timeout_s", 60)
     return TrialSpec(
         task_id=task_id,
-        argv=[sys.executable, "trial.py", *args],
+        argv=[sys.executable, script, *args],
         workspace=workspace,
         **fields,
     )

@@ -145,6 +145,7 @@ EXAMPLES: dict[str, Body] = {
     ),
     "heartbeat": m.Heartbeat(lease_id="lease-9", seq=12, running=["trial-0003"]),
     "cancel": m.Cancel(lease_id="lease-9", task_id="trial-0003", reason="sweep finished"),
+    "price_update": m.PriceUpdate(floors={"H100-SXM": 2_400_000, "L4": 380_000}),
 }
 
 #: Who sends each type; open_envelope insists that signer and named party agree.
