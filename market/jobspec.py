@@ -787,24 +787,109 @@ _DISPLAY_KEYS = (
 )
 
 
+Argv = Annotated[
+    list[Annotated[str, Field(min_length=1, max_length=4096)]],
+    BeforeValidator(_command_items),
+    Field(min_length=1, max_length=256),
+]
+
+
+def _count(value: object) -> object:
+    """Counts like 1e9 parameters may be written as floats; they must be whole."""
+    if isinstance(value, float) and math.isfinite(value) and value == int(value):
+        return int(value)
+    return value
+
+
+Count = Annotated[int, BeforeValidator(_count), Field(ge=1, le=10**15)]
+
+
+class ModelShape(_Model):
+    """What the classifier needs to know about the model being trained."""
+
+    parameters: Count
+    gradient_bytes: Annotated[int, Field(ge=1, le=8)] = 2  # bytes per element, 2 = bf16
+
+
+class SyncConfig(_Model):
+    """How often replicas synchronise: every step (DDP) or every inner_steps (DiLoCo)."""
+
+    method: Literal["ddp", "diloco"] = "ddp"
+    inner_steps: Annotated[int, Field(ge=1, le=1_000_000)] = 1
+
+    @model_validator(mode="after")
+    def _ddp_syncs_every_step(self) -> SyncConfig:
+        if self.method == "ddp" and self.inner_steps != 1:
+            raise ValueError("ddp synchronises every step: inner_steps belongs to diloco")
+        return self
+
+
+class TrainingConfig(_Model):
+    """A distributed training job, launched with torchrun on one provider's gang."""
+
+    world_size: Annotated[int, Field(ge=1, le=1024)]
+    model: ModelShape
+    tokens_per_step: Count | None = None  # per device
+    batch_size: Count | None = None  # per device, with sequence_length
+    sequence_length: Count | None = None
+    sync: SyncConfig = SyncConfig()
+    steps: Count | None = None  # total steps, for runtime and cost estimates
+    command: Argv  # run as `torchrun --standalone --nproc_per_node=<world_size> <command>`
+    metric: Metric | None = None  # the final value reported, e.g. {name: loss, goal: minimize}
+
+    @model_validator(mode="after")
+    def _tokens(self) -> TrainingConfig:
+        if self.tokens_per_step is None and (
+            self.batch_size is None or self.sequence_length is None
+        ):
+            raise ValueError("give tokens_per_step, or batch_size and sequence_length")
+        if self.tokens_per_step is not None and self.batch_size is not None:
+            raise ValueError("give tokens_per_step or batch_size/sequence_length, not both")
+        return self
+
+    @property
+    def tokens(self) -> int:
+        if self.tokens_per_step is not None:
+            return self.tokens_per_step
+        assert self.batch_size is not None
+        assert self.sequence_length is not None
+        return self.batch_size * self.sequence_length
+
+
+class ServiceConfig(_Model):
+    """A long-running process (inference): kept up, restarted when it dies."""
+
+    command: Argv
+    restarts: Annotated[int, Field(ge=0, le=1000)] = 5
+
+
 class JobSpec(_Model):
     """A validated job file. Build it with ``parse_job``."""
 
     name: Annotated[str, Field(min_length=1, max_length=64)]
     kind: JobKind = "sweep"
     sweep: SweepConfig | None = None
+    training: TrainingConfig | None = None
+    service: ServiceConfig | None = None
     resources: Resources = Resources()
     budget: Budget = Budget()
     limits: Limits = Limits()
 
     @model_validator(mode="after")
-    def _sweep_only(self) -> JobSpec:
-        if self.kind != "sweep":
+    def _section_for_kind(self) -> JobSpec:
+        sections = {"sweep": self.sweep, "training": self.training, "service": self.service}
+        if sections[self.kind] is None:
+            what = {
+                "sweep": "the W&B sweep to run",
+                "training": "world_size, model, tokens_per_step and the command",
+                "service": "the command to keep running",
+            }[self.kind]
+            raise _problems(((self.kind,), f"required for kind {self.kind}: {what}"))
+        extra = [k for k, v in sections.items() if v is not None and k != self.kind]
+        if extra:
             raise _problems(
-                (("kind",), f"{self.kind} jobs are not supported yet; this version runs sweeps")
+                ((extra[0],), f"a {self.kind} job has no {extra[0]} section (set kind?)")
             )
-        if self.sweep is None:
-            raise _problems((("sweep",), "required: the W&B sweep to run"))
         return self
 
     @property
@@ -903,7 +988,7 @@ _WANDB_KEYS = frozenset(
         "scheduler",
     }
 )
-_JOB_KEYS = ("name", "kind", "sweep", "resources", "budget", "limits")
+_JOB_KEYS = ("name", "kind", "sweep", "training", "service", "resources", "budget", "limits")
 
 
 def _load_yaml(text: str) -> Any:
@@ -965,8 +1050,11 @@ def _dotted(loc: tuple[str | int, ...]) -> str:
     return text or "(file)"
 
 
-def _default_name(sweep: Any) -> str:
-    program = sweep.get("program") if isinstance(sweep, dict) else None
+def _default_name(section: Any) -> str:
+    program = section.get("program") if isinstance(section, dict) else None
+    command = section.get("command") if isinstance(section, dict) else None
+    if program is None and isinstance(command, list) and command:
+        program = next((c for c in command if isinstance(c, str) and c.endswith(".py")), None)
     if isinstance(program, str) and program.strip():
         stem = program.strip().rstrip("/").rsplit("/", 1)[-1]
         stem = stem.rsplit(".", 1)[0] if "." in stem[1:] else stem
@@ -1053,7 +1141,12 @@ def parse_job(text: str, source: str = "job file") -> JobSpec:
     _plain(raw, (), problems)
     if problems:
         raise JobError(source, problems)
-    flat = "sweep" not in raw and any(k in raw for k in _WANDB_KEYS)
+    flat = (
+        "sweep" not in raw
+        and "training" not in raw
+        and "service" not in raw
+        and any(k in raw for k in _WANDB_KEYS)
+    )
     if flat:
         # A plain W&B sweep file: everything that is not ours belongs to the sweep.
         doc: dict[str, Any] = {k: raw[k] for k in _JOB_KEYS if k in raw}
@@ -1062,7 +1155,9 @@ def parse_job(text: str, source: str = "job file") -> JobSpec:
             doc["name"] = doc["name"][:64]
     else:
         doc = dict(raw)
-    doc.setdefault("name", _default_name(doc.get("sweep")))
+    doc.setdefault(
+        "name", _default_name(doc.get("sweep") or doc.get("training") or doc.get("service"))
+    )
     try:
         return JobSpec.model_validate(doc)
     except ValidationError as e:

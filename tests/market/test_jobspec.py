@@ -378,9 +378,44 @@ class TestProblems:
         found = problems(sweep_file("  a: {values: [1]}\n", extra=extra))
         assert "min_iter" in found["early_terminate.min_iter"]
 
-    def test_other_job_kinds_are_not_supported_yet(self) -> None:
+    def test_a_training_kind_needs_its_training_section(self) -> None:
         found = problems("kind: training\n" + WANDB_SWEEP)
-        assert "not supported yet" in found["kind"]
+        assert "required for kind training" in found["training"]
+
+    def test_a_training_job_parses_with_its_shape(self) -> None:
+        spec = parse_job(
+            "kind: training\n"
+            "training:\n"
+            "  world_size: 8\n"
+            "  model: {parameters: 1e9, gradient_bytes: 2}\n"
+            "  batch_size: 4\n"
+            "  sequence_length: 2048\n"
+            "  sync: {method: diloco, inner_steps: 500}\n"
+            "  command: [train.py, --epochs=1]\n"
+        )
+        assert spec.training is not None
+        assert spec.training.model.parameters == 10**9
+        assert spec.training.tokens == 8192
+        assert spec.training.sync.inner_steps == 500
+        assert spec.name == "train"
+
+    def test_training_problems_name_their_fields(self) -> None:
+        found = problems(
+            "kind: training\n"
+            "training:\n"
+            "  world_size: 0\n"
+            "  model: {parameters: 1.5}\n"
+            "  command: [train.py]\n"
+            "  sync: {method: ddp, inner_steps: 10}\n"
+        )
+        assert "training.world_size" in found
+        assert "training.model.parameters" in found
+        assert any("inner_steps belongs to diloco" in m for m in found.values())
+
+    def test_a_service_job_parses(self) -> None:
+        spec = parse_job("kind: service\nservice:\n  command: [serve.py]\n  restarts: 3\n")
+        assert spec.service is not None
+        assert spec.service.restarts == 3
 
     def test_non_finite_numbers(self) -> None:
         found = problems(sweep_file("  a: {min: 0.0, max: .inf}\n"))
