@@ -1,6 +1,6 @@
 """``mercato``: the one console script, with subcommands for each kind of user.
 
-Provider operators: ``mercato provider run --config provider.toml``.
+Provider operators: ``mercato provider run|status|prices --config provider.toml``.
 Tenants: ``mercato market``.
 Developers: ``mercato cluster up|status|down``.
 """
@@ -50,6 +50,59 @@ def cmd_provider_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{where}: cannot use {path} as the node's home: {e.strerror}") from e
     setup_logging(home.path, verbose=args.verbose)
     asyncio.run(run_daemon(config, home))
+    return EXIT_OK
+
+
+def _operator_target(args: argparse.Namespace) -> tuple[Path, Any]:
+    """The node home (and config, if given) that `provider status|prices` look at."""
+    from node.config import load_config
+    from node.home import resolve_home
+
+    if args.config:
+        config = load_config(Path(args.config))
+        return Path(config.node.home or resolve_home()), config
+    return (Path(args.home) if args.home else resolve_home()), None
+
+
+def cmd_provider_status(args: argparse.Namespace) -> int:
+    from node import status_page
+
+    home, config = _operator_target(args)
+    doc = status_page.read_status(home, config)
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        status_page.print_status(doc, Console())
+    return EXIT_OK
+
+
+def _model_floor(text: str) -> tuple[str, int]:
+    """'H100-SXM=2.5' -> ('H100-SXM', 2_500_000); catalog aliases become canonical names."""
+    from market.catalog import UnknownDeviceModel, lookup
+
+    model, sep, credits = text.partition("=")
+    if not sep or not model.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: write MODEL=CREDITS, e.g. H100-SXM=2.5")
+    try:
+        model = lookup(model.strip()).name
+    except UnknownDeviceModel:
+        model = model.strip()  # the daemon answers with the models it sells
+    return model, _parse_credits(credits.strip())
+
+
+def cmd_provider_prices(args: argparse.Namespace) -> int:
+    from node import status_page
+
+    home, config = _operator_target(args)
+    if args.set or args.reset:
+        answer = status_page.send_price_update(home, dict(args.set or []), reset=args.reset)
+        rows = answer["prices"]
+    else:
+        rows = status_page.read_status(home, config)["prices"]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        status_page.print_prices(rows, Console())
     return EXIT_OK
 
 
@@ -345,6 +398,95 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return EXIT_OK if summary.job.state == "done" else EXIT_ERROR
 
 
+async def _plan(args: argparse.Namespace) -> Any:
+    from market.placement import plan
+    from node import jobs
+    from node.store import Store
+    from node.tenant import Tenant
+    from node.transport import HttpTransport
+
+    spec, _ = jobs.load_job_file(Path(args.job))
+    home = jobs.tenant_home()
+    transport = HttpTransport()
+    try:
+        with Store(home.store_path) as store:
+            tenant = Tenant(home.load_or_create_identity(), store, transport)
+            await tenant.refresh(resolve_peer(args.peer))
+            return spec, plan(
+                spec, tenant.adverts(), reputation=tenant.reputation(), now_ms=tenant.clock()
+            )
+    finally:
+        await transport.close()
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    spec, p = asyncio.run(_plan(args))
+    c = p.classification
+    cands = [
+        {
+            "provider": x.provider,
+            "address": x.address,
+            "model": x.model,
+            "free": x.free,
+            "interconnect": x.interconnect,
+            "bandwidth": x.bandwidth,
+            "gang_size": x.gang_size,
+            "price_floor": x.price,
+            "success": round(x.success, 3),
+            "fits": x.fits,
+            "why_not": x.why_not,
+            "expected_runtime_s": x.runtime_s,
+            "expected_cost": x.cost,
+        }
+        for x in p.candidates
+    ]
+    data = {
+        "kind": p.kind,
+        "class": c.workload.value,
+        "compute_s_per_step": c.compute_s,
+        "sync_bytes": c.sync_bytes,
+        "steps_per_sync": c.steps_per_sync,
+        "wan_ratio": c.wan_ratio,
+        "required_bandwidth": c.required_bandwidth,
+        "explanation": c.explanation,
+        "order": p.requirement.model_dump(),
+        "candidates": cands,
+        "placeable": p.placeable,
+        "missing": p.missing,
+    }
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return EXIT_OK if p.placeable else EXIT_ERROR
+    print(f"{spec.name}: {p.kind} job, class {c.workload.value}")
+    print(c.explanation)
+    if c.sync_bytes:
+        need = c.required_bandwidth
+        print(
+            f"  compute per step {c.compute_s:.3g} s; {c.sync_bytes / 1e9:.3g} GB per sync "
+            f"every {c.steps_per_sync} step(s); WAN ratio {c.wan_ratio:.3g}; "
+            f"required bandwidth {'-' if need is None else f'{need / 1e9:.3g} GB/s'}"
+        )
+    table = Table(title="Providers that could host it now")
+    for col in ("provider", "devices", "fabric", "floor", "fits", "runtime", "cost (cr)"):
+        table.add_column(col)
+    for x in cands:
+        rt = x["expected_runtime_s"]
+        cost = x["expected_cost"]
+        table.add_row(
+            x["provider"][:12],
+            f"{x['free']} free {x['model']}",
+            f"{x['interconnect']} {x['bandwidth'] / 1e9:.3g} GB/s x{x['gang_size']}",
+            _credits(x["price_floor"]),
+            "yes" if x["fits"] else f"no: {x['why_not']}",
+            "-" if rt is None else f"{rt:.0f} s",
+            "-" if cost is None else _credits(cost),
+        )
+    Console().print(table)
+    if p.missing:
+        print(f"cannot place it now: {p.missing}")
+    return EXIT_OK if p.placeable else EXIT_ERROR
+
+
 def cmd_cancel(args: argparse.Namespace) -> int:
     from node import jobs
 
@@ -471,11 +613,11 @@ def cmd_cluster_status(args: argparse.Namespace) -> int:
         print("no local cluster (start one with `mercato cluster up --providers 4`)")
         return EXIT_OK
     table = Table(title="Local cluster")
-    for col in ("name", "pid", "address", "devices", "health"):
+    for col in ("name", "pid", "status page", "devices", "health"):
         table.add_column(col)
     for r in rows:
         devs = ", ".join(f"{d['count']}x {d['model']}" for d in r["devices"]) or "-"
-        table.add_row(r["name"], str(r["pid"]), r["address"], devs, r["health"])
+        table.add_row(r["name"], str(r["pid"]), r["status_url"], devs, r["health"])
     Console().print(table)
     return EXIT_OK
 
@@ -509,6 +651,37 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", required=True, help="path to provider.toml")
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     run.set_defaults(func=cmd_provider_run)
+    pst = prov_sub.add_parser(
+        "status",
+        help="devices, leases, tasks and earnings of this provider",
+        description="Ask the running daemon (its /status.json over loopback); when it is "
+        "down, show what its store knows (leases, receipts, earnings, saved floors).",
+    )
+    prc = prov_sub.add_parser(
+        "prices",
+        help="show or set the price floors of the running daemon",
+        description="Without --set, show each device model's floor. --set MODEL=CREDITS "
+        "(credits per device-hour) changes it on the running daemon at once: the request "
+        "is signed with the node's own key from its home, the provider re-advertises, and "
+        "the floor is kept across restarts until the config's floor for that model changes.",
+    )
+    for sp in (pst, prc):
+        where = sp.add_mutually_exclusive_group()
+        where.add_argument("--config", help="the daemon's provider.toml (finds its home)")
+        where.add_argument("--home", help="the daemon's home (default: $MERCATO_HOME)")
+        sp.add_argument("--json", action="store_true", help="machine-readable output")
+    pst.set_defaults(func=cmd_provider_status)
+    prc.add_argument(
+        "--set",
+        action="append",
+        type=_model_floor,
+        metavar="MODEL=CREDITS",
+        help="new floor for a device model, e.g. RTX-4090=0.4 (repeatable)",
+    )
+    prc.add_argument(
+        "--reset", action="store_true", help="drop every earlier --set: back to the config"
+    )
+    prc.set_defaults(func=cmd_provider_prices)
 
     market = sub.add_parser(
         "market",
@@ -534,6 +707,18 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--quiet", action="store_true", help="no live progress view")
     submit.add_argument("--json", action="store_true", help="print the summary as JSON")
     submit.set_defaults(func=cmd_submit)
+
+    plan_p = sub.add_parser(
+        "plan",
+        help="classify a job and show where it could run now (spends nothing)",
+        description="A dry run: the workload class with its figures (compute per step, "
+        "bytes per sync, required bandwidth), the providers that could host the job now "
+        "with expected runtime and cost, or what is missing. Exit 1 if it cannot be placed.",
+    )
+    plan_p.add_argument("job", help="path to the job YAML")
+    plan_p.add_argument("--peer", help="a node's URL (default: $MERCATO_PEER or local cluster)")
+    plan_p.add_argument("--json", action="store_true")
+    plan_p.set_defaults(func=cmd_plan)
 
     resume = sub.add_parser("resume", help="continue a job after the tenant stopped")
     resume.add_argument("job", help="job id (or a unique prefix)")

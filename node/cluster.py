@@ -223,7 +223,11 @@ def _log_tail(record: NodeRecord, lines: int = 15) -> str:
 
 
 def up(
-    providers: int, home: Path | None = None, ttl_s: float = 6.0, timeout_s: float = 60.0
+    providers: int,
+    home: Path | None = None,
+    ttl_s: float = 6.0,
+    timeout_s: float = 60.0,
+    templates: tuple[Template, ...] = TEMPLATES,
 ) -> list[NodeRecord]:
     """Start the cluster; return when every node is up and every advert is in the directory."""
     if providers < 1:
@@ -247,7 +251,7 @@ def up(
         procs = []
         for i in range(providers):
             rec = _prepare(
-                root, f"provider-{i + 1}", boot.address, TEMPLATES[i % len(TEMPLATES)], ttl_s
+                root, f"provider-{i + 1}", boot.address, templates[i % len(templates)], ttl_s
             )
             p = _spawn(rec)
             rec.pid = p.pid
@@ -287,7 +291,7 @@ def _wait_advertised(boot: NodeRecord, providers: list[str], deadline: float) ->
 
 
 def status(home: Path | None = None) -> list[dict[str, Any]]:
-    """Each node with its pid, address, devices and health."""
+    """Each node with its pid, address, status page, devices and health."""
     out = []
     for n in load_state(cluster_root(home)):
         row: dict[str, Any] = {
@@ -297,6 +301,8 @@ def status(home: Path | None = None) -> list[dict[str, Any]]:
             "address": n.address,
             "node_id": n.node_id,
             "home": n.home,
+            # The node's status page (node.status_page); cluster nodes listen on loopback.
+            "status_url": n.address + "/" if n.address else "",
             "devices": [],
             "health": "dead",
         }

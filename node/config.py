@@ -6,11 +6,19 @@ whose message names the file, each bad field (dotted path) and what was wrong.
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    IPvAnyNetwork,
+    ValidationError,
+    model_validator,
+)
 
 from node.inventory import DeviceDecl, InterconnectDecl
 from protocol.errors import MercatoError
@@ -87,6 +95,18 @@ class SandboxSection(_Section):
     max_workspace_bytes: Annotated[int, Field(gt=0)] = 256 << 20
 
 
+class StatusSection(_Section):
+    """The operator endpoints: status page (GET /), /status.json, POST /control/prices."""
+
+    # Client networks allowed to use them. The page shows tenants' commands and metrics,
+    # so by default only this host; /control/prices also needs the node's own signature.
+    allow_from: list[IPvAnyNetwork] = [
+        ipaddress.IPv4Network("127.0.0.0/8"),
+        ipaddress.IPv6Network("::1/128"),
+    ]
+    refresh_s: Annotated[int, Field(ge=0, le=3600)] = 5  # page reload period; 0 = never
+
+
 class NodeConfig(_Section):
     """The whole ``provider.toml``."""
 
@@ -96,6 +116,7 @@ class NodeConfig(_Section):
     limits: LimitsSection = LimitsSection()
     market: MarketSection = MarketSection()
     sandbox: SandboxSection = SandboxSection()
+    status: StatusSection = StatusSection()
     devices: list[DeviceDecl] = []
     interconnect: InterconnectDecl | None = None
     # Check declared NVIDIA devices against what NVML finds (refuses to sell phantoms).

@@ -14,9 +14,10 @@ import logging
 import os
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 
 from market.directory import Directory, Entry, Offer
 from node.metrics import NodeMetrics
@@ -72,6 +73,9 @@ class NodeSettings:
     bootstrap: list[str] = field(default_factory=list)
     gossip_interval_s: float = 2.0
     fanout: int = 3
+    #: Relayed news is batched: at most one push to ``fanout`` peers per this many
+    #: seconds (None: a quarter of the gossip interval). See docs/simulation.md.
+    push_interval_s: float | None = None
     request_timeout_s: float = 3.0
     max_peer_failures: int = 3
     max_peers: int = 1000
@@ -83,6 +87,38 @@ class NodeSettings:
     replay_window_ms: int = 120_000
     clock_skew_ms: int = 30_000
     directory_page: int = 500
+
+
+class VerifiedAdverts:
+    """A bounded memo of advert envelopes already opened and verified: exact bytes -> Envelope.
+
+    A node hears each advert several times (from each peer that pushes it, and again in
+    anti-entropy); a byte-identical copy opens to the same result, so the memo skips the
+    decode and the signature check. Opening a relayed advert takes no clock, replay guard
+    or recipient (expiry is the directory's business), so the result depends only on the
+    bytes and the size limits: nodes with the same limits may share one memo, as the
+    nodes of a simulation do (each advert is still verified once, for real).
+    """
+
+    def __init__(self, max_entries: int = 4096) -> None:
+        self.max_entries = max_entries
+        self._opened: OrderedDict[bytes, Envelope] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def open(self, raw: bytes, now_ms: int, limits: codec.Limits) -> Envelope:
+        """The opened envelope of ``raw``; raises like ``open_envelope`` (errors are not kept)."""
+        env = self._opened.get(raw)
+        if env is not None:
+            self.hits += 1
+            self._opened.move_to_end(raw)
+            return env
+        self.misses += 1
+        env = open_envelope(raw, now_ms=now_ms, replay=None, limits=limits)
+        self._opened[env.raw] = env
+        if len(self._opened) > self.max_entries:
+            self._opened.popitem(last=False)
+        return env
 
 
 @dataclass
@@ -111,6 +147,8 @@ class Node:
         metrics: NodeMetrics | None = None,
         on_advert: Callable[[Entry], None] | None = None,
         on_peer: Callable[[Peer], None] | None = None,
+        nonce: Callable[[], bytes] | None = None,
+        verified: VerifiedAdverts | None = None,
     ) -> None:
         self.identity = identity
         self.node_id = identity.node_id
@@ -118,6 +156,9 @@ class Node:
         self.transport = transport
         self.clock = clock
         self.rng = rng or random.Random()
+        #: Envelope nonces: random by default; a simulation passes a seeded source.
+        self.nonce: Callable[[], bytes] = nonce or (lambda: os.urandom(16))
+        self.verified = verified if verified is not None else VerifiedAdverts()
         self.capacity = capacity
         self.metrics = metrics or NodeMetrics()
         self.directory = Directory()
@@ -130,6 +171,9 @@ class Node:
         self._advert_seq = 0
         self._own_advert: bytes | None = None
         self._capacity_changed = asyncio.Event()
+        self._news: dict[str, bytes] = {}  # provider -> newest advert waiting to be relayed
+        self._news_from: set[str] = set()  # peers it came from (not pushed back to them)
+        self._news_ready = asyncio.Event()
         self._tasks: asyncio.TaskGroup | None = None
         self._runner: asyncio.Task[None] | None = None
         self._started = asyncio.Event()
@@ -179,7 +223,7 @@ class Node:
         return self.seal(reply, to=env.sender)
 
     def seal(self, body: Body, to: str | None = None) -> bytes:
-        return seal(self.identity, body, now_ms=self.clock(), nonce=os.urandom(16), to=to)
+        return seal(self.identity, body, now_ms=self.clock(), nonce=self.nonce(), to=to)
 
     # --- outgoing ---------------------------------------------------------------
 
@@ -243,9 +287,18 @@ class Node:
         if peer.role != "bootstrap":
             peer.role = role
 
-    def sample_peers(self, k: int, exclude: Iterable[str] = ()) -> list[Peer]:
+    def sample_peers(
+        self, k: int, exclude: Iterable[str] = (), *, spare_bootstrap: bool = False
+    ) -> list[Peer]:
+        """``k`` random peers. ``spare_bootstrap``: leave bootstrap nodes out while at least
+        ``k`` others are known; every node knows them, so routine gossip would make them
+        hotspots whose load grows with the network."""
         skip = set(exclude)
         pool = [p for p in self.peers.values() if p.address not in skip]
+        if spare_bootstrap:
+            others = [p for p in pool if p.role != "bootstrap"]
+            if len(others) >= k:
+                pool = others
         return self.rng.sample(pool, min(k, len(pool)))
 
     async def _on_hello(self, env: Envelope) -> Body | bytes | None:
@@ -283,7 +336,7 @@ class Node:
         Returns None when the advert is rejected (counted by code).
         """
         try:
-            env = open_envelope(raw, now_ms=self.clock(), replay=None, limits=self.limits)
+            env = self.verified.open(raw, self.clock(), self.limits)
             if not isinstance(env.body, Advert):
                 raise UnexpectedMessageError(f"directory holds adverts, not {env.type}")
         except MercatoError as e:
@@ -292,7 +345,8 @@ class Node:
             return None
         advert = env.body
         now = self.clock()
-        result = self.directory.offer(advert, raw, now)
+        # env.raw: the memo's copy, so identical adverts share one bytes object.
+        result = self.directory.offer(advert, env.raw, now)
         if result is Offer.EXPIRED:
             self.metrics.rejections.labels("expired_advert").inc()
         if result.accepted:
@@ -322,14 +376,24 @@ class Node:
     async def _on_directory_push(self, env: Envelope) -> Body | bytes | None:
         msg = env.body
         assert isinstance(msg, DirectoryMsg)
-        fresh = [raw for raw in msg.adverts if self._ingest_is_news(raw)]
+        fresh = [e for raw in msg.adverts if (e := self._ingest_news(raw)) is not None]
         if fresh:
-            self._spawn(self._push(fresh, exclude=[self._address_of(env.sender)]))
+            # Rumor mongering: relay the news, batched (see _push_loop).
+            for entry in fresh:
+                self._news[entry.provider] = entry.envelope
+            self._news_from.add(self._address_of(env.sender))
+            self._news_ready.set()
         return None
 
     def _ingest_is_news(self, raw: bytes) -> bool:
+        return self._ingest_news(raw) is not None
+
+    def _ingest_news(self, raw: bytes) -> Entry | None:
+        """Ingest ``raw``; the directory entry it made when it was news, else None."""
         result = self.ingest_advert(raw)
-        return result is not None and result.accepted
+        if result is None or not result.accepted:
+            return None
+        return self.directory.get(self.verified.open(raw, self.clock(), self.limits).sender)
 
     def _address_of(self, node_id: str) -> str:
         for p in self.peers.values():
@@ -339,7 +403,7 @@ class Node:
 
     async def _push(self, adverts: list[bytes], exclude: Iterable[str] = ()) -> None:
         """Rumor mongering: push news to ``fanout`` random peers (not back to its source)."""
-        targets = self.sample_peers(self.settings.fanout, exclude=exclude)
+        targets = self.sample_peers(self.settings.fanout, exclude=exclude, spare_bootstrap=True)
         msg = DirectoryMsg(adverts=adverts)
         await asyncio.gather(*(self._try_request(p, msg) for p in targets))
 
@@ -462,6 +526,7 @@ class Node:
                     await self._quiet(self.advertise())
                     tg.create_task(self._advert_loop())
                 tg.create_task(self._gossip_loop())
+                tg.create_task(self._push_loop())
                 tg.create_task(self._expiry_loop())
                 for service in self.services:
                     tg.create_task(service())
@@ -485,13 +550,36 @@ class Node:
             self._capacity_changed.clear()
             await self._quiet(self.advertise())
 
+    async def _push_loop(self) -> None:
+        """Relay queued news at most once per push interval, in one message per peer.
+
+        Pushing each advert on arrival costs every node ``fanout`` messages per advert
+        anywhere in the network, so per-node load would grow with the number of
+        providers; one batch per interval bounds it at ``fanout`` messages per interval
+        (the bytes still grow with the news). A newer advert replaces a queued older one.
+        """
+        interval = self.settings.push_interval_s
+        if interval is None:
+            interval = self.settings.gossip_interval_s / 4
+        page = self.settings.directory_page
+        while True:
+            await self._news_ready.wait()
+            await asyncio.sleep(interval)
+            self._news_ready.clear()
+            now = self.clock()
+            # The directory's entry: it may be newer still (learned by anti-entropy).
+            news = [e.envelope for p in self._news if _live(e := self.directory.get(p), now)]
+            sources, self._news, self._news_from = self._news_from, {}, set()
+            for i in range(0, len(news), page):
+                self._spawn(self._push(news[i : i + page], exclude=sources))
+
     async def _gossip_loop(self) -> None:
         rounds = 0
         while True:
             # Jitter avoids every node of a cluster gossiping in lock-step.
             await asyncio.sleep(self.settings.gossip_interval_s * self.rng.uniform(0.75, 1.25))
             rounds += 1
-            for peer in self.sample_peers(1):
+            for peer in self.sample_peers(1, spare_bootstrap=True):
                 await self._quiet(self.anti_entropy(peer))
                 if rounds % 5 == 0 or len(self.peers) < self.settings.fanout:
                     await self._quiet(self.exchange_peers(peer))
@@ -520,3 +608,7 @@ class Node:
         if self._runner is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._runner
+
+
+def _live(entry: Entry | None, now_ms: int) -> TypeGuard[Entry]:
+    return entry is not None and entry.advert.expires_ms > now_ms

@@ -7,6 +7,8 @@ Endpoints (docs/protocol.md, "HTTP transport"):
   and is counted in ``mercato_rejections_total{code}``.
 * ``GET /healthz``: JSON with the node id, role, address, peers, adverts, devices.
 * ``GET /metrics``: Prometheus text format.
+* ``GET /``, ``GET /status.json``, ``POST /control/prices``: the operator's status
+  page, its data, and price floors (node.status_page; loopback unless configured).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from node.inventory import Inventory, build_inventory
 from node.metrics import CONTENT_TYPE, NodeMetrics
 from node.provider import ProviderService
 from node.sandbox import SandboxExecutor
+from node.status_page import PriceFloors, StatusSource, add_routes, local_url
 from node.store import Store
 from node.transport import ENVELOPE_CONTENT_TYPE, P2P_PATH, HttpTransport
 from node.work import WorkService
@@ -139,7 +142,9 @@ async def handle_metrics(request: web.Request) -> web.Response:
     return web.Response(body=node.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
 
-def build_app(node: Node, info: dict[str, Any]) -> web.Application:
+def build_app(
+    node: Node, info: dict[str, Any], status: StatusSource | None = None
+) -> web.Application:
     app = web.Application(client_max_size=node.limits.max_size)
     app[NODE_KEY] = node
     app[INFO_KEY] = info
@@ -147,6 +152,7 @@ def build_app(node: Node, info: dict[str, Any]) -> web.Application:
     app.router.add_get("/healthz", handle_healthz)
     app.router.add_get("/metrics", handle_metrics)
     app.router.add_get("/directory.json", handle_directory)
+    add_routes(app, status or StatusSource(node=node, info=info))
     return app
 
 
@@ -216,6 +222,9 @@ class Daemon:
             on_advert=lambda e: _persist_advert(store, e),
             on_peer=lambda p: _persist_peer(store, p, wall_clock_ms()),
         )
+        provider: ProviderService | None = None
+        work: WorkService | None = None
+        floors: PriceFloors | None = None
         if inventory is not None:
             all_ids = set(inventory.ids)
             engine = BidEngine(
@@ -225,6 +234,8 @@ class Daemon:
                 bid_ttl_ms=int(config.market.bid_ttl_s * 1000),
                 strategy=FloorPlusUtilisation(surge_pct=config.market.surge_pct),
             )
+            floors = PriceFloors(engine, store)
+            floors.restore()  # the operator's floors from `mercato provider prices --set`
             provider = ProviderService(node, engine, store)
             sb = config.sandbox
             executor = SandboxExecutor(
@@ -241,7 +252,7 @@ class Daemon:
                     "CUDA_VISIBLE_DEVICES": inv.cuda_visible_devices(ids),
                 }
 
-            WorkService(
+            work = WorkService(
                 node,
                 provider,
                 executor,
@@ -257,10 +268,22 @@ class Daemon:
                 allow_network=sb.allow_network,
             )
         info: dict[str, Any] = {"node_id": identity.node_id, "role": config.node.role}
-        runner = web.AppRunner(build_app(node, info), access_log=None, handle_signals=False)
+        status = StatusSource(
+            node=node,
+            info=info,
+            store=store,
+            provider=provider,
+            work=work,
+            floors=floors,
+            allow_from=tuple(config.status.allow_from),
+            refresh_s=config.status.refresh_s,
+        )
+        runner = web.AppRunner(build_app(node, info, status), access_log=None, handle_signals=False)
         await runner.setup()
         await web.SockSite(runner, sock).start()
-        info.update(address=address, pid=os.getpid())
+        # The operator's CLI talks to this node over loopback whatever address it advertises.
+        control = local_url(config.node.listen_host, port)
+        info.update(address=address, pid=os.getpid(), control_url=control)
         _restore(node, store)
         await node.start()
         (home.path / READY_FILE).write_text(json.dumps(info))

@@ -47,7 +47,22 @@ Trial I/O conventions (the same on every executor)
   update ``metrics`` and reach ``on_metrics``, so the final result of a chatty
   trial is not lost. ``metric_history`` keeps only records within the cap.
 * ``exit_code`` follows the shell convention: the exit status, or 128 + N when the
-  trial died of signal N.
+  trial died of signal N. ``state`` is ``succeeded`` for exit 0, ``failed`` for any
+  other end of the trial's own making, ``timed_out`` after ``spec.timeout_s`` and
+  ``cancelled`` after ``cancel``; in the last two the trial first gets SIGTERM (or
+  the backend's equivalent) so it can save its state, and is killed after a grace
+  period, with every process it started.
+* ``wall_ms`` runs from start to end; ``cpu_ms`` and ``max_rss_bytes`` are what the
+  trial itself used (each backend documents how it measures them).
+
+Adding a backend
+----------------
+
+Implement ``run`` and ``cancel`` in a new ``node/`` module, feed the bytes of the
+trial's log to an :class:`OutputCollector` (so the output cap and the metrics rules
+stay the same), map the backend's end states to :class:`TrialState`, and raise the
+typed errors below for what cannot start. The provider picks the executor from its
+configuration; nothing else changes.
 """
 
 from __future__ import annotations
@@ -264,6 +279,10 @@ class Executor(Protocol):
 
     async def cancel(self, task_id: str) -> bool:
         """Stop a running trial; ``False`` if it was not running."""
+        ...
+
+    def discard(self, task_id: str) -> None:
+        """Free what a finished trial left behind (work dir, log) once its result shipped."""
         ...
 
 

@@ -136,7 +136,10 @@ def trial_json(t: TrialRow) -> dict[str, Any]:
 def summarize(store: Store, job: JobRow) -> JobSummary:
     spec = parse_job(job.spec_yaml, job.job_id)
     trials = JobStore(store).trials(job.job_id)
-    metric = spec.sweep_config.metric
+    if spec.sweep is not None:
+        metric = spec.sweep.metric
+    else:
+        metric = spec.training.metric if spec.training is not None else None
     done = [t for t in trials if t.state == "succeeded" and t.value is not None]
     best = None
     if done and metric is not None:
@@ -229,6 +232,70 @@ async def drive(
     return progress
 
 
+async def drive_gang(
+    job: JobRow, spec: JobSpec, workspace: bytes, *, peer: str, store: Store, home: NodeHome
+) -> None:
+    """Run a training or service job on one gang; its run is stored as trial 0."""
+    from node.gang import GangRunner
+
+    transport = HttpTransport()
+    tenant = Tenant(home.load_or_create_identity(), store, transport)
+    jobs = JobStore(store)
+    runner = GangRunner(
+        tenant,
+        store,
+        spec,
+        workspace,
+        job.workspace_hash,
+        peer=peer,
+        log_path=job_dir(home, job.job_id) / "logs" / "0.log",
+        on_event=lambda m: print(f"[{job.job_id}] {m}", file=sys.stderr, flush=True),
+        job_id=job.job_id,
+    )
+
+    async def watch_cancel() -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            current = jobs.get_job(job.job_id)
+            if current is not None and current.state == "cancelled":
+                runner.cancel()
+                return
+
+    if jobs.trial(job.job_id, 0) is None:
+        jobs.add_trial(job.job_id, 0, {})
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, runner.cancel)
+    loop.add_signal_handler(signal.SIGTERM, runner.cancel)
+    watcher = asyncio.ensure_future(watch_cancel())
+    try:
+        report = await runner.run()
+    finally:
+        watcher.cancel()
+        loop.remove_signal_handler(signal.SIGINT)
+        loop.remove_signal_handler(signal.SIGTERM)
+        await transport.close()
+    result = report.result
+    metric = spec.training.metric if spec.training is not None else None
+    value = result.metrics.get(metric.name) if (result is not None and metric) else None
+    state = {"succeeded": "succeeded", "cancelled": "cancelled"}.get(report.state, "failed")
+    jobs.finish_trial(
+        job.job_id,
+        0,
+        state=state,
+        value=None if value is None else float(value),
+        metrics={} if result is None else dict(result.metrics),
+        attempts=report.attempts,
+        provider=report.provider,
+        lease_id=None if report.lease is None else report.lease.lease_id,
+        detail=report.message,
+        finished_ms=wall_clock_ms(),
+    )
+    final = {"succeeded": "done", "cancelled": "cancelled"}.get(report.state, "failed")
+    if spec.kind == "service" and report.state != "cancelled":
+        final = "failed"
+    jobs.set_job_state(job.job_id, final, wall_clock_ms(), report.message)
+
+
 def submit(path: Path, *, peer: str, parallel: int, seed: int | None, quiet: bool) -> JobSummary:
     spec, text = load_job_file(path)
     ws = pack(path.resolve().parent)
@@ -260,18 +327,21 @@ def submit(path: Path, *, peer: str, parallel: int, seed: int | None, quiet: boo
             file=sys.stderr,
             flush=True,
         )
-        asyncio.run(
-            drive(
-                job,
-                spec,
-                ws.data,
-                peer=peer,
-                parallel=parallel,
-                store=store,
-                home=home,
-                quiet=quiet,
+        if spec.kind == "sweep":
+            asyncio.run(
+                drive(
+                    job,
+                    spec,
+                    ws.data,
+                    peer=peer,
+                    parallel=parallel,
+                    store=store,
+                    home=home,
+                    quiet=quiet,
+                )
             )
-        )
+        else:
+            asyncio.run(drive_gang(job, spec, ws.data, peer=peer, store=store, home=home))
         return summarize(store, find(store, job_id))
 
 

@@ -28,7 +28,8 @@ Inside bubblewrap (``bwrap``) the trial sees a new root built from:
   :func:`node.trial.report`), plus any ``ro_paths`` the provider shares (datasets);
 * fresh ``/proc``, a minimal ``/dev`` (plus ``spec.device_nodes``), a private
   ``/tmp`` tmpfs of ``limits.tmp_bytes``;
-* the trial's ``work/`` bound read-write at its own path, as cwd.
+* the trial's ``work/`` bound read-write at its own path, as cwd; the rest of the
+  root is remounted read-only, so the trial writes only to ``work/`` and ``/tmp``.
 
 Hidden paths (the provider home, ``MERCATO_HOME``, and ``root_dir`` itself) are
 never exposed: bwrap builds the root in an empty tmpfs, so binding only the trial's
@@ -43,36 +44,45 @@ network only with ``--share-net`` when the spec asks and the executor allows it)
 then ``spec.env``, then ``HOME`` (the work dir), ``TMPDIR``,
 ``PYTHONUNBUFFERED=1``, then ``spec.device_env``.
 
-Limits: a small helper (this module's ``_HELPER``, run as ``python -I -S``) sets the
-rlimits, resets SIGPIPE/SIGXFSZ, asks for SIGKILL when the provider dies, closes
-inherited descriptors and execs bwrap (or the trial itself when unsandboxed). We
-spawn it with ``os.posix_spawn``, which is safe in a threaded process, unlike a
-``preexec_fn``. RLIMIT_CORE is always 0. Caveat: RLIMIT_NPROC counts every process
-of the user, not of the trial, and the kernel does not apply it to root (uid 0
-outside the user namespace, which is what bwrap maps root to); a provider that
-needs a hard process cap runs as a dedicated user or adds a cgroup ``pids.max``.
-Likewise a trial's files are bounded per file (RLIMIT_FSIZE), not in total:
+Supervisor: we do not exec the trial (or bwrap) directly but a small supervisor
+(``_SUPERVISOR``, run as ``python -I -S``) spawned with ``os.posix_spawn``, which is
+safe in a threaded process, unlike ``preexec_fn``. It sets the rlimits, resets
+SIGPIPE/SIGXFSZ, asks for SIGKILL when the provider dies, closes inherited
+descriptors, makes itself a child subreaper, forks the command and reaps every
+process of the trial until none is left, then exits with the command's status.
+
+Limits (setrlimit(2)): RLIMIT_AS, RLIMIT_NPROC, RLIMIT_FSIZE and RLIMIT_CPU from
+``spec.limits``, RLIMIT_CORE always 0. Caveat: RLIMIT_NPROC counts every process of
+the user, not of the trial, and the kernel does not apply it to root (bwrap maps
+root in the sandbox to root outside, so ``--unshare-user`` does not help then); a
+provider that needs a hard process cap runs as a dedicated user or adds a cgroup
+``pids.max``. Files are bounded one by one (RLIMIT_FSIZE), not in total:
 ``root_dir`` belongs on a volume with a quota.
 
-Stopping: the trial runs in its own session and process group. On timeout or
-cancel the group gets SIGTERM, then SIGKILL after ``kill_grace_s``. In the sandbox
-SIGTERM ends bwrap at once, and its pid namespace takes every process of the trial
-with it, including ones that daemonised. Unsandboxed, the group is killed, and
-after every exit too, so children left behind die with the trial; a process that
-calls setsid() itself escapes that (one more reason to use the sandbox).
+Stopping: on timeout or cancel the supervisor gets SIGTERM and passes it to every
+process of the trial (not to bwrap, whose death would tear the sandbox down at
+once), so a trial can save its state; after ``kill_grace_s`` the supervisor's
+process group (supervisor, bwrap or the unsandboxed trial) gets SIGKILL. Nothing
+outlives the trial: in the sandbox bwrap's pid namespace ends with it, taking
+every process, daemonised or not (``--die-with-parent`` and the supervisor's
+parent-death signal cover a provider that dies). Unsandboxed, processes left behind
+are orphans that the subreaper adopts and kills when the trial's command exits,
+including ones that called setsid(); only a trial that ignores SIGTERM until the
+SIGKILL can leave such an escaped process behind, one more reason for the sandbox.
 
 Output: stdout and stderr share one pipe, read without blocking and fed to
 :class:`node.executor.OutputCollector` (cap and metrics rules are documented there):
 past the cap the trial keeps running and its output is drained and dropped, so it
 neither blocks nor fills the disk or memory; its timeout ends it.
 
-Usage: ``wait4(2)`` on the trial's own pid gives its rusage, which includes every
-descendant it waited for, so concurrent trials never blur each other (unlike
-``getrusage(RUSAGE_CHILDREN)``, which sums all of the provider's children). In the
-sandbox bwrap's pid 1 reaps everything, so the figure covers the whole trial when
-it exits on its own; a trial killed on timeout or cancel may be under-counted,
-since processes torn down with the namespace are not reaped by anyone we wait for.
-``max_rss_bytes`` is the largest resident set of any one process of the trial.
+Usage: ``wait4(2)`` on the supervisor gives the rusage of the supervisor and of
+everything it reaped, which is the whole trial (bwrap's pid 1 reaps the sandbox's
+processes and is reaped by the supervisor in turn), and nothing else: concurrent
+trials never blur each other, unlike ``getrusage(RUSAGE_CHILDREN)``, which sums all
+of the provider's children. A trial stopped with SIGTERM is still counted in full;
+one that needed the SIGKILL is under-counted (the kernel reaps a dying pid
+namespace without accounting). ``max_rss_bytes`` is the largest resident set of any
+one process of the trial (at least the supervisor's, about 10 MB).
 """
 
 from __future__ import annotations
@@ -118,7 +128,9 @@ DEFAULT_KILL_GRACE_S = 2.0
 _DRAIN_S = 1.0
 _READ_CHUNK = 64 * 1024
 
-#: /etc entries a typical Python trial needs; secrets such as /etc/shadow are absent.
+#: /etc entries a typical Python trial needs. Never /etc/shadow, nor /etc/ssl or
+#: /etc/pki whole: their private/ dirs hold the host's TLS keys, which a trial that is
+#: uid 0 on the host (a provider run as root) could read.
 _ETC = (
     "/etc/alternatives",
     "/etc/ca-certificates",
@@ -134,11 +146,14 @@ _ETC = (
     "/etc/nsswitch.conf",
     "/etc/os-release",
     "/etc/passwd",
-    "/etc/pki",
+    "/etc/pki/ca-trust",
+    "/etc/pki/tls/cert.pem",
+    "/etc/pki/tls/certs",
     "/etc/protocols",
     "/etc/resolv.conf",
     "/etc/services",
-    "/etc/ssl",
+    "/etc/ssl/certs",
+    "/etc/ssl/openssl.cnf",
     "/etc/timezone",
 )
 _TOP_LEVEL = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
@@ -149,9 +164,11 @@ _PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # The trial's supervisor, run as ``python -I -S`` (fast, immune to the env): it sets
 # the rlimits, becomes a child subreaper, forks the command, reaps every process of
 # the trial and exits with the command's status (128 + N for signal N). Reaping
-# everything is what makes wait4() on it account for the whole trial; see the module
-# docstring. It ignores SIGTERM so that it outlives the trial it is stopping.
-_HELPER = r"""
+# everything is what makes wait4() on it account for the whole trial. SIGTERM to it
+# is forwarded to each process of the trial, skipping the first ``skip`` levels
+# (bwrap and its pid 1, whose death would tear the sandbox down at once, and with
+# it the processes' CPU accounting and their chance to save state).
+_SUPERVISOR = r"""
 import json, os, resource, signal, sys
 cfg = json.loads(sys.argv[1])
 argv = sys.argv[2:]
@@ -175,26 +192,43 @@ for name, soft, hard in cfg["limits"]:
     resource.setrlimit(kind, (soft, hard))
 os.chdir(cfg["cwd"])
 os.closerange(3, max(3, resource.getrlimit(resource.RLIMIT_NOFILE)[0]))
-STOP = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-for sig in STOP:
-    signal.signal(sig, signal.SIG_IGN)
+def children(pid):
+    out = []
+    try:
+        tasks = os.listdir("/proc/%d/task" % pid)
+    except OSError:
+        return out
+    for tid in tasks:
+        try:
+            with open("/proc/%d/task/%s/children" % (pid, tid)) as f:
+                out.extend(int(c) for c in f.read().split())
+        except (OSError, ValueError):
+            pass
+    return out
+def forward(signum, frame):
+    stack = [(c, 1) for c in children(os.getpid())]
+    while stack:
+        pid, depth = stack.pop()
+        if depth > cfg["skip"]:
+            try:
+                os.kill(pid, signum)
+            except OSError:
+                pass
+        stack.extend((c, depth + 1) for c in children(pid))
+signal.signal(signal.SIGTERM, forward)
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGHUP, signal.SIG_IGN)
 pid = os.fork()
 if pid == 0:
     try:
         prctl(1, int(signal.SIGKILL))
-        for sig in (*STOP, signal.SIGPIPE, signal.SIGXFSZ):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE, signal.SIGXFSZ):
             signal.signal(sig, signal.SIG_DFL)
         os.execvp(argv[0], argv)
     except OSError as exc:
         sys.stderr.write("mercato: cannot run %r: %s\n" % (argv[0], exc.strerror))
         sys.stderr.flush()
     os._exit(127)
-def children():
-    try:
-        with open("/proc/self/task/%d/children" % os.getpid()) as f:
-            return [int(c) for c in f.read().split()]
-    except (OSError, ValueError):
-        return []
 code = None
 while True:
     try:
@@ -204,7 +238,7 @@ while True:
     if died == pid:
         code = os.waitstatus_to_exitcode(status)
     if code is not None:
-        for child in children():
+        for child in children(os.getpid()):
             try:
                 os.kill(child, signal.SIGKILL)
             except OSError:
@@ -372,10 +406,15 @@ class SandboxExecutor:
         await running.done.wait()
         return True
 
+    def discard(self, task_id: str) -> None:
+        """Delete a finished trial's directory (work dir and log) once it is shipped."""
+        if task_id in self._running:
+            raise TrialAlreadyRunningError(f"trial {task_id} is still running")
+        _remove_tree(self.root_dir / task_id)
+
     def _prepare(self, spec: TrialSpec) -> Path:
         trial_dir = self.root_dir / spec.task_id
-        if trial_dir.exists() or trial_dir.is_symlink():
-            shutil.rmtree(trial_dir)
+        _remove_tree(trial_dir)
         trial_dir.mkdir(mode=0o700)
         work = trial_dir / WORK_DIR
         shutil.copytree(spec.workspace, work, symlinks=True, copy_function=_copy_regular)
@@ -402,7 +441,10 @@ class SandboxExecutor:
         if probe.disable_userns:
             args += ["--unshare-user", "--disable-userns"]
         args += ["--die-with-parent", "--new-session", "--cap-drop", "ALL"]
-        args += ["--proc", "/proc", "--dev", "/dev"]
+        # Read-only /proc: the trial may be uid 0 outside the sandbox (a provider run as
+        # root), and a root-owned, writable /proc/sys/kernel/core_pattern would let it
+        # run code on the host; bwrap only covers what it finds writable by mode.
+        args += ["--proc", "/proc", "--remount-ro", "/proc", "--dev", "/dev"]
         for node in spec.device_nodes:
             args += ["--dev-bind", node, node]
         if probe.tmpfs_size and spec.limits.tmp_bytes is not None:
@@ -479,7 +521,9 @@ class SandboxExecutor:
             else:
                 env = self._env(spec, work, str(trial_dir / "tmp"))
                 command = list(spec.argv)
-            proc = _Process.spawn(command, env, work, spec, collector)
+            # bwrap and its pid 1 stand between the supervisor and the trial.
+            skip = 2 if self.sandboxed else 0
+            proc = _Process.spawn(command, env, work, spec, collector, skip)
             try:
                 state = await proc.supervise(spec.timeout_s, running.cancel, self.kill_grace_s)
                 await proc.drain()
@@ -526,6 +570,23 @@ class SandboxExecutor:
         )
 
 
+def _remove_tree(path: Path) -> None:
+    """Remove a trial's directory, including dirs the trial made read-only."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+        return
+    if not path.is_dir():
+        return
+    path.chmod(0o700)
+    for dirpath, dirnames, _ in os.walk(path):
+        for name in dirnames:
+            child = os.path.join(dirpath, name)
+            # chmod follows links: a link the trial planted must never be chmodded.
+            if not os.path.islink(child):
+                os.chmod(child, 0o700)
+    shutil.rmtree(path)
+
+
 def _copy_regular(src: str, dst: str) -> Any:
     if not stat.S_ISREG(os.lstat(src).st_mode):
         raise InvalidTrialSpecError(f"workspace entry {src} is not a regular file")
@@ -554,7 +615,7 @@ def _rlimits(spec: TrialSpec) -> list[tuple[str, int, int]]:
 
 
 class _Process:
-    """One spawned trial: its pid (also its process group), output pipe and exit."""
+    """One spawned trial: its supervisor's pid (also its process group), output and exit."""
 
     def __init__(self, pid: int, read_fd: int, started: float, collector: OutputCollector) -> None:
         self.pid = pid
@@ -588,10 +649,13 @@ class _Process:
         cwd: str,
         spec: TrialSpec,
         collector: OutputCollector,
+        skip: int,
     ) -> _Process:
-        """Start ``command`` through the limits helper, in a new session, output piped."""
-        config = json.dumps({"parent": os.getpid(), "cwd": cwd, "limits": _rlimits(spec)})
-        argv = [sys.executable, "-I", "-S", "-c", _HELPER, config, *command]
+        """Start ``command`` under the supervisor, in a new session, output piped."""
+        config = json.dumps(
+            {"parent": os.getpid(), "cwd": cwd, "limits": _rlimits(spec), "skip": skip}
+        )
+        argv = [sys.executable, "-I", "-S", "-c", _SUPERVISOR, config, *command]
         read_fd, write_fd = os.pipe()
         try:
             pid = os.posix_spawn(
@@ -644,11 +708,13 @@ class _Process:
         return state
 
     async def stop(self, grace_s: float) -> None:
-        """SIGTERM the group, SIGKILL it after ``grace_s``, then reap (no-op once reaped)."""
+        """SIGTERM the trial, SIGKILL its group after ``grace_s``, reap (no-op once reaped)."""
         if self._reaped:
             return
         if not self._exited.done():
-            self._signal(signal.SIGTERM)
+            # To the supervisor only: it passes SIGTERM on to the trial's processes.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGTERM)
             try:
                 await asyncio.wait_for(asyncio.shield(self._exited), grace_s)
             except TimeoutError:

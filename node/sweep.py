@@ -175,6 +175,25 @@ class SweepRunner:
             line["amount"] for line in self.store.ledger() if self._is_ours(line["lease_id"])
         )
 
+    async def _settle_stale_leases(self) -> None:
+        """End the leases a killed run of this job left active, paying what they held.
+
+        A provider that still holds one (the tenant came back within its heartbeat
+        grace) frees the units and bills the time so far; one that gave it up already
+        (or is gone) answers with no receipt, and the lease is recorded as lost.
+        """
+
+        async def settle(lease: LeaseRow) -> None:
+            try:
+                receipt = await self.tenant.release(lease)
+            except MercatoError:
+                self.store.set_lease_state(lease.lease_id, "lost", self.tenant.clock())
+            else:
+                self._spent_before += receipt.amount
+
+        stale = [x for x in self.store.list_leases("active") if x.job_id == self.job_id]
+        await asyncio.gather(*(settle(x) for x in stale))
+
     def _is_ours(self, lease_id: str) -> bool:
         lease = self.store.get_lease(lease_id)
         return lease is not None and lease.job_id == self.job_id
@@ -183,6 +202,7 @@ class SweepRunner:
 
     async def run(self) -> Progress:
         self._restore()
+        await self._settle_stale_leases()
         self._refresh_progress()
         try:
             async with asyncio.TaskGroup() as tg:
@@ -195,9 +215,24 @@ class SweepRunner:
                         t.cancel()
         finally:
             await self._release_all()
+            if self._cancelled:
+                self._cancel_unfinished()
         self._refresh_progress()
         self._notify()
         return self.progress
+
+    def _cancel_unfinished(self) -> None:
+        """A cancelled job's unfinished trials end as cancelled, not as running forever."""
+        now = self.tenant.clock()
+        for r in self.jobs.trials(self.job_id):
+            if r.state in ("pending", "running"):
+                self.jobs.finish_trial(
+                    self.job_id,
+                    r.number,
+                    state="cancelled",
+                    detail="job cancelled",
+                    finished_ms=now,
+                )
 
     def cancel(self) -> None:
         self._cancelled = True

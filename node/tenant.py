@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -76,6 +75,7 @@ class Tenant:
         *,
         clock: Callable[[], int] = wall_clock_ms,
         request_timeout_s: float = 5.0,
+        nonce: Callable[[], bytes] | None = None,
     ) -> None:
         self.identity = identity
         self.store = store
@@ -85,6 +85,7 @@ class Tenant:
             NodeSettings(role="tenant", address=None, request_timeout_s=request_timeout_s),
             transport,
             clock=clock,
+            nonce=nonce,  # a simulation passes a seeded source; random otherwise
         )
         self._addresses: dict[str, str] = {}  # provider -> address, from adverts and leases
         self._order_seq = 0
@@ -121,7 +122,7 @@ class Tenant:
 
     def new_order_id(self) -> str:
         self._order_seq += 1
-        return f"o{self.clock():x}{os.urandom(3).hex()}{self._order_seq}"
+        return f"o{self.clock():x}{self.node.nonce()[:3].hex()}{self._order_seq}"
 
     async def auction(
         self,

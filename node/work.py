@@ -308,6 +308,8 @@ class WorkService:
         task.state = state
         task.metrics.update(result.metrics)
         task.result = self.node.seal(result, to=task.tenant)
+        with contextlib.suppress(Exception):  # the log is in memory; the directory can go
+            self.executor.discard(a.task_id)
         self._busy.get(a.lease_id, set()).difference_update(task.devices)
         task.touch()
         log.info("task %s %s in %d ms", a.task_id, state, wall)
