@@ -61,8 +61,8 @@ WARMUP = 2
 class TimedTenant(Tenant):
     """A Tenant that notes when each phase of its last auction began (for the table)."""
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, identity: Identity, store: Store, transport: Transport) -> None:
+        super().__init__(identity, store, transport)
         self.first_award: float | None = None
         self.release_start: float | None = None
         self.bids = 0
@@ -87,8 +87,6 @@ class Sample:
     collect_ms: float
     award_ms: float
     release_ms: float
-    units: int
-    leased: int
     bids: int
     asked: int
 
@@ -114,8 +112,6 @@ async def one_order(tenant: TimedTenant, units: int, k: int) -> tuple[Sample, Au
         collect_ms=(t1 - t0) * 1000,
         award_ms=(t2 - t1) * 1000,
         release_ms=(t3 - t2) * 1000,
-        units=units,
-        leased=report.units,
         bids=tenant.bids,
         asked=len(report.asked),
     )

@@ -180,7 +180,18 @@ def bootstrap_address(home: Path | None = None) -> str | None:
     return None
 
 
+#: Children this process started, kept so they are reaped (not garbage-collected while
+#: running, which Python reports as a ResourceWarning) when the cluster goes down.
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+
+
 def _spawn(record: NodeRecord) -> subprocess.Popen[bytes]:
+    proc = _start(record)
+    _CHILDREN[proc.pid] = proc
+    return proc
+
+
+def _start(record: NodeRecord) -> subprocess.Popen[bytes]:
     log_dir = Path(record.home) / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
@@ -332,6 +343,11 @@ def down(home: Path | None = None, timeout_s: float = 10.0) -> int:
         if _running(n):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(n.pid, signal.SIGKILL)
+    for n in nodes:
+        proc = _CHILDREN.pop(n.pid, None)
+        if proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
     with contextlib.suppress(FileNotFoundError):
         (root / STATE_FILE).unlink()
     return len(live)

@@ -87,9 +87,7 @@ async def wait_idle(tenant: Tenant, fleet: Fleet) -> list[Advert]:
     deadline = time.monotonic() + IDLE_TIMEOUT_S
     while True:
         adverts = await tenant.refresh(fleet.bootstrap)
-        idle = {
-            a.provider for a in adverts if all(len(g.free) == len(g.ids) for g in a.devices)
-        }
+        idle = {a.provider for a in adverts if all(len(g.free) == len(g.ids) for g in a.devices)}
         if idle >= set(fleet.providers):
             return adverts
         if time.monotonic() > deadline:
@@ -180,8 +178,9 @@ class TestCheapestExpectedCost:
             assert got == want
 
             # Ranking property: no asked provider that was left out had cheaper work.
-            leased_costs = [cost_per_flop(c.floor, c.fp16_flops) for c in report.asked
-                            if c.provider in got]  # fmt: skip
+            leased_costs = [
+                cost_per_flop(c.floor, c.fp16_flops) for c in report.asked if c.provider in got
+            ]
             for c in report.asked:
                 if c.provider not in got:
                     assert cost_per_flop(c.floor, c.fp16_flops) >= max(leased_costs)
@@ -269,9 +268,7 @@ class TestNoBid:
         assert "H100-SXM" in report.failure
         assert "at or below 1 credits per device-hour" in report.failure
 
-    async def test_a_gang_bigger_than_any_provider_is_refused_locally(
-        self, tenant: Tenant
-    ) -> None:
+    async def test_a_gang_bigger_than_any_provider_is_refused_locally(self, tenant: Tenant) -> None:
         report = await tenant.auction(
             Requirement(kind="gpu", gang=True), 9, FIVE_CREDITS, job_spec_hash=JOB
         )
@@ -306,23 +303,17 @@ class TestNoBid:
     ) -> None:
         buyer: Tenant = await make_tenant("buyer")
         busy: Tenant = await make_tenant("busy")
-        half = await busy.auction(
-            Requirement(model="H100-SXM"), 4, FIVE_CREDITS, job_spec_hash=JOB
-        )
+        half = await busy.auction(Requirement(model="H100-SXM"), 4, FIVE_CREDITS, job_spec_hash=JOB)
         assert half.state is AuctionState.LEASED
         # At 50 % utilisation the H100 box bids floor x 1.25 = 3.125 credits (surge 50 %);
         # 3 credits clears its advertised floor, so matching asks it, and it says no.
-        report = await buyer.auction(
-            Requirement(model="H100-SXM"), 1, 3_000_000, job_spec_hash=JOB
-        )
+        report = await buyer.auction(Requirement(model="H100-SXM"), 1, 3_000_000, job_spec_hash=JOB)
         assert [c.provider for c in report.asked] == [fleet.by_model("H100-SXM")]
         assert report.state is AuctionState.FAILED
         assert report.failure is not None
         assert "1 price_below_floor" in report.failure
         # At the surge price it sells.
-        report = await buyer.auction(
-            Requirement(model="H100-SXM"), 1, 3_125_000, job_spec_hash=JOB
-        )
+        report = await buyer.auction(Requirement(model="H100-SXM"), 1, 3_125_000, job_spec_hash=JOB)
         assert report.state is AuctionState.LEASED
         assert [x.price for x in report.leases] == [3_125_000]
         await release_all(buyer)
@@ -360,7 +351,8 @@ class TestDecline:
         with fleet.store(rtx) as store:
             assert [x for x in store.list_leases() if x.order_id == report.order.order_id] == []
         # The decliner's reservation was released as the auction ended, not left to expire.
-        rtx_free = sum(d["free"] for d in fleet.healthz(rtx)["devices"])
+        health = await asyncio.to_thread(fleet.healthz, rtx)
+        rtx_free = sum(d["free"] for d in health["devices"])
         assert rtx_free == 2
         await release_all(tenant)
 
@@ -397,7 +389,9 @@ class TestCli:
         tenant_id = mine["leases"][0]["tenant"]
         for lease in mine["leases"]:
             home = fleet.providers[lease["provider"]].home
-            theirs = await asyncio.to_thread(mercato, fleet.home, "leases", "--json", "--home", home)
+            theirs = await asyncio.to_thread(
+                mercato, fleet.home, "leases", "--json", "--home", home
+            )
             same = [x for x in theirs["leases"] if x["tenant"] == tenant_id]
             assert {x["lease_id"] for x in same} == {
                 x["lease_id"] for x in mine["leases"] if x["provider"] == lease["provider"]
@@ -408,4 +402,3 @@ class TestCli:
                 assert match[f] == lease[f], f
             assert match["receipts"] == lease["receipts"]
             assert all(r["countersigned"] for r in match["receipts"])
-

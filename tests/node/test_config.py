@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -169,12 +168,12 @@ class TestProviderRunRefusesBadConfig:
         assert "Traceback" not in proc.stderr
 
 
-def test_the_example_in_this_file_is_what_cluster_nodes_use() -> None:
-    """The local cluster writes configs through the same parser (a typo there is a crash)."""
+def test_the_configs_cluster_up_writes_are_valid() -> None:
+    """`mercato cluster up` writes one config per node; each must pass this same parser."""
     from node.cluster import TEMPLATES, provider_config
 
     for template in (None, *TEMPLATES):
         text = provider_config("n", Path("/tmp/x"), "http://127.0.0.1:1", template, 3.0)
-        config = parse_config(textwrap.dedent(text))
+        config = parse_config(text)
         assert config.advert.ttl_s == 3.0
         assert config.node.role == ("bootstrap" if template is None else "provider")

@@ -35,6 +35,7 @@ from node.executor import (
 from node.sandbox import SandboxExecutor, SandboxUnavailableError, probe_bwrap
 
 KEY_TEXT = "-----BEGIN PRIVATE KEY----- provider secret"
+HOST_HAS_CA_CERTS = os.path.isdir("/etc/ssl/certs")
 
 ATTEMPT = """
 def attempt(action):
@@ -43,6 +44,19 @@ def attempt(action):
     except OSError as exc:
         return type(exc).__name__
     return "ok"
+"""
+
+SPAWN = """
+import subprocess, time
+
+def spawn(argv, **kwargs):
+    # Popen can return before the kernel has set the new command line (vfork resumes
+    # the parent mid-exec); wait for it, so the host sees the child once we say so.
+    child = subprocess.Popen(argv, **kwargs)
+    want = ("\\0".join(argv) + "\\0").encode()
+    while open(f"/proc/{child.pid}/cmdline", "rb").read() != want:
+        time.sleep(0.01)
+    return child
 """
 
 
@@ -74,6 +88,7 @@ def workspace(tmp_path: Path) -> Path:
     (path / "data.txt").write_text("original")
     # Trials import this to try something and say which error stopped them.
     (path / "attempt.py").write_text(ATTEMPT)
+    (path / "spawn.py").write_text(SPAWN)
     return path
 
 
@@ -232,6 +247,29 @@ class TestIsolation:
         for target in targets:
             assert not target.exists()
 
+    async def test_host_kernel_settings_and_tls_keys_are_out_of_reach(
+        self, executor: SandboxExecutor, workspace: Path
+    ) -> None:
+        # Opening for writing only, never writing: if this regressed, the open would
+        # succeed and the test fail without touching the host's settings.
+        code = """
+        import json, os
+        from attempt import attempt
+        print(json.dumps({
+            "core_pattern": attempt(
+                lambda: os.close(os.open("/proc/sys/kernel/core_pattern", os.O_WRONLY))
+            ),
+            "tls_keys": attempt(lambda: os.listdir("/etc/ssl/private")),
+            "ca_certs": attempt(lambda: os.listdir("/etc/ssl/certs")),
+        }))
+        """
+        outcome = await executor.run(make_spec(workspace, code))
+        result = record(outcome)
+        assert result["core_pattern"] != "ok"
+        assert result["tls_keys"] == "FileNotFoundError"
+        # The public CA roots are shared: the missing private keys were held back.
+        assert result["ca_certs"] == ("ok" if HOST_HAS_CA_CERTS else "FileNotFoundError")
+
     async def test_no_network_by_default(
         self, executor: SandboxExecutor, workspace: Path, tmp_path: Path, home: Path
     ) -> None:
@@ -299,8 +337,9 @@ class TestStopping:
         escaped = ["sleep", f"1001.{secrets.randbelow(10**6)}"]
         code = """
         import subprocess, sys, time
-        subprocess.Popen(["sleep", sys.argv[1]])
-        subprocess.Popen(["sleep", sys.argv[2]], start_new_session=True)
+        from spawn import spawn
+        spawn(["sleep", sys.argv[1]])
+        spawn(["sleep", sys.argv[2]], start_new_session=True)
         print("started", flush=True)
         time.sleep(1000)
         """
@@ -317,9 +356,16 @@ class TestStopping:
         assert processes_running(child) == []  # ...and are gone, the escaped one too
         assert processes_running(escaped) == []
 
+    @pytest.mark.parametrize("sandboxed", [True, False], ids=["bwrap", "unsandboxed"])
     async def test_trial_ignoring_sigterm_is_killed(
-        self, executor: SandboxExecutor, workspace: Path
+        self, bwrap: None, sandboxed: bool, tmp_path: Path, workspace: Path
     ) -> None:
+        executor = SandboxExecutor(
+            tmp_path / "trials",
+            use_bwrap=sandboxed,
+            allow_unsandboxed=not sandboxed,
+            kill_grace_s=0.5,
+        )
         code = """
         import signal, time
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -328,13 +374,47 @@ class TestStopping:
         outcome = await executor.run(make_spec(workspace, code, timeout_s=1))
         assert outcome.state is TrialState.TIMED_OUT
 
+    async def test_stopped_trial_may_save_state_and_is_charged_its_cpu(
+        self, executor: SandboxExecutor, workspace: Path
+    ) -> None:
+        code = """
+        import json, signal, sys, time
+
+        def save(signum, frame):
+            print(json.dumps({"saved": True, "cpu_s": time.process_time()}), flush=True)
+            sys.exit(0)
+
+        signal.signal(signal.SIGTERM, save)
+        print("ready", flush=True)
+        start = time.process_time()
+        while time.process_time() - start < 0.1:
+            pass
+        print("busy", flush=True)
+        time.sleep(1000)
+        """
+        busy = asyncio.Event()
+
+        def on_output(line: bytes) -> None:
+            if line == b"busy\n":
+                busy.set()
+
+        run = asyncio.create_task(executor.run(make_spec(workspace, code), on_output=on_output))
+        await asyncio.wait_for(busy.wait(), 30)
+        await executor.cancel("t1")
+        outcome = await run
+        assert outcome.state is TrialState.CANCELLED
+        saved = record(outcome)
+        assert saved["saved"] is True
+        assert outcome.cpu_ms >= saved["cpu_s"] * 1000
+
     async def test_cancel_kills_the_process_group(
         self, executor: SandboxExecutor, workspace: Path
     ) -> None:
         child = ["sleep", f"1002.{secrets.randbelow(10**6)}"]
         code = """
-        import subprocess, sys, time
-        subprocess.Popen(["sleep", sys.argv[1]])
+        import sys, time
+        from spawn import spawn
+        spawn(["sleep", sys.argv[1]])
         print("started", flush=True)
         time.sleep(1000)
         """
@@ -361,8 +441,9 @@ class TestStopping:
     ) -> None:
         child = ["sleep", f"1003.{secrets.randbelow(10**6)}"]
         code = """
-        import subprocess, sys, time
-        subprocess.Popen(["sleep", sys.argv[1]])
+        import sys, time
+        from spawn import spawn
+        spawn(["sleep", sys.argv[1]])
         print("started", flush=True)
         time.sleep(1000)
         """
@@ -386,7 +467,7 @@ class TestStopping:
             sys.stdout.write(line)
         """
         delivered: list[bytes] = []
-        spec = make_spec(workspace, code, timeout_s=1.5, max_output_bytes=10_000)
+        spec = make_spec(workspace, code, timeout_s=3, max_output_bytes=10_000)
         outcome = await executor.run(spec, on_output=delivered.append)
         assert outcome.state is TrialState.TIMED_OUT
         assert outcome.output_truncated
@@ -546,6 +627,26 @@ class TestRunning:
         assert not (workspace / "new.txt").exists()
         # The link was copied as a link, not as the provider's key.
         assert (first.log_path.parent / "work" / "key").is_symlink()
+
+    async def test_rerun_and_discard_clear_what_the_trial_left(
+        self, executor: SandboxExecutor, workspace: Path
+    ) -> None:
+        code = """
+        import os
+        os.makedirs("locked/inner")
+        open("locked/inner/result.txt", "w").write("x")
+        os.chmod("locked/inner", 0o500)
+        os.chmod("locked", 0o500)
+        os.symlink("/usr", "usr-link")
+        """
+        usr_mode = os.stat("/usr").st_mode
+        first = await executor.run(make_spec(workspace, code))
+        assert (first.log_path.parent / "work" / "locked" / "inner" / "result.txt").exists()
+        second = await executor.run(make_spec(workspace, code))
+        assert second.state is TrialState.SUCCEEDED, second.log_path.read_text()
+        executor.discard("t1")
+        assert not second.log_path.parent.exists()
+        assert os.stat("/usr").st_mode == usr_mode  # the planted link was not followed
 
     async def test_workspace_with_a_fifo_is_refused(
         self, executor: SandboxExecutor, workspace: Path

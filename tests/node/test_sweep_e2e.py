@@ -34,7 +34,12 @@ import yaml
 from node import cluster
 from node.store import JobStore, LeaseRow, Store, TrialRow
 
-pytestmark = pytest.mark.cluster
+pytestmark = [
+    pytest.mark.cluster,
+    # node.cluster.up drops its Popen handles of the detached daemons on return; their
+    # __del__ warns that the (deliberately) running process is still running.
+    pytest.mark.filterwarnings(r"ignore:subprocess \d+ is still running:ResourceWarning"),
+]
 
 JOBS = Path(__file__).parent / "jobs"
 GRID_X = [-1, 0.5, 2, 3.5]
@@ -233,9 +238,23 @@ def assert_grid_done_once(trials: list[dict[str, Any]] | list[TrialRow]) -> None
 def tasks_run(c: Cluster, job_id: str) -> dict[int, list[str]]:
     """Per trial number, the provider-side task ids that finished, from provider logs."""
     out: dict[int, list[str]] = {}
-    for m in re.finditer(rf"task ({re.escape(job_id[:40])}\.(\d+)\.\d+) (\w+) in", c.provider_log()):
+    for m in re.finditer(
+        rf"task ({re.escape(job_id[:40])}\.(\d+)\.\d+) (\w+) in", c.provider_log()
+    ):
         out.setdefault(int(m[2]), []).append(m[1])
     return out
+
+
+def trial_processes(job_id: str) -> list[int]:
+    """Pids of processes whose command line names a task of ``job_id``."""
+    needle = f"{job_id[:40]}.".encode()
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError):
+                if needle in (proc / "cmdline").read_bytes():
+                    pids.append(int(proc.name))
+    return pids
 
 
 # --- fixtures -------------------------------------------------------------------
@@ -317,34 +336,36 @@ class TestGridSweep:
 
 class TestProviderKilled:
     def test_trials_of_a_killed_provider_are_retried_elsewhere(self, tmp_path: Path) -> None:
-        with running_cluster(tmp_path / "cluster", providers=3) as c:
-            with tenant_at(tmp_path / "tenant-home", c) as tenant:
-                job = job_file(tmp_path / "job", sleep=3.0, steps=3)
-                submit = tenant.start("submit", str(job), "--quiet", "--parallel", "4")
-                job_id = tenant.job_id()
+        with (
+            running_cluster(tmp_path / "cluster", providers=3) as c,
+            tenant_at(tmp_path / "tenant-home", c) as tenant,
+        ):
+            job = job_file(tmp_path / "job", sleep=3.0, steps=3)
+            submit = tenant.start("submit", str(job), "--quiet", "--parallel", "4")
+            job_id = tenant.job_id()
 
-                def busy_provider() -> str | None:
-                    running = [t.provider for t in tenant.trials(job_id) if t.state == "running"]
-                    if not running:
-                        return None
-                    return max(set(running), key=running.count)
+            def busy_provider() -> str | None:
+                running = [t.provider for t in tenant.trials(job_id) if t.state == "running"]
+                if not running:
+                    return None
+                return max(set(running), key=running.count)
 
-                victim = wait_for(busy_provider, "trials running on a provider")
-                os.kill(c.provider(victim).pid, signal.SIGKILL)
-                killed_ms = time.time() * 1000
+            victim = wait_for(busy_provider, "trials running on a provider")
+            os.kill(c.provider(victim).pid, signal.SIGKILL)
+            killed_ms = time.time() * 1000
 
-                assert submit.wait(timeout=100) == 0, tenant.output(submit)
-                trials = tenant.trials(job_id)
-                assert_grid_done_once(trials)
-                retried = [t for t in trials if victim in t.failed_providers]
-                assert retried, "no trial was running on the killed provider"
-                for t in retried:
-                    assert t.provider != victim
-                    assert t.attempts >= 2
-                for t in trials:
-                    if t.provider == victim:  # finished there before it died
-                        assert t.finished_ms is not None
-                        assert t.finished_ms <= killed_ms + 1_000
+            assert submit.wait(timeout=100) == 0, tenant.output(submit)
+            trials = tenant.trials(job_id)
+            assert_grid_done_once(trials)
+            retried = [t for t in trials if victim in t.failed_providers]
+            assert retried, "no trial was running on the killed provider"
+            for t in retried:
+                assert t.provider != victim
+                assert t.attempts >= 2
+            for t in trials:
+                if t.provider == victim:  # finished there before it died
+                    assert t.finished_ms is not None
+                    assert t.finished_ms <= killed_ms + 1_000
 
 
 class TestTenantKilled:
@@ -376,7 +397,9 @@ class TestTenantKilled:
         assert json.loads(resumed.stdout)["state"] == "done"
         trials = tenant.trials(job_id)
         assert_grid_done_once(trials)
-        after = {t.number: (t.task_id, t.attempts, t.provider, t.value, t.finished_ms) for t in trials}
+        after = {
+            t.number: (t.task_id, t.attempts, t.provider, t.value, t.finished_ms) for t in trials
+        }
         for number, row in before.items():
             assert after[number] == row, f"finished trial {number} changed on resume"
 
@@ -386,6 +409,8 @@ class TestTenantKilled:
             assert ran[number] == [task_id], f"trial {number} ran again: {ran[number]}"
         for t in trials:
             assert t.task_id in ran[t.number]
+        # The killed run's leases were settled on resume, not left active forever.
+        assert "active" not in {x.state for x in tenant.leases(job_id)}
 
 
 class TestSandbox:
@@ -427,7 +452,7 @@ class TestSandbox:
         assert by_mode["read_key"]["metrics"]["saw_key"] == 0
 
         assert by_mode["write_outside"]["state"] == "succeeded"
-        assert by_mode["write_outside"]["metrics"]["wrote"] == 0
+        assert by_mode["write_outside"]["metrics"]["wrote_outside"] == 0
         assert list(outside.iterdir()) == []
         assert list((shared_cluster.root / "cluster").glob("*/escaped")) == []
 
@@ -485,11 +510,8 @@ class TestCancel:
         job = job_file(tmp_path / "job", sleep=60.0)
         submit = tenant.start("submit", str(job), "--quiet", "--parallel", "3")
         job_id = tenant.job_id()
-        wait_for(
-            lambda: any(t.state == "running" for t in tenant.trials(job_id)),
-            "a trial to run",
-        )
-        running = {t.task_id for t in tenant.trials(job_id) if t.state == "running"}
+        # Each trial runs in a sandbox whose command line names its task (its work dir).
+        wait_for(lambda: trial_processes(job_id), "a trial process to start")
 
         cancelled = tenant.run("cancel", job_id)
         assert cancelled.returncode == 0, cancelled.stderr
@@ -497,22 +519,20 @@ class TestCancel:
 
         status = tenant.json("status", job_id)
         assert status["state"] == "cancelled"
-        assert {t["state"] for t in status["trial_list"]} <= {"pending", "cancelled"}
+        assert {t["state"] for t in status["trial_list"]} == {"cancelled"}
         leases = tenant.leases(job_id)
         assert leases
         assert {x.state for x in leases} == {"ended"}
-        # The providers ended the leases too, and stopped the trials that were running.
+        # The providers ended the leases too, and killed the trials (60 s sleepers).
         ended = {}
         for p in shared_cluster.providers:
             with Store(Path(p.home) / "node.sqlite") as store:
                 ended.update({x.lease_id: x.state for x in store.list_leases()})
         assert {ended[x.lease_id] for x in leases} == {"ended"}
-        stopped = wait_for(
-            lambda: {t for t in running if f"task {t} cancelled" in shared_cluster.provider_log()}
-            == running,
-            "the providers to stop the running trials",
+        wait_for(lambda: not trial_processes(job_id), "the trial processes to end", 30.0)
+        assert re.search(
+            rf"task {re.escape(job_id)}\.\d+\.\d+ cancelled", shared_cluster.provider_log()
         )
-        assert stopped
 
 
 class TestResultsAndLogs:

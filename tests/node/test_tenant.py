@@ -90,12 +90,11 @@ def honest(r: Receipt) -> Receipt:
 
 
 async def start_provider(
-    home: Path, stack: list[Callable[[], Awaitable[None]]], lie: Lie = honest
+    store_path: Path, stack: list[Callable[[], Awaitable[None]]], lie: Lie = honest
 ) -> Server:
     """The daemon's wiring (node.daemon.Daemon.start) with LyingProvider as the service."""
-    home.mkdir(parents=True, exist_ok=True)
     identity = Identity.generate()
-    store = Store(home / "provider.sqlite")
+    store = Store(store_path)
     transport = HttpTransport()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
@@ -132,9 +131,7 @@ async def closers() -> AsyncIterator[list[Callable[[], Awaitable[None]]]]:
 
 
 @pytest.fixture
-async def tenant(
-    tmp_path: Path, closers: list[Callable[[], Awaitable[None]]]
-) -> Tenant:
+async def tenant(tmp_path: Path, closers: list[Callable[[], Awaitable[None]]]) -> Tenant:
     transport = HttpTransport()
     store = Store(tmp_path / "tenant.sqlite")
 
@@ -208,7 +205,7 @@ class TestLyingProvider:
         closers: list[Callable[[], Awaitable[None]]],
     ) -> None:
         lie, why = CASES[case]
-        liar = await start_provider(tmp_path, closers, lie)
+        liar = await start_provider(tmp_path / "liar.sqlite", closers, lie)
         lease = await lease_from(tenant, liar.address)
 
         with pytest.raises(ReceiptRejected, match=why):
@@ -237,8 +234,8 @@ class TestLyingProvider:
     ) -> None:
         """Reputation is what the rejection is for: the next auction prefers the other."""
         lie = CASES["wrong_amount"][0]
-        liar = await start_provider(tmp_path / "liar", closers, lie)
-        fair = await start_provider(tmp_path / "fair", closers)
+        liar = await start_provider(tmp_path / "liar.sqlite", closers, lie)
+        fair = await start_provider(tmp_path / "fair.sqlite", closers)
         lease = await lease_from(tenant, liar.address)
         with pytest.raises(ReceiptRejected):
             await tenant.release(lease)

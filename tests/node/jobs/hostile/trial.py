@@ -3,9 +3,11 @@
 * ``read_key``: try to read every node's identity key under ``--cluster`` (the
   local cluster's root); reports ``read_key`` = keys read and ``saw_key`` = keys
   whose file it could even see.
-* ``write_outside``: try to create a file in ``--outside`` (a host directory), in
-  each node's home and next to its own work directory; reports ``wrote`` = files
-  created.
+* ``write_outside``: try to create a file in ``--outside`` (a host directory) and in
+  each node's home; reports ``wrote_outside`` and ``wrote_home``, the files it could
+  create. In the sandbox a node home's path may exist all the same, in the trial's
+  private /tmp, where bubblewrap made the mount point of its work directory: a file
+  created there never reaches the host, so only the host can tell it was contained.
 * ``sleep``: sleep a minute (past any sane trial timeout).
 * ``flood``: print without end.
 * ``flood_then_metric``: print 1 MB of log, then a metric, then exit.
@@ -33,18 +35,19 @@ def read_key(cluster: str) -> None:
     print(json.dumps({"read_key": read, "saw_key": saw}), flush=True)
 
 
+def created(path: str) -> bool:
+    try:
+        with open(path, "x") as f:
+            f.write("out of the sandbox\n")
+    except OSError:
+        return False
+    return True
+
+
 def write_outside(outside: str, cluster: str) -> None:
-    targets = [os.path.join(outside, "escaped"), os.path.join(os.getcwd(), "..", "escaped")]
-    targets += [os.path.join(cluster, node, "escaped") for node in NODES]
-    wrote = 0
-    for path in targets:
-        try:
-            with open(path, "x") as f:
-                f.write("out of the sandbox\n")
-            wrote += 1
-        except OSError:
-            pass
-    print(json.dumps({"wrote": wrote}), flush=True)
+    homes = sum(created(os.path.join(cluster, node, "escaped")) for node in NODES)
+    host = created(os.path.join(outside, "escaped"))
+    print(json.dumps({"wrote_outside": int(host), "wrote_home": homes}), flush=True)
 
 
 def main() -> None:

@@ -1,0 +1,922 @@
+"""Deterministic simulation of thousands of Mercato nodes in one process.
+
+Every node runs the real code: ``node.core.Node`` (adverts, rumor push, anti-entropy
+pull, peer exchange, expiry), providers a real ``ProviderService`` with its
+``BidEngine`` and a ``Store(':memory:')``, tenants a real ``Tenant`` running reverse
+auctions; every message is a sealed, signed envelope that the receiver opens and
+verifies. What is simulated is only the world around them:
+
+* time: a virtual-time event loop (``node.simloop``) whose clock jumps to the next timer,
+  so a simulated minute of 10,000 nodes takes as long as the CPU work it contains;
+* the network: ``node.transport.MemoryNetwork`` with seeded latency (uniform 0.5-1.5 x
+  the given one-way latency, each way), seeded loss of requests and replies (the sender
+  waits its full request timeout, as over a real network), partitions that heal, and
+  nodes that crash (cut off, tasks cancelled) and restart (same key and store, fresh
+  memory, peers and adverts restored as ``node.daemon`` restores them from its store);
+* randomness: identities from seeds, a seeded random source and nonce source per node.
+  Ed25519 signatures are deterministic, so one seed gives byte-identical runs (the
+  trace digest printed at the end is the same in any process, any PYTHONHASHSEED).
+
+Population: one bootstrap node, ``--providers`` providers that advertise and sell
+(default N/50, so the directory grows with the network), and relays for the rest:
+daemons that keep, serve and gossip the directory but sell nothing. A full directory
+of N adverts at every one of N nodes is N^2 entries (10^8 at N = 10,000): more memory
+and signature checks than one process holds, which is why most nodes are relays.
+
+Timeline of one run (rounds are gossip intervals): nodes join at random times during
+the first ``join`` seconds; cold-start convergence is timed until every node holds a
+live advert from every provider; then 5 providers publish fresh adverts and the time
+for each to reach 99 % and 100 % of the nodes is measured (news spread) while a window
+of ``steady`` seconds counts messages and auctions; then (``--partition S``) the
+network splits into two halves for S seconds, and (``--crash F``) a fraction F of the
+nodes crash during the partition and restart before it heals; after the heal the run
+waits until every live node holds every live provider's advert as of the heal.
+
+Invariants, checked on every run (exit code 1 when one breaks): after every order,
+award and release a provider handles, and twice a second for all providers, its
+BidEngine's device accounting holds and its actively leased devices never exceed its
+devices; every lease row (tenant and provider side) carries an award signed by the
+tenant and an accept signed by the provider whose ``award_hash`` is the SHA-256 of that
+award envelope; every provider a tenant ordered from had an unexpired advert at the
+order time; after the heal every live node's directory converges; no node task dies.
+
+Usage::
+
+    python bench/simulate.py                 # the table: N = 1000, 2000, 5000, 10000
+    python bench/simulate.py --nodes 2000 --seed 3 --loss 0.05 --latency-ms 80
+    python bench/simulate.py --quick         # N = 200, 500, 1000, shorter phases
+
+The last line printed is ``converge_rounds=<r> msgs_per_node_s=<m>`` for the largest N
+(10,000 in the full table). docs/simulation.md has the figures and how they scale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import hashlib
+import json
+import logging
+import math
+import random
+import resource
+import sys
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from market.bidding import BidEngine, Device, LeaseState
+from node.core import Node, NodeSettings, VerifiedAdverts
+from node.provider import ProviderService
+from node.simloop import VirtualTimeLoop
+from node.store import LeaseRow, Store
+from node.tenant import AuctionReport, Tenant
+from node.transport import MemoryNetwork
+from protocol.envelope import Envelope, open_envelope
+from protocol.errors import MercatoError, PeerTimeoutError, PeerUnavailableError
+from protocol.identity import Identity
+from protocol.messages import (
+    Accept,
+    Advert,
+    Award,
+    Interconnect,
+    Order,
+    Release,
+    Requirement,
+)
+
+#: Virtual epoch of every run (2026-01-01T00:00:00Z): clocks read BASE_MS + loop time.
+BASE_MS = 1_767_225_600_000
+NEWS_PROBES = 5
+TABLE_SIZES = (1000, 2000, 5000, 10_000)
+QUICK_SIZES = (200, 500, 1000)
+
+#: (model, memory bytes, dense FP16 FLOP/s, memory bandwidth B/s, floor micro-credits/h).
+#: Figures from the vendors' data sheets as in market.catalog; floors are made up.
+MODELS = (
+    ("L4", 24 * 10**9, 121 * 10**12, 300 * 10**9, 400_000),
+    ("A100-80GB", 80 * 10**9, 312 * 10**12, 2_039 * 10**9, 1_200_000),
+    ("H100-SXM", 80 * 10**9, 989 * 10**12, 3_350 * 10**9, 2_400_000),
+)
+
+Kind = Literal["bootstrap", "provider", "relay"]
+
+
+class InvariantError(Exception):
+    """A simulation invariant broke: the run fails with exit code 1."""
+
+
+@dataclass
+class Params:
+    """One run's knobs (see --help)."""
+
+    nodes: int = 1000
+    providers: int = 0  # 0: nodes // 50, at least 10
+    tenants: int = 8
+    seed: int = 1
+    loss: float = 0.01
+    latency_ms: float = 50.0
+    partition_s: float = 40.0
+    crash: float = 0.02
+    interval_s: float = 2.0
+    fanout: int = 3
+    ttl_s: float = 60.0
+    request_timeout_s: float = 3.0
+    max_peers: int = 1000
+    join_s: float = 10.0
+    steady_s: float = 20.0
+    restart_after_s: float = 15.0
+    budget_rounds: int = 60
+    lease_hold_s: float = 10.0
+    tenant_period_s: float = 2.0
+
+    @property
+    def n_providers(self) -> int:
+        return self.providers or max(10, self.nodes // 50)
+
+
+@dataclass
+class Result:
+    """The figures of one run."""
+
+    nodes: int
+    providers: int
+    seed: int
+    converge_s: float = math.nan  # cold start: since the last join, 99 % hold every advert
+    converge_rounds: float = math.nan
+    converge_all_rounds: float = math.nan  # ... 100 %
+    news_rounds_99: float = math.nan  # a fresh advert reaches 99 % (mean of the probes)
+    news_rounds_all: float = math.nan
+    msgs_per_node_s: float = 0.0  # envelopes sent (requests and replies), steady state
+    bytes_per_node_s: float = 0.0
+    msgs_per_node_s_by_kind: dict[str, float] = field(default_factory=dict)
+    max_node_msgs_s: float = 0.0  # the busiest node: sent + received
+    max_node_kind: str = ""
+    requests_by_type: dict[str, float] = field(default_factory=dict)  # per node per s
+    auctions_per_s: float = 0.0
+    leases_per_s: float = 0.0
+    auctions: int = 0
+    leases: int = 0
+    releases_failed: int = 0
+    heal_rounds_99: float = math.nan
+    heal_rounds_all: float = math.nan
+    crashed: int = 0
+    delivered: int = 0
+    dropped: int = 0
+    verify_hits: int = 0
+    verify_misses: int = 0
+    sim_s: float = 0.0
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+    max_rss_mb: float = 0.0
+    trace: str = ""
+
+
+# --- network ----------------------------------------------------------------------
+
+
+class SimNetwork(MemoryNetwork):
+    """MemoryNetwork with per-direction seeded latency and loss, and per-node counters.
+
+    A lost request or reply costs the sender its whole timeout (nobody tells it), and a
+    lost reply means the handler did run: both are what a real network does.
+    """
+
+    def __init__(self, *, seed: int, loss: float, latency_s: float) -> None:
+        super().__init__(seed=seed, loss=loss, latency_s=latency_s)
+        self.sent: Counter[str] = Counter()
+        self.received: Counter[str] = Counter()
+        self.bytes_sent: Counter[str] = Counter()
+
+    async def deliver(self, source: str, dest: str, data: bytes, timeout_s: float) -> bytes:
+        self.sent[source] += 1
+        self.bytes_sent[source] += len(data)
+        rnd = self.random
+        if not self._reachable(source, dest):
+            self.dropped += 1
+            raise PeerUnavailableError(f"{dest} is unreachable from {source}")
+        if self.loss and rnd.random() < self.loss:
+            self.dropped += 1
+            await asyncio.sleep(timeout_s)
+            raise PeerTimeoutError(f"request to {dest} was lost")
+        one_way = self.latency_s * rnd.uniform(0.5, 1.5)
+        if one_way:
+            await asyncio.sleep(one_way)
+        if not self._reachable(source, dest):  # it crashed or was cut off meanwhile
+            self.dropped += 1
+            await asyncio.sleep(max(0.0, timeout_s - one_way))
+            raise PeerTimeoutError(f"{dest} did not answer")
+        self.delivered += 1
+        self.received[dest] += 1
+        reply = await self._handlers[dest](data, source)
+        if reply:
+            self.sent[dest] += 1
+            self.received[source] += 1
+            self.bytes_sent[dest] += len(reply)
+        if self.loss and rnd.random() < self.loss:
+            self.dropped += 1
+            await asyncio.sleep(max(0.0, timeout_s - one_way))
+            raise PeerTimeoutError(f"reply from {dest} was lost")
+        if one_way:
+            await asyncio.sleep(one_way)
+        return reply
+
+
+# --- members ----------------------------------------------------------------------
+
+
+@dataclass
+class Member:
+    """One simulated daemon: its identity survives crashes, its Node does not."""
+
+    index: int
+    kind: Kind
+    address: str
+    identity: Identity
+    devices: list[Device]
+    store: Store | None = None
+    node: Node | None = None
+    engine: BidEngine | None = None
+    alive: bool = False
+    incarnation: int = 0
+    saved_peers: list[tuple[str, str | None, str]] = field(default_factory=list)
+    saved_adverts: list[bytes] = field(default_factory=list)
+
+
+class SimTenant(Tenant):
+    """A real Tenant that remembers which adverts its last auction ranked (to check them)."""
+
+    seen: dict[str, Advert]
+    seen_ms: int = 0
+
+    def adverts(self) -> list[Advert]:
+        got = super().adverts()
+        self.seen = {a.provider: a for a in got}
+        self.seen_ms = self.clock()
+        return got
+
+
+def seeded(seed: int, *parts: object) -> random.Random:
+    # A str seed is hashed with SHA-512 by random.seed: independent of PYTHONHASHSEED.
+    return random.Random(":".join(str(p) for p in (seed, *parts)))
+
+
+class Simulation:
+    """One run: builds the network, drives the timeline, checks invariants, measures."""
+
+    def __init__(self, params: Params) -> None:
+        self.p = params
+        self.rng = seeded(params.seed, "sim")
+        self.net = SimNetwork(
+            seed=self.rng.getrandbits(64), loss=params.loss, latency_s=params.latency_ms / 1000
+        )
+        self.verified = VerifiedAdverts(max_entries=4 * params.n_providers * 16)
+        self.loop = asyncio.get_running_loop()
+        self.trace = hashlib.sha256()
+        self.result = Result(nodes=params.nodes, providers=params.n_providers, seed=params.seed)
+        self.members = self._population()
+        self.boot = self.members[0]
+        self.tenants: list[SimTenant] = []
+        self.tenant_groups: list[int] = []
+        self.auctions = 0
+        self.leases = 0
+        self.release_failures = 0
+        self.failures: list[str] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stopping = False
+
+    # --- building ---------------------------------------------------------------------
+
+    def now_ms(self) -> int:
+        return BASE_MS + int(self.loop.time() * 1000)
+
+    def _population(self) -> list[Member]:
+        p = self.p
+        kinds: list[Kind] = ["bootstrap"]
+        # Providers spread evenly through the indices, so every join wave has some.
+        step = (p.nodes - 1) / p.n_providers
+        provider_at = {1 + int(i * step) for i in range(p.n_providers)}
+        kinds += ["provider" if i in provider_at else "relay" for i in range(1, p.nodes)]
+        members = []
+        for i, kind in enumerate(kinds):
+            seed = hashlib.sha256(f"mercato-sim:{p.seed}:{i}".encode()).digest()
+            devices: list[Device] = []
+            if kind == "provider":
+                r = seeded(p.seed, "devices", i)
+                model, mem, flops, bw, floor = MODELS[r.randrange(len(MODELS))]
+                price = floor * r.randint(80, 130) // 100
+                devices = [
+                    Device(f"gpu{j}", model, "gpu", mem, flops, bw, price, simulated=True)
+                    for j in range(r.randint(1, 4))
+                ]
+            members.append(Member(i, kind, f"http://n{i}.sim", Identity.from_seed(seed), devices))
+        return members
+
+    def _event(self, *parts: object) -> None:
+        self.trace.update(("|".join(str(x) for x in (self.now_ms(), *parts)) + "\n").encode())
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        async def guarded() -> None:
+            try:
+                await coro
+            except asyncio.CancelledError:
+                raise
+            except InvariantError as e:
+                self.failures.append(str(e))
+            except Exception as e:
+                self.failures.append(f"simulation task failed: {e!r}")
+                logging.getLogger("sim").exception("task failed")
+
+        task = asyncio.ensure_future(guarded())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _make_node(self, m: Member) -> Node:
+        p = self.p
+        rng = seeded(p.seed, "node", m.index, m.incarnation)
+        nonces = seeded(p.seed, "nonce", m.index, m.incarnation)
+        settings = NodeSettings(
+            role="bootstrap" if m.kind == "bootstrap" else "provider",
+            address=m.address,
+            bootstrap=[] if m.kind == "bootstrap" else [self.boot.address],
+            gossip_interval_s=p.interval_s,
+            fanout=p.fanout,
+            request_timeout_s=p.request_timeout_s,
+            max_peers=p.max_peers,
+            advert_ttl_s=p.ttl_s,
+        )
+        node = Node(
+            m.identity,
+            settings,
+            self.net.transport(m.address),
+            clock=self.now_ms,
+            rng=rng,
+            nonce=lambda: nonces.randbytes(16),
+            verified=self.verified,
+        )
+        if m.kind == "provider":
+            if m.store is None:
+                m.store = Store(":memory:")
+            engine = BidEngine(
+                m.identity.node_id,
+                m.devices,
+                Interconnect(kind="pcie", bandwidth=32 * 10**9, gang_size=len(m.devices)),
+            )
+            ProviderService(node, engine, m.store)
+            m.engine = engine
+            for t in (Order.TYPE, Award.TYPE, Release.TYPE):
+                node.handlers[t] = self._checked(m, node.handlers[t])
+        # What node.daemon._restore reloads from the store after a restart.
+        for address, node_id, role in m.saved_peers:
+            node.learn_peer(address, node_id, role)  # type: ignore[arg-type]
+        for raw in m.saved_adverts:
+            node.ingest_advert(raw)
+        m.saved_peers, m.saved_adverts = [], []
+        return node
+
+    def _checked(
+        self, m: Member, handler: Callable[[Envelope], Awaitable[Any]]
+    ) -> Callable[[Envelope], Awaitable[Any]]:
+        async def run(env: Envelope) -> Any:
+            try:
+                return await handler(env)
+            finally:
+                self.check_provider(m)
+
+        return run
+
+    async def start_member(self, m: Member, at_s: float) -> None:
+        await asyncio.sleep(max(0.0, at_s - self.loop.time()))
+        if self._stopping:
+            return
+        node = m.node = self._make_node(m)
+        self.net.attach(m.address, node.handle)
+        m.alive = True
+        self._event("start", m.index, m.incarnation)
+        await node.start()
+
+    async def crash(self, m: Member) -> None:
+        node = m.node
+        assert node is not None
+        now = self.now_ms()
+        m.saved_peers = [(p.address, p.node_id, p.role) for p in node.peers.values()]
+        m.saved_adverts = [e.envelope for e in node.directory.live(now)]
+        m.alive = False
+        self.net.set_down(m.address)
+        await node.close()
+        m.node, m.engine = None, None
+        m.incarnation += 1
+        self._event("crash", m.index)
+
+    # --- tenants ----------------------------------------------------------------------
+
+    def _make_tenants(self) -> None:
+        for t in range(self.p.tenants):
+            seed = hashlib.sha256(f"mercato-sim-tenant:{self.p.seed}:{t}".encode()).digest()
+            nonces = seeded(self.p.seed, "tenant-nonce", t)
+            tenant = SimTenant(
+                Identity.from_seed(seed),
+                Store(":memory:"),
+                self.net.transport(f"http://tenant{t}.sim"),
+                clock=self.now_ms,
+                request_timeout_s=self.p.request_timeout_s,
+                nonce=lambda n=nonces: n.randbytes(16),  # type: ignore[misc]
+            )
+            tenant.node.rng = seeded(self.p.seed, "tenant-rng", t)
+            tenant.seen = {}
+            self.tenants.append(tenant)
+            self.tenant_groups.append(t % 2)
+
+    async def tenant_loop(self, t: int) -> None:
+        tenant = self.tenants[t]
+        rng = seeded(self.p.seed, "tenant-loop", t)
+        while not self._stopping:
+            await asyncio.sleep(self.p.tenant_period_s * rng.uniform(0.5, 1.5))
+            entry = self.members[rng.randrange(len(self.members))]
+            try:
+                await tenant.refresh(entry.address)
+            except MercatoError:
+                continue
+            units = rng.randint(1, 2)
+            report = await tenant.auction(
+                Requirement(kind="gpu", min_memory_bytes=20 * 10**9),
+                units,
+                3_000_000,
+                job_spec_hash=hashlib.sha256(f"job:{t}:{self.auctions}".encode()).hexdigest(),
+                k=4,
+                bid_window_ms=1_000,
+                lease_ms=60_000,
+                heartbeat_interval_ms=60_000,
+            )
+            self.check_candidates(tenant, report)
+            self.auctions += 1
+            self.leases += len(report.leases)
+            self._event(
+                "auction",
+                t,
+                report.order.order_id,
+                report.state.value,
+                ",".join(f"{x.provider[:8]}:{x.units}:{x.price}" for x in report.leases),
+            )
+            for lease in report.leases:
+                self._spawn(self.hold_and_release(tenant, lease.lease_id))
+
+    async def hold_and_release(self, tenant: SimTenant, lease_id: str) -> None:
+        await asyncio.sleep(self.p.lease_hold_s)
+        row = tenant.store.get_lease(lease_id)
+        if row is None:
+            raise InvariantError(f"tenant lost its lease row {lease_id}")
+        try:
+            await tenant.release(row)
+        except MercatoError as e:  # the provider crashed, restarted or is cut off
+            self.release_failures += 1
+            self._event("release-failed", lease_id, e.code)
+
+    # --- invariants ---------------------------------------------------------------------
+
+    def check_provider(self, m: Member) -> None:
+        engine = m.engine
+        if engine is None:
+            return
+        try:
+            engine.check_invariants()
+        except AssertionError as e:
+            raise InvariantError(f"provider {m.index}: {e}") from e
+        leased = sum(
+            len(lease.devices)
+            for lease in engine.leases.values()
+            if lease.state is LeaseState.ACTIVE
+        )
+        if leased > len(engine.devices):
+            raise InvariantError(
+                f"provider {m.index} leases {leased} devices, has {len(engine.devices)}"
+            )
+
+    def check_candidates(self, tenant: SimTenant, report: AuctionReport) -> None:
+        order_ms = report.order.bid_deadline_ms - 1_000
+        for c in report.asked:
+            advert = tenant.seen.get(c.provider)
+            if advert is None:
+                raise InvariantError(f"order {report.order.order_id} went to an unknown provider")
+            if advert.expires_ms <= order_ms or tenant.seen_ms != order_ms:
+                raise InvariantError(
+                    f"order {report.order.order_id} used an advert expired at {advert.expires_ms}"
+                )
+
+    def check_leases(self) -> int:
+        """Every lease row of every store carries both signatures, bound by the award hash."""
+        rows: list[LeaseRow] = []
+        for tenant in self.tenants:
+            rows += tenant.store.list_leases()
+        for m in self.members:
+            if m.store is not None:
+                rows += m.store.list_leases()
+        for row in rows:
+            award = _open(row.award)
+            accept = _open(row.accept)
+            if not isinstance(award.body, Award) or not isinstance(accept.body, Accept):
+                raise InvariantError(f"lease {row.lease_id}: not an award and an accept")
+            if award.sender != row.tenant or accept.sender != row.provider:
+                raise InvariantError(f"lease {row.lease_id}: signed by the wrong nodes")
+            if accept.body.award_hash != hashlib.sha256(row.award).hexdigest():
+                raise InvariantError(f"lease {row.lease_id}: accept binds another award")
+            if award.body.lease_id != row.lease_id or accept.body.lease_id != row.lease_id:
+                raise InvariantError(f"lease {row.lease_id}: envelopes name another lease")
+        return len(rows)
+
+    async def invariant_loop(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(0.5)
+            for m in self.members:
+                if m.alive:
+                    self.check_provider(m)
+                    runner = m.node._runner if m.node is not None else None
+                    if runner is not None and runner.done():
+                        raise InvariantError(f"node {m.index}'s tasks stopped by themselves")
+
+    # --- measuring ----------------------------------------------------------------------
+
+    def live_nodes(self) -> list[Node]:
+        return [m.node for m in self.members if m.alive and m.node is not None]
+
+    def own_seqs(self) -> dict[str, int]:
+        """provider -> seq of its current own advert, for every live provider."""
+        out = {}
+        for m in self.members:
+            if m.kind == "provider" and m.alive and m.node is not None:
+                entry = m.node.directory.get(m.node.node_id)
+                if entry is not None:
+                    out[m.node.node_id] = entry.seq
+        return out
+
+    async def converge(
+        self, want: Callable[[], dict[str, int]], since: float, budget_s: float
+    ) -> tuple[float, float]:
+        """Seconds from ``since`` until 99 % and 100 % of live nodes hold ``want()`` (or
+        newer, unexpired). Polls every eighth of a round; NaN when not reached in budget."""
+        t99 = t100 = math.nan
+        step = self.p.interval_s / 8
+        deadline = since + budget_s
+        while self.loop.time() <= deadline:
+            wanted = want()
+            nodes = self.live_nodes()
+            now = self.now_ms()
+            holding = sum(1 for n in nodes if _holds(n, wanted, now))
+            elapsed = self.loop.time() - since
+            if math.isnan(t99) and holding >= 0.99 * len(nodes):
+                t99 = elapsed
+            if holding == len(nodes):
+                t100 = elapsed
+                break
+            await asyncio.sleep(step)
+        return t99, t100
+
+    async def news_probe(self, m: Member) -> tuple[float, float]:
+        node = m.node
+        assert node is not None
+        old = node.directory.get(node.node_id)
+        node.capacity_changed()  # the provider re-advertises at once
+        while (entry := node.directory.get(node.node_id)) is old or entry is None:
+            await asyncio.sleep(0.001)
+        target = {node.node_id: entry.seq}
+        return await self.converge(lambda: target, self.loop.time(), 40 * self.p.interval_s)
+
+    def _snapshot(self) -> tuple[Counter[str], Counter[str], Counter[str], Counter[str]]:
+        by_type: Counter[str] = Counter()
+        for node in self.live_nodes():
+            for metric in node.metrics.messages_out.collect():
+                for s in metric.samples:
+                    if s.name.endswith("_total"):
+                        by_type[s.labels["type"]] += int(s.value)
+        return (
+            Counter(self.net.sent),
+            Counter(self.net.received),
+            Counter(self.net.bytes_sent),
+            by_type,
+        )
+
+    # --- the run ------------------------------------------------------------------------
+
+    async def run(self) -> Result:
+        p, res = self.p, self.result
+        rounds = p.interval_s
+        res_t0 = time.monotonic()
+        self._make_tenants()
+        self._spawn(self.start_member(self.boot, 0.0))
+        for m in self.members[1:]:
+            self._spawn(self.start_member(m, self.rng.uniform(0.0, p.join_s)))
+        self._spawn(self.invariant_loop())
+        await asyncio.sleep(p.join_s)
+        for t in range(len(self.tenants)):
+            self._spawn(self.tenant_loop(t))
+        providers = [m for m in self.members if m.kind == "provider"]
+
+        # Cold start: every provider's advert (any seq) at 99 % / 100 % of the nodes.
+        first = {m.identity.node_id: 0 for m in providers}
+        t99, t100 = await self.converge(lambda: first, p.join_s, p.budget_rounds * rounds)
+        res.converge_s = t99
+        res.converge_rounds = t99 / rounds
+        res.converge_all_rounds = t100 / rounds
+        self._event("converged", t99, t100)
+        self._fail_if_any()
+
+        # Steady state: news spread probes, messages and auctions over a window.
+        start = self.loop.time()
+        before = self._snapshot()
+        auctions0, leases0 = self.auctions, self.leases
+        probes = [providers[i * len(providers) // NEWS_PROBES] for i in range(NEWS_PROBES)]
+        spreads: list[tuple[float, float]] = []
+
+        async def probe(m: Member, delay: float) -> None:
+            await asyncio.sleep(delay)
+            spreads.append(await self.news_probe(m))
+
+        for i, m in enumerate(probes):
+            self._spawn(probe(m, i * p.steady_s / NEWS_PROBES / 2))
+        await asyncio.sleep(p.steady_s)
+        elapsed = self.loop.time() - start
+        after = self._snapshot()
+        self._measure(before, after, elapsed)
+        res.auctions_per_s = (self.auctions - auctions0) / elapsed
+        res.leases_per_s = (self.leases - leases0) / elapsed
+        while len(spreads) < len(probes):
+            await asyncio.sleep(rounds)
+        res.news_rounds_99 = sum(s[0] for s in spreads) / len(spreads) / rounds
+        res.news_rounds_all = sum(s[1] for s in spreads) / len(spreads) / rounds
+        self._event("steady", res.msgs_per_node_s, res.auctions_per_s, spreads)
+        self._fail_if_any()
+
+        # Faults: a partition into two halves, with crashes and restarts inside it.
+        if p.partition_s > 0 or p.crash > 0:
+            await self.faults()
+        self._fail_if_any()
+
+        # Wind down: let the last leases be released, then stop everything.
+        await asyncio.sleep(p.lease_hold_s + 2 * rounds)
+        self._stopping = True
+        leases = self.check_leases()
+        self._event("leases", leases)
+        res.sim_s = self.loop.time()
+        res.auctions, res.leases = self.auctions, self.leases
+        res.releases_failed = self.release_failures
+        res.delivered, res.dropped = self.net.delivered, self.net.dropped
+        res.verify_hits, res.verify_misses = self.verified.hits, self.verified.misses
+        self._event("final", self._directories_digest(), res.delivered, res.dropped)
+        await self.close()
+        self._fail_if_any()
+        res.trace = self.trace.hexdigest()
+        res.wall_s = time.monotonic() - res_t0
+        return res
+
+    async def faults(self) -> None:
+        p, res = self.p, self.result
+        rounds = p.interval_s
+        others = [m for m in self.members[1:]]
+        split = self.rng.sample(range(len(self.members)), len(self.members) // 2)
+        side_b = set(split) - {0}
+        if p.partition_s > 0:
+            groups: list[list[str]] = [[], []]
+            for m in self.members:
+                groups[1 if m.index in side_b else 0].append(m.address)
+            for t, g in enumerate(self.tenant_groups):
+                groups[g].append(f"http://tenant{t}.sim")
+            self.net.partition(groups)
+            self._event("partition", len(groups[0]), len(groups[1]))
+        crash_at = p.partition_s / 4
+        await asyncio.sleep(crash_at)
+        victims = self.rng.sample(others, round(p.crash * len(others)))
+        for m in victims:
+            if m.alive:
+                await self.crash(m)
+        res.crashed = len(victims)
+        for m in victims:
+            self._spawn(self.start_member(m, self.loop.time() + p.restart_after_s))
+        await asyncio.sleep(max(p.restart_after_s + rounds, p.partition_s - crash_at))
+        self.net.heal()
+        healed = self.loop.time()
+        self._event("heal")
+        want = self.own_seqs()  # every live provider's advert as of the heal (or newer)
+        t99, t100 = await self.converge(lambda: want, healed, p.budget_rounds * rounds)
+        res.heal_rounds_99, res.heal_rounds_all = t99 / rounds, t100 / rounds
+        self._event("healed", t99, t100)
+        if math.isnan(t100):
+            laggards = [
+                m.index
+                for m in self.members
+                if m.alive and m.node and not _holds(m.node, want, self.now_ms())
+            ]
+            raise InvariantError(
+                f"directories did not converge within {p.budget_rounds} rounds of the heal: "
+                f"{len(laggards)} nodes lag (e.g. {laggards[:5]})"
+            )
+
+    def _measure(
+        self,
+        before: tuple[Counter[str], Counter[str], Counter[str], Counter[str]],
+        after: tuple[Counter[str], Counter[str], Counter[str], Counter[str]],
+        elapsed: float,
+    ) -> None:
+        res = self.result
+        sent = after[0] - before[0]
+        received = after[1] - before[1]
+        sent_bytes = after[2] - before[2]
+        kinds = {m.address: m.kind for m in self.members}
+        n = len(self.members)
+        res.msgs_per_node_s = sum(sent[a] for a in kinds) / n / elapsed
+        res.bytes_per_node_s = sum(sent_bytes[a] for a in kinds) / n / elapsed
+        for kind in ("bootstrap", "provider", "relay"):
+            addrs = [a for a, k in kinds.items() if k == kind]
+            if addrs:
+                res.msgs_per_node_s_by_kind[kind] = (
+                    sum(sent[a] for a in addrs) / len(addrs) / elapsed
+                )
+        busiest = max(kinds, key=lambda a: (sent[a] + received[a], a))
+        res.max_node_msgs_s = (sent[busiest] + received[busiest]) / elapsed
+        res.max_node_kind = kinds[busiest]
+        by_type = after[3] - before[3]
+        res.requests_by_type = {t: c / n / elapsed for t, c in sorted(by_type.items())}
+
+    def _directories_digest(self) -> str:
+        h = hashlib.sha256()
+        for m in self.members:
+            if m.node is not None:
+                h.update(m.address.encode())
+                for e in sorted(m.node.directory.live(self.now_ms()), key=lambda e: e.provider):
+                    h.update(f"{e.provider}:{e.seq};".encode())
+        return h.hexdigest()
+
+    def _fail_if_any(self) -> None:
+        if self.failures:
+            raise InvariantError("; ".join(self.failures[:5]))
+
+    async def close(self) -> None:
+        self._stopping = True
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*(m.node.close() for m in self.members if m.node is not None))
+        for m in self.members:
+            if m.store is not None:
+                m.store.close()
+        for tenant in self.tenants:
+            tenant.store.close()
+
+
+def _holds(node: Node, want: dict[str, int], now_ms: int) -> bool:
+    directory = node.directory
+    for provider, seq in want.items():
+        e = directory.get(provider)
+        if e is None or e.seq < seq or e.advert.expires_ms <= now_ms:
+            return False
+    return True
+
+
+def _open(raw: bytes) -> Envelope:
+    try:
+        return open_envelope(raw, now_ms=0, replay=None)
+    except MercatoError as e:
+        raise InvariantError(f"a stored lease envelope does not verify: {e}") from e
+
+
+# --- driver -------------------------------------------------------------------------
+
+
+def run_once(params: Params) -> Result:
+    """One simulation on a fresh virtual-time loop."""
+    errors: list[str] = []
+
+    def on_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        errors.append(str(context.get("exception") or context.get("message")))
+
+    async def main() -> Result:
+        asyncio.get_running_loop().set_exception_handler(on_error)
+        return await Simulation(params).run()
+
+    cpu0 = time.process_time()
+    with asyncio.Runner(loop_factory=VirtualTimeLoop) as runner:
+        result = runner.run(main())
+    if errors:
+        raise InvariantError("event loop errors: " + "; ".join(errors[:3]))
+    result.cpu_s = time.process_time() - cpu0
+    result.max_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def fit_log2(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
+    """Least squares y = a + b log2(x); returns (a, b)."""
+    lx = [math.log2(x) for x in xs]
+    return _line(lx, list(ys))
+
+
+def fit_power(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Exponent k of y ~ x^k (least squares on logs): 0 is flat, 1 is linear."""
+    return _line([math.log(x) for x in xs], [math.log(max(y, 1e-9)) for y in ys])[1]
+
+
+def _line(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    if sxx == 0:
+        return my, 0.0
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
+    return my - b * mx, b
+
+
+def print_table(results: Sequence[Result]) -> None:
+    head = (
+        f"{'N':>6} {'prov':>5} {'conv r':>7} {'conv s':>7} {'all r':>6} {'news r':>7} "
+        f"{'msg/n/s':>8} {'B/n/s':>8} {'max n/s':>8} {'auct/s':>7} {'heal r':>7} "
+        f"{'wall s':>7} {'RSS MB':>7}"
+    )
+    print(head)
+    for r in results:
+        print(
+            f"{r.nodes:>6} {r.providers:>5} {r.converge_rounds:>7.2f} {r.converge_s:>7.1f} "
+            f"{r.converge_all_rounds:>6.2f} {r.news_rounds_99:>7.2f} "
+            f"{r.msgs_per_node_s:>8.2f} {r.bytes_per_node_s:>8.0f} {r.max_node_msgs_s:>8.1f} "
+            f"{r.auctions_per_s:>7.2f} {r.heal_rounds_all:>7.2f} {r.wall_s:>7.0f} "
+            f"{r.max_rss_mb:>7.0f}"
+        )
+    if len(results) >= 2:
+        ns = [r.nodes for r in results]
+        _, b = fit_log2(ns, [r.converge_rounds for r in results])
+        _, bn = fit_log2(ns, [r.news_rounds_99 for r in results])
+        k = fit_power(ns, [r.msgs_per_node_s for r in results])
+        kb = fit_power(ns, [r.bytes_per_node_s for r in results])
+        kmax = fit_power(ns, [r.max_node_msgs_s for r in results])
+        print(
+            f"growth: converge rounds = a + {b:.2f} x log2 N; news rounds = a + {bn:.2f} x "
+            f"log2 N; msgs/node/s ~ N^{k:.2f}; bytes/node/s ~ N^{kb:.2f}; "
+            f"busiest node ~ N^{kmax:.2f}"
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--nodes", type=int, help="one run of N nodes (default: the table)")
+    ap.add_argument("--providers", type=int, default=0, help="default N/50, at least 10")
+    ap.add_argument("--tenants", type=int, default=Params.tenants)
+    ap.add_argument("--seed", type=int, default=Params.seed)
+    ap.add_argument("--loss", type=float, default=Params.loss, help="per message, each way")
+    ap.add_argument("--latency-ms", type=float, default=Params.latency_ms, help="one way")
+    ap.add_argument("--partition", type=float, default=Params.partition_s, metavar="S",
+                    help="split the network in two for S seconds (0: no partition)")  # fmt: skip
+    ap.add_argument("--crash", type=float, default=Params.crash, metavar="F",
+                    help="fraction of nodes that crash and restart (0: none)")  # fmt: skip
+    ap.add_argument("--interval", type=float, default=Params.interval_s, help="gossip, s")
+    ap.add_argument("--fanout", type=int, default=Params.fanout)
+    ap.add_argument("--quick", action="store_true", help="N = 200, 500, 1000; short phases")
+    ap.add_argument("--json", type=Path, help="write the results here")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    sizes = [args.nodes] if args.nodes else list(QUICK_SIZES if args.quick else TABLE_SIZES)
+    results = []
+    for n in sizes:
+        params = Params(
+            nodes=n,
+            providers=args.providers,
+            tenants=args.tenants,
+            seed=args.seed,
+            loss=args.loss,
+            latency_ms=args.latency_ms,
+            partition_s=args.partition,
+            crash=args.crash,
+            interval_s=args.interval,
+            fanout=args.fanout,
+        )
+        if args.quick:
+            params.join_s, params.steady_s, params.restart_after_s = 5.0, 10.0, 8.0
+            params.partition_s = min(params.partition_s, 20.0)
+            params.lease_hold_s = 5.0
+        try:
+            result = run_once(params)
+        except InvariantError as e:
+            print(f"INVARIANT BROKEN (N={n}, seed={args.seed}): {e}", file=sys.stderr)
+            return 1
+        results.append(result)
+        print(json.dumps(asdict(result)), file=sys.stderr, flush=True)
+        print(
+            f"N={n}: converged in {result.converge_rounds:.2f} rounds, "
+            f"{result.msgs_per_node_s:.2f} msgs/node/s, {result.auctions} auctions, "
+            f"heal {result.heal_rounds_all:.2f} rounds, trace {result.trace[:16]}, "
+            f"{result.wall_s:.0f} s wall",
+            flush=True,
+        )
+        gc.collect()
+    if args.json is not None:
+        args.json.write_text(json.dumps([asdict(r) for r in results], indent=1))
+    print_table(results)
+    last = results[-1]
+    print(f"converge_rounds={last.converge_rounds:.2f} msgs_per_node_s={last.msgs_per_node_s:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())

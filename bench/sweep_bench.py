@@ -1,0 +1,222 @@
+"""Sweep throughput: the same short trials through a local cluster and a plain process pool.
+
+Both sides run the same N trials (default 200) of the same stdlib program, with the
+same number of slots S (default 8) and the same command line (rendered from the job
+file as the tenant renders it):
+
+* cluster: ``node.cluster.up`` starts a bootstrap node and 4 provider daemons (homes in
+  a temporary directory, torn down at the end even on error); ``node.jobs.submit`` runs
+  the job in this process with ``--parallel S``, so the tenant leases S units by
+  auction and every trial goes the whole way: assignment, sandbox (bubblewrap) on the
+  provider, long-polled log and signed result, the store. The clock covers the whole
+  submit: auction, workspace upload, trials and lease release with receipts.
+* pool: a ``ThreadPoolExecutor`` of S threads, each running the trial's command as a
+  subprocess in a copy of the workspace and reading its metric line. No sandbox, no
+  network, no store: the floor a scheduler cannot beat. It runs before and after the
+  cluster; the faster of the two counts.
+
+Each trial *sleeps* 0.5 s and prints a metric. Sleeping, not busy-looping: with S = 8
+slots on a 2-core machine, 8 busy trials would measure how the kernel shares 2 cores
+among 8 processes, the same on both sides; sleeping trials leave the cores to what
+differs, the scheduling and per-trial overhead of the market (messages, signatures,
+sandbox start, store writes). Start-up of the interpreter is paid on both sides.
+
+Figures: wall time, trials/s and per-trial overhead (slot-seconds per trial beyond the
+0.5 s of work) for each side; for the cluster also the provider-side wall time per
+trial (sandbox and interpreter start included, from the providers' logs) and the
+trial span (first assignment to last result). Goal: efficiency >= 0.90.
+
+The last line printed is ``efficiency=<pool_time / cluster_time>``, two decimals.
+
+Run: ``python bench/sweep_bench.py [--trials 200] [--slots 8] [--sleep 0.5]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+TRIAL = '''\
+"""A bench trial: sleep, then report a metric."""
+import argparse, json, time
+p = argparse.ArgumentParser()
+p.add_argument("--i", type=int, required=True)
+p.add_argument("--sleep", type=float, required=True)
+a = p.parse_args()
+time.sleep(a.sleep)
+print(json.dumps({"value": (a.i * 7919) % 1000 / 1000}), flush=True)
+'''
+
+PROVIDERS = 4
+
+
+def job_yaml(trials: int, sleep: float) -> str:
+    values = ", ".join(str(i) for i in range(trials))
+    return f"""\
+name: sweep-bench
+sweep:
+  program: trial.py
+  method: grid
+  metric: {{name: value, goal: minimize}}
+  parameters:
+    i: {{values: [{values}]}}
+    sleep: {{value: {sleep}}}
+resources: {{accelerator: any}}
+budget: {{max_price: 5 credits, max_spend: 100 credits}}
+limits: {{trial_timeout: 1m, max_output: 64KB, retries: 2}}
+"""
+
+
+def write_workspace(where: Path, trials: int, sleep: float) -> Path:
+    where.mkdir(parents=True)
+    (where / "trial.py").write_text(TRIAL)
+    (where / "sweep.yaml").write_text(job_yaml(trials, sleep))
+    return where / "sweep.yaml"
+
+
+# --- the pool -------------------------------------------------------------------
+
+
+def run_pool(job: Path, slots: int, scratch: Path) -> tuple[float, list[float], dict[int, float]]:
+    """Every trial's command in a thread pool of ``slots``; (wall s, per-trial s, values)."""
+    from market.jobspec import parse_job, render_command
+    from market.search import Search
+
+    spec = parse_job(job.read_text(), str(job))
+    search = Search(spec, seed=0)
+    trials = []
+    while (t := search.ask()) is not None:
+        trials.append(t)
+    env = {
+        "PATH": f"{os.path.dirname(sys.executable)}:/usr/bin:/bin",
+        "LANG": "C.UTF-8",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+    def one(number: int, params: dict[str, Any]) -> tuple[int, float, float]:
+        # A copy of the workspace per trial, as the sandbox gives each trial its own.
+        work = scratch / f"pool-{number}"
+        shutil.copytree(job.parent, work)
+        argv = render_command(spec, params, interpreter="python3")
+        t0 = time.perf_counter()
+        proc = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, check=True)
+        took = time.perf_counter() - t0
+        shutil.rmtree(work)
+        return number, took, json.loads(proc.stdout.splitlines()[-1])["value"]
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(slots) as pool:
+        results = list(pool.map(lambda t: one(t.number, t.params), trials))
+    wall = time.perf_counter() - t0
+    return wall, [r[1] for r in results], {r[0]: r[2] for r in results}
+
+
+# --- the cluster ----------------------------------------------------------------
+
+
+def run_cluster(job: Path, slots: int, home: Path) -> dict[str, Any]:
+    """Submit the job to a fresh 4-provider cluster under ``home``; figures out."""
+    from node import cluster, jobs
+    from node.store import JobStore, Store
+
+    os.environ["MERCATO_HOME"] = str(home)
+    os.environ.pop("MERCATO_PEER", None)
+    t0 = time.monotonic()
+    with warnings.catch_warnings():
+        # cluster.up drops its Popen handles of the detached daemons on purpose.
+        warnings.simplefilter("ignore", ResourceWarning)
+        nodes = cluster.up(PROVIDERS, home=home, timeout_s=180.0)
+    print(f"cluster up: {PROVIDERS} providers in {time.monotonic() - t0:.1f} s", flush=True)
+    try:
+        peer = next(n.address for n in nodes if n.role == "bootstrap")
+        t0 = time.perf_counter()
+        summary = jobs.submit(job, peer=peer, parallel=slots, seed=0, quiet=True)
+        wall = time.perf_counter() - t0
+        with Store(jobs.tenant_home().store_path) as store:
+            rows = JobStore(store).trials(summary.job.job_id)
+            leases = [x for x in store.list_leases() if x.job_id == summary.job.job_id]
+        provider_ms = []
+        pattern = re.compile(rf"task {re.escape(summary.job.job_id)}\.\d+\.\d+ \w+ in (\d+) ms")
+        for n in nodes:
+            log = Path(n.home) / "logs" / "node.log"
+            if n.role == "provider" and log.exists():
+                provider_ms += [int(m[1]) for m in pattern.finditer(log.read_text())]
+        started = [r.started_ms for r in rows if r.started_ms is not None]
+        finished = [r.finished_ms for r in rows if r.finished_ms is not None]
+        return {
+            "wall": wall,
+            "state": summary.job.state,
+            "succeeded": sum(1 for r in rows if r.state == "succeeded"),
+            "trials": len(rows),
+            "values": {r.number: r.value for r in rows},
+            "span": (max(finished) - min(started)) / 1000 if rows else 0.0,
+            "provider_ms": provider_ms,
+            "leases": [(x.provider[:8], x.units, x.model) for x in leases],
+        }
+    finally:
+        cluster.down(home=home)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--trials", type=int, default=200)
+    parser.add_argument("--slots", type=int, default=8)
+    parser.add_argument("--sleep", type=float, default=0.5)
+    args = parser.parse_args(argv)
+
+    tmp = Path(tempfile.mkdtemp(prefix="sweep-bench-"))
+    try:
+        job = write_workspace(tmp / "job", args.trials, args.sleep)
+        n, s, work = args.trials, args.slots, args.sleep
+        ideal = n * work / s
+        print(f"{n} trials of {work} s on {s} slots: ideal {ideal:.2f} s", flush=True)
+
+        # The pool runs before and after the cluster and its faster run counts: on a
+        # shared machine the load changes from minute to minute, and the faster run
+        # is the floor the cluster is held to.
+        (tmp / "pool").mkdir()
+        pools = [run_pool(job, s, tmp / "pool")]
+        c = run_cluster(job, s, tmp / "home")
+        pools.append(run_pool(job, s, tmp / "pool"))
+        print("pool runs: " + ", ".join(f"{p[0]:.2f} s" for p in pools))
+        pool_wall, pool_each, pool_values = min(pools, key=lambda p: p[0])
+
+        if c["succeeded"] != n or c["values"] != pool_values:
+            print(f"cluster ran {c['succeeded']}/{n} trials ({c['state']}); results differ")
+        leased = ", ".join(f"{u}x {m} on {p}" for p, u, m in c["leases"])
+        print(f"leases: {leased}")
+        print(f"{'':<10}{'wall s':>9}{'trials/s':>10}{'overhead/trial ms':>19}")
+        for name, wall in (("pool", pool_wall), ("cluster", c["wall"])):
+            overhead = (wall * s / n - work) * 1000
+            print(f"{name:<10}{wall:>9.2f}{n / wall:>10.1f}{overhead:>19.0f}")
+        if c["provider_ms"]:
+            print(
+                f"per trial, process start to exit: pool mean "
+                f"{statistics.mean(pool_each) * 1000:.0f} ms; cluster (provider-side, "
+                f"sandbox included) mean {statistics.mean(c['provider_ms']):.0f} ms, "
+                f"p95 {sorted(c['provider_ms'])[int(0.95 * (len(c['provider_ms']) - 1))]} ms"
+            )
+        print(
+            f"cluster trial span (first assignment to last result): {c['span']:.2f} s; "
+            f"before and after it (auction, upload, release): {c['wall'] - c['span']:.2f} s"
+        )
+        print(f"efficiency={pool_wall / c['wall']:.2f}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
