@@ -57,6 +57,8 @@ CapacityFn = Callable[[], tuple[list[DeviceGroup], Interconnect]]
 #: A handler returns a body to seal as the reply, pre-sealed reply bytes, or None.
 MessageHandler = Callable[[Envelope], Awaitable[Body | bytes | None]]
 AGENT = "mercato/0.1"
+#: Least time between two capacity-triggered adverts (a burst coalesces into one).
+ADVERT_HOLD_DOWN_S = 1.0
 
 
 def wall_clock_ms() -> int:
@@ -549,6 +551,9 @@ class Node:
                 await asyncio.wait_for(self._capacity_changed.wait(), timeout=period)
             self._capacity_changed.clear()
             await self._quiet(self.advertise())
+            # Hold-down: a burst of capacity changes (leases made and ended in quick
+            # succession) becomes one advert, not one flood of gossip per change.
+            await asyncio.sleep(ADVERT_HOLD_DOWN_S)
 
     async def _push_loop(self) -> None:
         """Relay queued news at most once per push interval, in one message per peer.

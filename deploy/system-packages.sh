@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# System packages Mercato needs on Debian/Ubuntu: bubblewrap (the trial sandbox), and
+# with --test also Chromium (the status-page test). Idempotent: installs only what is
+# missing; uses sudo when not root.
+set -euo pipefail
+need=()
+command -v bwrap >/dev/null 2>&1 || need+=(bubblewrap)
+if [ "${1:-}" = "--test" ]; then
+    command -v chromium >/dev/null 2>&1 || need+=(chromium)
+fi
+[ ${#need[@]} -eq 0 ] && exit 0
+if ! command -v apt-get >/dev/null 2>&1; then
+    echo "please install: ${need[*]} (no apt-get here)" >&2
+    exit 1
+fi
+SUDO=""
+[ "$(id -u)" = 0 ] || SUDO="sudo"
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
