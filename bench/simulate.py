@@ -93,6 +93,7 @@ from protocol.messages import (
 #: Virtual epoch of every run (2026-01-01T00:00:00Z): clocks read BASE_MS + loop time.
 BASE_MS = 1_767_225_600_000
 NEWS_PROBES = 5
+BID_WINDOW_MS = 1_000
 TABLE_SIZES = (1000, 2000, 5000, 10_000)
 QUICK_SIZES = (200, 500, 1000)
 
@@ -124,6 +125,7 @@ class Params:
     partition_s: float = 40.0
     crash: float = 0.02
     interval_s: float = 2.0
+    push_interval_s: float = 0.0  # 0: one relay batch per gossip interval
     fanout: int = 3
     ttl_s: float = 60.0
     request_timeout_s: float = 3.0
@@ -346,6 +348,7 @@ class Simulation:
             bootstrap=[] if m.kind == "bootstrap" else [self.boot.address],
             gossip_interval_s=p.interval_s,
             fanout=p.fanout,
+            push_interval_s=p.push_interval_s or p.interval_s,
             request_timeout_s=p.request_timeout_s,
             max_peers=p.max_peers,
             advert_ttl_s=p.ttl_s,
@@ -449,7 +452,7 @@ class Simulation:
                 3_000_000,
                 job_spec_hash=hashlib.sha256(f"job:{t}:{self.auctions}".encode()).hexdigest(),
                 k=4,
-                bid_window_ms=1_000,
+                bid_window_ms=BID_WINDOW_MS,
                 lease_ms=60_000,
                 heartbeat_interval_ms=60_000,
             )
@@ -480,53 +483,23 @@ class Simulation:
     # --- invariants ---------------------------------------------------------------------
 
     def check_provider(self, m: Member) -> None:
-        engine = m.engine
-        if engine is None:
-            return
-        try:
-            engine.check_invariants()
-        except AssertionError as e:
-            raise InvariantError(f"provider {m.index}: {e}") from e
-        leased = sum(
-            len(lease.devices)
-            for lease in engine.leases.values()
-            if lease.state is LeaseState.ACTIVE
-        )
-        if leased > len(engine.devices):
-            raise InvariantError(
-                f"provider {m.index} leases {leased} devices, has {len(engine.devices)}"
-            )
+        if m.engine is not None:
+            check_engine(m.engine, f"provider {m.index}")
 
     def check_candidates(self, tenant: SimTenant, report: AuctionReport) -> None:
-        order_ms = report.order.bid_deadline_ms - 1_000
-        for c in report.asked:
-            advert = tenant.seen.get(c.provider)
-            if advert is None:
-                raise InvariantError(f"order {report.order.order_id} went to an unknown provider")
-            if advert.expires_ms <= order_ms or tenant.seen_ms != order_ms:
-                raise InvariantError(
-                    f"order {report.order.order_id} used an advert expired at {advert.expires_ms}"
-                )
+        order_ms = report.order.bid_deadline_ms - BID_WINDOW_MS
+        if tenant.seen_ms != order_ms:
+            raise InvariantError("the auction's adverts were not read at its order time")
+        check_candidates(report.order, order_ms, [c.provider for c in report.asked], tenant.seen)
 
     def check_leases(self) -> int:
-        """Every lease row of every store carries both signatures, bound by the award hash."""
         rows: list[LeaseRow] = []
         for tenant in self.tenants:
             rows += tenant.store.list_leases()
         for m in self.members:
             if m.store is not None:
                 rows += m.store.list_leases()
-        for row in rows:
-            award = _open(row.award)
-            accept = _open(row.accept)
-            if not isinstance(award.body, Award) or not isinstance(accept.body, Accept):
-                raise InvariantError(f"lease {row.lease_id}: not an award and an accept")
-            if award.sender != row.tenant or accept.sender != row.provider:
-                raise InvariantError(f"lease {row.lease_id}: signed by the wrong nodes")
-            if accept.body.award_hash != hashlib.sha256(row.award).hexdigest():
-                raise InvariantError(f"lease {row.lease_id}: accept binds another award")
-            if award.body.lease_id != row.lease_id or accept.body.lease_id != row.lease_id:
-                raise InvariantError(f"lease {row.lease_id}: envelopes name another lease")
+        check_lease_rows(rows)
         return len(rows)
 
     async def invariant_loop(self) -> None:
@@ -579,12 +552,12 @@ class Simulation:
     async def news_probe(self, m: Member) -> tuple[float, float]:
         node = m.node
         assert node is not None
-        old = node.directory.get(node.node_id)
-        node.capacity_changed()  # the provider re-advertises at once
-        while (entry := node.directory.get(node.node_id)) is old or entry is None:
-            await asyncio.sleep(0.001)
+        start = self.loop.time()
+        await node.advertise()  # what its advert loop does when capacity changes
+        entry = node.directory.get(node.node_id)
+        assert entry is not None
         target = {node.node_id: entry.seq}
-        return await self.converge(lambda: target, self.loop.time(), 40 * self.p.interval_s)
+        return await self.converge(lambda: target, start, 40 * self.p.interval_s)
 
     def _snapshot(self) -> tuple[Counter[str], Counter[str], Counter[str], Counter[str]]:
         by_type: Counter[str] = Counter()
@@ -630,22 +603,21 @@ class Simulation:
         before = self._snapshot()
         auctions0, leases0 = self.auctions, self.leases
         probes = [providers[i * len(providers) // NEWS_PROBES] for i in range(NEWS_PROBES)]
-        spreads: list[tuple[float, float]] = []
 
-        async def probe(m: Member, delay: float) -> None:
+        async def probe(m: Member, delay: float) -> tuple[float, float]:
             await asyncio.sleep(delay)
-            spreads.append(await self.news_probe(m))
+            return await self.news_probe(m)
 
-        for i, m in enumerate(probes):
-            self._spawn(probe(m, i * p.steady_s / NEWS_PROBES / 2))
+        probing = asyncio.gather(
+            *(probe(m, i * p.steady_s / NEWS_PROBES / 2) for i, m in enumerate(probes))
+        )
         await asyncio.sleep(p.steady_s)
         elapsed = self.loop.time() - start
         after = self._snapshot()
         self._measure(before, after, elapsed)
         res.auctions_per_s = (self.auctions - auctions0) / elapsed
         res.leases_per_s = (self.leases - leases0) / elapsed
-        while len(spreads) < len(probes):
-            await asyncio.sleep(rounds)
+        spreads = await probing
         res.news_rounds_99 = sum(s[0] for s in spreads) / len(spreads) / rounds
         res.news_rounds_all = sum(s[1] for s in spreads) / len(spreads) / rounds
         self._event("steady", res.msgs_per_node_s, res.auctions_per_s, spreads)
@@ -767,6 +739,49 @@ class Simulation:
             tenant.store.close()
 
 
+def check_engine(engine: BidEngine, who: str) -> None:
+    """The provider's device accounting holds and it leases no more devices than it has."""
+    try:
+        engine.check_invariants()
+    except AssertionError as e:
+        raise InvariantError(f"{who}: {e}") from e
+    leased = sum(
+        len(lease.devices) for lease in engine.leases.values() if lease.state is LeaseState.ACTIVE
+    )
+    if leased > len(engine.devices):
+        raise InvariantError(f"{who} leases {leased} devices, has {len(engine.devices)}")
+
+
+def check_candidates(
+    order: Order, order_ms: int, providers: Sequence[str], seen: dict[str, Advert]
+) -> None:
+    """Every provider the order went to had an advert unexpired at the order time."""
+    for provider in providers:
+        advert = seen.get(provider)
+        if advert is None:
+            raise InvariantError(f"order {order.order_id} went to a provider without an advert")
+        if advert.expires_ms <= order_ms:
+            raise InvariantError(
+                f"order {order.order_id} used an advert that expired at {advert.expires_ms}"
+            )
+
+
+def check_lease_rows(rows: Sequence[LeaseRow]) -> None:
+    """Every lease carries an award signed by its tenant and an accept signed by its
+    provider, and the accept names the SHA-256 of exactly that award envelope."""
+    for row in rows:
+        award = _open(row.award)
+        accept = _open(row.accept)
+        if not isinstance(award.body, Award) or not isinstance(accept.body, Accept):
+            raise InvariantError(f"lease {row.lease_id}: not an award and an accept")
+        if award.sender != row.tenant or accept.sender != row.provider:
+            raise InvariantError(f"lease {row.lease_id}: signed by the wrong nodes")
+        if accept.body.award_hash != hashlib.sha256(row.award).hexdigest():
+            raise InvariantError(f"lease {row.lease_id}: the accept binds another award")
+        if award.body.lease_id != row.lease_id or accept.body.lease_id != row.lease_id:
+            raise InvariantError(f"lease {row.lease_id}: the envelopes name another lease")
+
+
 def _holds(node: Node, want: dict[str, int], now_ms: int) -> bool:
     directory = node.directory
     for provider, seq in want.items():
@@ -870,6 +885,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--crash", type=float, default=Params.crash, metavar="F",
                     help="fraction of nodes that crash and restart (0: none)")  # fmt: skip
     ap.add_argument("--interval", type=float, default=Params.interval_s, help="gossip, s")
+    ap.add_argument("--push-interval", type=float, default=0.0,
+                    help="relay batching, s (default: the gossip interval)")  # fmt: skip
     ap.add_argument("--fanout", type=int, default=Params.fanout)
     ap.add_argument("--quick", action="store_true", help="N = 200, 500, 1000; short phases")
     ap.add_argument("--json", type=Path, help="write the results here")
@@ -888,12 +905,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             partition_s=args.partition,
             crash=args.crash,
             interval_s=args.interval,
+            push_interval_s=args.push_interval,
             fanout=args.fanout,
         )
         if args.quick:
-            params.join_s, params.steady_s, params.restart_after_s = 5.0, 10.0, 8.0
-            params.partition_s = min(params.partition_s, 20.0)
-            params.lease_hold_s = 5.0
+            params.join_s, params.steady_s, params.restart_after_s = 5.0, 8.0, 6.0
+            params.partition_s = min(params.partition_s, 16.0)
+            params.lease_hold_s = 4.0
         try:
             result = run_once(params)
         except InvariantError as e:

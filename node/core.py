@@ -296,12 +296,25 @@ class Node:
         ``k`` others are known; every node knows them, so routine gossip would make them
         hotspots whose load grows with the network."""
         skip = set(exclude)
-        pool = [p for p in self.peers.values() if p.address not in skip]
-        if spare_bootstrap:
-            others = [p for p in pool if p.role != "bootstrap"]
-            if len(others) >= k:
-                pool = others
-        return self.rng.sample(pool, min(k, len(pool)))
+        peers = list(self.peers.values())
+        # Draw random indices until k fit: O(k) for the usual few of many peers, where
+        # filtering the whole table first would cost O(peers) on every call.
+        picked: list[Peer] = []
+        spared: list[Peer] = []
+        tried: set[int] = set()
+        while len(picked) < k and len(tried) < len(peers):
+            i = self.rng.randrange(len(peers))
+            if i in tried:
+                continue
+            tried.add(i)
+            peer = peers[i]
+            if peer.address in skip:
+                continue
+            if spare_bootstrap and peer.role == "bootstrap":
+                spared.append(peer)
+                continue
+            picked.append(peer)
+        return picked + spared[: k - len(picked)]
 
     async def _on_hello(self, env: Envelope) -> Body | bytes | None:
         hello = env.body
@@ -361,8 +374,11 @@ class Node:
         return result
 
     def _digest(self) -> list[DigestEntry]:
+        # model_construct: these come from verified adverts, so validating them again would
+        # only cost time (a digest has one entry per provider, at every anti-entropy round).
         return [
-            DigestEntry(provider=p, seq=s) for p, s in self.directory.digest(self.clock()).items()
+            DigestEntry.model_construct(provider=p, seq=s)
+            for p, s in self.directory.digest(self.clock()).items()
         ]
 
     async def _on_directory_request(self, env: Envelope) -> Body | bytes | None:

@@ -258,6 +258,7 @@ class Daemon:
                 executor,
                 home.path / "work",
                 device_env=device_env,
+                device_nodes=lambda ids: nvidia_device_nodes(inv, ids),
                 limits=ResourceLimits(
                     memory_bytes=sb.memory_bytes,
                     max_processes=sb.max_processes,
@@ -298,6 +299,18 @@ class Daemon:
         await self.node.close()
         await self.transport.close()
         self.store.close()
+
+
+def nvidia_device_nodes(inventory: Inventory, ids: tuple[str, ...]) -> list[str]:
+    """Device files CUDA needs inside the sandbox, for leases of real NVIDIA GPUs.
+
+    All /dev/nvidiaN are bound (index order is the driver's, not ours);
+    CUDA_VISIBLE_DEVICES, set by UUID, limits what the trial sees.
+    """
+    if not any(inventory.group_of(i).host_uuids for i in ids):
+        return []
+    dev = Path("/dev")
+    return sorted(str(p) for p in dev.glob("nvidia*") if not p.is_dir())
 
 
 def _persist_advert(store: Store, entry: Entry) -> None:

@@ -83,6 +83,14 @@ class ProviderService:
             return result
         raw = self.node.seal(result, to=env.sender)
         lease = self.engine.leases[award.lease_id]
+        log.info(
+            "lease %s made: %d units (%s) to tenant %s at %d micro-credits/device-h",
+            lease.lease_id,
+            lease.units,
+            ",".join(lease.devices),
+            env.sender[:12],
+            lease.price,
+        )
         self.store.put_lease(self._row(lease, env.raw, raw, env.digest, now))
         self.node.capacity_changed()  # a partial award may have freed devices
         return raw
@@ -124,6 +132,7 @@ class ProviderService:
             return None
         self.store.set_lease_state(lease.lease_id, lease.state.value, now)
         self._ended(lease)
+        log.info("lease %s released by its tenant", lease.lease_id)
         return self._receipt(lease, now)
 
     def _receipt(self, lease: ProviderLease, now: int) -> bytes:

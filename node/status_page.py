@@ -25,6 +25,7 @@ receipts, earnings, saved floors) so ``mercato provider status`` still answers.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import html
@@ -82,6 +83,8 @@ FLOORS_META_KEY = "price_floors"
 MAX_CONTROL_BYTES = 64 * 1024
 #: Rows kept in /status.json and on the page; plots use every finished task listed.
 MAX_TASKS = 1000
+#: Task rows drawn on the page (the plots still use every finished task of the document).
+MAX_TASK_ROWS = 200
 MAX_LEASES = 200
 #: Plots per sweep: metrics x (1 + numeric parameters), bounded so the page stays small.
 MAX_PLOT_METRICS = 4
@@ -682,7 +685,8 @@ async def handle_page(request: web.Request) -> web.Response:
         _check_allowed(source, request)
     except ForbiddenError as e:
         return web.Response(status=403, text=e.reason + "\n")
-    body = render_page(collect(source), refresh_s=source.refresh_s)
+    # Drawing a page of a thousand trials takes a while: not on the event loop.
+    body = await asyncio.to_thread(render_page, collect(source), refresh_s=source.refresh_s)
     return web.Response(
         text=body,
         content_type="text/html",
@@ -1198,11 +1202,17 @@ def _provider_sections(
                         "" if t.get("exit_code") is None else str(t["exit_code"]),
                     ],
                 )
-                for t in running + finished
+                for t in (running + finished)[:MAX_TASK_ROWS]
             ],
             "no tasks yet",
         )
     )
+    if len(running) + len(finished) > MAX_TASK_ROWS:
+        out.append(
+            f'<p class="muted">the {MAX_TASK_ROWS} most recent of '
+            f"{len(running) + len(finished)} tasks; all are in "
+            f'<a href="{STATUS_PATH}">{STATUS_PATH}</a></p>'
+        )
     groups = sweeps(finished)
     out.append("<h2>Sweeps</h2>")
     if not groups:

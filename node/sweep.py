@@ -26,7 +26,7 @@ from typing import Any
 
 from market.jobspec import JobSpec, render_command, uses_args_json_file
 from market.search import FinishedTrial, Search, Trial, TrialState
-from node.store import JobStore, LeaseRow, Store
+from node.store import JobStore, LeaseRow, Store, TrialRow
 from node.tenant import Tenant
 from protocol.errors import BusyError, MercatoError, PeerTimeoutError, PeerUnavailableError
 from protocol.messages import (
@@ -52,6 +52,9 @@ _SEARCH_STATE: dict[str, TrialState] = {
 }
 #: Consecutive failed exchanges after which a provider's lease is given up.
 MAX_SILENCE = 3
+#: Least time between two reads of every trial for the progress view (the CLI's live
+#: view redraws 4 times a second).
+PROGRESS_S = 0.25
 
 
 @dataclass
@@ -77,6 +80,8 @@ class Slot:
     failures: int = 0
     lost: bool = False
     workspace_ready: bool = False
+    # One upload per lease: the trials assigned at once would each send the workspace.
+    upload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class SweepError(MercatoError):
@@ -124,18 +129,22 @@ class SweepRunner:
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._exhausted = False
         self._cancelled = False
+        self._progress_due = 0.0
+        # Whether the store may hold pending trials not yet assigned (after a restore
+        # or a retry); fresh trials of the search are assigned as they are created.
+        self._maybe_pending = True
         self.duplicates = 0
         self._spend_since: dict[str, int] = {}
 
     # --- bookkeeping ------------------------------------------------------------
 
     def _notify(self) -> None:
-        self._wake.set()
         if self.on_progress is not None:
             self.on_progress(self.progress)
 
-    def _refresh_progress(self) -> None:
-        rows = self.jobs.trials(self.job_id)
+    def _refresh_progress(self, rows: list[TrialRow] | None = None) -> None:
+        if rows is None:
+            rows = self.jobs.trials(self.job_id)
         p = self.progress
         p.done = sum(1 for r in rows if r.state == "succeeded")
         p.failed = sum(1 for r in rows if r.state == "failed")
@@ -244,19 +253,28 @@ class SweepRunner:
 
     async def _loop(self) -> None:
         while not self._cancelled:
+            # Cleared before the work, not after: a trial that ends (or a lease that
+            # arrives) while this pass awaits an auction must wake the next pass at
+            # once, not after the 1 s timeout.
+            self._wake.clear()
             self._assign_all()
-            self._refresh_progress()
+            # The loop wakes at every result, and reading every trial row was most of
+            # what the tenant spent per trial: progress is read at most PROGRESS_S
+            # apart, and every pass only once the search is exhausted (when the count
+            # of unfinished trials decides the end and the leases still wanted).
+            unfinished = 0
+            if self._exhausted or time.monotonic() >= self._progress_due:
+                rows = self.jobs.trials(self.job_id)
+                self._refresh_progress(rows)
+                self._progress_due = time.monotonic() + PROGRESS_S
+                unfinished = sum(1 for r in rows if r.state in ("pending", "running"))
             self._notify()
-            pending = [
-                r for r in self.jobs.trials(self.job_id) if r.state in ("pending", "running")
-            ]
-            if self._exhausted and not pending:
+            if self._exhausted and not unfinished:
                 return
-            need = self._wanted_slots(len(pending))
+            need = self._wanted_slots(unfinished)
             if need > 0 and not self._over_budget():
                 await self._acquire(need)
             await self._release_idle()
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=1.0)
 
@@ -305,6 +323,7 @@ class SweepRunner:
             self.store.set_lease_job(lease.lease_id, self.job_id)
             self.slots[lease.lease_id] = Slot(lease=row, capacity=2 * lease.units)
         self.progress.message = f"leased {report.units} units: {report.explanation}"
+        self._wake.set()  # new slots to fill: no waiting
 
     @property
     def spec_hash(self) -> str:
@@ -402,6 +421,7 @@ class SweepRunner:
             self.jobs.update_trial(
                 self.job_id, number, state="pending", failed_providers=failed, detail=why
             )
+            self._maybe_pending = True
 
     async def _release_idle(self) -> None:
         """Release leases that have nothing left to do, so the tenant stops paying."""
@@ -434,14 +454,15 @@ class SweepRunner:
 
     # --- trials -----------------------------------------------------------------
 
-    def _next_trial(self, slot: Slot) -> int | None:
-        """A pending trial this provider has not failed, or a fresh one from the search."""
-        for r in self.jobs.trials(self.job_id):
-            if (
-                r.state == "pending"
-                and r.number not in self._tasks
-                and slot.lease.provider not in r.failed_providers
-            ):
+    def _next_trial(self, slot: Slot, pending: list[TrialRow]) -> int | None:
+        """A pending trial this provider has not failed, or a fresh one from the search.
+
+        ``pending`` holds the trials pending at the start of this round of assignments;
+        the one returned is taken out of it.
+        """
+        for i, r in enumerate(pending):
+            if r.number not in self._tasks and slot.lease.provider not in r.failed_providers:
+                del pending[i]
                 return r.number
         if self._exhausted or self._over_budget():
             return None
@@ -453,9 +474,12 @@ class SweepRunner:
         return trial.number
 
     def _assign_all(self) -> None:
+        pending: list[TrialRow] = []
+        if self._maybe_pending:
+            pending = [r for r in self.jobs.trials(self.job_id) if r.state == "pending"]
         for slot in list(self.slots.values()):
             while not slot.lost and len(slot.active) < slot.capacity:
-                number = self._next_trial(slot)
+                number = self._next_trial(slot, pending)
                 if number is None:
                     break
                 slot.active.add(number)
@@ -475,6 +499,7 @@ class SweepRunner:
                 self._tasks[number] = asyncio.get_running_loop().create_task(
                     self._trial(slot, number, attempt, row.params)
                 )
+        self._maybe_pending = bool(pending)  # those no slot could take this pass
 
     def _task_id(self, number: int, attempt: int) -> str:
         return f"{self.job_id[:40]}.{number}.{attempt}"
@@ -504,7 +529,9 @@ class SweepRunner:
         self, slot: Slot, number: int, task_id: str, params: dict[str, Any]
     ) -> None:
         if not slot.workspace_ready:
-            await self._upload(slot)
+            async with slot.upload_lock:
+                if not slot.workspace_ready:
+                    await self._upload(slot)
         limits = self.spec.limits
         files = {}
         args_file = None

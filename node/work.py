@@ -81,6 +81,7 @@ class WorkService:
         root: Path,
         *,
         device_env: Callable[[tuple[str, ...]], dict[str, str]] | None = None,
+        device_nodes: Callable[[tuple[str, ...]], list[str]] | None = None,
         limits: ResourceLimits | None = None,
         max_workspace_bytes: int = 256 << 20,
         allow_network: bool = False,
@@ -94,6 +95,7 @@ class WorkService:
         self.workspaces.mkdir(parents=True, exist_ok=True)
         self.staging.mkdir(parents=True, exist_ok=True)
         self.device_env = device_env or (lambda ids: {"MERCATO_DEVICES": ",".join(ids)})
+        self.device_nodes = device_nodes or (lambda ids: [])
         self.limits = limits or ResourceLimits()
         self.max_workspace_bytes = max_workspace_bytes
         self.allow_network = allow_network
@@ -222,6 +224,12 @@ class WorkService:
             busy.update(task.devices)
             task.state = "running"
             task.touch()
+            log.info(
+                "task %s started under lease %s on %s",
+                task.assign.task_id,
+                lease.lease_id,
+                ",".join(task.devices),
+            )
             self.node.spawn(self._run(task, lease))
 
     def _workspace_for(self, task: Task) -> Path:
@@ -268,6 +276,7 @@ class WorkService:
                 env=dict(a.env),
                 device_ids=task.devices,
                 device_env=self.device_env(task.devices),
+                device_nodes=self.device_nodes(task.devices),
                 max_output_bytes=a.max_output_bytes,
                 network=a.network and self.allow_network,
                 limits=self.limits,
@@ -312,7 +321,7 @@ class WorkService:
             self.executor.discard(a.task_id)
         self._busy.get(a.lease_id, set()).difference_update(task.devices)
         task.touch()
-        log.info("task %s %s in %d ms", a.task_id, state, wall)
+        log.info("task %s (lease %s) %s in %d ms", a.task_id, a.lease_id, state, wall)
         current = self.provider.engine.leases.get(a.lease_id)
         if current is not None and current.state is LeaseState.ACTIVE:
             self._schedule(current)

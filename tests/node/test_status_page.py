@@ -293,6 +293,13 @@ class TestPlots:
         ]
         assert sorted((s.job[0], len(s.trials)) for s in sweeps(tasks)) == [("a", 1), ("b", 1)]
 
+    def test_a_long_sweep_draws_every_point_but_only_recent_rows(self) -> None:
+        tasks = [task(n, float(n), float(n % 7)) for n in range(1, 251)]
+        doc = {"node_id": "n" * 32, "role": "provider", "now_ms": 10**6, "tasks": tasks}
+        d = dom(render_page(doc))
+        assert len(d.rows["tasks"]) == 200
+        assert [len(p["points"]) for p in d.plots] == [250, 250]
+
     def test_wide_parameter_ranges_use_a_log_axis(self) -> None:
         points = [Point(x, 1.0, str(x)) for x in (1e-4, 1e-2, 1.0)]
         svg = svg_plot(points, title="t", x_label="lr", y_label="l", metric="l", x_key="lr")
