@@ -122,9 +122,15 @@ class WorkService:
         return lease
 
     def _lease_ended(self, lease: ProviderLease) -> None:
-        for task in self.tasks.values():
+        for task in list(self.tasks.values()):
             if task.assign.lease_id == lease.lease_id and task.state in ("queued", "running"):
                 self._cancel(task, f"lease {lease.state.value}")
+        # Forget the lease's finished tasks (running ones when they finish): each holds
+        # its log, up to max_output_bytes, which a long-lived provider must not keep.
+        for task_id, task in list(self.tasks.items()):
+            if task.assign.lease_id == lease.lease_id and task.result is not None:
+                del self.tasks[task_id]
+        self._busy.pop(lease.lease_id, None)
 
     # --- workspaces -------------------------------------------------------------
 
@@ -317,14 +323,19 @@ class WorkService:
         task.state = state
         task.metrics.update(result.metrics)
         task.result = self.node.seal(result, to=task.tenant)
-        with contextlib.suppress(Exception):  # the log is in memory; the directory can go
-            self.executor.discard(a.task_id)
         self._busy.get(a.lease_id, set()).difference_update(task.devices)
         task.touch()
-        log.info("task %s (lease %s) %s in %d ms", a.task_id, a.lease_id, state, wall)
+        log.info("task %s %s in %d ms (lease %s)", a.task_id, state, wall, a.lease_id)
         current = self.provider.engine.leases.get(a.lease_id)
         if current is not None and current.state is LeaseState.ACTIVE:
             self._schedule(current)
+        else:  # the lease ended while it ran: nobody will ask for it (see _lease_ended)
+            self.tasks.pop(a.task_id, None)
+        # The log is in memory; the directory can go, last and off the event loop:
+        # removing it takes milliseconds of file-system work (rmdir of dirs the sandbox
+        # mounted) that held up the next task's start and every long poll.
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(self.executor.discard, a.task_id)
 
     async def _on_query(self, env: Envelope) -> Body | bytes | None:
         q = env.body
@@ -332,10 +343,18 @@ class WorkService:
         task = self.tasks.get(q.task_id)
         if task is None or task.tenant != env.sender or task.assign.lease_id != q.lease_id:
             raise NotFoundError(f"no task {q.task_id} under lease {q.lease_id}")
-        if len(task.log) <= q.log_offset and task.result is None and q.wait_ms:
-            waiter = task.changed
+        # Hold the answer until what the long poll promises: new output, new metrics or
+        # the result. Not for a queued task starting: that woke every poll of a queued
+        # task for nothing the tenant reads, one more round trip per trial.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + q.wait_ms / 1000
+        seen = dict(task.metrics)
+        while len(task.log) <= q.log_offset and task.result is None and task.metrics == seen:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(waiter.wait(), q.wait_ms / 1000)
+                await asyncio.wait_for(task.changed.wait(), remaining)
         if len(task.log) > q.log_offset or task.result is None:
             return self._status(task, min(q.log_offset, len(task.log)))
         return task.result
