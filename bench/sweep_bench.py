@@ -1,7 +1,7 @@
 """Sweep throughput: the same short trials through a local cluster and a plain process pool.
 
 Both sides run the same N trials (default 200) of the same stdlib program, with the
-same number of slots S (default 8) and the same command line (rendered from the job
+same number of slots S (default 4) and the same command line (rendered from the job
 file as the tenant renders it):
 
 * cluster: ``node.cluster.up`` starts a bootstrap node and 4 provider daemons (homes in
@@ -15,20 +15,26 @@ file as the tenant renders it):
   network, no store: the floor a scheduler cannot beat. It runs before and after the
   cluster; the faster of the two counts.
 
-Each trial *sleeps* 0.5 s and prints a metric. Sleeping, not busy-looping: with S = 8
-slots on a 2-core machine, 8 busy trials would measure how the kernel shares 2 cores
-among 8 processes, the same on both sides; sleeping trials leave the cores to what
-differs, the scheduling and per-trial overhead of the market (messages, signatures,
-sandbox start, store writes). Start-up of the interpreter is paid on both sides.
+Each trial *sleeps* 0.5 s and prints a metric. Sleeping, not busy-looping: on a 2-core
+machine S busy trials would measure how the kernel shares 2 cores among S processes,
+the same on both sides; sleeping trials leave the cores to what differs, the
+scheduling and per-trial overhead of the market (messages, signatures, sandbox start,
+store writes). Start-up of the interpreter is paid on both sides. For the same reason
+S defaults to 4, not 8: a cluster trial costs about twice the CPU of a pool trial (the
+sandbox's supervisor and bubblewrap, the daemons' messages, gossip), so 8 slots of
+0.5 s trials ask more of 2 shared cores than they have and the run measures CPU
+contention again (the CPU line shows it; try ``--slots 8``).
 
 Figures: wall time, trials/s and per-trial overhead (slot-seconds per trial beyond the
-0.5 s of work) for each side; for the cluster also the provider-side wall time per
-trial (sandbox and interpreter start included, from the providers' logs) and the
-trial span (first assignment to last result). Goal: efficiency >= 0.90.
+0.5 s of work) for each side; CPU seconds of each side; for the cluster also the
+provider-side wall time per trial (sandbox and interpreter start included, from the
+providers' logs) and the trial span (first assignment to last result), with what
+comes before it (job stored, auction) and after it (leases released, receipts).
+Goal: efficiency >= 0.90.
 
 The last line printed is ``efficiency=<pool_time / cluster_time>``, two decimals.
 
-Run: ``python bench/sweep_bench.py [--trials 200] [--slots 8] [--sleep 0.5]``
+Run: ``python bench/sweep_bench.py [--trials 200] [--slots 4] [--sleep 0.5]``
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -45,6 +52,7 @@ import tempfile
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -95,8 +103,16 @@ def write_workspace(where: Path, trials: int, sleep: float) -> Path:
 # --- the pool -------------------------------------------------------------------
 
 
-def run_pool(job: Path, slots: int, scratch: Path) -> tuple[float, list[float], dict[int, float]]:
-    """Every trial's command in a thread pool of ``slots``; (wall s, per-trial s, values)."""
+@dataclass
+class Pool:
+    wall: float
+    each: list[float]  # seconds per trial, process start to exit
+    values: dict[int, float]  # trial number -> metric
+    cpu: float  # seconds, of every trial process
+
+
+def run_pool(job: Path, slots: int, scratch: Path) -> Pool:
+    """Every trial's command in a thread pool of ``slots`` threads."""
     from market.jobspec import parse_job, render_command
     from market.search import Search
 
@@ -122,11 +138,24 @@ def run_pool(job: Path, slots: int, scratch: Path) -> tuple[float, list[float], 
         shutil.rmtree(work)
         return number, took, json.loads(proc.stdout.splitlines()[-1])["value"]
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _children_cpu()
     with ThreadPoolExecutor(slots) as pool:
         results = list(pool.map(lambda t: one(t.number, t.params), trials))
     wall = time.perf_counter() - t0
-    return wall, [r[1] for r in results], {r[0]: r[2] for r in results}
+    return Pool(
+        wall, [r[1] for r in results], {r[0]: r[2] for r in results}, _children_cpu() - cpu0
+    )
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _process_cpu(pid: int) -> float:
+    """CPU seconds of a live process and of the children it reaped (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
 # --- the cluster ----------------------------------------------------------------
@@ -147,14 +176,19 @@ def run_cluster(job: Path, slots: int, home: Path) -> dict[str, Any]:
     print(f"cluster up: {PROVIDERS} providers in {time.monotonic() - t0:.1f} s", flush=True)
     try:
         peer = next(n.address for n in nodes if n.role == "bootstrap")
-        t0, t0_ms = time.perf_counter(), time.time() * 1000
+        daemons0 = sum(_process_cpu(n.pid) for n in nodes)
+        t0, t0_ms, tenant0 = time.perf_counter(), time.time() * 1000, time.process_time()
         summary = jobs.submit(job, peer=peer, parallel=slots, seed=0, quiet=True)
         wall, end_ms = time.perf_counter() - t0, time.time() * 1000
+        tenant_cpu = time.process_time() - tenant0
+        daemons_cpu = sum(_process_cpu(n.pid) for n in nodes) - daemons0
         with Store(jobs.tenant_home().store_path) as store:
             rows = JobStore(store).trials(summary.job.job_id)
             leases = [x for x in store.list_leases() if x.job_id == summary.job.job_id]
         provider_ms = []
-        pattern = re.compile(rf"task {re.escape(summary.job.job_id)}\.\d+\.\d+ \w+ in (\d+) ms")
+        pattern = re.compile(
+            rf"task {re.escape(summary.job.job_id)}\.\d+\.\d+ (?:\(lease \S+\) )?\w+ in (\d+) ms"
+        )
         for n in nodes:
             log = Path(n.home) / "logs" / "node.log"
             if n.role == "provider" and log.exists():
@@ -172,6 +206,7 @@ def run_cluster(job: Path, slots: int, home: Path) -> dict[str, Any]:
             "after": (end_ms - max(finished)) / 1000 if rows else 0.0,
             "provider_ms": provider_ms,
             "leases": [(x.provider[:8], x.units, x.model) for x in leases],
+            "cpu": (tenant_cpu, daemons_cpu),
         }
     finally:
         cluster.down(home=home)
@@ -180,7 +215,7 @@ def run_cluster(job: Path, slots: int, home: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--trials", type=int, default=200)
-    parser.add_argument("--slots", type=int, default=8)
+    parser.add_argument("--slots", type=int, default=4)
     parser.add_argument("--sleep", type=float, default=0.5)
     args = parser.parse_args(argv)
 
@@ -198,8 +233,9 @@ def main(argv: list[str] | None = None) -> int:
         pools = [run_pool(job, s, tmp / "pool")]
         c = run_cluster(job, s, tmp / "home")
         pools.append(run_pool(job, s, tmp / "pool"))
-        print("pool runs: " + ", ".join(f"{p[0]:.2f} s" for p in pools))
-        pool_wall, pool_each, pool_values = min(pools, key=lambda p: p[0])
+        print("pool runs: " + ", ".join(f"{p.wall:.2f} s" for p in pools))
+        pool = min(pools, key=lambda p: p.wall)
+        pool_wall, pool_each, pool_values = pool.wall, pool.each, pool.values
 
         if c["succeeded"] != n or c["values"] != pool_values:
             print(f"cluster ran {c['succeeded']}/{n} trials ({c['state']}); results differ")
@@ -209,6 +245,12 @@ def main(argv: list[str] | None = None) -> int:
         for name, wall in (("pool", pool_wall), ("cluster", c["wall"])):
             overhead = (wall * s / n - work) * 1000
             print(f"{name:<10}{wall:>9.2f}{n / wall:>10.1f}{overhead:>19.0f}")
+        tenant_cpu, daemons_cpu = c["cpu"]
+        print(
+            f"CPU s: pool {pool.cpu:.1f} ({pool.cpu / n * 1000:.0f} ms/trial); cluster "
+            f"{tenant_cpu + daemons_cpu:.1f} ({(tenant_cpu + daemons_cpu) / n * 1000:.0f} "
+            f"ms/trial) = tenant {tenant_cpu:.1f} + daemons and their trials {daemons_cpu:.1f}"
+        )
         if c["provider_ms"]:
             print(
                 f"per trial, process start to exit: pool mean "

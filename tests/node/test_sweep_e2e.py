@@ -235,12 +235,11 @@ def assert_grid_done_once(trials: list[dict[str, Any]] | list[TrialRow]) -> None
     assert [r["number"] for r in rows if r["state"] != "succeeded"] == [], rows
 
 
-def tasks_run(c: Cluster, job_id: str) -> dict[int, list[str]]:
-    """Per trial number, the provider-side task ids that finished, from provider logs."""
+def tasks_started(c: Cluster, job_id: str) -> dict[int, list[str]]:
+    """Per trial number, the task ids the providers started for it (from their logs)."""
     out: dict[int, list[str]] = {}
-    for m in re.finditer(
-        rf"task ({re.escape(job_id[:40])}\.(\d+)\.\d+) (\w+) in", c.provider_log()
-    ):
+    pattern = rf"task ({re.escape(job_id[:40])}\.(\d+)\.\d+) started"
+    for m in re.finditer(pattern, c.provider_log()):
         out.setdefault(int(m[2]), []).append(m[1])
     return out
 
@@ -292,7 +291,8 @@ def tenant(tmp_path: Path, shared_cluster: Cluster) -> Iterator[Tenant]:
 class FinishedJob:
     tenant: Tenant
     job_id: str
-    summary: dict[str, Any]
+    summary: dict[str, Any]  # what `submit --json` printed
+    results: list[dict[str, Any]]  # what `results --json` printed
 
 
 @pytest.fixture(scope="module")
@@ -304,7 +304,8 @@ def grid_job(tmp_path_factory: pytest.TempPathFactory, shared_cluster: Cluster) 
         proc = tenant.run("submit", str(job), "--quiet", "--json", "--parallel", "4")
         assert proc.returncode == 0, proc.stdout + proc.stderr
         summary = json.loads(proc.stdout)
-        yield FinishedJob(tenant, summary["job_id"], summary)
+        results = tenant.json("results", summary["job_id"])
+        yield FinishedJob(tenant, summary["job_id"], summary, results)
 
 
 # --- tests ----------------------------------------------------------------------
@@ -316,7 +317,7 @@ class TestGridSweep:
     ) -> None:
         assert grid_job.summary["state"] == "done"
         assert grid_job.summary["trials"] == {"succeeded": len(GRID)}
-        trials = grid_job.tenant.json("results", grid_job.job_id)
+        trials = grid_job.results
         assert_grid_done_once(trials)
 
         local = local_losses()
@@ -403,12 +404,12 @@ class TestTenantKilled:
         for number, row in before.items():
             assert after[number] == row, f"finished trial {number} changed on resume"
 
-        # The providers' side: a trial finished before the kill ran as exactly one task.
-        ran = tasks_run(shared_cluster, job_id)
+        # The providers' side: a trial finished before the kill was started exactly once.
+        started = tasks_started(shared_cluster, job_id)
         for number, (task_id, *_) in before.items():
-            assert ran[number] == [task_id], f"trial {number} ran again: {ran[number]}"
+            assert started[number] == [task_id], f"trial {number} ran again: {started[number]}"
         for t in trials:
-            assert t.task_id in ran[t.number]
+            assert t.task_id in started[t.number]
         # The killed run's leases were settled on resume, not left active forever.
         assert "active" not in {x.state for x in tenant.leases(job_id)}
 
@@ -531,13 +532,14 @@ class TestCancel:
         assert {ended[x.lease_id] for x in leases} == {"ended"}
         wait_for(lambda: not trial_processes(job_id), "the trial processes to end", 30.0)
         assert re.search(
-            rf"task {re.escape(job_id)}\.\d+\.\d+ cancelled", shared_cluster.provider_log()
+            rf"task {re.escape(job_id)}\.\d+\.\d+ (?:\(lease \S+\) )?cancelled in",
+            shared_cluster.provider_log(),
         )
 
 
 class TestResultsAndLogs:
     def test_results_as_json_and_csv_agree(self, grid_job: FinishedJob) -> None:
-        as_json = grid_job.tenant.json("results", grid_job.job_id)
+        as_json = grid_job.results
         proc = grid_job.tenant.run("results", grid_job.job_id, "--csv")
         assert proc.returncode == 0, proc.stderr
         rows = list(csv.DictReader(io.StringIO(proc.stdout)))
@@ -551,7 +553,7 @@ class TestResultsAndLogs:
             assert row["provider"] == t["provider"]
 
     def test_logs_show_a_trials_output(self, grid_job: FinishedJob) -> None:
-        t = grid_job.tenant.json("results", grid_job.job_id)[5]
+        t = grid_job.results[5]
         proc = grid_job.tenant.run("logs", grid_job.job_id, str(t["number"]))
         assert proc.returncode == 0, proc.stderr
         lines = proc.stdout.splitlines()
