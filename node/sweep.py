@@ -27,21 +27,17 @@ from typing import Any
 from market.jobspec import JobSpec, render_command, uses_args_json_file
 from market.search import FinishedTrial, Search, Trial, TrialState
 from node.store import JobStore, LeaseRow, Store, TrialRow
+from node.taskclient import TaskClient
 from node.tenant import Tenant
-from protocol.errors import BusyError, MercatoError, PeerTimeoutError, PeerUnavailableError
+from protocol.errors import MercatoError, PeerTimeoutError, PeerUnavailableError
 from protocol.messages import (
     Cancel,
     TaskAssign,
-    TaskQuery,
     TaskResult,
-    TaskStatus,
-    WorkspaceChunk,
-    WorkspaceStatus,
 )
 
 log = logging.getLogger("mercato.sweep")
 
-CHUNK = 512 * 1024
 #: Without a budget in the job file, never pay more than this per device-hour (10 credits).
 DEFAULT_MAX_PRICE = 10_000_000
 #: Store trial state -> the search's notion of a finished trial.
@@ -332,40 +328,11 @@ class SweepRunner:
         return spec_hash(self.spec)
 
     async def _upload(self, slot: Slot) -> None:
-        lease = slot.lease
-        total = len(self.workspace)
-        status = await self._send(
-            slot,
-            WorkspaceChunk(
-                lease_id=lease.lease_id,
-                workspace_hash=self.workspace_hash,
-                offset=0,
-                total_size=total,
-                data=b"",
-            ),
-        )
-        while isinstance(status, WorkspaceStatus) and not status.complete:
-            off = status.received
-            status = await self._send(
-                slot,
-                WorkspaceChunk(
-                    lease_id=lease.lease_id,
-                    workspace_hash=self.workspace_hash,
-                    offset=off,
-                    total_size=total,
-                    data=self.workspace[off : off + CHUNK],
-                ),
-            )
+        await TaskClient(self.tenant, slot.lease).upload(self.workspace, self.workspace_hash)
         slot.workspace_ready = True
 
     async def _send(self, slot: Slot, body: Any, timeout_s: float | None = None) -> Any:
-        peer = self.tenant.peer_of(slot.lease)
-        reply = await self.tenant.node.request(peer, body, timeout_s=timeout_s)
-        if reply is None:
-            return None
-        if reply.sender != slot.lease.provider:
-            raise SweepError("reply signed by another node than the lease's provider")
-        return reply.body
+        return await TaskClient(self.tenant, slot.lease).send(body, timeout_s)
 
     async def _heartbeats(self) -> None:
         seq = 0
@@ -551,42 +518,26 @@ class SweepRunner:
             network=limits.network,
             files=files,
         )
-        while True:
-            try:
-                await self._send(slot, assign)
-                break
-            except BusyError:
-                await asyncio.sleep(0.2)
+        client = TaskClient(self.tenant, slot.lease)
+        await client.assign(assign)
         log_path = self.log_dir / f"{number}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        offset, step = 0, 0
+        step = 0
         sweep = self.spec.sweep_config
         metric = sweep.metric.name if sweep.metric else None
         with log_path.open("ab") as logf:
-            while True:
-                body = await self._send(
-                    slot,
-                    TaskQuery(
-                        lease_id=slot.lease.lease_id,
-                        task_id=task_id,
-                        log_offset=offset,
-                        wait_ms=10_000,
-                    ),
-                    timeout_s=20.0,
-                )
+
+            def on_log(text: str) -> None:
+                nonlocal step
                 slot.failures = 0
-                if isinstance(body, TaskResult):
-                    self._record(slot, number, task_id, body, metric)
-                    return
-                if not isinstance(body, TaskStatus):
-                    raise SweepError(f"unexpected answer to task_query: {type(body).__name__}")
-                if body.log:
-                    data = body.log.encode()
-                    logf.write(data)
-                    logf.flush()
-                    for line in body.log.splitlines():
-                        step += self._intermediate(slot, number, task_id, line, metric, step)
-                offset = body.log_offset
+                logf.write(text.encode())
+                logf.flush()
+                for line in text.splitlines():
+                    step += self._intermediate(slot, number, task_id, line, metric, step)
+
+            result = await client.follow(task_id, on_log)
+        slot.failures = 0
+        self._record(slot, number, task_id, result, metric)
 
     def _intermediate(
         self, slot: Slot, number: int, task_id: str, line: str, metric: str | None, step: int
