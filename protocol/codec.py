@@ -34,9 +34,6 @@ from protocol.errors import (
     TooLongError,
 )
 
-_INT_MIN = -(2**63)
-_INT_MAX = 2**64 - 1
-
 
 @dataclass(frozen=True, slots=True)
 class Limits:
@@ -54,19 +51,18 @@ DEFAULT_LIMITS = Limits()
 _packer = msgpack.Packer(use_bin_type=True, use_single_float=False, autoreset=True)
 
 
-# Types that encode as they are; everything else goes through _canon's checks.
-_PLAIN = frozenset({str, bytes, bool, type(None)})
+# Types that pack as they are. Integers outside msgpack's 64 bits are refused by the
+# packer itself (OverflowError), which every packing function here turns into a
+# LocalProtocolError, so the walk need not compare each integer in Python.
+_SCALAR = frozenset({str, bytes, bool, int, type(None)})
 
 
 def _canon(value: Any, depth: int) -> Any:
     """Return ``value`` with every map rebuilt in sorted key order; refuse foreign types."""
     # Exact type checks first: they are the hot path and exclude bool-as-int surprises.
+    # Scalars are handled inline in the loops: a call per scalar would double the cost.
     t = type(value)
-    if t in _PLAIN:
-        return value
-    if t is int:
-        if value < _INT_MIN or value > _INT_MAX:
-            raise LocalProtocolError(f"integer {value} does not fit msgpack's 64 bits")
+    if t in _SCALAR:
         return value
     if t is dict:
         if depth >= 64:
@@ -76,17 +72,15 @@ def _canon(value: Any, depth: int) -> Any:
             if type(k) is not str:
                 raise LocalProtocolError(f"map key {k!r} is not a string")
             v = value[k]
-            # Inline the common cases: a call per scalar is most of the cost of sealing.
-            tv = type(v)
-            if tv in _PLAIN or (tv is int and _INT_MIN <= v <= _INT_MAX):
-                out[k] = v
-            else:
-                out[k] = _canon(v, depth + 1)
+            out[k] = v if type(v) in _SCALAR else _canon(v, depth + 1)
         return out
     if t is list or t is tuple:
         if depth >= 64:
             raise LocalProtocolError("value nests too deeply to encode")
-        return [v if type(v) in _PLAIN else _canon(v, depth + 1) for v in value]
+        items = []
+        for v in value:
+            items.append(v if type(v) in _SCALAR else _canon(v, depth + 1))
+        return items
     if t is float:
         if not math.isfinite(value):
             raise LocalProtocolError("NaN and infinities have no canonical encoding")
@@ -95,7 +89,7 @@ def _canon(value: Any, depth: int) -> Any:
     if isinstance(value, bool):
         return bool(value)
     if isinstance(value, int):
-        return _canon(int(value), depth)
+        return int(value)
     if isinstance(value, str):
         return str(value)
     if isinstance(value, bytes | bytearray | memoryview):
@@ -108,35 +102,36 @@ def _canon(value: Any, depth: int) -> Any:
 def canonical(value: Any) -> Any:
     """``value`` in canonical form (maps sorted, subclasses normalised), ready to pack.
 
-    Raises LocalProtocolError for values that have no encoding. Lets a caller that
-    packs the same value more than once (``seal``) pay for the walk only once.
+    Raises LocalProtocolError for values that have no encoding, except integers outside
+    msgpack's 64 bits, which ``pack_canonical`` refuses. Lets a caller that packs the
+    same value more than once, or in parts (``seal``), pay for the walk only once.
     """
     try:
         return _canon(value, 0)
-    except TypeError as e:  # sorting keys of mixed types
-        raise LocalProtocolError(f"cannot encode: {e}") from e
+    except TypeError as e:  # sorting map keys of mixed types
+        raise LocalProtocolError(f"map keys must all be strings ({e})") from e
 
 
 def pack_canonical(value: Any) -> bytes:
     """Pack a value that is already canonical: the result of ``canonical`` or ``decode``.
 
-    No walk, no checks: maps are packed in their own order, so a map whose keys are
-    not sorted gives non-canonical bytes. Removing keys from such a map keeps it
-    canonical; adding keys does not (insertion order).
+    No walk: maps are packed in their own order, so a map whose keys are not sorted
+    gives non-canonical bytes. Removing keys from a canonical map keeps it canonical;
+    adding keys does not (insertion order). Raises LocalProtocolError for an integer
+    outside msgpack's 64 bits (-2**63 .. 2**64-1).
     """
-    data: bytes = _packer.pack(value)
+    try:
+        data: bytes = _packer.pack(value)
+    except OverflowError as e:
+        raise LocalProtocolError(f"an integer does not fit msgpack's 64 bits ({e})") from e
+    except (ValueError, TypeError) as e:  # not from canonical() or decode()
+        raise LocalProtocolError(f"cannot encode: {e}") from e
     return data
 
 
 def encode(value: Any) -> bytes:
     """Encode ``value`` canonically. Raises LocalProtocolError for unencodable values."""
-    try:
-        data: bytes = _packer.pack(_canon(value, 0))
-    except LocalProtocolError:
-        raise
-    except (ValueError, OverflowError, TypeError) as e:  # pragma: no cover - guarded above
-        raise LocalProtocolError(f"cannot encode: {e}") from e
-    return data
+    return pack_canonical(canonical(value))
 
 
 def _check_bounds(value: Any, limits: Limits) -> None:
@@ -194,46 +189,47 @@ def _check_scalar(v: Any, limits: Limits) -> None:
         raise MalformedError(f"type {t.__name__} is not allowed")
 
 
-def _check_shape(value: Any, max_depth: int) -> None:
+_NESTED_OR_FLOAT = frozenset({dict, list, float})
+
+# Beyond this depth limit decode() walks iteratively (_check_bounds): _check_shape
+# recurses once per level and must stay far below Python's recursion limit.
+_MAX_RECURSIVE_DEPTH = 64
+
+
+def _check_shape(value: Any, depth: int, max_depth: int) -> None:
     """``_check_bounds`` for a message no longer than any length limit.
 
     Every byte of a string, byte string or map key lies inside the message, and every
     element of a container takes at least one byte of it, so in such a message no
     length can exceed its limit: only depth, map keys (strings, sorted) and floats
-    are left to check. Ext values never get here (``_reject_ext``).
+    are left to check. ``value`` is a map or an array at nesting level ``depth``.
+    Ext values never get here (``_reject_ext``).
     """
-    stack: list[tuple[Any, int]] = [(value, 0)]
-    while stack:
-        v, depth = stack.pop()
-        t = type(v)
-        depth += 1
-        if t is dict:
-            if depth > max_depth:
-                raise TooDeepError(f"nesting deeper than {max_depth}")
-            prev = ""  # every string sorts at or after ""
-            for k, item in v.items():
-                if type(k) is not str:
-                    # msgpack's strict_map_key still lets bin keys through.
+    if depth > max_depth:
+        raise TooDeepError(f"nesting deeper than {max_depth}")
+    if type(value) is dict:
+        prev = ""  # every string sorts at or after ""
+        for k, item in value.items():
+            if type(k) is not str or k < prev:
+                if type(k) is not str:  # msgpack's strict_map_key lets bin keys through
                     raise MalformedError("map keys must be strings")
-                if k < prev:
-                    raise NonCanonicalError("map keys are not sorted by their UTF-8 bytes")
-                prev = k
-                t = type(item)
-                if t is dict or t is list:
-                    stack.append((item, depth))
-                elif t is float and not math.isfinite(item):
-                    raise NonCanonicalError("NaN and infinities are not allowed")
-        elif t is list:
-            if depth > max_depth:
-                raise TooDeepError(f"nesting deeper than {max_depth}")
-            for item in v:
-                t = type(item)
-                if t is dict or t is list:
-                    stack.append((item, depth))
-                elif t is float and not math.isfinite(item):
-                    raise NonCanonicalError("NaN and infinities are not allowed")
-        elif t is float and not math.isfinite(v):
+                raise NonCanonicalError("map keys are not sorted by their UTF-8 bytes")
+            prev = k
+            if type(item) in _NESTED_OR_FLOAT:
+                _check_nested(item, depth, max_depth)
+    else:
+        for item in value:
+            if type(item) in _NESTED_OR_FLOAT:
+                _check_nested(item, depth, max_depth)
+
+
+def _check_nested(item: Any, depth: int, max_depth: int) -> None:
+    """A float or a container found inside a container at level ``depth``."""
+    if type(item) is float:
+        if not math.isfinite(item):
             raise NonCanonicalError("NaN and infinities are not allowed")
+    else:
+        _check_shape(item, depth + 1, max_depth)
 
 
 def _reject_ext(code: int, data: bytes) -> Any:
@@ -283,8 +279,14 @@ def decode(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
         # UnicodeDecodeError, OutOfData, FormatError, ext or non-string map key.
         raise MalformedError(f"not valid protocol msgpack ({type(e).__name__})") from e
     n = len(data)
-    if n <= limits.max_str and n <= limits.max_bin and n <= limits.max_container:
-        _check_shape(value, limits.max_depth)
+    if (
+        n <= limits.max_str
+        and n <= limits.max_bin
+        and n <= limits.max_container
+        and limits.max_depth <= _MAX_RECURSIVE_DEPTH
+    ):
+        if type(value) in _NESTED_OR_FLOAT:
+            _check_nested(value, 0, limits.max_depth)
     else:
         _check_bounds(value, limits)
     # Keys are known sorted now; packing the value as decoded reproduces the input only

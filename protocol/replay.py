@@ -16,6 +16,7 @@ some old-but-honest messages during the flood. The floor is reported in the erro
 from __future__ import annotations
 
 import heapq
+from collections import deque
 
 from protocol.errors import FutureError, ReplayError, StaleError
 
@@ -32,8 +33,12 @@ class ReplayGuard:
         self.skew_ms = skew_ms
         self.max_entries = max_entries
         self._seen: set[tuple[bytes, bytes]] = set()
-        # Min-heap on timestamp; holds the very key tuples of _seen (no second copy).
-        self._by_time: list[tuple[int, tuple[bytes, bytes]]] = []
+        # The same pairs ordered by timestamp, for expiry and eviction, in two parts:
+        # those that arrived in timestamp order (the common case: one queue, O(1) at
+        # both ends and cache-friendly) and the late ones (a min-heap). The oldest
+        # entry is the older of the two heads.
+        self._in_order: deque[tuple[int, tuple[bytes, bytes]]] = deque()
+        self._late: list[tuple[int, tuple[bytes, bytes]]] = []
         self._floor_ms = -(2**63)
 
     def __len__(self) -> int:
@@ -45,15 +50,15 @@ class ReplayGuard:
             raise FutureError(
                 f"timestamp {ts_ms} is {ts_ms - now_ms} ms ahead; skew allowed is {self.skew_ms}"
             )
-        lowest = max(now_ms - self.window_ms, self._floor_ms + 1)
-        if ts_ms < lowest:
+        if ts_ms < now_ms - self.window_ms or ts_ms <= self._floor_ms:
+            lowest = max(now_ms - self.window_ms, self._floor_ms + 1)
             raise StaleError(f"timestamp {ts_ms} is older than the accepted minimum {lowest}")
 
     def admit(self, sender: bytes, nonce: bytes, ts_ms: int, now_ms: int) -> None:
         """Check the window and the nonce, then remember the pair. Raises on rejection."""
-        heap = self._by_time
         horizon = now_ms - self.window_ms
-        if heap and heap[0][0] < horizon:
+        queue, late = self._in_order, self._late
+        if (queue and queue[0][0] < horizon) or (late and late[0][0] < horizon):
             self._expire(horizon)
         self.check_time(ts_ms, now_ms)
         key = (sender, nonce)
@@ -61,14 +66,23 @@ class ReplayGuard:
         if key in seen:
             raise ReplayError("this sender already used this nonce inside the replay window")
         seen.add(key)
-        heapq.heappush(heap, (ts_ms, key))
+        if not queue or ts_ms >= queue[-1][0]:
+            queue.append((ts_ms, key))
+        else:
+            heapq.heappush(late, (ts_ms, key))
         while len(seen) > self.max_entries:
-            old_ts, old_key = heapq.heappop(heap)
+            old_ts, old_key = self._pop_oldest()
             seen.discard(old_key)
             self._floor_ms = max(self._floor_ms, old_ts)
 
+    def _pop_oldest(self) -> tuple[int, tuple[bytes, bytes]]:
+        queue, late = self._in_order, self._late
+        if late and (not queue or late[0][0] < queue[0][0]):
+            return heapq.heappop(late)
+        return queue.popleft()
+
     def _expire(self, horizon_ms: int) -> None:
-        heap = self._by_time
-        while heap and heap[0][0] < horizon_ms:
-            _, key = heapq.heappop(heap)
+        queue, late = self._in_order, self._late
+        while (queue and queue[0][0] < horizon_ms) or (late and late[0][0] < horizon_ms):
+            _, key = self._pop_oldest()
             self._seen.discard(key)

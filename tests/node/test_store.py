@@ -71,7 +71,9 @@ class TestMigrations:
             store.set_meta("k", "v")
         extra = Migration(
             "extra",
-            ("CREATE TABLE extra_test (id TEXT NOT NULL PRIMARY KEY, price INTEGER NOT NULL) STRICT",),
+            (
+                "CREATE TABLE extra_test (id TEXT NOT NULL PRIMARY KEY, price INTEGER NOT NULL) STRICT",
+            ),
         )
         for _ in range(2):
             with Store(db_path, migrations=(*MIGRATIONS, extra)) as store:
