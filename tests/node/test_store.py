@@ -72,7 +72,8 @@ class TestMigrations:
         extra = Migration(
             "extra",
             (
-                "CREATE TABLE extra_test (id TEXT NOT NULL PRIMARY KEY, price INTEGER NOT NULL) STRICT",
+                "CREATE TABLE extra_test"
+                " (id TEXT NOT NULL PRIMARY KEY, price INTEGER NOT NULL) STRICT",
             ),
         )
         for _ in range(2):
