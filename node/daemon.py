@@ -287,7 +287,10 @@ class Daemon:
         info.update(address=address, pid=os.getpid(), control_url=control)
         _restore(node, store)
         await node.start()
-        (home.path / READY_FILE).write_text(json.dumps(info))
+        # Atomic: whoever polls for this file never reads it half-written.
+        tmp = home.path / (READY_FILE + ".tmp")
+        tmp.write_text(json.dumps(info))
+        tmp.replace(home.path / READY_FILE)
         log.info("%s %s listening on %s", config.node.role, identity.node_id, address)
         return cls(node, runner, store, home, address, transport)
 

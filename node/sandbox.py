@@ -243,6 +243,13 @@ while True:
                 os.kill(child, signal.SIGKILL)
             except OSError:
                 pass
+# Our own ru_maxrss starts at our spawner's (posix_spawn shares its memory until exec);
+# the trial's processes, forked from us after exec, are measured cleanly.
+try:
+    with open(cfg["usage"], "w") as f:
+        f.write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))
+except OSError:
+    pass
 os._exit(128 - code if code < 0 else code)
 """
 
@@ -630,6 +637,7 @@ class _Process:
         self.wall_ms = 0
         self.cpu_ms = 0
         self.max_rss_bytes = 0
+        self.usage_path = ""
         self._eof: asyncio.Future[None] = self._loop.create_future()
         os.set_blocking(read_fd, False)
         self._loop.add_reader(read_fd, self._readable)
@@ -652,8 +660,15 @@ class _Process:
         skip: int,
     ) -> _Process:
         """Start ``command`` under the supervisor, in a new session, output piped."""
+        usage = os.path.join(os.path.dirname(cwd.rstrip("/")), "usage")
         config = json.dumps(
-            {"parent": os.getpid(), "cwd": cwd, "limits": _rlimits(spec), "skip": skip}
+            {
+                "parent": os.getpid(),
+                "cwd": cwd,
+                "limits": _rlimits(spec),
+                "skip": skip,
+                "usage": usage,
+            }
         )
         argv = [sys.executable, "-I", "-S", "-c", _SUPERVISOR, config, *command]
         read_fd, write_fd = os.pipe()
@@ -674,7 +689,9 @@ class _Process:
             raise
         finally:
             os.close(write_fd)
-        return cls(pid, read_fd, time.monotonic(), collector)
+        proc = cls(pid, read_fd, time.monotonic(), collector)
+        proc.usage_path = usage
+        return proc
 
     # --- exit ---------------------------------------------------------------------
 
@@ -738,6 +755,10 @@ class _Process:
         self.exit_code = 128 - code if code < 0 else code
         self.cpu_ms = round((usage.ru_utime + usage.ru_stime) * 1000)
         self.max_rss_bytes = usage.ru_maxrss * 1024  # Linux reports KiB (getrusage(2))
+        # Prefer the supervisor's own measure of the trial's processes: wait4's figure
+        # includes the supervisor, whose high-water mark starts at the spawning daemon's.
+        with contextlib.suppress(OSError, ValueError), open(self.usage_path) as f:
+            self.max_rss_bytes = int(f.read()) * 1024
 
     def kill_and_reap(self) -> None:
         """Used when ``run`` is cancelled: SIGKILL the group and reap it at once."""
