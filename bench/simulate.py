@@ -66,6 +66,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -813,13 +814,23 @@ def run_once(params: Params) -> Result:
         return await Simulation(params).run()
 
     cpu0 = time.process_time()
+    with contextlib.suppress(OSError):  # Linux: reset the peak RSS (VmHWM) of this process
+        Path("/proc/self/clear_refs").write_text("5")
     with asyncio.Runner(loop_factory=VirtualTimeLoop) as runner:
         result = runner.run(main())
     if errors:
         raise InvariantError("event loop errors: " + "; ".join(errors[:3]))
     result.cpu_s = time.process_time() - cpu0
-    result.max_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result.max_rss_mb = _peak_rss_mb()
     return result
+
+
+def _peak_rss_mb() -> float:
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def fit_log2(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
@@ -872,6 +883,30 @@ def print_table(results: Sequence[Result]) -> None:
         )
 
 
+def _run_or_fail(params: Params) -> Result | str:
+    try:
+        result = run_once(params)
+    except InvariantError as e:
+        return f"N={params.nodes}: {e}"
+    gc.collect()
+    return result
+
+
+class _Inline:
+    """Runs submitted calls at once, in this process (what --jobs 1 means)."""
+
+    def __enter__(self) -> _Inline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def submit(self, fn: Callable[[Params], Result | str], params: Params) -> Future[Result | str]:
+        future: Future[Result | str] = Future()
+        future.set_result(fn(params))
+        return future
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--nodes", type=int, help="one run of N nodes (default: the table)")
@@ -890,10 +925,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--fanout", type=int, default=Params.fanout)
     ap.add_argument("--quick", action="store_true", help="N = 200, 500, 1000; short phases")
     ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--jobs", type=int, default=1, help="runs in parallel processes")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     sizes = [args.nodes] if args.nodes else list(QUICK_SIZES if args.quick else TABLE_SIZES)
-    results = []
+    runs = []
     for n in sizes:
         params = Params(
             nodes=n,
@@ -912,21 +948,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             params.join_s, params.steady_s, params.restart_after_s = 5.0, 8.0, 6.0
             params.partition_s = min(params.partition_s, 16.0)
             params.lease_hold_s = 4.0
-        try:
-            result = run_once(params)
-        except InvariantError as e:
-            print(f"INVARIANT BROKEN (N={n}, seed={args.seed}): {e}", file=sys.stderr)
-            return 1
-        results.append(result)
-        print(json.dumps(asdict(result)), file=sys.stderr, flush=True)
-        print(
-            f"N={n}: converged in {result.converge_rounds:.2f} rounds, "
-            f"{result.msgs_per_node_s:.2f} msgs/node/s, {result.auctions} auctions, "
-            f"heal {result.heal_rounds_all:.2f} rounds, trace {result.trace[:16]}, "
-            f"{result.wall_s:.0f} s wall",
-            flush=True,
-        )
-        gc.collect()
+        runs.append(params)
+    results: list[Result] = []
+    # Each run is its own process when --jobs > 1 (largest first: it takes longest).
+    with ProcessPoolExecutor(max_workers=args.jobs) if args.jobs > 1 else _Inline() as pool:
+        futures = [pool.submit(_run_or_fail, p) for p in sorted(runs, key=lambda p: -p.nodes)]
+        for future in as_completed(futures):
+            result = future.result()
+            if isinstance(result, str):
+                print(f"INVARIANT BROKEN (seed={args.seed}): {result}", file=sys.stderr)
+                for f in futures:
+                    f.cancel()
+                return 1
+            results.append(result)
+            print(json.dumps(asdict(result)), file=sys.stderr, flush=True)
+            print(
+                f"N={result.nodes}: converged in {result.converge_rounds:.2f} rounds, "
+                f"{result.msgs_per_node_s:.2f} msgs/node/s, {result.auctions} auctions, "
+                f"heal {result.heal_rounds_all:.2f} rounds, trace {result.trace[:16]}, "
+                f"{result.wall_s:.0f} s wall",
+                flush=True,
+            )
+    results.sort(key=lambda r: r.nodes)
     if args.json is not None:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=1))
     print_table(results)
