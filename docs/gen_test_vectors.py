@@ -129,10 +129,17 @@ def build() -> list[dict[str, Any]]:
         t,
     )
     add(
-        "tenant asks for adverts newer than the ones it holds",
+        "tenant asks for adverts newer than the two it holds (packed digest)",
         tenant,
         "directory_request",
-        {"digest": [{"provider": p, "seq": 41}], "limit": 100},
+        {
+            # 40-byte records sorted by provider: 32 ASCII node-id bytes, seq u64 BE.
+            "digest": b"".join(
+                n.encode("ascii") + seq.to_bytes(8, "big")
+                for n, seq in sorted([(p, 41), ("a" * 32, 1_763_000_000_123)])
+            ),
+            "limit": 100,
+        },
         p,
     )
     add(
@@ -323,7 +330,14 @@ def build() -> list[dict[str, Any]]:
 
 def render(vectors: list[dict[str, Any]]) -> str:
     """The file's exact text."""
-    return json.dumps(vectors, indent=2, ensure_ascii=False) + "\n"
+    return json.dumps(vectors, indent=2, ensure_ascii=False, default=_bin) + "\n"
+
+
+def _bin(value: object) -> dict[str, str]:
+    # JSON has no byte strings: a body's bin value is written {"$bin": "<hex>"}.
+    if isinstance(value, bytes):
+        return {"$bin": value.hex()}
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
 def main() -> int:

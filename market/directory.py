@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 
-from protocol.messages import Advert
+from protocol.messages import Advert, pack_digest
 
 
 class Offer(Enum):
@@ -50,6 +50,8 @@ class Directory:
 
     def __init__(self) -> None:
         self._entries: dict[str, Entry] = {}
+        # packed_digest's cache: (packed, made at, valid until) or None once changed.
+        self._packed: tuple[bytes, int, int] | None = None
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -71,9 +73,11 @@ class Directory:
             if advert.seq == held.seq:
                 return Offer.DUPLICATE
         self._entries[advert.provider] = Entry(advert, envelope, now_ms)
+        self._packed = None
         return Offer.NEW if held is None else Offer.NEWER
 
     def remove(self, provider: str) -> bool:
+        self._packed = None
         return self._entries.pop(provider, None) is not None
 
     def expire(self, now_ms: int) -> list[str]:
@@ -81,6 +85,8 @@ class Directory:
         gone = [p for p, e in self._entries.items() if e.advert.expires_ms <= now_ms]
         for p in gone:
             del self._entries[p]
+        if gone:
+            self._packed = None
         return gone
 
     def live(self, now_ms: int) -> Iterator[Entry]:
@@ -90,6 +96,19 @@ class Directory:
     def digest(self, now_ms: int) -> dict[str, int]:
         """provider -> seq of every live advert: what a peer compares against."""
         return {e.provider: e.seq for e in self.live(now_ms)}
+
+    def packed_digest(self, now_ms: int) -> bytes:
+        """``digest`` packed for a ``directory_request`` (``protocol.messages.pack_digest``).
+
+        A node sends it every gossip round and it changes far less often, so it is
+        cached until an advert is added or removed or the first held advert expires.
+        """
+        cached = self._packed
+        if cached is None or not cached[1] <= now_ms < cached[2]:
+            live = list(self.live(now_ms))
+            until = min((e.advert.expires_ms for e in live), default=2**63)
+            cached = self._packed = (pack_digest({e.provider: e.seq for e in live}), now_ms, until)
+        return cached[0]
 
     def diff(
         self, theirs: Iterable[tuple[str, int]], now_ms: int, limit: int

@@ -37,12 +37,12 @@ from protocol.messages import (
     Advert,
     Body,
     DeviceGroup,
-    DigestEntry,
     DirectoryRequest,
     Hello,
     Interconnect,
     PeerInfo,
     PeerList,
+    unpack_digest,
 )
 from protocol.messages import (
     Directory as DirectoryMsg,
@@ -165,6 +165,10 @@ class Node:
         self.metrics = metrics or NodeMetrics()
         self.directory = Directory()
         self.peers: dict[str, Peer] = {}
+        # Derived from peers, rebuilt after _peers_changed(): gossip samples peers and
+        # looks up senders many times a second, far more often than the table changes.
+        self._peer_list: list[Peer] | None = None
+        self._address_by_id: dict[str, str] = {}
         self.guard = ReplayGuard(settings.replay_window_ms, settings.clock_skew_ms)
         self.limiter = RateLimiter(settings.rate_per_s, settings.burst)
         self.limits = codec.Limits(max_size=settings.max_message_bytes)
@@ -262,12 +266,14 @@ class Node:
         peer.last_seen_ms = self.clock()
         if reply is not None and peer.node_id is None:
             peer.node_id = reply.sender
+            self._peers_changed()
         return reply
 
     def _peer_failed(self, peer: Peer) -> None:
         peer.failures += 1
         if peer.failures >= self.settings.max_peer_failures and peer.role != "bootstrap":
             if self.peers.pop(peer.address, None) is not None:
+                self._peers_changed()
                 log.info("dropped dead peer %s after %d failures", peer.address, peer.failures)
             self.metrics.peers.set(len(self.peers))
 
@@ -281,13 +287,27 @@ class Node:
             if len(self.peers) >= self.settings.max_peers:
                 return
             peer = self.peers[address] = Peer(address=address, node_id=node_id, role=role)
+            self._peers_changed()
             self.metrics.peers.set(len(self.peers))
             if self._on_peer is not None:
                 self._on_peer(peer)
         elif node_id is not None and peer.node_id is None:
             peer.node_id = node_id
+            self._peers_changed()
         if peer.role != "bootstrap":
             peer.role = role
+
+    def _peers_changed(self) -> None:
+        self._peer_list = None
+
+    def _peer_index(self) -> list[Peer]:
+        if self._peer_list is None:
+            self._peer_list = list(self.peers.values())
+            self._address_by_id = {}
+            for p in self._peer_list:
+                if p.node_id is not None:
+                    self._address_by_id.setdefault(p.node_id, p.address)
+        return self._peer_list
 
     def sample_peers(
         self, k: int, exclude: Iterable[str] = (), *, spare_bootstrap: bool = False
@@ -296,7 +316,7 @@ class Node:
         ``k`` others are known; every node knows them, so routine gossip would make them
         hotspots whose load grows with the network."""
         skip = set(exclude)
-        peers = list(self.peers.values())
+        peers = self._peer_index()
         # Draw random indices until k fit: O(k) for the usual few of many peers, where
         # filtering the whole table first would cost O(peers) on every call.
         picked: list[Peer] = []
@@ -373,19 +393,11 @@ class Node:
                 self._on_advert(entry)
         return result
 
-    def _digest(self) -> list[DigestEntry]:
-        # model_construct: these come from verified adverts, so validating them again would
-        # only cost time (a digest has one entry per provider, at every anti-entropy round).
-        return [
-            DigestEntry.model_construct(provider=p, seq=s)
-            for p, s in self.directory.digest(self.clock()).items()
-        ]
-
     async def _on_directory_request(self, env: Envelope) -> Body | bytes | None:
         req = env.body
         assert isinstance(req, DirectoryRequest)
         missing, wanted, more = self.directory.diff(
-            ((d.provider, d.seq) for d in req.digest),
+            unpack_digest(req.digest),
             self.clock(),
             min(req.limit, self.settings.directory_page),
         )
@@ -414,10 +426,8 @@ class Node:
         return self.directory.get(self.verified.open(raw, self.clock(), self.limits).sender)
 
     def _address_of(self, node_id: str) -> str:
-        for p in self.peers.values():
-            if p.node_id == node_id:
-                return p.address
-        return ""
+        self._peer_index()
+        return self._address_by_id.get(node_id, "")
 
     async def _push(self, adverts: list[bytes], exclude: Iterable[str] = ()) -> None:
         """Rumor mongering: push news to ``fanout`` random peers (not back to its source)."""
@@ -435,9 +445,9 @@ class Node:
         """Pull what ``peer`` has that we lack, push what it lacks. Returns adverts learned."""
         learned = 0
         for _ in range(100):  # pages; bounded so a lying peer cannot keep us here
-            reply = await self.request(
-                peer, DirectoryRequest(digest=self._digest(), limit=self.settings.directory_page)
-            )
+            digest = self.directory.packed_digest(self.clock())
+            limit = self.settings.directory_page
+            reply = await self.request(peer, DirectoryRequest(digest=digest, limit=limit))
             if reply is None or not isinstance(reply.body, DirectoryMsg):
                 return learned
             page = reply.body
@@ -608,6 +618,7 @@ class Node:
                 for address in self.settings.bootstrap:
                     if address != self.settings.address:
                         self.peers[address] = Peer(address=address, role="bootstrap")
+                self._peers_changed()
 
     async def _expiry_loop(self) -> None:
         while True:

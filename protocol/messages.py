@@ -15,6 +15,9 @@ Conventions that hold for every message (docs/protocol.md repeats them):
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator, Mapping
+from itertools import pairwise
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
@@ -132,17 +135,53 @@ class Advert(Body):
         return sum(len(g.free) for g in self.devices)
 
 
-class DigestEntry(Part):
-    provider: NodeId
-    seq: Seq
+#: One packed digest record: the provider's 32 ASCII node-id bytes, then the advert's seq
+#: as 8 bytes big-endian (u63, so the first of them is below 0x80).
+DIGEST_RECORD = 40
+MAX_DIGEST_RECORDS = 20_000
+_DIGEST_RE = re.compile(rb"(?:[a-z2-7]{32}[\x00-\x7f][\x00-\xff]{7})*", re.DOTALL)
+
+
+def pack_digest(held: Mapping[str, int]) -> bytes:
+    """Pack ``provider -> seq`` as a ``directory_request`` digest (sorted by provider)."""
+    return b"".join(p.encode("ascii") + s.to_bytes(8, "big") for p, s in sorted(held.items()))
+
+
+def unpack_digest(packed: bytes) -> Iterator[tuple[str, int]]:
+    """(provider, seq) records of a digest that ``DirectoryRequest`` validated."""
+    for i in range(0, len(packed), DIGEST_RECORD):
+        yield (
+            packed[i : i + 32].decode("ascii"),
+            int.from_bytes(packed[i + 32 : i + DIGEST_RECORD], "big"),
+        )
 
 
 class DirectoryRequest(Body):
-    """Anti-entropy: what I hold (provider, seq); send what is newer or missing."""
+    """Anti-entropy: what I hold (provider, seq); send what is newer or missing.
+
+    ``digest`` is packed (see ``pack_digest``): one 40-byte record per held advert,
+    sorted by provider without repeats. Packed rather than a list of maps because every
+    node sends its whole digest every gossip round: a list of N maps costs the sender
+    and the receiver O(N) objects to build, encode, decode and validate each time.
+    """
 
     TYPE = "directory_request"
-    digest: Annotated[list[DigestEntry], Field(max_length=100_000)]
+    digest: bytes
     limit: Annotated[int, Field(ge=1, le=2000)] = 500
+
+    @model_validator(mode="after")
+    def _packed(self) -> DirectoryRequest:
+        d = self.digest
+        if len(d) % DIGEST_RECORD:
+            raise ValueError(f"digest length {len(d)} is not a multiple of {DIGEST_RECORD}")
+        if len(d) > MAX_DIGEST_RECORDS * DIGEST_RECORD:
+            raise ValueError(f"digest holds more than {MAX_DIGEST_RECORDS} records")
+        if _DIGEST_RE.fullmatch(d) is None:
+            raise ValueError("digest record with a malformed node id or a seq above 2^63-1")
+        ids = [d[i : i + 32] for i in range(0, len(d), DIGEST_RECORD)]
+        if any(a >= b for a, b in pairwise(ids)):
+            raise ValueError("digest records not sorted by provider, or repeated")
+        return self
 
 
 class Directory(Body):

@@ -12,7 +12,7 @@ import pytest
 from market.directory import Directory, Entry, Offer
 from protocol.codec import decode
 from protocol.identity import Identity
-from protocol.messages import Advert
+from protocol.messages import Advert, pack_digest, unpack_digest
 
 NOW = 1_700_000_000_000
 TTL = 60_000
@@ -207,3 +207,34 @@ class TestDiff:
         assert wanted == []
         _, wanted, _ = d.diff([(ids[0].node_id, 2)], NOW + 10, limit=10)
         assert wanted == [ids[0].node_id]
+
+
+class TestPackedDigest:
+    """The digest a node sends every round is cached; the cache must never go stale."""
+
+    def test_matches_the_live_digest_as_it_changes(self, make: Maker, ids: list[Identity]) -> None:
+        d = Directory()
+        assert d.packed_digest(NOW) == b""
+        short, short_raw = make(ids[0], seq=1, expires_ms=NOW + 5)
+        d.offer(short, short_raw, NOW)
+        assert d.packed_digest(NOW) == pack_digest({ids[0].node_id: 1})
+        advert, raw = make(ids[1], seq=7)
+        d.offer(advert, raw, NOW + 1)  # added: cache dropped
+        assert dict(unpack_digest(d.packed_digest(NOW + 1))) == {
+            ids[0].node_id: 1,
+            ids[1].node_id: 7,
+        }
+        # ids[0] expires at NOW + 5 without being purged: it leaves the digest anyway.
+        assert d.packed_digest(NOW + 5) == pack_digest({ids[1].node_id: 7})
+        newer, newer_raw = make(ids[1], seq=8)
+        d.offer(newer, newer_raw, NOW + 6)
+        assert d.packed_digest(NOW + 6) == pack_digest({ids[1].node_id: 8})
+        d.remove(ids[1].node_id)
+        assert d.packed_digest(NOW + 6) == b""
+
+    def test_a_clock_that_steps_back_recomputes(self, make: Maker, ids: list[Identity]) -> None:
+        d = Directory()
+        advert, raw = make(ids[0], seq=1, expires_ms=NOW + 5)
+        d.offer(advert, raw, NOW)
+        assert d.packed_digest(NOW + 10) == b""  # expired, not purged
+        assert d.packed_digest(NOW + 1) == pack_digest({ids[0].node_id: 1})

@@ -16,7 +16,7 @@ from protocol.messages import MESSAGE_TYPES
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 TEXT = (DOCS / "protocol.md").read_text("utf-8")
-RECORDS = ["DeviceGroup", "Interconnect", "PeerInfo", "DigestEntry", "Requirement", "Usage"]
+RECORDS = ["DeviceGroup", "Interconnect", "PeerInfo", "Requirement", "Usage"]
 
 
 def section(heading: str) -> str:

@@ -57,7 +57,7 @@ EXAMPLES: dict[str, Body] = {
     ),
     "advert": ADVERT,
     "directory_request": m.DirectoryRequest(
-        digest=[m.DigestEntry(provider=PROVIDER.node_id, seq=41)], limit=100
+        digest=m.pack_digest({PROVIDER.node_id: 41}), limit=100
     ),
     "directory": m.Directory(
         adverts=[seal(PROVIDER, ADVERT, now_ms=NOW - 5000, nonce=b"\x07" * 16)],
@@ -493,6 +493,29 @@ class TestRejections:
         body = body_to_wire(ADVERT)
         body["devices"][0]["free"] = ["gpu99"]  # not one of its ids
         assert code_of(seal_raw(PROVIDER, "advert", body)) == "invalid_field"
+
+    @pytest.mark.parametrize(
+        ("digest", "why"),
+        [
+            (m.pack_digest({PROVIDER.node_id: 1})[:-1], "length not a multiple of 40"),
+            (b"A" * 32 + bytes(8), "node id outside the base32 alphabet"),
+            (b"a" * 32 + b"\x80" + bytes(7), "seq above 2^63-1"),
+            (b"b" * 32 + bytes(8) + b"a" * 32 + bytes(8), "records not sorted"),
+            (b"a" * 32 + bytes(8) + b"a" * 32 + bytes(8), "a provider twice"),
+            (b"a" * 40 * 20_001, "more than 20,000 records"),
+        ],
+    )
+    def test_malformed_packed_digest(self, digest: bytes, why: str) -> None:
+        data = seal_raw(PROVIDER, "directory_request", {"digest": digest, "limit": 10})
+        assert code_of(data) == "invalid_field", why
+
+    def test_packed_digest_round_trip(self) -> None:
+        held = {TENANT.node_id: 2**63 - 1, PROVIDER.node_id: 0, "a" * 32: 1_700_000_000_000}
+        packed = m.pack_digest(held)
+        assert len(packed) == 3 * m.DIGEST_RECORD
+        req = open_(seal_raw(PROVIDER, "directory_request", {"digest": packed, "limit": 10}))
+        assert isinstance(req.body, m.DirectoryRequest)
+        assert list(m.unpack_digest(req.body.digest)) == sorted(held.items())
 
     def test_unknown_message_type(self) -> None:
         data = seal_raw(PROVIDER, "bribe", {"amount": 1})

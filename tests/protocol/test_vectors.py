@@ -26,7 +26,16 @@ from protocol.messages import MESSAGE_TYPES
 from protocol.replay import ReplayGuard
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
-VECTORS: list[dict[str, Any]] = json.loads((DOCS / "test-vectors.json").read_text("utf-8"))
+
+
+def _from_json(obj: dict[str, Any]) -> Any:
+    # docs/protocol.md section 11: a body's byte string is written {"$bin": "<hex>"}.
+    return bytes.fromhex(obj["$bin"]) if list(obj) == ["$bin"] else obj
+
+
+VECTORS: list[dict[str, Any]] = json.loads(
+    (DOCS / "test-vectors.json").read_text("utf-8"), object_hook=_from_json
+)
 IDS = [f"{i}-{v['type']}" for i, v in enumerate(VECTORS)]
 
 
