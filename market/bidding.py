@@ -321,6 +321,23 @@ class BidEngine:
             self.counters.released += 1
         return freed
 
+    def restore(self, lease: ProviderLease, now_ms: int) -> bool:
+        """Hold an active lease again after a restart (the provider's store has it).
+
+        The tenant gets a fresh heartbeat grace from ``now_ms``: it could not reach us
+        while we were down. False, and nothing held, if the lease is already known, ran
+        past its end, or names devices this engine does not have free.
+        """
+        if lease.lease_id in self.leases or now_ms >= lease.end_ms:
+            return False
+        if not lease.devices or not set(lease.devices) <= self.free:
+            return False
+        lease.state = LeaseState.ACTIVE
+        lease.last_heartbeat_ms = max(lease.last_heartbeat_ms, now_ms)
+        self.free.difference_update(lease.devices)
+        self.leases[lease.lease_id] = lease
+        return True
+
     def on_heartbeat(self, lease_id: str, tenant: str, now_ms: int) -> bool:
         lease = self.leases.get(lease_id)
         if lease is None or lease.tenant != tenant or lease.state is not LeaseState.ACTIVE:

@@ -55,6 +55,42 @@ class ProviderService:
         node.services.append(self._timer)
         #: Called when a lease stops being active (released, expired, lost).
         self.on_lease_end: list[Callable[[ProviderLease], None]] = []
+        self.restored = self._restore_leases()
+
+    def _restore_leases(self) -> int:
+        """After a restart, hold again the leases the store says are active.
+
+        Without this a restarted provider would see every device free and could sell
+        a leased device twice. A lease that ran out while the daemon was down is marked
+        ended; one whose devices are no longer configured is marked lost.
+        """
+        now = self.node.clock()
+        restored = 0
+        for row in self.store.list_leases("active"):
+            if row.side != "provider" or row.provider != self.node.node_id:
+                continue
+            lease = ProviderLease(
+                lease_id=row.lease_id,
+                order_id=row.order_id,
+                tenant=row.tenant,
+                job_spec_hash=row.job_spec_hash,
+                devices=row.devices,
+                price=row.price,
+                start_ms=row.start_ms,
+                end_ms=row.end_ms,
+                heartbeat_interval_ms=row.heartbeat_interval_ms,
+                last_heartbeat_ms=now,
+                units=row.units,
+            )
+            if self.engine.restore(lease, now):
+                restored += 1
+                continue
+            state = LeaseState.ENDED if now >= row.end_ms else LeaseState.LOST
+            self.store.set_lease_state(row.lease_id, state.value, now)
+            log.warning("lease %s from before the restart is %s", row.lease_id, state.value)
+        if restored:
+            log.info("holding %d active leases from before the restart", restored)
+        return restored
 
     def _ended(self, lease: ProviderLease) -> None:
         for callback in self.on_lease_end:

@@ -509,6 +509,38 @@ class TestLeases:
         assert not e.on_release(other, TENANT, T0 + 2)  # already ended
         assert e.expire(T0 + 10**8) == []  # an ended lease is not ended again
 
+    def test_a_restarted_engine_holds_a_stored_lease_with_a_fresh_grace(self) -> None:
+        before = engine()
+        lid = self.lease(before, heartbeat_ms=1_000)
+        stored = copy.copy(before.leases[lid])
+        after = engine()  # the same devices, nothing in memory: a restart
+        restart = T0 + 60_000  # down for a minute, far past three heartbeats
+        assert after.restore(stored, restart)
+        assert after.held_by(lid) == stored.devices
+        assert after.free == {d for d in after.devices if d not in stored.devices}
+        assert after.expire(restart + 3_000) == []  # the tenant gets 3 intervals from now
+        assert after.on_heartbeat(lid, TENANT, restart + 2_500)
+        after.check_invariants()
+        # Everything else the 4-GPU engine sells avoids the held devices.
+        bid = must_bid(after.on_order(order(2, now=restart), OTHER_TENANT, restart))
+        assert not set(after.reservations[bid.bid_id].devices) & set(stored.devices)
+        assert isinstance(after.on_order(order(1, now=restart), TENANT, restart), NoBid)
+
+    def test_restore_refuses_what_it_cannot_hold(self) -> None:
+        before = engine()
+        lid = self.lease(before, end_ms=T0 + 5_000)
+        stored = before.leases[lid]
+        assert not engine().restore(copy.copy(stored), T0 + 5_000)  # ran past its end
+        assert not engine(gpus(1)).restore(copy.copy(stored), T0)  # a device is gone
+        e = engine()
+        assert e.restore(copy.copy(stored), T0)
+        assert not e.restore(copy.copy(stored), T0)  # already held
+        taken = engine()
+        must_bid(taken.on_order(order(4), OTHER_TENANT, T0))  # every device reserved
+        assert not taken.restore(copy.copy(stored), T0)
+        for e in (taken, engine()):
+            e.check_invariants()
+
 
 class TestPricing:
     @pytest.mark.parametrize(

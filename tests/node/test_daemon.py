@@ -26,11 +26,13 @@ from node.config import LimitsSection, NodeConfig, NodeSection
 from node.daemon import READY_FILE, Daemon
 from node.home import NodeHome
 from node.inventory import DeviceDecl
-from node.transport import ENVELOPE_CONTENT_TYPE
+from node.store import Store
+from node.tenant import Tenant
+from node.transport import ENVELOPE_CONTENT_TYPE, HttpTransport
 from protocol import codec
 from protocol.envelope import open_envelope, seal
 from protocol.identity import Identity
-from protocol.messages import Body, Directory, Hello, PeerList
+from protocol.messages import Body, Directory, Hello, PeerList, Requirement
 
 AdvertSealer = Callable[..., bytes]
 DaemonFactory = Callable[..., Awaitable[Daemon]]
@@ -302,6 +304,52 @@ class TestHealthAndHome:
             assert sorted(providers) == sorted([node_id, other.node_id])
         finally:
             await second.close()
+
+    async def test_a_restart_holds_the_leases_it_had_sold(self, tmp_path: Path) -> None:
+        """A provider that restarts must not sell a leased device a second time."""
+        home = tmp_path / "home"
+        transport = HttpTransport()
+        store = Store(tmp_path / "tenant.sqlite")
+        buyer = Tenant(Identity.generate(), store, transport)
+        other = Tenant(Identity.generate(), Store(tmp_path / "other.sqlite"), transport)
+        want = Requirement(kind="gpu")
+        try:
+            first = await Daemon.start(make_config(home))
+            try:
+                await buyer.refresh(first.address)
+                report = await buyer.auction(want, 1, 1_000_000, job_spec_hash="ab" * 32)
+                assert [x.units for x in report.leases] == [1], report.failure
+            finally:
+                await first.close()
+            lease = store.list_leases("active")[0]
+
+            second = await Daemon.start(make_config(home))
+            try:
+                engine = second.provider.engine if second.provider else None
+                assert engine is not None
+                assert engine.held_by(lease.lease_id) == lease.devices
+                assert len(engine.free) == 1  # of 2 RTX-4090
+                # The one free device can be sold; the leased one cannot, a second time.
+                await other.refresh(second.address)
+                free = [g.free for a in other.adverts() for g in a.devices]
+                assert free == [[d for d in ("gpu0", "gpu1") if d not in lease.devices]]
+                report = await other.auction(want, 2, 1_000_000, job_spec_hash="cd" * 32)
+                assert [x.units for x in report.leases] == [1]  # a partial fill: 1 of 2
+                sold = other.store.list_leases("active")[0].devices
+                assert not set(sold) & set(lease.devices), "sold a leased device twice"
+                assert engine.free == set()
+                # The first tenant's lease still works: heartbeats, then a billed release
+                # (port 0 gave the daemon a new port; its advert tells the tenant).
+                await buyer.refresh(second.address)
+                assert await buyer.heartbeat(lease)
+                receipt = await buyer.release(lease)
+                assert receipt.amount > 0
+                assert engine.free == set(lease.devices)
+            finally:
+                await second.close()
+        finally:
+            await transport.close()
+            store.close()
 
 
 def provider_toml(home: Path) -> str:
