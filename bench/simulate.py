@@ -883,6 +883,26 @@ def print_table(results: Sequence[Result]) -> None:
         )
 
 
+def print_saved(paths: Sequence[Path]) -> int:
+    """The table (and last line) of runs saved by --json, e.g. one file per N."""
+    results: list[Result] = []
+    for path in paths:
+        try:
+            rows = json.loads(path.read_text())
+            results += [Result(**row) for row in (rows if isinstance(rows, list) else [rows])]
+        except (OSError, ValueError, TypeError) as e:
+            print(f"{path}: not a --json file of this script ({e})", file=sys.stderr)
+            return 2
+    if not results:
+        print("no runs in the given files", file=sys.stderr)
+        return 2
+    results.sort(key=lambda r: r.nodes)
+    print_table(results)
+    last = results[-1]
+    print(f"converge_rounds={last.converge_rounds:.2f} msgs_per_node_s={last.msgs_per_node_s:.2f}")
+    return 0
+
+
 def _run_or_fail(params: Params) -> Result | str:
     try:
         result = run_once(params)
@@ -926,8 +946,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="N = 200, 500, 1000; short phases")
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--jobs", type=int, default=1, help="runs in parallel processes")
+    ap.add_argument("--table", type=Path, nargs="+", metavar="JSON",
+                    help="print the table of runs saved with --json, simulate nothing")  # fmt: skip
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.table:
+        return print_saved(args.table)
     sizes = [args.nodes] if args.nodes else list(QUICK_SIZES if args.quick else TABLE_SIZES)
     runs = []
     for n in sizes:

@@ -230,6 +230,18 @@ class TestSimulation:
         assert first["trace"] == second["trace"]
         assert outputs["1"].splitlines()[-1] == outputs["4242"].splitlines()[-1]
         assert outputs["1"].splitlines()[-1].startswith("converge_rounds=")
+        # --table prints the saved runs again, without simulating, with the same last line.
+        saved = [str(tmp_path / f"run-{seed}.json") for seed in procs]
+        table = subprocess.run(
+            [sys.executable, str(SCRIPT), "--table", *saved],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout.splitlines()
+        assert table[-1] == outputs["1"].splitlines()[-1]
+        assert sum(line.split()[0] == "200" for line in table) == 2
         # Faults really happened and the market kept working through them.
         assert first["crashed"] == 6
         assert first["dropped"] > 0
