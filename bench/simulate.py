@@ -486,6 +486,11 @@ class Simulation:
     def check_provider(self, m: Member) -> None:
         if m.engine is not None:
             check_engine(m.engine, f"provider {m.index}")
+        if m.store is not None:
+            # What it signed, not what it remembers: this is what a crash used to break.
+            check_signed_leases(
+                m.store.list_leases("active"), m.devices, self.now_ms(), f"provider {m.index}"
+            )
 
     def check_candidates(self, tenant: SimTenant, report: AuctionReport) -> None:
         order_ms = report.order.bid_deadline_ms - BID_WINDOW_MS
@@ -751,6 +756,21 @@ def check_engine(engine: BidEngine, who: str) -> None:
     )
     if leased > len(engine.devices):
         raise InvariantError(f"{who} leases {leased} devices, has {len(engine.devices)}")
+
+
+def check_signed_leases(
+    rows: Sequence[LeaseRow], devices: Sequence[Device], now_ms: int, who: str
+) -> None:
+    """The leases a provider has signed and not ended never share a device nor name one
+    it does not have, across crashes and restarts (the store outlives the engine)."""
+    ids = {d.id for d in devices}
+    held: Counter[str] = Counter(
+        d for row in rows if row.side == "provider" and row.end_ms > now_ms for d in row.devices
+    )
+    twice = sorted(d for d, n in held.items() if n > 1)
+    unknown = sorted(set(held) - ids)
+    if twice or unknown:
+        raise InvariantError(f"{who} signed active leases on {twice or unknown} more than it has")
 
 
 def check_candidates(

@@ -167,6 +167,20 @@ class TestInvariantChecks:
         with pytest.raises(sim.InvariantError, match="provider 1"):
             sim.check_engine(engine, "provider 1")
 
+    def test_a_device_in_two_signed_leases_is_caught_even_if_the_engine_forgot(self) -> None:
+        sim = load_simulate()
+        tenant = Identity.from_seed(b"t" * 32)
+        provider = Identity.from_seed(b"p" * 32)
+        gpu = [Device("gpu0", "L4", "gpu", 1, 1, 1, 1)]
+        first = dataclasses.replace(_lease(tenant, provider), side="provider")
+        sim.check_signed_leases([first], gpu, T0, "provider 1")
+        again = dataclasses.replace(first, lease_id="o2.L1")  # sold again after a restart
+        with pytest.raises(sim.InvariantError, match="provider 1 signed active leases"):
+            sim.check_signed_leases([first, again], gpu, T0, "provider 1")
+        sim.check_signed_leases([first, again], gpu, first.end_ms, "provider 1")  # both over
+        with pytest.raises(sim.InvariantError, match="gpu0"):
+            sim.check_signed_leases([first], [], T0, "provider 1")
+
     def test_a_lease_whose_accept_binds_another_award_is_caught(self) -> None:
         sim = load_simulate()
         tenant = Identity.from_seed(b"t" * 32)
@@ -209,7 +223,8 @@ def _simulate(tmp_path: Path, hash_seed: str) -> subprocess.Popen[str]:
     out = tmp_path / f"run-{hash_seed}.json"
     env = {**os.environ, "PYTHONHASHSEED": hash_seed}
     args = [sys.executable, str(SCRIPT), "--nodes", "200", "--quick", "--seed", "7"]
-    args += ["--loss", "0.05", "--partition", "16", "--crash", "0.03", "--json", str(out)]
+    # 20 % of the nodes crash: enough to hit providers holding leases (seed 7 does).
+    args += ["--loss", "0.01", "--partition", "16", "--crash", "0.2", "--json", str(out)]
     return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
 
 
@@ -243,7 +258,7 @@ class TestSimulation:
         assert table[-1] == outputs["1"].splitlines()[-1]
         assert sum(line.split()[0] == "200" for line in table) == 2
         # Faults really happened and the market kept working through them.
-        assert first["crashed"] == 6
+        assert first["crashed"] == 40
         assert first["dropped"] > 0
         assert first["auctions"] > 0
         assert first["leases"] > 0
