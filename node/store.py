@@ -206,6 +206,12 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ALTER TABLE leases ADD COLUMN job_id TEXT",
         ),
     ),
+    Migration(
+        "trials keep their intermediate metric values (the pruner's history)",
+        # A JSON list of [step, value] pairs, kept when the trial finishes, so a resumed
+        # sweep's pruner judges new trials against the same rungs as before the restart.
+        ("ALTER TABLE trials ADD COLUMN intermediate TEXT NOT NULL DEFAULT '[]'",),
+    ),
 )
 
 #: The schema version this code writes: the number of migrations it knows.
@@ -650,16 +656,17 @@ class TrialRow:
     result: bytes | None
     started_ms: int | None
     finished_ms: int | None
+    intermediate: list[list[float]]  # [step, value] pairs, step ascending
 
 
 def _trial_row(row: dict[str, Any]) -> TrialRow:
     row = dict(row)
-    for key in ("params", "failed_providers", "metrics"):
+    for key in _TRIAL_JSON:
         row[key] = json.loads(row[key])
     return TrialRow(**row)
 
 
-_TRIAL_JSON = ("params", "failed_providers", "metrics")
+_TRIAL_JSON = ("params", "failed_providers", "metrics", "intermediate")
 
 
 class JobStore:

@@ -130,6 +130,8 @@ class SweepRunner:
         # or a retry); fresh trials of the search are assigned as they are created.
         self._maybe_pending = True
         self.duplicates = 0
+        #: trial -> step -> the first value reported at that step (what the pruner saw).
+        self._steps: dict[int, dict[int, float]] = {}
         self._spend_since: dict[str, int] = {}
 
     # --- bookkeeping ------------------------------------------------------------
@@ -160,16 +162,7 @@ class SweepRunner:
         """Rebuild the search from the store; unfinished trials start over."""
         rows = self.jobs.trials(self.job_id)
         self.search.restore(
-            [
-                FinishedTrial(
-                    number=r.number,
-                    params=r.params,
-                    state=_SEARCH_STATE[r.state],
-                    value=r.value,
-                )
-                for r in rows
-                if r.state in _SEARCH_STATE
-            ],
+            [finished_trial(r) for r in rows if r.state in _SEARCH_STATE],
             next_number=max((r.number for r in rows), default=-1) + 1,
             running=[Trial(r.number, r.params) for r in rows if r.state in ("running", "pending")],
         )
@@ -382,6 +375,7 @@ class SweepRunner:
                 failed_providers=failed,
                 detail=f"gave up after {row.attempts} attempts: {why}",
                 finished_ms=self.tenant.clock(),
+                intermediate=self._reported(number),
             ):
                 self.search.tell(number, None, "failed")
         else:
@@ -553,12 +547,19 @@ class SweepRunner:
         if not isinstance(value, int | float) or isinstance(value, bool):
             return 0
         at = values.get("step", step)
-        if self.search.report(number, int(at) if isinstance(at, int) else step, float(value)):
+        if isinstance(at, bool) or not isinstance(at, int) or at < 0:
+            at = step  # a step the trial printed that is not a step: count lines instead
+        self._steps.setdefault(number, {}).setdefault(at, float(value))
+        if self.search.report(number, at, float(value)):
             self.jobs.update_trial(self.job_id, number, detail="pruning")
             asyncio.get_running_loop().create_task(
                 self._quiet_cancel(slot, task_id, "pruned by the search")
             )
         return 1
+
+    def _reported(self, number: int) -> list[list[float]]:
+        """The trial's intermediate values as stored: [step, value] pairs, in step order."""
+        return [[step, v] for step, v in sorted(self._steps.pop(number, {}).items())]
 
     async def _quiet_cancel(self, slot: Slot, task_id: str, reason: str) -> None:
         with contextlib.suppress(MercatoError):
@@ -592,10 +593,22 @@ class SweepRunner:
             detail=detail,
             finished_ms=self.tenant.clock(),
             provider=slot.lease.provider,
+            intermediate=self._reported(number),
         ):
             self.duplicates += 1  # a slow provider answered after the trial was settled
             return
         self.search.tell(number, float(value) if value is not None else None, _SEARCH_STATE[state])
+
+
+def finished_trial(row: TrialRow) -> FinishedTrial:
+    """A stored finished trial as the search restores it, intermediate values included."""
+    return FinishedTrial(
+        number=row.number,
+        params=row.params,
+        state=_SEARCH_STATE[row.state],
+        value=row.value,
+        intermediate={int(step): float(value) for step, value in row.intermediate},
+    )
 
 
 def elapsed_s(start: float) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sqlite3
 import uuid
 from collections.abc import Iterator
@@ -14,12 +15,15 @@ from hypothesis import strategies as st
 from node.store import (
     MIGRATIONS,
     SCHEMA_VERSION,
+    JobRow,
+    JobStore,
     Migration,
     MigrationError,
     SchemaTooNewError,
     Store,
     StoreError,
 )
+from node.sweep import finished_trial
 
 A = "a" * 32
 B = "b" * 32
@@ -276,3 +280,40 @@ class TestMeta:
             assert store.get_meta("node_id") == "y"
         with Store(db_path) as store:
             assert store.get_meta("node_id") == "y"
+
+
+class TestTrials:
+    """Trials on a real file: what a resumed sweep reads back is what was recorded."""
+
+    def job(self, jobs: JobStore) -> str:
+        jobs.create_job(
+            JobRow("j1", "quadratic", "name: q", "0" * 64, "1" * 64, "/w", "running", "", 7, 1, 1)
+        )
+        jobs.add_trial("j1", 0, {"x": 1.0})
+        return "j1"
+
+    def test_intermediate_values_survive_a_reopen_into_the_search(self, db_path: Path) -> None:
+        with Store(db_path) as store:
+            jobs = JobStore(store)
+            job = self.job(jobs)
+            assert jobs.trial(job, 0).intermediate == []  # type: ignore[union-attr]
+            steps = [[0, 3.25], [2, 1.5], [5, float("nan")]]
+            assert jobs.finish_trial(job, 0, state="pruned", intermediate=steps)
+        with Store(db_path) as store:
+            (row,) = JobStore(store).trials("j1")
+        finished = finished_trial(row)
+        assert finished.state == "pruned"
+        assert finished.intermediate[0] == 3.25
+        assert finished.intermediate[2] == 1.5
+        assert math.isnan(finished.intermediate[5])
+        assert sorted(finished.intermediate) == [0, 2, 5]
+
+    def test_a_store_from_before_the_column_gets_an_empty_history(self, db_path: Path) -> None:
+        with Store(db_path, migrations=MIGRATIONS[:3]) as store:  # an older Mercato
+            self.job(JobStore(store))
+            store._execute("UPDATE trials SET state = 'succeeded'")
+        with Store(db_path) as store:
+            assert store.schema_version == SCHEMA_VERSION
+            (row,) = JobStore(store).trials("j1")
+        assert row.intermediate == []
+        assert finished_trial(row).intermediate == {}

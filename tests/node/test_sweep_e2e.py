@@ -373,7 +373,7 @@ class TestTenantKilled:
     def test_resume_finishes_the_job_without_rerunning_finished_trials(
         self, tmp_path: Path, tenant: Tenant, shared_cluster: Cluster
     ) -> None:
-        job = job_file(tmp_path / "job", sleep=1.5)
+        job = job_file(tmp_path / "job", sleep=1.5, steps=3)
         submit = tenant.start("submit", str(job), "--quiet", "--parallel", "3")
         job_id = tenant.job_id()
 
@@ -392,6 +392,14 @@ class TestTenantKilled:
         }
         assert 3 <= len(before) < len(GRID)
         assert tenant.json("status", job_id)["state"] == "running"
+        # What the pruner saw is kept with each finished trial, so a resumed search judges
+        # new trials alike: the trial prints loss + 3 - step at steps 0, 1, 2, then its
+        # final loss, a line without a step (counted as the next one, 3).
+        history = {t.number: t.intermediate for t in tenant.trials(job_id) if t.number in before}
+        for number, (*_, value, _) in before.items():
+            assert value is not None
+            want = [[s, value + 3 - s] for s in range(3)] + [[3, value]]
+            assert history[number] == want, number
 
         resumed = tenant.run("resume", job_id, "--quiet", "--json", "--parallel", "3")
         assert resumed.returncode == 0, resumed.stdout + resumed.stderr
@@ -403,6 +411,7 @@ class TestTenantKilled:
         }
         for number, row in before.items():
             assert after[number] == row, f"finished trial {number} changed on resume"
+        assert all(len(t.intermediate) == 4 for t in trials)
 
         # The providers' side: a trial finished before the kill was started exactly once.
         started = tasks_started(shared_cluster, job_id)
