@@ -564,11 +564,23 @@ class Node:
             self._started.set()
 
     async def _join(self) -> None:
-        """Greet the bootstrap peers and pull their directory."""
-        for peer in list(self.peers.values()):
+        """Greet the bootstrap peers and ``fanout`` other known peers, at once, and pull
+        their directories.
+
+        A restarted daemon knows hundreds of peers from its store, some of them gone:
+        greeting each in turn cost a request timeout per dead one before the node
+        advertised (bench/simulate.py found restarted providers invisible for 50 s).
+        Gossip reaches the rest of the table afterwards.
+        """
+        boot = [p for p in self.peers.values() if p.role == "bootstrap"]
+        others = self.sample_peers(self.settings.fanout, exclude=[p.address for p in boot])
+
+        async def greet(peer: Peer) -> None:
             with contextlib.suppress(MercatoError):
                 await self.exchange_peers(peer)
                 await self.anti_entropy(peer)
+
+        await asyncio.gather(*(greet(p) for p in boot + others))
 
     async def _advert_loop(self) -> None:
         period = self.settings.advert_ttl_s * self.settings.advert_refresh_fraction

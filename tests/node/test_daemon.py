@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import sqlite3
 import stat
 import subprocess
@@ -304,6 +305,42 @@ class TestHealthAndHome:
             assert sorted(providers) == sorted([node_id, other.node_id])
         finally:
             await second.close()
+
+    async def test_a_restart_with_many_unresponsive_stored_peers_advertises_promptly(
+        self, tmp_path: Path
+    ) -> None:
+        """Stored peers that accept a connection and never answer each cost a request
+        timeout (3 s); the daemon must not wait those out in turn before it advertises."""
+        home = tmp_path / "home"
+        first = await Daemon.start(make_config(home))
+        node_id = first.node.node_id
+        await first.close()
+        silent = []
+        for _ in range(20):  # listening, never accepting: requests hang until timeout
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            sock.listen(64)
+            silent.append(sock)
+        try:
+            with Store(home / "node.sqlite") as store:
+                for i, sock in enumerate(silent):
+                    address = f"http://127.0.0.1:{sock.getsockname()[1]}"
+                    store.upsert_peer(f"{i:a>32}", address, "provider", now_ms=now_ms())
+            started = time.monotonic()
+            second = await Daemon.start(make_config(home))
+            try:
+                took = time.monotonic() - started
+                own = second.node.directory.get(node_id)
+                assert own is not None
+                assert own.advert.expires_ms > now_ms()
+                assert len(second.node.peers) == 20
+            finally:
+                await second.close()
+        finally:
+            for sock in silent:
+                sock.close()
+        # Before: 20 x 3 s in turn. Now a few peers at once: one timeout, plus start-up.
+        assert took < 2 * 3.0 + 2.0, f"start took {took:.1f} s"
 
     async def test_a_restart_holds_the_leases_it_had_sold(self, tmp_path: Path) -> None:
         """A provider that restarts must not sell a leased device a second time."""
