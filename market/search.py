@@ -280,7 +280,8 @@ class Search:
             pruner=pruner,
         )
         self._running: dict[int, optuna.trial.Trial] = {}
-        self._decisions: dict[int, dict[int, bool]] = {}  # per running trial: step -> prune
+        # Per running trial: step -> (the first value reported there, its prune answer).
+        self._decisions: dict[int, dict[int, tuple[float, bool]]] = {}
         self._finished: set[int] = set()
         self._issued = 0  # trials counted toward the cap (restored ones included)
         self._next_number = 0
@@ -394,10 +395,17 @@ class Search:
             raise SearchError(f"a reported value is a number, got {value!r}")
         decisions = self._decisions[number]
         if step in decisions:
-            return decisions[step]
+            return decisions[step][1]
         trial.report(float(value), step)
-        decisions[step] = prune = trial.should_prune()
+        prune = trial.should_prune()
+        decisions[step] = (float(value), prune)
         return prune
+
+    def reported(self, number: int) -> dict[int, float]:
+        """Step -> value of what running trial ``number`` reported (the first value at
+        each step: what the pruner judged), to store for ``restore`` as
+        ``FinishedTrial.intermediate``. Empty once the trial is told, or if unknown."""
+        return {step: value for step, (value, _) in self._decisions.get(number, {}).items()}
 
     def best(self) -> Best | None:
         """The best completed trial by the metric's goal, or None (none yet, or no metric)."""

@@ -130,8 +130,6 @@ class SweepRunner:
         # or a retry); fresh trials of the search are assigned as they are created.
         self._maybe_pending = True
         self.duplicates = 0
-        #: trial -> step -> the first value reported at that step (what the pruner saw).
-        self._steps: dict[int, dict[int, float]] = {}
         self._spend_since: dict[str, int] = {}
 
     # --- bookkeeping ------------------------------------------------------------
@@ -549,7 +547,6 @@ class SweepRunner:
         at = values.get("step", step)
         if isinstance(at, bool) or not isinstance(at, int) or at < 0:
             at = step  # a step the trial printed that is not a step: count lines instead
-        self._steps.setdefault(number, {}).setdefault(at, float(value))
         if self.search.report(number, at, float(value)):
             self.jobs.update_trial(self.job_id, number, detail="pruning")
             asyncio.get_running_loop().create_task(
@@ -558,8 +555,9 @@ class SweepRunner:
         return 1
 
     def _reported(self, number: int) -> list[list[float]]:
-        """The trial's intermediate values as stored: [step, value] pairs, in step order."""
-        return [[step, v] for step, v in sorted(self._steps.pop(number, {}).items())]
+        """The trial's intermediate values as stored: [step, value] pairs, in step order.
+        Call before ``search.tell``: the search forgets them once told."""
+        return [[step, v] for step, v in sorted(self.search.reported(number).items())]
 
     async def _quiet_cancel(self, slot: Slot, task_id: str, reason: str) -> None:
         with contextlib.suppress(MercatoError):

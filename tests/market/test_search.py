@@ -296,6 +296,11 @@ class TestEarlyTermination:
         assert bad is not None
         assert search.report(bad.number, 1, 10.0) is True
         assert search.report(bad.number, 1, 0.0) is True
+        assert search.report(bad.number, 0, 11.0) is False  # before the first rung
+        # What is stored for a restore is what the pruner judged: the first value.
+        assert search.reported(bad.number) == {0: 11.0, 1: 10.0}
+        search.tell(bad.number, None, "pruned")
+        assert search.reported(bad.number) == {}
 
     def test_reports_after_tell_are_ignored_and_unknown_trials_refused(self) -> None:
         search = Search(job("  x: {min: 0.0, max: 1.0}\n", extra=HYPERBAND))
