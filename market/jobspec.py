@@ -86,7 +86,8 @@ MAX_GRID_POINTS = 100_000
 DEFAULT_COMMAND: tuple[str, ...] = ("${env}", "${interpreter}", "${program}", "${args}")
 
 #: Command macros, expanded by ``render_command`` as the W&B agent does: an item that
-#: is exactly ``${name}`` is replaced by zero or more items; anything else stays.
+#: is exactly ``${name}`` is replaced by zero or more items; ``${envvar:NAME}`` is
+#: replaced wherever it occurs; anything else stays.
 MACROS = frozenset(
     {
         "env",
@@ -101,7 +102,18 @@ MACROS = frozenset(
     }
 )
 
-_MACRO_LIST = ", ".join("${" + m + "}" for m in sorted(MACROS))
+_MACRO_LIST = ", ".join("${" + m + "}" for m in sorted(MACROS | {"envvar:NAME"}))
+
+#: ``${envvar:NAME}`` anywhere in a command item (W&B expands it inside longer items too).
+_ENVVAR_ANY = re.compile(r"\$\{envvar:([^}]*)\}")
+_ENVVAR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+# ``${name}`` inside a longer item, which W&B leaves as it is (``--lr=${lr}``).
+_LITERAL_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_.:/-]*)\}")
+#: Macros that pass the parameters on the command line.
+ARGS_MACROS = frozenset(m for m in MACROS if m.startswith("args"))
+#: Environment variable holding the path of the trial's parameters as a JSON object:
+#: a program reads its parameters from it whatever its command (W&B: ``wandb.config``).
+PARAMS_FILE_ENV = "MERCATO_PARAMS_FILE"
 
 DEFAULT_TRIAL_TIMEOUT_MS = 3_600_000
 MAX_TRIAL_TIMEOUT_MS = 7 * 24 * 3_600_000  # protocol.messages.TaskAssign.timeout_ms
@@ -124,13 +136,11 @@ Distribution = Literal[
     "q_normal",
     "log_normal",
     "q_log_normal",
+    "inv_log_uniform",
+    "inv_log_uniform_values",
+    "beta",
+    "q_beta",
 ]
-
-#: W&B distributions this version does not sample (no inverse CDF without SciPy, or
-#: semantics W&B itself documents ambiguously).
-UNSUPPORTED_DISTRIBUTIONS = frozenset(
-    {"beta", "q_beta", "inv_log_uniform", "inv_log_uniform_values"}
-)
 
 #: Distributions a grid can enumerate (as W&B's grid search, wandb/sweeps grid_search.py).
 GRID_DISTRIBUTIONS = frozenset({"constant", "categorical", "int_uniform", "q_uniform"})
@@ -151,6 +161,10 @@ _DIST_KEYS: Mapping[str, frozenset[str]] = {
     "log_normal": frozenset({"mu", "sigma"}),
     "q_normal": frozenset({"mu", "sigma", "q"}),
     "q_log_normal": frozenset({"mu", "sigma", "q"}),
+    "inv_log_uniform": frozenset({"min", "max"}),
+    "inv_log_uniform_values": frozenset({"min", "max"}),
+    "beta": frozenset({"a", "b"}),
+    "q_beta": frozenset({"a", "b", "q"}),
 }
 _REQUIRED_KEYS: Mapping[str, tuple[str, ...]] = {
     "constant": ("value",),
@@ -344,6 +358,8 @@ class Parameter(_Model):
     q: Number | None = None
     mu: Number | None = None
     sigma: Number | None = None
+    a: Number | None = None  # beta's shape parameters
+    b: Number | None = None
     parameters: dict[str, Parameter] | None = None
 
     @model_validator(mode="before")
@@ -360,13 +376,6 @@ class Parameter(_Model):
         dist = data.get("distribution")
         if dist == "categorical_w_probabilities":  # W&B's internal name for the same thing
             dist = "categorical"
-        if isinstance(dist, str) and dist in UNSUPPORTED_DISTRIBUTIONS:
-            raise _problems(
-                (
-                    ("distribution",),
-                    f"W&B's {dist} is not supported; use one of {', '.join(_DIST_KEYS)}",
-                )
-            )
         if dist is None:
             if "values" in keys:
                 dist = "categorical"
@@ -381,6 +390,7 @@ class Parameter(_Model):
             return data  # the Literal check names the allowed distributions
         problems: list[tuple[tuple[str | int, ...], str]] = []
         known = set(_DIST_KEYS["categorical"]) | {"value", "min", "max", "q", "mu", "sigma"}
+        known |= {"a", "b"}
         for key in sorted((keys & known) - _DIST_KEYS[dist]):
             problems.append(((key,), f"does not apply to a {dist} parameter"))
         for key in _REQUIRED_KEYS.get(dist, ()):
@@ -394,6 +404,9 @@ class Parameter(_Model):
         if "mu" in _DIST_KEYS[dist]:
             out.setdefault("mu", 0)
             out.setdefault("sigma", 1)
+        if "a" in _DIST_KEYS[dist]:  # W&B's defaults: beta(1, 1) is uniform on [0, 1]
+            out.setdefault("a", 1)
+            out.setdefault("b", 1)
         return out
 
     @field_validator("parameters")
@@ -414,9 +427,13 @@ class Parameter(_Model):
                     p.append(((key,), f"int_uniform needs an integer, got {v!r}"))
         if lo is not None and hi is not None and lo > hi:
             p.append((("min",), f"must be <= max (got min {lo} > max {hi})"))
-        if d in ("log_uniform_values", "q_log_uniform_values") and lo is not None and lo <= 0:
+        if (
+            d in ("log_uniform_values", "q_log_uniform_values", "inv_log_uniform_values")
+            and lo is not None
+            and lo <= 0
+        ):
             p.append((("min",), f"{d} needs min > 0 (a logarithm), got {lo}"))
-        if d in ("log_uniform", "q_log_uniform"):
+        if d in ("log_uniform", "q_log_uniform", "inv_log_uniform"):
             # W&B's log_uniform takes exponents: the value is exp(uniform(min, max)).
             for key, v in (("min", lo), ("max", hi)):
                 if v is not None and abs(v) > _MAX_EXPONENT:
@@ -427,6 +444,9 @@ class Parameter(_Model):
             p.append((("q",), f"must be > 0, got {self.q}"))
         if self.sigma is not None and self.sigma <= 0:
             p.append((("sigma",), f"must be > 0, got {self.sigma}"))
+        for key, v in (("a", self.a), ("b", self.b)):
+            if v is not None and not 0 < v <= 1e6:
+                p.append(((key,), f"beta's {key} must be > 0 (and at most 1e6), got {v}"))
         if d == "categorical":
             values = self.values or []
             if not values:
@@ -518,38 +538,56 @@ class Metric(_Model):
 
 
 class EarlyTerminate(_Model):
-    """W&B's hyperband early termination: ``min_iter``, or ``max_iter`` with ``s`` brackets.
+    """W&B's hyperband early termination: ``min_iter``, or ``max_iter`` with ``s``.
 
-    Run as asynchronous successive halving, which is what W&B's hyperband does:
-    rungs at min_iter * eta**k reported steps; at each rung a trial continues only if
-    it is in the best 1/eta of the trials that reached that rung.
+    Judged as W&B's sweeps library does (``hyperband_stopping.py``), at the *bands*
+    given by ``bands()``: numbers of metric values a trial has logged (its printed
+    ``step`` plays no part). See ``market.search.Search`` for the rule at each band.
     """
 
     type: Literal["hyperband"]
     min_iter: Annotated[int, Field(ge=1, le=1_000_000_000)] | None = None
     max_iter: Annotated[int, Field(ge=1, le=1_000_000_000)] | None = None
     s: Annotated[int, Field(ge=1, le=64)] | None = None
-    eta: Annotated[int, Field(ge=2, le=1000)] = 3  # Optuna's reduction factor is an integer
-    strict: bool = True  # W&B option; successive halving has one rule, so it is ignored
+    eta: Annotated[int, Field(ge=2, le=1000)] = 3
+    strict: bool = True  # W&B option; W&B's own stopping code does not read it either
 
     @model_validator(mode="after")
     def _bounds(self) -> EarlyTerminate:
         if self.min_iter is None and (self.max_iter is None or self.s is None):
             raise _problems((("min_iter",), "give min_iter, or max_iter and s"))
-        if self.min_iter is None and self.min_resource < 1:
+        if not self.bands():
             raise _problems(
-                (("s",), f"max_iter / eta**s is below 1 ({self.max_iter} / {self.eta}**{self.s})")
+                (("s",), f"max_iter / eta is below 1 ({self.max_iter} / {self.eta}): no band")
             )
         return self
 
+    def bands(self) -> tuple[int, ...]:
+        """W&B's bands, ascending: with ``max_iter`` and ``s``, int(max_iter / eta**k) for
+        k = 1..s while at least 1 (max_iter itself is not a band); otherwise
+        min_iter * eta**k for k = 0, 1, ... (W&B lists 100; those past 10**12 values,
+        which no trial logs, are left out)."""
+        if self.max_iter is not None and self.s is not None:
+            out: list[int] = []
+            band = float(self.max_iter)
+            for _ in range(self.s):
+                band /= self.eta
+                if band < 1:
+                    break
+                out.append(int(band))
+            return tuple(sorted(out))
+        assert self.min_iter is not None
+        out = []
+        band_i = self.min_iter
+        while band_i <= 10**12 and len(out) < 100:
+            out.append(band_i)
+            band_i *= self.eta
+        return tuple(out)
+
     @property
     def min_resource(self) -> int:
-        """The first rung (in reported steps): min_iter, or max_iter / eta**s as in W&B."""
-        if self.min_iter is not None:
-            return self.min_iter
-        assert self.max_iter is not None
-        assert self.s is not None
-        return self.max_iter // int(self.eta**self.s)
+        """The first band (in logged values)."""
+        return self.bands()[0]
 
 
 def _command_items(value: object) -> object:
@@ -625,16 +663,17 @@ class SweepConfig(_Model):
             p.append((("metric",), "early_terminate needs a metric to compare trials by"))
         command = self.command or list(DEFAULT_COMMAND)
         for i, item in enumerate(command):
-            if item.startswith("${") and item.endswith("}"):
-                macro = item[2:-1]
-                if macro.startswith("envvar:"):
+            for m in _ENVVAR_ANY.finditer(item):
+                if not _ENVVAR_NAME.fullmatch(m[1]):
                     p.append(
                         (
                             ("command", i),
-                            f"{item}: provider environment variables are not passed to trials",
+                            f"{m[0]}: an environment variable name is letters, digits and _",
                         )
                     )
-                elif macro not in MACROS:
+            if item.startswith("${") and item.endswith("}") and "${" not in item[2:]:
+                macro = item[2:-1]
+                if macro not in MACROS and not macro.startswith("envvar:"):
                     p.append((("command", i), f"unknown macro {item}; known: {_MACRO_LIST}"))
         if "${program}" in command and self.program is None:
             p.append((("program",), "required: the command runs ${program}"))
@@ -920,7 +959,35 @@ class JobSpec(_Model):
                 if getattr(s.metric, key) is not None:
                     out.append(f"metric.{key} is ignored: failed trials teach the search nothing")
         if s.early_terminate is not None and "strict" in s.early_terminate.model_fields_set:
-            out.append("early_terminate.strict is ignored: successive halving has one rule")
+            out.append(
+                "early_terminate.strict is ignored, as W&B's own stopping code ignores it: "
+                "a trial stops when its best value is worse than the band's threshold"
+            )
+        command = s.command or list(DEFAULT_COMMAND)
+        macros = {item[2:-1] for item in command if item.startswith("${") and item.endswith("}")}
+        if not macros & ARGS_MACROS and any(p.distribution != "constant" for _, p in s.leaves()):
+            out.append(
+                "the command passes no parameters (it has no ${args...} macro): W&B hands "
+                f"them over through wandb.config; here the program reads ${PARAMS_FILE_ENV}, "
+                "the path of a JSON file holding them"
+            )
+        for item in command:
+            literal = [
+                m[0]
+                for m in _LITERAL_REF.finditer(item)
+                if not m[1].startswith("envvar:") and m[0] != item
+            ]
+            if literal:
+                out.append(
+                    f"command item {item!r} is passed as written: {', '.join(literal)} is "
+                    "not expanded (W&B expands only whole-item macros such as ${args}, and "
+                    f"${{envvar:NAME}}); use ${{args}} or read ${PARAMS_FILE_ENV}"
+                )
+        for name in envvars(spec=self):
+            out.append(
+                f"${{envvar:{name}}} is taken from the tenant's environment at submit and "
+                "sent to providers in the trial's command"
+            )
         if s.method == "bayes" and any(p.probabilities for _, p in s.leaves()):
             out.append("probabilities are used by random search only; bayes ignores them")
         return out
@@ -1155,9 +1222,10 @@ def parse_job(text: str, source: str = "job file") -> JobSpec:
             doc["name"] = doc["name"][:64]
     else:
         doc = dict(raw)
-    doc.setdefault(
-        "name", _default_name(doc.get("sweep") or doc.get("training") or doc.get("service"))
-    )
+    section = doc.get("sweep") or doc.get("training") or doc.get("service")
+    if "name" not in doc and isinstance(section, dict) and isinstance(section.get("name"), str):
+        doc["name"] = section["name"][:64]  # W&B's sweep name names the job
+    doc.setdefault("name", _default_name(section))
     try:
         return JobSpec.model_validate(doc)
     except ValidationError as e:
@@ -1194,11 +1262,23 @@ def uses_args_json_file(spec: JobSpec) -> bool:
     return "${args_json_file}" in (spec.sweep_config.command or DEFAULT_COMMAND)
 
 
+def envvars(spec: JobSpec) -> list[str]:
+    """Names of the ``${envvar:NAME}`` the sweep's command reads, in order, once each."""
+    command = spec.sweep_config.command or DEFAULT_COMMAND
+    return list(dict.fromkeys(m[1] for item in command for m in _ENVVAR_ANY.finditer(item)))
+
+
+def missing_envvars(spec: JobSpec, environ: Mapping[str, str]) -> list[str]:
+    """The ``${envvar:NAME}`` of the command that ``environ`` does not set."""
+    return [name for name in envvars(spec) if name not in environ]
+
+
 def render_command(
     spec: JobSpec,
     params: Mapping[str, Any],
     interpreter: str,
     args_json_file: str | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> list[str]:
     """The trial's argv: the sweep's command with W&B's macros expanded for ``params``.
 
@@ -1207,8 +1287,10 @@ def render_command(
     ``${args_no_hyphens}`` ``key=value``, ``${args_no_equals}`` ``--key value``,
     ``${args_no_boolean_flags}`` ``--key`` for true and nothing for false booleans,
     ``${args_json}`` one JSON object, ``${args_json_file}`` the path given (the node
-    writes ``args_json(params)`` there). Raises ValueError if the command needs a
-    JSON file path and none is given.
+    writes ``args_json(params)`` there). ``${envvar:NAME}`` is replaced by
+    ``environ[NAME]`` wherever it occurs in an item, as the W&B agent does with its own
+    environment. Raises ValueError if the command needs a JSON file path and none is
+    given, or an environment variable ``environ`` does not set.
     """
     sweep = spec.sweep_config
     items = sorted(params.items())
@@ -1228,9 +1310,18 @@ def render_command(
         "args_no_boolean_flags": no_bool,
         "args_json": [args_json(params)],
     }
+    env = environ or {}
+
+    def expand_env(m: re.Match[str]) -> str:
+        if m[1] not in env:
+            raise ValueError(f"the command uses {m[0]} and {m[1]} is not set")
+        return env[m[1]]
+
     out: list[str] = []
     for item in sweep.command or DEFAULT_COMMAND:
-        if item.startswith("${") and item.endswith("}"):
+        if "${envvar:" in item:
+            out.append(_ENVVAR_ANY.sub(expand_env, item))
+        elif item.startswith("${") and item.endswith("}"):
             macro = item[2:-1]
             if macro == "args_json_file":
                 if args_json_file is None:

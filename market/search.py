@@ -26,18 +26,23 @@ do in W&B (a grid counts distinct points); retrying a trial lost with its provid
 the tenant's business (it keeps the trial's number and parameters) and costs the search
 nothing.
 
-Early termination (``early_terminate: {type: hyperband}``) is asynchronous successive
-halving (Optuna's SuccessiveHalvingPruner), which is what W&B's hyperband does: rungs
-at min_iter * eta**k reported steps, and at each rung a trial goes on only while it is
-in the best 1/eta of the trials that reached that rung.
+Early termination (``early_terminate: {type: hyperband}``) follows W&B's rule
+(wandb/sweeps, hyperband_stopping.py): bands are counts of logged metric values
+(``EarlyTerminate.bands``), every trial is judged again at each report against the
+highest band it has reached, and it stops when its best value so far is worse than the
+value at rank int(n / eta) of the n trials that reached that band (see ``_hyperband``).
 
-W&B distributions map to Optuna's: int_uniform -> IntDistribution; q_uniform -> an
-IntDistribution over multiples of q; uniform -> FloatDistribution; log_uniform_values
-(and log_uniform, whose bounds are exponents of e) -> FloatDistribution(log=True), with
-q applied to the sampled value for the q_ forms; categorical -> CategoricalDistribution
-over the values' indices; constant -> fixed, not searched. The normal family and
-categorical values with ``probabilities`` (random search) are sampled through a
-uniform variable u in [0, 1] and the inverse CDF.
+W&B distributions map to Optuna's: int_uniform -> IntDistribution; uniform and
+q_uniform -> FloatDistribution, q_uniform rounded to round(x / q) * q afterwards as in
+W&B (so the end points of its lattice get half the weight of the others); a grid
+enumerates q_uniform's lattice instead; log_uniform_values (and log_uniform, whose
+bounds are exponents of e) -> FloatDistribution(log=True), with q applied to the
+sampled value for the q_ forms; inv_log_uniform_values and inv_log_uniform are
+log-uniform as well: W&B draws x = exp(-u) with u uniform on [-ln max, -ln min], or on
+[min, max] (then x lies in [exp(-max), exp(-min)]); categorical ->
+CategoricalDistribution over the values' indices; constant -> fixed, not searched. The
+normal family, beta (shape a, b), q_beta and categorical values with ``probabilities``
+(random search) are sampled through a uniform variable u in [0, 1] and the inverse CDF.
 """
 
 from __future__ import annotations
@@ -184,7 +189,7 @@ def _dim(path: tuple[str, ...], p: Parameter, method: Method) -> _Dim:
         return _Dim(path, name, None, lambda _: p.value, lambda _: None)
     if d == "categorical":
         return _categorical(path, name, p, method)
-    if d in ("int_uniform", "q_uniform"):
+    if d == "int_uniform" or (d == "q_uniform" and method == "grid"):
         lo, hi = p.lattice()
 
         def k_of(v: Any) -> int:
@@ -216,13 +221,29 @@ def _dim(path: tuple[str, ...], p: Parameter, method: Method) -> _Dim:
             return _clamp(normal.cdf(x) if math.isfinite(x) else 0.0, _U_EPS, 1 - _U_EPS)
 
         return _Dim(path, name, FloatDistribution(0.0, 1.0), from_u, to_u)
-    # uniform, log_uniform, log_uniform_values and their q_ forms
+    if d in ("beta", "q_beta"):
+        assert p.a is not None
+        assert p.b is not None
+        a, b = float(p.a), float(p.b)
+
+        def from_u_beta(u: float) -> Any:
+            x = beta_ppf(_clamp(u, _U_EPS, 1 - _U_EPS), a, b)
+            return p.quantize(x) if d == "q_beta" else x
+
+        def to_u_beta(v: Any) -> float:
+            return _clamp(beta_cdf(_clamp(_number(v), 0.0, 1.0), a, b), _U_EPS, 1 - _U_EPS)
+
+        return _Dim(path, name, FloatDistribution(0.0, 1.0), from_u_beta, to_u_beta)
+    # uniform, q_uniform (random, bayes), log_uniform, log_uniform_values, their q_
+    # forms, and inv_log_uniform(_values), which are log-uniform too (see the docstring)
     assert p.min is not None
     assert p.max is not None
     lo_f, hi_f = float(p.min), float(p.max)
     if d in ("log_uniform", "q_log_uniform"):
         lo_f, hi_f = math.exp(lo_f), math.exp(hi_f)  # W&B: bounds are exponents of e
-    log = d != "uniform"
+    elif d == "inv_log_uniform":
+        lo_f, hi_f = math.exp(-hi_f), math.exp(-lo_f)  # W&B: x = exp(-uniform(min, max))
+    log = d not in ("uniform", "q_uniform")
     quantized = d.startswith("q_")
 
     def value(x: float) -> Any:
@@ -235,6 +256,57 @@ def _dim(path: tuple[str, ...], p: Parameter, method: Method) -> _Dim:
         return _clamp(x, lo_f, hi_f)  # a quantized value may round past a bound
 
     return _Dim(path, name, FloatDistribution(lo_f, hi_f, log=log), value, internal)
+
+
+def beta_cdf(x: float, a: float, b: float) -> float:
+    """The regularized incomplete beta function I_x(a, b): the beta distribution's CDF.
+
+    Continued fraction evaluated with the modified Lentz method (Press et al.,
+    Numerical Recipes, 3rd ed., section 6.4), using the symmetry
+    I_x(a, b) = 1 - I_(1-x)(b, a) where the fraction converges slowly.
+    """
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    log_front = (
+        math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    )
+    if x > (a + 1.0) / (a + b + 2.0):
+        return 1.0 - beta_cdf(1.0 - x, b, a)
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 500):
+        for num in (
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+        ):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-15:
+            break
+    return min(1.0, max(0.0, math.exp(log_front) * h / a))
+
+
+def beta_ppf(u: float, a: float, b: float) -> float:
+    """The beta distribution's inverse CDF, by bisection on ``beta_cdf`` (monotone).
+
+    W&B samples beta through SciPy's ``beta.ppf``; bisection to 1e-12 is exact enough for
+    a hyperparameter and keeps SciPy out of the runtime dependencies.
+    """
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if beta_cdf(mid, a, b) < u:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
 
 
 def _flatten(params: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
@@ -265,23 +337,21 @@ class Search:
         else:
             # grid never consults it: every grid trial is enqueued with all its values.
             sampler = optuna.samplers.RandomSampler(seed=seed)
-        pruner: optuna.pruners.BasePruner = optuna.pruners.NopPruner()
-        self._rung_base: tuple[int, int] | None = None
-        if sweep.early_terminate is not None:
-            self._rung_base = (sweep.early_terminate.min_resource, sweep.early_terminate.eta)
-            pruner = optuna.pruners.SuccessiveHalvingPruner(
-                min_resource=sweep.early_terminate.min_resource,
-                reduction_factor=sweep.early_terminate.eta,
-            )
+        et = sweep.early_terminate
+        self._bands: tuple[int, ...] = () if et is None else et.bands()
+        self._eta = 3 if et is None else et.eta
         self._study = optuna.create_study(
             study_name=_STUDY_NAME,
             direction=self._metric.goal if self._metric else "minimize",
             sampler=sampler,
-            pruner=pruner,
+            pruner=optuna.pruners.NopPruner(),  # hyperband is W&B's rule, below
         )
         self._running: dict[int, optuna.trial.Trial] = {}
         # Per running trial: step -> (the first value reported there, its prune answer).
         self._decisions: dict[int, dict[int, tuple[float, bool]]] = {}
+        # Per trial (running or finished): its finite metric values in step order, signed
+        # so that lower is better: W&B's metric history, which hyperband judges.
+        self._histories: dict[int, list[tuple[int, float]]] = {}
         self._finished: set[int] = set()
         self._issued = 0  # trials counted toward the cap (restored ones included)
         self._next_number = 0
@@ -397,9 +467,38 @@ class Search:
         if step in decisions:
             return decisions[step][1]
         trial.report(float(value), step)
-        prune = trial.should_prune()
+        prune = self._hyperband(number, step, float(value))
         decisions[step] = (float(value), prune)
         return prune
+
+    def _signed(self, value: float) -> float:
+        return -value if self._metric is not None and self._metric.goal == "maximize" else value
+
+    def _hyperband(self, number: int, step: int, value: float) -> bool:
+        """W&B's hyperband rule (wandb/sweeps, hyperband_stopping.py), at every report.
+
+        A trial's history is its finite metric values in the order reported; band k is
+        judged once a trial has more than ``bands[k]`` values, at index ``bands[k]``. The
+        band's threshold is, over every trial of the sweep that reached it (running or
+        finished), the value at rank int(n / eta) in sorted order; a running trial stops
+        when the best value it has reported so far is worse than the threshold of the
+        highest band it has reached. Thresholds move as trials arrive, so a trial is
+        checked again at every report, not only when it passes a band. A non-finite
+        value stops it at once (W&B would skip it; a diverged trial only costs money).
+        """
+        if not self._bands:
+            return False
+        if not math.isfinite(value):
+            return True
+        history = self._histories.setdefault(number, [])
+        bisect.insort(history, (step, self._signed(value)))
+        reached = [b for b in self._bands if b < len(history)]
+        if not reached:
+            return False
+        band = reached[-1]
+        at_band = sorted(h[band][1] for h in self._histories.values() if len(h) > band)
+        threshold = at_band[int(len(at_band) / self._eta)]
+        return min(v for _, v in history) > threshold
 
     def reported(self, number: int) -> dict[int, float]:
         """Step -> value of what running trial ``number`` reported (the first value at
@@ -444,6 +543,12 @@ class Search:
             self._check_new_number(ft.number)
             internal = self._internal(ft.number, ft.params)
             self._study.add_trial(self._frozen(ft, internal))
+            if self._bands:
+                self._histories[ft.number] = sorted(
+                    (step, self._signed(float(v)))
+                    for step, v in ft.intermediate.items()
+                    if math.isfinite(v)
+                )
             self._finished.add(ft.number)
             self._restored_point(internal)
             highest = max(highest, ft.number)
@@ -523,34 +628,8 @@ class Search:
             params=internal,
             distributions={name: self._space[name] for name in internal},
             user_attrs={"number": ft.number, "params": self._stored_params(ft.params, internal)},
-            system_attrs=self._rungs(steps, pruned=ft.state == "pruned"),
             intermediate_values=steps,
         )
-
-    def _rungs(self, steps: Mapping[int, float], pruned: bool) -> dict[str, float]:
-        """The rung values Optuna's SuccessiveHalvingPruner had recorded for a trial.
-
-        The pruner keeps, per trial, the value it judged at each rung under the system
-        attribute ``completed_rung_<k>`` and compares new trials with those, not with the
-        intermediate values. ``report`` asks it at every step, so a rung's value is the
-        one reported at the first step at or past the rung; a pruned trial stopped at
-        the first rung of its last step. Replaying this keeps decisions after a restart
-        the same as before it (TestRestore pins it against Optuna's implementation).
-        """
-        if self._rung_base is None:
-            return {}
-        base, eta = self._rung_base
-        out: dict[str, float] = {}
-        rung = 0
-        ordered = sorted(steps)
-        for step in ordered:
-            value = steps[step]
-            while step >= base * eta**rung and not math.isnan(value):
-                out[f"completed_rung_{rung}"] = value
-                rung += 1
-                if pruned and step == ordered[-1]:
-                    return out
-        return out
 
     def _stored_params(
         self, stored: Mapping[str, Any], internal: Mapping[str, Any]

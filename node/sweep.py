@@ -544,10 +544,8 @@ class SweepRunner:
         value = values.get(metric) if isinstance(values, dict) else None
         if not isinstance(value, int | float) or isinstance(value, bool):
             return 0
-        at = values.get("step", step)
-        if isinstance(at, bool) or not isinstance(at, int) or at < 0:
-            at = step  # a step the trial printed that is not a step: count lines instead
-        if self.search.report(number, at, float(value)):
+        # W&B's hyperband counts logged values; a printed "step" is the trial's own label.
+        if self.search.report(number, step, float(value)):
             self.jobs.update_trial(self.job_id, number, detail="pruning")
             asyncio.get_running_loop().create_task(
                 self._quiet_cancel(slot, task_id, "pruned by the search")

@@ -264,7 +264,8 @@ BAD = [10.0] * 9
 
 
 class TestEarlyTermination:
-    def test_a_clearly_bad_trial_is_pruned_at_the_first_rung(self) -> None:
+    def test_a_clearly_bad_trial_is_pruned_at_the_first_band(self) -> None:
+        # min_iter 1: W&B judges a trial once it has logged more than 1 value.
         search = Search(job("  x: {min: 0.0, max: 1.0}\n", extra=HYPERBAND + "run_cap: 10\n"))
         for _ in range(3):
             trial = search.ask()
@@ -272,7 +273,7 @@ class TestEarlyTermination:
             assert run_curve(search, trial, GOOD) == 9  # good trials run to the end
         bad = search.ask()
         assert bad is not None
-        assert run_curve(search, bad, BAD) == 1
+        assert run_curve(search, bad, BAD) == 2
 
     def test_a_diverged_trial_is_pruned(self) -> None:
         search = Search(job("  x: {min: 0.0, max: 1.0}\n", extra=HYPERBAND))
@@ -294,9 +295,9 @@ class TestEarlyTermination:
         run_curve(search, good, GOOD)
         bad = search.ask()
         assert bad is not None
+        assert search.report(bad.number, 0, 11.0) is False  # before the first band
         assert search.report(bad.number, 1, 10.0) is True
         assert search.report(bad.number, 1, 0.0) is True
-        assert search.report(bad.number, 0, 11.0) is False  # before the first rung
         # What is stored for a restore is what the pruner judged: the first value.
         assert search.reported(bad.number) == {0: 11.0, 1: 10.0}
         search.tell(bad.number, None, "pruned")
@@ -323,8 +324,8 @@ class TestEarlyTermination:
         run_curve(search, good, [1.0] * 27)
         bad = search.ask()
         assert bad is not None
-        # First rung at 27 / 3**2 = 3 steps: the bad trial runs steps 1 and 2.
-        assert run_curve(search, bad, [10.0] * 27) == 3
+        # Bands 27 / 3**2 = 3 and 27 / 3 = 9: judged once it has logged 4 values.
+        assert run_curve(search, bad, [10.0] * 27) == 4
 
 
 class TestRestore:
@@ -372,13 +373,14 @@ class TestRestore:
         first = drain(Search(spec))
         resumed = Search(spec)
         resumed.restore(
-            [FinishedTrial(0, first[0].params, "completed", 0.5, {1: 0.5})],
+            [FinishedTrial(0, first[0].params, "completed", 0.5, {0: 0.5, 1: 0.5})],
             running=[Trial(2, first[2].params)],
         )
         assert resumed.running == frozenset({2})
         # The grid hands out only the points neither finished nor running.
         assert [(t.number, t.params["a"]) for t in drain(resumed)] == [(3, 2), (4, 4)]
-        assert resumed.report(2, 1, 9.0) is True  # judged against trial 0's rung
+        assert resumed.report(2, 0, 9.0) is False
+        assert resumed.report(2, 1, 9.0) is True  # judged against trial 0's band
         resumed.tell(2, None, "pruned")
         resumed.tell(3, 0.1)
         best = resumed.best()
@@ -429,7 +431,7 @@ class TestRestore:
         resumed.restore([FinishedTrial(0, {"x": 0.5}, "completed", GOOD[-1], good)])
         bad = resumed.ask()
         assert bad is not None
-        assert run_curve(resumed, bad, BAD) == 1
+        assert run_curve(resumed, bad, BAD) == 2
 
     def test_pruning_decides_the_same_before_and_after_a_restart(self) -> None:
         spec = job("  x: {min: 0.0, max: 1.0}\n", extra=HYPERBAND + "run_cap: 20\n")
