@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -151,7 +152,7 @@ async def fetch_market(peer: str) -> list[dict[str, Any]]:
                         "free": len(g.free),
                         "memory_bytes": g.memory_bytes,
                         "fp16_flops": g.fp16_flops,
-                        "price_floor": g.price_floor,
+                        "price_floor_micro_credits_per_device_hour": g.price_floor,
                         "simulated": g.simulated,
                     }
                     for g in a.devices
@@ -176,7 +177,9 @@ def cmd_market(args: argparse.Namespace) -> int:
     for r in rows:
         devs = ", ".join(f"{d['count']}x {d['model']}" for d in r["devices"])
         ic = r["interconnect"]
-        floors = ", ".join(_credits(d["price_floor"]) for d in r["devices"])
+        floors = ", ".join(
+            _credits(d["price_floor_micro_credits_per_device_hour"]) for d in r["devices"]
+        )
         table.add_row(
             r["provider"][:12],
             devs,
@@ -245,13 +248,23 @@ async def _order(args: argparse.Namespace) -> dict[str, Any]:
                     row = store.get_lease(lease.lease_id)
                     if row is not None:
                         r = await tenant.release(row)
-                        receipts.append({"lease_id": r.lease_id, "amount": r.amount})
+                        receipts.append({"lease_id": r.lease_id, "amount_micro_credits": r.amount})
         finally:
             await transport.close()
+    wanted = args.min_units if args.min_units is not None else args.units
+    short = ""
+    if report.units < wanted:
+        short = (
+            f"leased {report.units} of the {args.units} units asked "
+            f"(at least {wanted} wanted; --min-units sets that)"
+        )
     return {
         "order_id": report.order.order_id,
         "state": report.state.value,
         "units": report.units,
+        "units_asked": args.units,
+        "min_units": wanted,
+        "short": short,
         "asked": [c.provider for c in report.asked],
         "answers": report.explanation,
         "failure": report.failure,
@@ -262,7 +275,7 @@ async def _order(args: argparse.Namespace) -> dict[str, Any]:
                 "model": x.model,
                 "units": x.units,
                 "devices": list(x.devices),
-                "price": x.price,
+                "price_micro_credits_per_device_hour": x.price,
             }
             for x in report.leases
         ],
@@ -282,13 +295,16 @@ def cmd_order(args: argparse.Namespace) -> int:
         for x in result["leases"]:
             print(
                 f"  lease {x['lease_id']}: {x['units']}x {x['model']} from "
-                f"{x['provider'][:12]} at {_credits(x['price'])} cr/device-h"
+                f"{x['provider'][:12]} at "
+                f"{_credits(x['price_micro_credits_per_device_hour'])} cr/device-h"
             )
         for r in result["receipts"]:
-            print(f"  receipt {r['lease_id']}: {_credits(r['amount'])} credits")
+            print(f"  receipt {r['lease_id']}: {_credits(r['amount_micro_credits'])} credits")
         if result["failure"]:
             print(f"  no lease: {result['failure']}")
-    return EXIT_OK if result["state"] == "leased" else EXIT_ERROR
+        if result["short"]:
+            print(f"  {result['short']}")
+    return EXIT_OK if result["state"] == "leased" and not result["short"] else EXIT_ERROR
 
 
 def cmd_leases(args: argparse.Namespace) -> int:
@@ -314,7 +330,7 @@ def cmd_leases(args: argparse.Namespace) -> int:
             "model": x.model,
             "units": x.units,
             "devices": list(x.devices),
-            "price": x.price,
+            "price_micro_credits_per_device_hour": x.price,
             "state": x.state,
             "start_ms": x.start_ms,
             "end_ms": x.end_ms,
@@ -323,7 +339,7 @@ def cmd_leases(args: argparse.Namespace) -> int:
                 {
                     "receipt_hash": r.receipt_hash,
                     "device_ms": r.device_ms,
-                    "amount": r.amount,
+                    "amount_micro_credits": r.amount,
                     "countersigned": r.countersign is not None,
                 }
                 for r in receipts.get(x.lease_id, [])
@@ -332,20 +348,20 @@ def cmd_leases(args: argparse.Namespace) -> int:
         for x in leases
     ]
     if args.json:
-        print(json.dumps({"leases": rows, "balance": balance}, indent=2))
+        print(json.dumps({"leases": rows, "balance_micro_credits": balance}, indent=2))
         return EXIT_OK
     table = Table(title=f"Leases ({home})")
     for col in ("lease", "side", "counterparty", "units", "price (cr/dev-h)", "state", "paid"):
         table.add_column(col)
     for r in rows:
         other = r["provider"] if r["side"] == "tenant" else r["tenant"]
-        paid = sum(x["amount"] for x in r["receipts"] if x["countersigned"])
+        paid = sum(x["amount_micro_credits"] for x in r["receipts"] if x["countersigned"])
         table.add_row(
             r["lease_id"],
             r["side"],
             other[:12],
             f"{r['units']}x {r['model']}",
-            _credits(r["price"]),
+            _credits(r["price_micro_credits_per_device_hour"]),
             r["state"],
             _credits(paid),
         )
@@ -357,18 +373,20 @@ def cmd_leases(args: argparse.Namespace) -> int:
 # --- jobs -----------------------------------------------------------------------
 
 
-def _print_summary(summary: Any, as_json: bool) -> None:
+def _print_summary(summary: Any, as_json: bool, console: Console | None = None) -> None:
     data = summary.to_json()
     if as_json:
         print(json.dumps(data, indent=2))
         return
+    # Rich wraps to the terminal (or $COLUMNS); markup off: parameters may hold brackets.
+    out = console or Console()
     counts = ", ".join(f"{n} {s}" for s, n in sorted(data["trials"].items())) or "no trials"
-    print(f"job {data['job_id']} ({data['name']}): {data['state']}; {counts}")
+    out.print(f"job {data['job_id']} ({data['name']}): {data['state']}; {counts}", markup=False)
     best = data["best"]
     if best is not None:
-        print(f"best: trial {best['number']} value {best['value']:.6g}")
-        print(f"      parameters {json.dumps(best['params'], sort_keys=True)}")
-    print(f"spend: {_credits(data['spend'])} credits")
+        out.print(f"best: trial {best['number']} value {best['value']:.6g}", markup=False)
+        out.print(f"      parameters {_params_text(best['params'])}", markup=False)
+    out.print(f"spend: {_credits(data['spend_micro_credits'])} credits", markup=False)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -419,6 +437,12 @@ async def _plan(args: argparse.Namespace) -> Any:
         await transport.close()
 
 
+def jobs_notes(spec: Any) -> list[str]:
+    from node import jobs
+
+    return jobs.notes(spec)
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     spec, p = asyncio.run(_plan(args))
     c = p.classification
@@ -431,12 +455,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
             "interconnect": x.interconnect,
             "bandwidth": x.bandwidth,
             "gang_size": x.gang_size,
-            "price_floor": x.price,
+            "price_floor_micro_credits_per_device_hour": x.price,
             "success": round(x.success, 3),
             "fits": x.fits,
             "why_not": x.why_not,
             "expected_runtime_s": x.runtime_s,
-            "expected_cost": x.cost,
+            "expected_cost_micro_credits": x.cost,
         }
         for x in p.candidates
     ]
@@ -453,11 +477,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
         "candidates": cands,
         "placeable": p.placeable,
         "missing": p.missing,
+        "notes": jobs_notes(spec),
     }
     if args.json:
         print(json.dumps(data, indent=2))
         return EXIT_OK if p.placeable else EXIT_ERROR
     print(f"{spec.name}: {p.kind} job, class {c.workload.value}")
+    for note in data["notes"]:
+        print(f"note: {note}")
     print(c.explanation)
     if c.sync_bytes:
         need = c.required_bandwidth
@@ -471,12 +498,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
         table.add_column(col)
     for x in cands:
         rt = x["expected_runtime_s"]
-        cost = x["expected_cost"]
+        cost = x["expected_cost_micro_credits"]
         table.add_row(
             x["provider"][:12],
             f"{x['free']} free {x['model']}",
             f"{x['interconnect']} {x['bandwidth'] / 1e9:.3g} GB/s x{x['gang_size']}",
-            _credits(x["price_floor"]),
+            _credits(x["price_floor_micro_credits_per_device_hour"]),
             "yes" if x["fits"] else f"no: {x['why_not']}",
             "-" if rt is None else f"{rt:.0f} s",
             "-" if cost is None else _credits(cost),
@@ -491,7 +518,10 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     from node import jobs
 
     job = jobs.cancel(args.job)
-    print(f"job {job.job_id}: {job.state}")
+    if args.json:
+        print(json.dumps({"job_id": job.job_id, "state": job.state}, indent=2))
+    else:
+        print(f"job {job.job_id}: {job.state}")
     return EXIT_OK
 
 
@@ -524,7 +554,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             r["state"],
             counts,
             "-" if best is None else f"{best['value']:.6g}",
-            _credits(r["spend"]),
+            _credits(r["spend_micro_credits"]),
         )
     Console().print(table)
     return EXIT_OK
@@ -540,22 +570,45 @@ def cmd_status(args: argparse.Namespace) -> int:
         data["trial_list"] = [jobs.trial_json(t) for t in summary.trials]
         print(json.dumps(data, indent=2))
         return EXIT_OK
-    _print_summary(summary, False)
-    table = Table()
-    for col in ("trial", "state", "value", "params", "provider", "attempts", "detail"):
-        table.add_column(col)
-    for t in summary.trials:
+    console = Console()
+    _print_summary(summary, False, console)
+    console.print(status_table(summary.trials))
+    return EXIT_OK
+
+
+def _params_text(params: dict[str, Any]) -> str:
+    """``a=1 opt.lr=0.01``: dotted names, one space between, so a narrow cell wraps
+    between parameters rather than inside JSON."""
+    from node.jobs import _dotted
+
+    return " ".join(f"{k}={v}" for k, v in sorted(_dotted(params).items()))
+
+
+def status_table(trials: list[Any]) -> Table:
+    """A job's trials, readable at 80 columns: the short columns never wrap, parameters
+    and detail take what is left and wrap between words."""
+    from node.sweep import QUEUED_DETAIL
+
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, expand=False)
+    table.add_column("#", justify="right", no_wrap=True)
+    table.add_column("state", no_wrap=True)
+    table.add_column("value", justify="right", no_wrap=True)
+    table.add_column("try", justify="right", no_wrap=True)
+    table.add_column("provider", no_wrap=True, max_width=8, overflow="ellipsis")
+    table.add_column("params", ratio=3, overflow="fold", min_width=16)
+    table.add_column("detail", ratio=1, overflow="fold")
+    for t in trials:
+        queued = t.state == "running" and t.detail == QUEUED_DETAIL
         table.add_row(
             str(t.number),
-            t.state,
-            "" if t.value is None else f"{t.value:.6g}",
-            json.dumps(t.params, sort_keys=True),
-            (t.provider or "")[:12],
+            "queued" if queued else t.state,
+            "" if t.value is None else f"{t.value:.4g}",
             str(t.attempts),
-            t.detail,
+            (t.provider or "")[:8],
+            _params_text(t.params),
+            "" if queued else t.detail,
         )
-    Console().print(table)
-    return EXIT_OK
+    return table
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
@@ -728,29 +781,58 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--json", action="store_true")
     resume.set_defaults(func=cmd_resume)
 
-    cancel = sub.add_parser("cancel", help="stop a running job (its leases are released)")
-    cancel.add_argument("job")
+    cancel = sub.add_parser(
+        "cancel",
+        help="stop a running job (its leases are released)",
+        description="Mark the job cancelled in the tenant's store. The process running it "
+        "(`submit` or `resume`) notices within a second, cancels its trials on the "
+        "providers, releases every lease (paying the time used) and exits.",
+    )
+    cancel.add_argument("job", help="job id (or a unique prefix)")
+    cancel.add_argument("--json", action="store_true", help="machine-readable output")
     cancel.set_defaults(func=cmd_cancel)
 
-    jobs_p = sub.add_parser("jobs", help="list this tenant's jobs")
-    jobs_p.add_argument("--json", action="store_true")
+    jobs_p = sub.add_parser(
+        "jobs",
+        help="list this tenant's jobs",
+        description="Every job in the tenant's store ($MERCATO_HOME/tenant): its state, "
+        "trial counts by state, best value and spend so far.",
+    )
+    jobs_p.add_argument("--json", action="store_true", help="machine-readable output")
     jobs_p.set_defaults(func=cmd_jobs)
 
-    status = sub.add_parser("status", help="a job's trials and best result so far")
-    status.add_argument("job")
-    status.add_argument("--json", action="store_true")
+    status = sub.add_parser(
+        "status",
+        help="a job's trials and best result so far",
+        description="One job: state, trial counts (queued trials apart from running "
+        "ones), best trial, spend, and a table of its trials with their parameters, "
+        "value, provider and detail.",
+    )
+    status.add_argument("job", help="job id (or a unique prefix)")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=cmd_status)
 
-    logs = sub.add_parser("logs", help="the output of one trial")
-    logs.add_argument("job")
+    logs = sub.add_parser(
+        "logs",
+        help="the output of one trial",
+        description="What one trial printed (stdout and stderr, as the provider streamed "
+        "it), from the tenant's copy under $MERCATO_HOME/tenant/jobs/JOB/logs.",
+    )
+    logs.add_argument("job", help="job id (or a unique prefix)")
     logs.add_argument("trial", type=int, help="trial number")
     logs.set_defaults(func=cmd_logs)
 
-    results = sub.add_parser("results", help="every trial's parameters and metric")
-    results.add_argument("job")
+    results = sub.add_parser(
+        "results",
+        help="every trial's parameters and metric",
+        description="Every trial of a job with its parameters, state and metric value: a "
+        "summary, --json (a list of trials), or --csv (one column per parameter; nested "
+        "parameters as dotted columns such as opt.lr).",
+    )
+    results.add_argument("job", help="job id (or a unique prefix)")
     fmt = results.add_mutually_exclusive_group()
-    fmt.add_argument("--json", action="store_true")
-    fmt.add_argument("--csv", action="store_true")
+    fmt.add_argument("--json", action="store_true", help="machine-readable output")
+    fmt.add_argument("--csv", action="store_true", help="CSV, one row per trial")
     results.set_defaults(func=cmd_results)
 
     order = sub.add_parser(
@@ -761,6 +843,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--hold seconds, countersigning each provider's receipt.",
     )
     order.add_argument("--units", type=int, default=1, help="units wanted (default 1)")
+    order.add_argument(
+        "--min-units",
+        type=int,
+        help="fewest units that count as success (default: --units); with fewer leased, exit 1",
+    )
     order.add_argument("--kind", choices=["gpu", "ipu", "cpu", "any"], default="any")
     order.add_argument("--model", help="a catalog model, e.g. H100-SXM")
     order.add_argument("--devices-per-unit", type=int, default=1)
@@ -808,15 +895,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def error_json(e: MercatoError) -> dict[str, Any]:
+    """The one shape of an error under --json: ``{"error": {"code", "reason"}}``, printed
+    on stdout (where a --json caller reads), plus ``problems`` for a bad job file."""
+    err: dict[str, Any] = {"code": e.code, "reason": e.reason}
+    problems = getattr(e, "problems", None)
+    if problems:
+        err["problems"] = [{"path": p.path, "message": p.message} for p in problems]
+    return {"error": err}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        code: int = args.func(args)
-    except MercatoError as e:
-        print(f"mercato: {e.reason}", file=sys.stderr)
+        try:
+            code: int = args.func(args)
+        except MercatoError as e:
+            if getattr(args, "json", False):
+                print(json.dumps(error_json(e), indent=2))
+            else:
+                print(f"mercato: {e.reason}", file=sys.stderr)
+            code = EXIT_ERROR
+        except KeyboardInterrupt:
+            code = 130
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`mercato status JOB --json | head -1`): not an error of
+        # ours. Python's documented recipe (library/signal.html, "Note on SIGPIPE"):
+        # point stdout at devnull so the flush at exit does not raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
         return EXIT_ERROR
-    except KeyboardInterrupt:
-        return 130
     return code
 
 

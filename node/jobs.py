@@ -28,12 +28,12 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from market.jobspec import JobSpec, parse_job, spec_hash
+from market.jobspec import JobError, JobSpec, Problem, missing_envvars, parse_job, spec_hash
 from market.settlement import format_credits
 from node.core import wall_clock_ms
 from node.home import NodeHome, resolve_home
 from node.store import JobRow, JobStore, Store, TrialRow
-from node.sweep import Progress, SweepRunner
+from node.sweep import QUEUED_DETAIL, Progress, SweepRunner
 from node.tenant import Tenant
 from node.transport import HttpTransport
 from node.workspace import pack
@@ -82,7 +82,29 @@ def load_job_file(path: Path) -> tuple[JobSpec, str]:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise MercatoError(f"cannot read {path}: {e.strerror}") from e
-    return parse_job(text, str(path)), text
+    spec = parse_job(text, str(path))
+    check_environment(spec, str(path))
+    return spec, text
+
+
+def check_environment(spec: JobSpec, source: str) -> None:
+    """Refuse a sweep whose command reads an ``${envvar:NAME}`` the tenant does not set."""
+    if spec.sweep is None:
+        return
+    missing = missing_envvars(spec, os.environ)
+    if missing:
+        raise JobError(
+            source,
+            [
+                Problem("command", f"${{envvar:{name}}}: {name} is not set in this environment")
+                for name in missing
+            ],
+        )
+
+
+def notes(spec: JobSpec) -> list[str]:
+    """What the job file says that Mercato reads differently from W&B (sweeps only)."""
+    return spec.notes() if spec.sweep is not None else []
 
 
 def new_job_id(spec: JobSpec) -> str:
@@ -108,14 +130,15 @@ class JobSummary:
     def to_json(self) -> dict[str, Any]:
         counts: dict[str, int] = {}
         for t in self.trials:
-            counts[t.state] = counts.get(t.state, 0) + 1
+            state = "queued" if t.state == "running" and t.detail == QUEUED_DETAIL else t.state
+            counts[state] = counts.get(state, 0) + 1
         return {
             "job_id": self.job.job_id,
             "name": self.job.name,
             "state": self.job.state,
             "detail": self.job.detail,
             "trials": counts,
-            "spend": self.spend,
+            "spend_micro_credits": self.spend,
             "best": None if self.best is None else trial_json(self.best),
         }
 
@@ -157,7 +180,8 @@ def _progress_table(job_id: str, p: Progress) -> Table:
     total = "?" if p.total is None else str(p.total)
     table.add_row(
         "trials",
-        f"{p.done} done / {total}, {p.running} running, {p.failed} failed, {p.pruned} pruned",
+        f"{p.done} done / {total}, {p.running} running, {p.queued} queued, "
+        f"{p.failed} failed, {p.pruned} pruned",
     )
     table.add_row("leases", str(p.leases))
     table.add_row("spend", f"{format_credits(p.spend)} credits")
@@ -327,6 +351,8 @@ def submit(path: Path, *, peer: str, parallel: int, seed: int | None, quiet: boo
             file=sys.stderr,
             flush=True,
         )
+        for note in notes(spec):
+            print(f"note: {note}", file=sys.stderr, flush=True)
         if spec.kind == "sweep":
             asyncio.run(
                 drive(
@@ -352,6 +378,7 @@ def resume(ref: str, *, peer: str, parallel: int, quiet: bool) -> JobSummary:
         if job.state in ("done", "cancelled"):
             return summarize(store, job)
         spec = parse_job(job.spec_yaml, job.job_id)
+        check_environment(spec, job.job_id)
         data = Path(job.workspace_path).read_bytes()
         with runner_lock(job_dir(home, job.job_id) / "runner.lock"):
             JobStore(store).set_job_state(job.job_id, "running", wall_clock_ms())
@@ -390,18 +417,32 @@ def _cell(value: Any) -> str:
     return json.dumps(value, sort_keys=True)
 
 
+def _dotted(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested parameters flattened to dotted names: {"opt": {"lr": 1}} -> {"opt.lr": 1}."""
+    out: dict[str, Any] = {}
+    for k, v in params.items():
+        if isinstance(v, dict) and v:
+            out.update(_dotted(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def results_csv(trials: list[TrialRow]) -> str:
-    keys = sorted({k for t in trials for k in t.params})
+    """One row per trial, one column per parameter: nested parameters as dotted columns
+    (``opt.lr``), as spreadsheets and pandas expect; lists stay JSON text."""
+    flat = [_dotted(t.params) for t in trials]
+    keys = sorted({k for f in flat for k in f})
     out = io.StringIO()
     w = csv.writer(out)
     w.writerow(["number", "state", "value", *keys, "attempts", "provider"])
-    for t in trials:
+    for t, f in zip(trials, flat, strict=True):
         w.writerow(
             [
                 t.number,
                 t.state,
                 "" if t.value is None else repr(t.value),
-                *[json.dumps(t.params.get(k)) for k in keys],
+                *["" if k not in f else _cell(f[k]) for k in keys],
                 t.attempts,
                 t.provider or "",
             ]

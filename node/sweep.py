@@ -16,15 +16,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import logging
+import os
+import tarfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from market.jobspec import JobSpec, render_command, uses_args_json_file
+from market.jobspec import PARAMS_FILE_ENV, JobSpec, args_json, render_command
 from market.search import FinishedTrial, Search, Trial, TrialState
 from node.store import JobStore, LeaseRow, Store, TrialRow
 from node.taskclient import TaskClient
@@ -34,6 +37,7 @@ from protocol.messages import (
     Cancel,
     TaskAssign,
     TaskResult,
+    TaskStatus,
 )
 
 log = logging.getLogger("mercato.sweep")
@@ -46,6 +50,9 @@ _SEARCH_STATE: dict[str, TrialState] = {
     "failed": "failed",
     "pruned": "pruned",
 }
+#: A trial's detail while it is assigned but its provider has not started it (its
+#: device is busy with an earlier trial): counted as queued, not running.
+QUEUED_DETAIL = "queued at the provider"
 #: Consecutive failed exchanges after which a provider's lease is given up.
 MAX_SILENCE = 3
 #: Least time between two reads of every trial for the progress view (the CLI's live
@@ -62,6 +69,7 @@ class Progress:
     running: int = 0
     failed: int = 0
     pruned: int = 0
+    queued: int = 0  # assigned, waiting at the provider for a free device
     spend: int = 0  # micro-credits, estimated from leases held so far
     best: tuple[int, dict[str, Any], float] | None = None
     leases: int = 0
@@ -131,6 +139,9 @@ class SweepRunner:
         self._maybe_pending = True
         self.duplicates = 0
         self._spend_since: dict[str, int] = {}
+        #: The tenant's environment, for ${envvar:NAME} (the W&B agent reads its own).
+        self.environ: dict[str, str] = dict(os.environ)
+        self.params_file = params_file_name(workspace)
 
     # --- bookkeeping ------------------------------------------------------------
 
@@ -145,7 +156,8 @@ class SweepRunner:
         p.done = sum(1 for r in rows if r.state == "succeeded")
         p.failed = sum(1 for r in rows if r.state == "failed")
         p.pruned = sum(1 for r in rows if r.state == "pruned")
-        p.running = sum(1 for r in rows if r.state == "running")
+        p.queued = sum(1 for r in rows if r.state == "running" and r.detail == QUEUED_DETAIL)
+        p.running = sum(1 for r in rows if r.state == "running") - p.queued
         p.best = self.search.best()
         p.leases = sum(1 for s in self.slots.values() if not s.lost)
         now = self.tenant.clock()
@@ -454,6 +466,7 @@ class SweepRunner:
                     lease_id=slot.lease.lease_id,
                     task_id=self._task_id(number, attempt),
                     started_ms=self.tenant.clock(),
+                    detail=QUEUED_DETAIL,
                 )
                 self._tasks[number] = asyncio.get_running_loop().create_task(
                     self._trial(slot, number, attempt, row.params)
@@ -492,12 +505,20 @@ class SweepRunner:
                 if not slot.workspace_ready:
                     await self._upload(slot)
         limits = self.spec.limits
-        files = {}
-        args_file = None
-        if uses_args_json_file(self.spec):
-            args_file = "params.json"
-            files[args_file] = json.dumps(params)
-        command = render_command(self.spec, params, interpreter="python3", args_json_file=args_file)
+        # Every trial gets its parameters as a JSON file named by $MERCATO_PARAMS_FILE
+        # (what ${args_json_file} names too), so a program whose command passes none
+        # can read them; the name is one no file of the workspace has.
+        files = {self.params_file: args_json(params)}
+        try:
+            command = render_command(
+                self.spec,
+                params,
+                interpreter="python3",
+                args_json_file=self.params_file,
+                environ=self.environ,
+            )
+        except ValueError as e:
+            raise SweepError(str(e)) from None
         assign = TaskAssign(
             lease_id=slot.lease.lease_id,
             task_id=task_id,
@@ -509,6 +530,7 @@ class SweepRunner:
             attempt=0,
             network=limits.network,
             files=files,
+            env={PARAMS_FILE_ENV: self.params_file},
         )
         client = TaskClient(self.tenant, slot.lease)
         await client.assign(assign)
@@ -527,7 +549,15 @@ class SweepRunner:
                 for line in text.splitlines():
                     step += self._intermediate(slot, number, task_id, line, metric, step)
 
-            result = await client.follow(task_id, on_log)
+            started = False
+
+            def on_status(status: TaskStatus) -> None:
+                nonlocal started
+                if not started and status.state != "queued":
+                    started = True
+                    self.jobs.update_trial(self.job_id, number, detail="")
+
+            result = await client.follow(task_id, on_log, on_status=on_status)
         slot.failures = 0
         self._record(slot, number, task_id, result, metric)
 
@@ -594,6 +624,28 @@ class SweepRunner:
             self.duplicates += 1  # a slow provider answered after the trial was settled
             return
         self.search.tell(number, float(value) if value is not None else None, _SEARCH_STATE[state])
+
+
+#: The file holding a trial's parameters, in the trial's working directory.
+PARAMS_FILE = "mercato-params.json"
+
+
+def params_file_name(workspace: bytes) -> str:
+    """``PARAMS_FILE``, or a variant of it, that names no top-level file of the workspace.
+
+    The provider writes the file into the trial's copy of the workspace: a user's own
+    ``params.json`` (or even ``mercato-params.json``) must never be overwritten.
+    """
+    try:
+        with tarfile.open(fileobj=io.BytesIO(workspace)) as tar:
+            taken = {n.split("/", 1)[0].removeprefix("./") for n in tar.getnames()}
+    except tarfile.TarError:
+        taken = set()
+    name, n = PARAMS_FILE, 0
+    while name in taken:
+        n += 1
+        name = f"mercato-params-{n}.json"
+    return name
 
 
 def finished_trial(row: TrialRow) -> FinishedTrial:

@@ -384,8 +384,8 @@ class TestCli:
 
         mine = await asyncio.to_thread(mercato, fleet.home, "leases", "--json")
         assert {x["lease_id"] for x in mine["leases"]} == ids
-        paid = sum(r["amount"] for x in mine["leases"] for r in x["receipts"])
-        assert mine["balance"] == -paid
+        paid = sum(r["amount_micro_credits"] for x in mine["leases"] for r in x["receipts"])
+        assert mine["balance_micro_credits"] == -paid
         tenant_id = mine["leases"][0]["tenant"]
         for lease in mine["leases"]:
             home = fleet.providers[lease["provider"]].home
@@ -398,7 +398,32 @@ class TestCli:
             }
             match = next(x for x in same if x["lease_id"] == lease["lease_id"])
             assert match["side"] == "provider"
-            for f in ("order_id", "devices", "price", "award_hash"):
+            for f in ("order_id", "devices", "price_micro_credits_per_device_hour", "award_hash"):
                 assert match[f] == lease[f], f
             assert match["receipts"] == lease["receipts"]
             assert all(r["countersigned"] for r in match["receipts"])
+
+    async def test_an_order_that_leases_fewer_units_than_asked_fails_and_says_so(
+        self, tenant: Tenant, fleet: Fleet
+    ) -> None:
+        # More gpu units than the whole fleet has: the auction leases what there is.
+        args = ("order", "--units", "64", "--kind", "gpu", "--json")
+        proc = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "node.cli", *args],
+            env={**os.environ, "MERCATO_HOME": str(fleet.home)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        out = json.loads(proc.stdout)
+        assert 0 < out["units"] < 64
+        assert f"leased {out['units']} of the 64 units" in out["short"]
+        # Asking for what there is, or saying fewer will do, succeeds.
+        enough = await asyncio.to_thread(
+            mercato, fleet.home, *args[:2], "64", "--min-units", "1", *args[3:]
+        )
+        assert enough["units"] >= 1
+        assert enough["short"] == ""

@@ -108,9 +108,8 @@ def test_cluster_up_market_kill_and_down(cluster_env: dict[str, str]) -> None:
             (d["model"], d["count"]) for d in r["devices"]
         ]
         assert all(d["simulated"] for d in advert["devices"])
-        assert all(
-            type(d["price_floor"]) is int and d["price_floor"] > 0 for d in advert["devices"]
-        )
+        floors = [d["price_floor_micro_credits_per_device_hour"] for d in advert["devices"]]
+        assert all(type(f) is int and f > 0 for f in floors)
         assert 0 < advert["expires_in_ms"] <= TTL_S * 1000
 
     # a provider dies without a word: its advert expires, the others stay

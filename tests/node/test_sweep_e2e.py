@@ -332,7 +332,7 @@ class TestGridSweep:
         leases = grid_job.tenant.leases(grid_job.job_id)
         assert leases
         assert {x.state for x in leases} == {"ended"}
-        assert grid_job.summary["spend"] > 0
+        assert grid_job.summary["spend_micro_credits"] > 0
 
 
 class TestProviderKilled:

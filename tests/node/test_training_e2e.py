@@ -78,7 +78,11 @@ class TestTraining:
         assert [c["provider"] for c in fits] == [provider_ids(home)["provider-1"]]
         cheap = [c for c in plan["candidates"] if not c["fits"]]
         assert len(cheap) == 2
-        assert all(c["price_floor"] < fits[0]["price_floor"] for c in cheap)
+        assert all(
+            c["price_floor_micro_credits_per_device_hour"]
+            < fits[0]["price_floor_micro_credits_per_device_hour"]
+            for c in cheap
+        )
         assert all("devices free" in c["why_not"] for c in cheap)
 
     def test_ddp_runs_on_the_one_two_device_provider_and_reports_its_loss(self, home: Path) -> None:
