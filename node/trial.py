@@ -1,4 +1,5 @@
-"""The helper a trial imports to report metrics: ``from node.trial import report``.
+"""The helper a trial imports to report metrics and read its parameters:
+``from node.trial import params, report``.
 
 It only prints one JSON object per call on stdout, which is all any executor looks
 for (see node.executor), so a trial can just as well print the JSON itself. This
@@ -9,7 +10,25 @@ the interpreter and this package's directory are visible.
 from __future__ import annotations
 
 import json
+import os
 import sys
+from typing import Any
+
+#: Set for every sweep trial: the path (relative to the trial's working directory) of a
+#: JSON object holding its parameters, whatever its command passes on the command line.
+PARAMS_FILE_ENV = "MERCATO_PARAMS_FILE"
+
+
+def params() -> dict[str, Any]:
+    """The trial's parameters (nested parameters as dicts), as W&B's ``wandb.config``.
+
+    Read from the file ``$MERCATO_PARAMS_FILE`` names; raises KeyError outside a sweep.
+    """
+    with open(os.environ[PARAMS_FILE_ENV], encoding="utf-8") as f:
+        data = json.load(f)
+    if not isinstance(data, dict):
+        raise ValueError(f"{os.environ[PARAMS_FILE_ENV]} does not hold a JSON object")
+    return data
 
 
 def report(**metrics: object) -> None:

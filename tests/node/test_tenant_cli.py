@@ -171,6 +171,20 @@ class TestJson:
         assert err["code"] == "bad_job"
         assert [p["path"] for p in err["problems"]] == ["method"]
 
+    def test_an_unset_envvar_of_the_command_is_refused_before_anything_is_spent(
+        self, home: Path, tmp_path: Path
+    ) -> None:
+        job = tmp_path / "env.yaml"
+        job.write_text(
+            "program: t.py\nmethod: grid\nparameters: {a: {values: [1]}}\n"
+            "command: [python3, t.py, '--data=${envvar:MERCATO_TEST_UNSET_VAR}/x', '${args}']\n"
+        )
+        proc = mercato(home, "plan", str(job), "--json", "--peer", "http://127.0.0.1:9")
+        assert proc.returncode == 1
+        err = json.loads(proc.stdout)["error"]
+        assert err["code"] == "bad_job"
+        assert "MERCATO_TEST_UNSET_VAR is not set" in err["problems"][0]["message"]
+
     def test_money_names_its_unit(self, home: Path) -> None:
         proc = mercato(home, "status", JOB, "--json")
         assert proc.returncode == 0, proc.stderr
