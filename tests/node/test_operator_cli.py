@@ -201,7 +201,7 @@ class TestProviderStatus:
         result = json.loads(out)
         (lease,) = result["leases"]
         assert [d["lease_id"] for d in leased] == [lease["lease_id"]]
-        paid = sum(r["amount"] for r in result["receipts"])
+        paid = sum(r["amount_micro_credits"] for r in result["receipts"])
         assert paid > 0
 
         doc = cli_json(capsys, "provider", "status", "--home", home)
