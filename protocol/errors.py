@@ -112,6 +112,12 @@ class BadSignatureError(RemoteProtocolError):
     http_status = 401
 
 
+class WeakKeyError(BadSignatureError):
+    """The sender's public key is small-order or non-canonical: no signature of it counts."""
+
+    code = "weak_key"
+
+
 class WrongRecipientError(RemoteProtocolError):
     """The envelope is addressed to another node."""
 
