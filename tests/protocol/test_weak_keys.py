@@ -132,7 +132,5 @@ class TestNegativeVectors:
     @pytest.mark.parametrize("vector", VECTORS, ids=lambda v: v["name"])
     def test_each_vector_is_refused_with_its_code(self, vector: dict[str, str]) -> None:
         with pytest.raises(ERROR_CLASSES[vector["error"]]) as info:
-            open_envelope(
-                bytes.fromhex(vector["envelope"]), now_ms=vector["now_ms"], replay=None
-            )
+            open_envelope(bytes.fromhex(vector["envelope"]), now_ms=vector["now_ms"], replay=None)
         assert info.value.code == vector["error"]
