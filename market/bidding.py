@@ -126,7 +126,13 @@ class BidEngine:
         *,
         strategy: PricingStrategy | None = None,
         bid_ttl_ms: int = 10_000,
+        max_reserved_pct: int = 100,
+        heartbeat_bounds_ms: tuple[int, int] = (100, 3_600_000),
     ) -> None:
+        """``max_reserved_pct``: share of the devices one tenant may hold in unawarded
+        bids (see ``tenant_allowance``). ``heartbeat_bounds_ms``: the heartbeat intervals
+        an award may ask for; the defaults are the protocol's range (the daemon passes
+        the operator's, 1-60 s unless configured)."""
         ids = [d.id for d in devices]
         if len(set(ids)) != len(ids):
             raise ValueError("device ids must be unique")
@@ -141,6 +147,10 @@ class BidEngine:
         self.counters = EngineCounters()
         self._bid_seq = 0
         self.draining = False
+        if not 1 <= max_reserved_pct <= 100:
+            raise ValueError("max_reserved_pct must be 1-100")
+        self.max_reserved_pct = max_reserved_pct
+        self.heartbeat_bounds_ms = heartbeat_bounds_ms
 
     # --- views ------------------------------------------------------------------
 
@@ -170,6 +180,25 @@ class BidEngine:
                 )
             )
         return out
+
+    def reserved_for(self, tenant: str) -> int:
+        """Devices ``tenant`` holds in unawarded bids."""
+        return sum(len(r.devices) for r in self.reservations.values() if r.tenant == tenant)
+
+    def tenant_allowance(self, tenant: str, piece: int) -> int:
+        """Devices ``tenant`` may still reserve, for an order whose smallest part is ``piece``.
+
+        Bids are free to ask for and every bid holds devices until it expires, so one
+        identity ordering twice a second kept every device reserved and other tenants
+        got only ``all_reserved``. A tenant may hold at most ``max_reserved_pct`` of the
+        devices in unawarded bids (leases do not count: those are paid for), or one
+        indivisible piece of its order (a unit, or a whole gang) when that is larger,
+        so a gang bigger than the share can still be sold to a tenant holding nothing
+        else. The rest stays biddable for others. Keys are free, so this bounds one
+        identity, not one person: reputation and prices do the rest.
+        """
+        share = len(self.devices) * self.max_reserved_pct // 100
+        return max(0, max(share, piece) - self.reserved_for(tenant))
 
     def held_by(self, lease_id: str) -> tuple[str, ...]:
         lease = self.leases.get(lease_id)
@@ -222,6 +251,17 @@ class BidEngine:
             return self._no_bid(
                 order, "all_reserved", f"{len(free)} of {len(affordable)} matching devices free"
             )
+        piece = per_unit * (order.units if req.gang else 1)
+        allowance = self.tenant_allowance(tenant, piece)
+        units = min(units, allowance // per_unit)
+        if units == 0 or (req.gang and units < order.units):
+            return self._no_bid(
+                order,
+                "tenant_limit",
+                f"this tenant already holds {self.reserved_for(tenant)} of {len(self.devices)} "
+                f"devices in unawarded bids (limit {self.max_reserved_pct}%): award or "
+                "release them first",
+            )
         # One model per bid (a bid names concrete hardware): the model with the most free
         # devices that the bid can fill, cheapest floor first.
         by_model: dict[str, list[Device]] = {}
@@ -231,7 +271,7 @@ class BidEngine:
             by_model.items(),
             key=lambda kv: (-min(len(kv[1]) // per_unit, order.units), kv[1][0].price_floor),
         )
-        units = min(order.units, len(pool) // per_unit)
+        units = min(units, len(pool) // per_unit)
         if req.gang and units < order.units:
             return self._no_bid(order, "gang_too_small", "no single model fills the gang")
         chosen = tuple(d.id for d in pool[: units * per_unit])
@@ -278,6 +318,16 @@ class BidEngine:
             decline = f"award price {award.price} differs from the bid price {res.bid.price}"
         elif award.lease_id in self.leases:
             decline = "lease id already in use"
+        elif not (
+            self.heartbeat_bounds_ms[0]
+            <= award.heartbeat_interval_ms
+            <= self.heartbeat_bounds_ms[1]
+        ):
+            low, high = self.heartbeat_bounds_ms
+            decline = (
+                f"heartbeat interval {award.heartbeat_interval_ms} ms is outside this "
+                f"provider's bounds {low}-{high} ms"
+            )
         if decline is not None or res is None:
             self.counters.declined += 1
             return Decline(lease_id=award.lease_id, order_id=award.order_id, reason=decline or "")
