@@ -84,6 +84,7 @@ class Reservation:
     tenant: str
     job_spec_hash: str
     devices: tuple[str, ...]
+    closes_ms: int = 0  # when the tenant's auction closes (the order's deadline, capped)
 
 
 @dataclass
@@ -150,6 +151,7 @@ class BidEngine:
         if not 1 <= max_reserved_pct <= 100:
             raise ValueError("max_reserved_pct must be 1-100")
         self.max_reserved_pct = max_reserved_pct
+        self._hoarders: dict[str, int] = {}  # tenant -> until (ms): see tenant_allowance
         self.heartbeat_bounds_ms = heartbeat_bounds_ms
 
     # --- views ------------------------------------------------------------------
@@ -185,20 +187,42 @@ class BidEngine:
         """Devices ``tenant`` holds in unawarded bids."""
         return sum(len(r.devices) for r in self.reservations.values() if r.tenant == tenant)
 
-    def tenant_allowance(self, tenant: str, piece: int) -> int:
+    def hoarding(self, tenant: str, now_ms: int) -> bool:
+        """Whether ``tenant`` recently let a bid lapse unawarded (see ``tenant_allowance``)."""
+        return self._hoarders.get(tenant, 0) > now_ms
+
+    def tenant_allowance(self, tenant: str, piece: int, now_ms: int) -> int:
         """Devices ``tenant`` may still reserve, for an order whose smallest part is ``piece``.
 
         Bids are free to ask for and every bid holds devices until it expires, so one
         identity ordering twice a second kept every device reserved and other tenants
-        got only ``all_reserved``. A tenant may hold at most ``max_reserved_pct`` of the
-        devices in unawarded bids (leases do not count: those are paid for), or one
-        indivisible piece of its order (a unit, or a whole gang) when that is larger,
-        so a gang bigger than the share can still be sold to a tenant holding nothing
-        else. The rest stays biddable for others. Keys are free, so this bounds one
-        identity, not one person: reputation and prices do the rest.
+        got only ``all_reserved``. Two bounds, neither of which an honest tenant meets
+        (it awards or releases its bids when its auction closes):
+
+        * a tenant already holding ``max_reserved_pct`` of the devices in unawarded bids
+          gets no further bid; below that, a bid may be as large as its order;
+        * a tenant that let a bid lapse (it expired, or was released more than half a
+          bid TTL after its auction closed) is a hoarder for two bid TTLs: its bids
+          together stay within the share, or one indivisible piece of its order (a
+          unit, or a whole gang) when that is larger and it holds nothing else.
+
+        So a hoarder holds at most the share after its first lapsed bid, and the rest
+        stays biddable for others. Leases do not count: those are paid for. Keys are
+        free, so this bounds one identity, not one person: prices and reputation do the
+        rest.
         """
+        held = self.reserved_for(tenant)
         share = len(self.devices) * self.max_reserved_pct // 100
-        return max(0, max(share, piece) - self.reserved_for(tenant))
+        if self.hoarding(tenant, now_ms):
+            return max(0, max(share, piece) - held)
+        if held > 0 and held >= share:
+            return 0
+        return len(self.devices)
+
+    def _lapsed(self, res: Reservation, now_ms: int) -> None:
+        """Note a bid that ended unawarded; late endings mark the tenant a hoarder."""
+        if now_ms > res.closes_ms + self.bid_ttl_ms // 2:
+            self._hoarders[res.tenant] = now_ms + 2 * self.bid_ttl_ms
 
     def held_by(self, lease_id: str) -> tuple[str, ...]:
         lease = self.leases.get(lease_id)
@@ -252,7 +276,7 @@ class BidEngine:
                 order, "all_reserved", f"{len(free)} of {len(affordable)} matching devices free"
             )
         piece = per_unit * (order.units if req.gang else 1)
-        allowance = self.tenant_allowance(tenant, piece)
+        allowance = self.tenant_allowance(tenant, piece, now_ms)
         units = min(units, allowance // per_unit)
         if units == 0 or (req.gang and units < order.units):
             return self._no_bid(
@@ -297,7 +321,10 @@ class BidEngine:
             expires_ms=min(order.bid_deadline_ms, now_ms + self.bid_ttl_ms) + self.bid_ttl_ms,
         )
         self.free.difference_update(chosen)
-        self.reservations[bid.bid_id] = Reservation(bid, tenant, order.job_spec_hash, chosen)
+        closes = min(order.bid_deadline_ms, now_ms + self.bid_ttl_ms)
+        self.reservations[bid.bid_id] = Reservation(
+            bid, tenant, order.job_spec_hash, chosen, closes
+        )
         self.counters.bids += 1
         return bid
 
@@ -361,6 +388,7 @@ class BidEngine:
             if res is not None and res.tenant == tenant:
                 del self.reservations[release.bid_id]
                 self.free.update(res.devices)
+                self._lapsed(res, now_ms)
                 freed = True
         if release.lease_id is not None:
             lease = self.leases.get(release.lease_id)
@@ -411,7 +439,11 @@ class BidEngine:
                 del self.reservations[bid_id]
                 self.free.update(res.devices)
                 self.counters.expired += 1
+                self._lapsed(res, now_ms)
                 changed.append(bid_id)
+        for tenant, until in list(self._hoarders.items()):
+            if until <= now_ms:
+                del self._hoarders[tenant]
         for lease in self.leases.values():
             if lease.state is not LeaseState.ACTIVE:
                 continue

@@ -10,10 +10,12 @@ PeerTimeoutError, and a peer's rejection the error class of the code it sent bac
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import random
 from collections.abc import Awaitable, Callable
 from typing import Protocol
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -107,6 +109,30 @@ class HttpTransport:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def tenant_transport(peer: str) -> HttpTransport:
+    """A tenant's transport: it calls the providers of adverts it got from ``peer``.
+
+    A tenant has no address of its own, so the peer its user named stands in for it: a
+    tenant asking a loopback node (the local cluster) may call loopback providers, one
+    asking a public IP calls public providers only (node.addresses). A peer named by
+    host name (a compose or LAN network, as often as a public one) allows private
+    ranges: a tenant is a client, not a server relaying strangers' requests.
+    """
+    policy = AddressPolicy.for_node(peer)
+    host = urlsplit(peer).hostname or ""
+    if host != "localhost" and not _is_ip(host):
+        policy = AddressPolicy(allow_loopback=policy.allow_loopback, allow_private=True)
+    return HttpTransport(policy=policy)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 async def _read_reply(resp: aiohttp.ClientResponse, cap: int, address: str) -> bytes:

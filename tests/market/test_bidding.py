@@ -755,9 +755,45 @@ class TestTenantLimit:
         assert must_bid(honest).units == 2
         e.check_invariants()
 
-    def test_a_bid_is_cut_to_the_share(self) -> None:
+    def test_one_order_of_an_honest_tenant_may_take_every_free_device(self) -> None:
         e = engine(gpus(4), max_reserved_pct=50)
-        assert must_bid(e.on_order(order(4), TENANT, T0)).units == 2
+        assert must_bid(e.on_order(order(4), TENANT, T0)).units == 4
+
+    def test_a_tenant_whose_bid_lapses_is_held_to_the_share_for_two_ttls(self) -> None:
+        e = engine(gpus(4), max_reserved_pct=50, bid_ttl_ms=1_000)
+        first = must_bid(e.on_order(order(4), TENANT, T0))  # never awarded nor released
+        now = first.expires_ms
+        assert e.expire(now) == [first.bid_id]
+        assert e.hoarding(TENANT, now)
+        second = must_bid(e.on_order(order(4, now=now), TENANT, now))
+        assert second.units == 2
+        refused = e.on_order(order(1, now=now), TENANT, now)
+        assert isinstance(refused, NoBid)
+        assert refused.reason == "tenant_limit"
+        other = must_bid(e.on_order(order(4, now=now, tenant=OTHER_TENANT), OTHER_TENANT, now))
+        assert other.units == 2
+        e.check_invariants()
+        # It mends its ways (releases at once); two TTLs on, it may bid big again.
+        e.on_release(Release(order_id=second.order_id, bid_id=second.bid_id), TENANT, now + 1)
+        e.on_release(Release(order_id=other.order_id, bid_id=other.bid_id), OTHER_TENANT, now + 1)
+        later = now + 2_000
+        e.expire(later)
+        assert not e.hoarding(TENANT, later)
+        assert must_bid(e.on_order(order(4, now=later), TENANT, later)).units == 4
+
+    def test_a_release_long_after_the_auction_closed_counts_as_a_lapse(self) -> None:
+        e = engine(gpus(4), max_reserved_pct=50, bid_ttl_ms=1_000)
+        bid = must_bid(e.on_order(order(4, window=500), TENANT, T0))
+        release = Release(order_id=bid.order_id, bid_id=bid.bid_id)
+        assert e.on_release(release, TENANT, T0 + 1_400)  # closed at T0+500, +900 ms
+        assert e.hoarding(TENANT, T0 + 1_400)
+
+    def test_a_release_when_the_auction_closes_is_honest(self) -> None:
+        e = engine(gpus(4), max_reserved_pct=50, bid_ttl_ms=1_000)
+        bid = must_bid(e.on_order(order(4, window=500), TENANT, T0))
+        assert e.on_release(Release(order_id=bid.order_id, bid_id=bid.bid_id), TENANT, T0 + 600)
+        assert not e.hoarding(TENANT, T0 + 600)
+        assert must_bid(e.on_order(order(4, now=T0 + 600), TENANT, T0 + 600)).units == 4
 
     def test_leases_do_not_count_against_the_share(self) -> None:
         e = engine(gpus(4), max_reserved_pct=50)

@@ -582,6 +582,29 @@ class TestIdentities:
         reply = (await exchange(daemon, honest, order(honest))).body
         assert isinstance(reply, Bid), reply
 
+    async def test_a_tenant_that_lets_a_whole_provider_bid_lapse_gets_half_next_time(
+        self, start_daemon: DaemonFactory
+    ) -> None:
+        daemon = await start_daemon(market={"bid_ttl_s": 0.3})
+        assert daemon.provider is not None
+        engine = daemon.provider.engine
+        greedy = Identity.generate()
+        first = (await exchange(daemon, greedy, order(greedy, units=2))).body
+        assert isinstance(first, Bid)
+        assert first.units == 2  # one order may take the whole provider...
+
+        async def lapsed() -> bool:
+            return not engine.reservations
+
+        await eventually(lapsed, "the unawarded bid expires")
+        again = (await exchange(daemon, greedy, order(greedy, units=2))).body
+        assert isinstance(again, Bid)
+        assert again.units == 1  # ...but after letting it lapse, only its share
+        honest = Identity.generate()
+        reply = (await exchange(daemon, honest, order(honest, units=2))).body
+        assert isinstance(reply, Bid), reply
+        assert reply.units == 1
+
     async def test_an_award_with_a_one_hour_heartbeat_is_declined(
         self, start_daemon: DaemonFactory
     ) -> None:
