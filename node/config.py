@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     IPvAnyNetwork,
@@ -22,6 +23,7 @@ from pydantic import (
 
 from node.inventory import DeviceDecl, InterconnectDecl
 from protocol.errors import MercatoError
+from protocol.messages import Address
 
 
 class ConfigError(MercatoError):
@@ -34,6 +36,10 @@ class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+def _strip_slash(value: object) -> object:
+    return value.removesuffix("/") if isinstance(value, str) else value
+
+
 class NodeSection(_Section):
     """Identity and reachability."""
 
@@ -41,7 +47,8 @@ class NodeSection(_Section):
     listen_host: str = "127.0.0.1"
     listen_port: Annotated[int, Field(ge=0, le=65535)] = 7400  # 0 = any free port
     # The address peers use to reach this node; default http://{listen_host}:{bound port}.
-    public_address: Annotated[str, Field(pattern=r"^https?://[^\s/]+(:\d+)?/?$")] | None = None
+    # Signed into adverts, so it must be a wire Address (docs/protocol.md, section 9).
+    public_address: Annotated[Address, BeforeValidator(_strip_slash)] | None = None
     bootstrap: list[Annotated[str, Field(pattern=r"^https?://[^\s]+$")]] = []
     home: Path | None = None  # overrides MERCATO_HOME
     # Which peer addresses this node calls (adverts and peer lists are anyone's word;
