@@ -3,8 +3,12 @@
 Endpoints (docs/protocol.md, "HTTP transport"):
 
 * ``POST /p2p``: one sealed envelope in, a sealed reply (or 204) out. The body size is
-  capped before it is read; every rejection answers 4xx JSON ``{"error": {code, reason}}``
-  and is counted in ``mercato_rejections_total{code}``.
+  capped before it is read, and its arrival has a deadline (``[http] body_timeout_s``);
+  every rejection answers 4xx JSON ``{"error": {code, reason}}`` and is counted in
+  ``mercato_rejections_total{code}``.
+
+Every connection passes node.edge's gate first (per-address and total caps), and one
+whose request head does not arrive within ``[http] header_timeout_s`` is closed.
 * ``GET /healthz``: JSON with the node id, role, address, peers, adverts, devices.
 * ``GET /metrics``: Prometheus text format.
 * ``GET /``, ``GET /status.json``, ``POST /control/prices``: the operator's status
