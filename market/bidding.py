@@ -84,6 +84,7 @@ class Reservation:
     tenant: str
     job_spec_hash: str
     devices: tuple[str, ...]
+    closes_ms: int = 0  # when the tenant's auction closes (the order's deadline, capped)
 
 
 @dataclass
@@ -126,7 +127,13 @@ class BidEngine:
         *,
         strategy: PricingStrategy | None = None,
         bid_ttl_ms: int = 10_000,
+        max_reserved_pct: int = 100,
+        heartbeat_bounds_ms: tuple[int, int] = (100, 3_600_000),
     ) -> None:
+        """``max_reserved_pct``: share of the devices one tenant may hold in unawarded
+        bids (see ``tenant_allowance``). ``heartbeat_bounds_ms``: the heartbeat intervals
+        an award may ask for; the defaults are the protocol's range (the daemon passes
+        the operator's, 1-60 s unless configured)."""
         ids = [d.id for d in devices]
         if len(set(ids)) != len(ids):
             raise ValueError("device ids must be unique")
@@ -141,6 +148,11 @@ class BidEngine:
         self.counters = EngineCounters()
         self._bid_seq = 0
         self.draining = False
+        if not 1 <= max_reserved_pct <= 100:
+            raise ValueError("max_reserved_pct must be 1-100")
+        self.max_reserved_pct = max_reserved_pct
+        self._hoarders: dict[str, int] = {}  # tenant -> until (ms): see tenant_allowance
+        self.heartbeat_bounds_ms = heartbeat_bounds_ms
 
     # --- views ------------------------------------------------------------------
 
@@ -170,6 +182,47 @@ class BidEngine:
                 )
             )
         return out
+
+    def reserved_for(self, tenant: str) -> int:
+        """Devices ``tenant`` holds in unawarded bids."""
+        return sum(len(r.devices) for r in self.reservations.values() if r.tenant == tenant)
+
+    def hoarding(self, tenant: str, now_ms: int) -> bool:
+        """Whether ``tenant`` recently let a bid lapse unawarded (see ``tenant_allowance``)."""
+        return self._hoarders.get(tenant, 0) > now_ms
+
+    def tenant_allowance(self, tenant: str, piece: int, now_ms: int) -> int:
+        """Devices ``tenant`` may still reserve, for an order whose smallest part is ``piece``.
+
+        Bids are free to ask for and every bid holds devices until it expires, so one
+        identity ordering twice a second kept every device reserved and other tenants
+        got only ``all_reserved``. Two bounds, neither of which an honest tenant meets
+        (it awards or releases its bids when its auction closes):
+
+        * a tenant already holding ``max_reserved_pct`` of the devices in unawarded bids
+          gets no further bid; below that, a bid may be as large as its order;
+        * a tenant that let a bid lapse (it expired, or was released more than half a
+          bid TTL after its auction closed) is a hoarder for two bid TTLs: its bids
+          together stay within the share, or one indivisible piece of its order (a
+          unit, or a whole gang) when that is larger and it holds nothing else.
+
+        So a hoarder holds at most the share after its first lapsed bid, and the rest
+        stays biddable for others. Leases do not count: those are paid for. Keys are
+        free, so this bounds one identity, not one person: prices and reputation do the
+        rest.
+        """
+        held = self.reserved_for(tenant)
+        share = len(self.devices) * self.max_reserved_pct // 100
+        if self.hoarding(tenant, now_ms):
+            return max(0, max(share, piece) - held)
+        if held > 0 and held >= share:
+            return 0
+        return len(self.devices)
+
+    def _lapsed(self, res: Reservation, now_ms: int) -> None:
+        """Note a bid that ended unawarded; late endings mark the tenant a hoarder."""
+        if now_ms > res.closes_ms + self.bid_ttl_ms // 2:
+            self._hoarders[res.tenant] = now_ms + 2 * self.bid_ttl_ms
 
     def held_by(self, lease_id: str) -> tuple[str, ...]:
         lease = self.leases.get(lease_id)
@@ -222,6 +275,17 @@ class BidEngine:
             return self._no_bid(
                 order, "all_reserved", f"{len(free)} of {len(affordable)} matching devices free"
             )
+        piece = per_unit * (order.units if req.gang else 1)
+        allowance = self.tenant_allowance(tenant, piece, now_ms)
+        units = min(units, allowance // per_unit)
+        if units == 0 or (req.gang and units < order.units):
+            return self._no_bid(
+                order,
+                "tenant_limit",
+                f"this tenant already holds {self.reserved_for(tenant)} of {len(self.devices)} "
+                f"devices in unawarded bids (limit {self.max_reserved_pct}%): award or "
+                "release them first",
+            )
         # One model per bid (a bid names concrete hardware): the model with the most free
         # devices that the bid can fill, cheapest floor first.
         by_model: dict[str, list[Device]] = {}
@@ -231,7 +295,7 @@ class BidEngine:
             by_model.items(),
             key=lambda kv: (-min(len(kv[1]) // per_unit, order.units), kv[1][0].price_floor),
         )
-        units = min(order.units, len(pool) // per_unit)
+        units = min(units, len(pool) // per_unit)
         if req.gang and units < order.units:
             return self._no_bid(order, "gang_too_small", "no single model fills the gang")
         chosen = tuple(d.id for d in pool[: units * per_unit])
@@ -257,7 +321,10 @@ class BidEngine:
             expires_ms=min(order.bid_deadline_ms, now_ms + self.bid_ttl_ms) + self.bid_ttl_ms,
         )
         self.free.difference_update(chosen)
-        self.reservations[bid.bid_id] = Reservation(bid, tenant, order.job_spec_hash, chosen)
+        closes = min(order.bid_deadline_ms, now_ms + self.bid_ttl_ms)
+        self.reservations[bid.bid_id] = Reservation(
+            bid, tenant, order.job_spec_hash, chosen, closes
+        )
         self.counters.bids += 1
         return bid
 
@@ -278,6 +345,16 @@ class BidEngine:
             decline = f"award price {award.price} differs from the bid price {res.bid.price}"
         elif award.lease_id in self.leases:
             decline = "lease id already in use"
+        elif not (
+            self.heartbeat_bounds_ms[0]
+            <= award.heartbeat_interval_ms
+            <= self.heartbeat_bounds_ms[1]
+        ):
+            low, high = self.heartbeat_bounds_ms
+            decline = (
+                f"heartbeat interval {award.heartbeat_interval_ms} ms is outside this "
+                f"provider's bounds {low}-{high} ms"
+            )
         if decline is not None or res is None:
             self.counters.declined += 1
             return Decline(lease_id=award.lease_id, order_id=award.order_id, reason=decline or "")
@@ -311,6 +388,7 @@ class BidEngine:
             if res is not None and res.tenant == tenant:
                 del self.reservations[release.bid_id]
                 self.free.update(res.devices)
+                self._lapsed(res, now_ms)
                 freed = True
         if release.lease_id is not None:
             lease = self.leases.get(release.lease_id)
@@ -361,7 +439,11 @@ class BidEngine:
                 del self.reservations[bid_id]
                 self.free.update(res.devices)
                 self.counters.expired += 1
+                self._lapsed(res, now_ms)
                 changed.append(bid_id)
+        for tenant, until in list(self._hoarders.items()):
+            if until <= now_ms:
+                del self._hoarders[tenant]
         for lease in self.leases.values():
             if lease.state is not LeaseState.ACTIVE:
                 continue

@@ -127,10 +127,10 @@ async def fetch_market(peer: str) -> list[dict[str, Any]]:
     """Fetch and verify the directory from ``peer`` as a tenant (never called back)."""
     from node.core import Node, NodeSettings, Peer
     from node.home import NodeHome, resolve_home
-    from node.transport import HttpTransport
+    from node.transport import tenant_transport
 
     identity = NodeHome(resolve_home() / "tenant").load_or_create_identity()
-    transport = HttpTransport()
+    transport = tenant_transport(peer)
     try:
         node = Node(identity, NodeSettings(role="tenant", address=None), transport)
         entries = await node.fetch_directory(Peer(address=peer, role="bootstrap"))
@@ -218,15 +218,16 @@ async def _order(args: argparse.Namespace) -> dict[str, Any]:
     from node.home import NodeHome
     from node.store import Store
     from node.tenant import Tenant
-    from node.transport import HttpTransport
+    from node.transport import tenant_transport
     from protocol.messages import Requirement
 
     home = NodeHome(_tenant_home())
-    transport = HttpTransport()
+    peer = resolve_peer(args.peer)
+    transport = tenant_transport(peer)
     with Store(home.store_path) as store:
         try:
             tenant = Tenant(home.load_or_create_identity(), store, transport)
-            await tenant.refresh(resolve_peer(args.peer))
+            await tenant.refresh(peer)
             req = Requirement(
                 kind=args.kind,
                 model=args.model,
@@ -421,15 +422,16 @@ async def _plan(args: argparse.Namespace) -> Any:
     from node import jobs
     from node.store import Store
     from node.tenant import Tenant
-    from node.transport import HttpTransport
+    from node.transport import tenant_transport
 
     spec, _ = jobs.load_job_file(Path(args.job))
     home = jobs.tenant_home()
-    transport = HttpTransport()
+    peer = resolve_peer(args.peer)
+    transport = tenant_transport(peer)
     try:
         with Store(home.store_path) as store:
             tenant = Tenant(home.load_or_create_identity(), store, transport)
-            await tenant.refresh(resolve_peer(args.peer))
+            await tenant.refresh(peer)
             return spec, plan(
                 spec, tenant.adverts(), reputation=tenant.reputation(), now_ms=tenant.clock()
             )

@@ -96,6 +96,11 @@ def provider_config(
         "[advert]",
         f"ttl_s = {ttl_s}",
         "refresh_fraction = 0.3",
+        "",
+        "# Every node and tenant of the cluster connects from 127.0.0.1: one address,",
+        "# many peers, so the per-address cap is the total cap here.",
+        "[http]",
+        "max_connections_per_peer = 512",
     ]
     if template is not None:
         lines += [

@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     IPvAnyNetwork,
@@ -22,6 +23,7 @@ from pydantic import (
 
 from node.inventory import DeviceDecl, InterconnectDecl
 from protocol.errors import MercatoError
+from protocol.messages import Address
 
 
 class ConfigError(MercatoError):
@@ -34,6 +36,10 @@ class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+def _strip_slash(value: object) -> object:
+    return value.removesuffix("/") if isinstance(value, str) else value
+
+
 class NodeSection(_Section):
     """Identity and reachability."""
 
@@ -41,9 +47,15 @@ class NodeSection(_Section):
     listen_host: str = "127.0.0.1"
     listen_port: Annotated[int, Field(ge=0, le=65535)] = 7400  # 0 = any free port
     # The address peers use to reach this node; default http://{listen_host}:{bound port}.
-    public_address: Annotated[str, Field(pattern=r"^https?://[^\s/]+(:\d+)?/?$")] | None = None
+    # Signed into adverts, so it must be a wire Address (docs/protocol.md, section 9).
+    public_address: Annotated[Address, BeforeValidator(_strip_slash)] | None = None
     bootstrap: list[Annotated[str, Field(pattern=r"^https?://[^\s]+$")]] = []
     home: Path | None = None  # overrides MERCATO_HOME
+    # Which peer addresses this node calls (adverts and peer lists are anyone's word;
+    # docs/protocol.md "Addresses"). Unset: allowed when this node's own address is of
+    # that class (a node on loopback calls loopback peers, e.g. the local cluster).
+    allow_loopback_peers: bool | None = None
+    allow_private_peers: bool | None = None
 
 
 class GossipSection(_Section):
@@ -74,11 +86,36 @@ class LimitsSection(_Section):
     clock_skew_s: Annotated[int, Field(ge=0, le=3600)] = 30
 
 
+class HttpSection(_Section):
+    """Bounds of the HTTP edge against slow and idle connections (node.edge)."""
+
+    # A request's head must arrive within this time of the connection opening or going
+    # idle (also the keep-alive timeout); a slow sender is disconnected.
+    header_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 10.0
+    # A request's body must arrive within this time (1 MiB in 30 s is 35 KB/s).
+    body_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    max_connections: Annotated[int, Field(ge=1, le=1_000_000)] = 512  # open, in total
+    max_connections_per_peer: Annotated[int, Field(ge=1, le=1_000_000)] = 64  # per IP
+
+
 class MarketSection(_Section):
     """How this provider bids."""
 
     bid_ttl_s: Annotated[float, Field(gt=0, le=3600)] = 10.0  # how long a bid holds devices
     surge_pct: Annotated[int, Field(ge=0, le=1000)] = 50  # price rise at full utilisation
+    # Share of this provider's devices one tenant identity may hold in unawarded bids
+    # (bids are free to ask for): the rest stays biddable for other tenants.
+    max_reserved_pct: Annotated[int, Field(ge=1, le=100)] = 50
+    # Heartbeat intervals this provider accepts in an award: a lease is lost after three
+    # missed heartbeats, so the maximum bounds how long a vanished tenant holds devices.
+    min_heartbeat_s: Annotated[float, Field(ge=0.1, le=3600)] = 1.0
+    max_heartbeat_s: Annotated[float, Field(ge=0.1, le=3600)] = 60.0
+
+    @model_validator(mode="after")
+    def _heartbeat_bounds(self) -> MarketSection:
+        if self.min_heartbeat_s > self.max_heartbeat_s:
+            raise ValueError("min_heartbeat_s is above max_heartbeat_s")
+        return self
 
 
 class SandboxSection(_Section):
@@ -114,6 +151,7 @@ class NodeConfig(_Section):
     gossip: GossipSection = GossipSection()
     advert: AdvertSection = AdvertSection()
     limits: LimitsSection = LimitsSection()
+    http: HttpSection = HttpSection()
     market: MarketSection = MarketSection()
     sandbox: SandboxSection = SandboxSection()
     status: StatusSection = StatusSection()

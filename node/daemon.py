@@ -3,8 +3,12 @@
 Endpoints (docs/protocol.md, "HTTP transport"):
 
 * ``POST /p2p``: one sealed envelope in, a sealed reply (or 204) out. The body size is
-  capped before it is read; every rejection answers 4xx JSON ``{"error": {code, reason}}``
-  and is counted in ``mercato_rejections_total{code}``.
+  capped before it is read, and its arrival has a deadline (``[http] body_timeout_s``);
+  every rejection answers 4xx JSON ``{"error": {code, reason}}`` and is counted in
+  ``mercato_rejections_total{code}``.
+
+Every connection passes node.edge's gate first (per-address and total caps), and one
+whose request head does not arrive within ``[http] header_timeout_s`` is closed.
 * ``GET /healthz``: JSON with the node id, role, address, peers, adverts, devices.
 * ``GET /metrics``: Prometheus text format.
 * ``GET /``, ``GET /status.json``, ``POST /control/prices``: the operator's status
@@ -18,6 +22,7 @@ import contextlib
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -29,8 +34,10 @@ from aiohttp import web
 
 from market.bidding import BidEngine, FloorPlusUtilisation, devices_from_groups
 from market.directory import Entry
+from node.addresses import AddressPolicy
 from node.config import NodeConfig
 from node.core import Node, NodeSettings, Peer, wall_clock_ms
+from node.edge import ConnectionGate, EdgeLimits
 from node.executor import ResourceLimits
 from node.home import NodeHome, resolve_home
 from node.inventory import Inventory, build_inventory
@@ -41,12 +48,13 @@ from node.status_page import PriceFloors, StatusSource, add_routes, local_url
 from node.store import Store
 from node.transport import ENVELOPE_CONTENT_TYPE, P2P_PATH, HttpTransport
 from node.work import WorkService
-from protocol.errors import MercatoError, TooLargeError, http_status
+from protocol.errors import MercatoError, RequestTimeoutError, TooLargeError, http_status
 
 log = logging.getLogger("mercato.daemon")
 
 NODE_KEY: web.AppKey[Node] = web.AppKey("node", Node)
 INFO_KEY: web.AppKey[dict[str, Any]] = web.AppKey("info")
+BODY_TIMEOUT_KEY: web.AppKey[float] = web.AppKey("body_timeout_s", float)
 READY_FILE = "daemon.json"
 
 
@@ -82,9 +90,16 @@ async def _read_capped(request: web.Request, cap: int) -> bytes:
 async def handle_p2p(request: web.Request) -> web.StreamResponse:
     node = request.app[NODE_KEY]
     try:
-        data = await _read_capped(request, node.limits.max_size)
+        try:
+            # A sender that stops half-way would otherwise hold this handler forever.
+            async with asyncio.timeout(request.app[BODY_TIMEOUT_KEY]):
+                data = await _read_capped(request, node.limits.max_size)
+        except TimeoutError:
+            raise RequestTimeoutError(
+                f"the request body did not arrive within {request.app[BODY_TIMEOUT_KEY]} s"
+            ) from None
         reply = await node.handle(data, request.remote or "")
-    except TooLargeError as e:
+    except (TooLargeError, RequestTimeoutError) as e:
         node.metrics.rejections.labels(e.code).inc()
         return error_response(e)
     except MercatoError as e:  # already counted by the node
@@ -143,11 +158,16 @@ async def handle_metrics(request: web.Request) -> web.Response:
 
 
 def build_app(
-    node: Node, info: dict[str, Any], status: StatusSource | None = None
+    node: Node,
+    info: dict[str, Any],
+    status: StatusSource | None = None,
+    *,
+    body_timeout_s: float = 30.0,
 ) -> web.Application:
     app = web.Application(client_max_size=node.limits.max_size)
     app[NODE_KEY] = node
     app[INFO_KEY] = info
+    app[BODY_TIMEOUT_KEY] = body_timeout_s
     app.router.add_post(P2P_PATH, handle_p2p)
     app.router.add_get("/healthz", handle_healthz)
     app.router.add_get("/metrics", handle_metrics)
@@ -187,6 +207,8 @@ class Daemon:
     home: NodeHome
     address: str
     transport: HttpTransport
+    listener: asyncio.Server
+    gate: ConnectionGate
     provider: ProviderService | None = None  # None for a bootstrap node
 
     @classmethod
@@ -200,7 +222,6 @@ class Daemon:
                 config.devices, config.interconnect, detect=config.detect_gpus
             )
         metrics = NodeMetrics()
-        transport = HttpTransport(max_reply_bytes=config.limits.max_message_bytes)
         # Bind first (port 0 picks a free port), then tell the node its real address.
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -215,6 +236,10 @@ class Daemon:
         port = sock.getsockname()[1]
         address = config.node.public_address or f"http://{config.node.listen_host}:{port}"
         address = address.rstrip("/")
+        policy = AddressPolicy.for_node(
+            address, config.node.allow_loopback_peers, config.node.allow_private_peers
+        )
+        transport = HttpTransport(max_reply_bytes=config.limits.max_message_bytes, policy=policy)
         node = Node(
             identity,
             settings_from_config(config, address),
@@ -234,6 +259,11 @@ class Daemon:
                 inventory.interconnect_message(),
                 bid_ttl_ms=int(config.market.bid_ttl_s * 1000),
                 strategy=FloorPlusUtilisation(surge_pct=config.market.surge_pct),
+                max_reserved_pct=config.market.max_reserved_pct,
+                heartbeat_bounds_ms=(
+                    int(config.market.min_heartbeat_s * 1000),
+                    int(config.market.max_heartbeat_s * 1000),
+                ),
             )
             floors = PriceFloors(engine, store)
             floors.restore()  # the operator's floors from `mercato provider prices --set`
@@ -280,9 +310,28 @@ class Daemon:
             allow_from=tuple(config.status.allow_from),
             refresh_s=config.status.refresh_s,
         )
-        runner = web.AppRunner(build_app(node, info, status), access_log=None, handle_signals=False)
+        http = config.http
+        app = build_app(node, info, status, body_timeout_s=http.body_timeout_s)
+        runner = web.AppRunner(
+            app,
+            access_log=None,
+            handle_signals=False,
+            # Also closes a connection whose request head has not arrived in this time
+            # (aiohttp runs the timer from the connection's start): no slowloris.
+            keepalive_timeout=http.header_timeout_s,
+        )
         await runner.setup()
-        await web.SockSite(runner, sock).start()
+        gate = ConnectionGate(
+            EdgeLimits(
+                max_total=_connection_cap(http.max_connections),
+                max_per_peer=http.max_connections_per_peer,
+            ),
+            on_event=lambda code: metrics.rejections.labels(code).inc(),
+        )
+        assert runner.server is not None
+        listener = await asyncio.get_running_loop().create_server(
+            gate.protocol_factory(runner.server), sock=sock, backlog=128
+        )
         # The operator's CLI talks to this node over loopback whatever address it advertises.
         control = local_url(config.node.listen_host, port)
         info.update(address=address, pid=os.getpid(), control_url=control)
@@ -293,16 +342,35 @@ class Daemon:
         tmp.write_text(json.dumps(info))
         tmp.replace(home.path / READY_FILE)
         log.info("%s %s listening on %s", config.node.role, identity.node_id, address)
-        return cls(node, runner, store, home, address, transport, provider)
+        return cls(node, runner, store, home, address, transport, listener, gate, provider)
 
     async def close(self) -> None:
         """Stop serving, stop every task, close the store. Idempotent."""
         with contextlib.suppress(FileNotFoundError):
             (self.home.path / READY_FILE).unlink()
+        self.listener.close()  # accept no more; the runner closes open connections
         await self.runner.cleanup()
         await self.node.close()
         await self.transport.close()
         self.store.close()
+
+
+#: Descriptors kept free for everything else (store, trials' pipes, outgoing requests).
+FD_RESERVE = 256
+
+
+def _connection_cap(configured: int) -> int:
+    """``configured``, lowered to stay under the process's open-file limit.
+
+    At the limit accept() fails and the loop stops serving everyone; below it, the gate
+    refuses or evicts and keeps serving.
+    """
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft - FD_RESERVE >= configured:
+        return configured
+    cap = max(16, soft - FD_RESERVE)
+    log.warning("open-file limit %d: serving at most %d connections, not %d", soft, cap, configured)
+    return cap
 
 
 def nvidia_device_nodes(inventory: Inventory, ids: tuple[str, ...]) -> list[str]:

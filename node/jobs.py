@@ -35,7 +35,7 @@ from node.home import NodeHome, resolve_home
 from node.store import JobRow, JobStore, Store, TrialRow
 from node.sweep import QUEUED_DETAIL, Progress, SweepRunner
 from node.tenant import Tenant
-from node.transport import HttpTransport
+from node.transport import tenant_transport
 from node.workspace import pack
 from protocol.errors import MercatoError
 
@@ -205,7 +205,7 @@ async def drive(
     quiet: bool,
 ) -> Progress:
     """Run (or resume) a job until done or cancelled, with a live Rich view."""
-    transport = HttpTransport()
+    transport = tenant_transport(peer)
     tenant = Tenant(home.load_or_create_identity(), store, transport)
     console = Console(stderr=True)
     live: Live | None = None
@@ -262,7 +262,7 @@ async def drive_gang(
     """Run a training or service job on one gang; its run is stored as trial 0."""
     from node.gang import GangRunner
 
-    transport = HttpTransport()
+    transport = tenant_transport(peer)
     tenant = Tenant(home.load_or_create_identity(), store, transport)
     jobs = JobStore(store)
     runner = GangRunner(

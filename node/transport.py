@@ -10,14 +10,18 @@ PeerTimeoutError, and a peer's rejection the error class of the code it sent bac
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import random
 from collections.abc import Awaitable, Callable
 from typing import Protocol
+from urllib.parse import urlsplit
 
 import aiohttp
 
+from node.addresses import AddressPolicy, PolicyResolver
 from protocol.errors import (
+    AddressRefusedError,
     MercatoError,
     PeerTimeoutError,
     PeerUnavailableError,
@@ -45,36 +49,59 @@ class Transport(Protocol):
 
 
 class HttpTransport:
-    """Envelopes POSTed to ``{address}/p2p`` over aiohttp, with pooled connections."""
+    """Envelopes POSTed to ``{address}/p2p`` over aiohttp, with pooled connections.
 
-    def __init__(self, max_reply_bytes: int = 1 << 20) -> None:
+    ``policy`` (node.addresses) decides which hosts may be called; None calls any host
+    (a tenant's CLI, which only calls the peer its user named and the providers of
+    verified adverts). Redirects are never followed: a peer's 3xx is an error, not an
+    instruction to POST somewhere else.
+    """
+
+    #: Idle pooled connections are closed sooner than a daemon's header timeout
+    #: (``[http] header_timeout_s``, 10 s by default), so the client never reuses a
+    #: connection the server is just closing.
+    KEEPALIVE_S = 5.0
+
+    def __init__(self, max_reply_bytes: int = 1 << 20, policy: AddressPolicy | None = None) -> None:
         self._session: aiohttp.ClientSession | None = None
         self._max_reply = max_reply_bytes
+        self.policy = policy
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
+            resolver = None if self.policy is None else PolicyResolver(self.policy)
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=256, limit_per_host=16),
+                connector=aiohttp.TCPConnector(
+                    limit=256,
+                    limit_per_host=16,
+                    keepalive_timeout=self.KEEPALIVE_S,
+                    resolver=resolver,
+                ),
                 headers={"Content-Type": ENVELOPE_CONTENT_TYPE},
             )
         return self._session
 
     async def request(self, address: str, data: bytes, timeout_s: float = 5.0) -> bytes:
+        if self.policy is not None:
+            self.policy.check(address)
         session = self._get_session()
         try:
             async with session.post(
                 address.rstrip("/") + P2P_PATH,
                 data=data,
                 timeout=aiohttp.ClientTimeout(total=timeout_s),
+                allow_redirects=False,
             ) as resp:
-                body = await resp.content.read(self._max_reply + 1)
-                if len(body) > self._max_reply:
-                    raise RemoteProtocolError(f"reply from {address} exceeds the size cap")
-                if resp.status >= 400:
+                body = await _read_reply(resp, self._max_reply, address)
+                if resp.status >= 300:
                     raise _error_from_reply(resp.status, body)
                 return body
         except TimeoutError as e:
             raise PeerTimeoutError(f"{address} did not answer within {timeout_s} s") from e
+        except aiohttp.ClientConnectorError as e:
+            if isinstance(e.os_error, AddressRefusedError):
+                raise e.os_error from None
+            raise PeerUnavailableError(f"{address}: {e}") from e
         except aiohttp.ClientError as e:
             raise PeerUnavailableError(f"{address}: {e}") from e
 
@@ -82,6 +109,48 @@ class HttpTransport:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def tenant_transport(peer: str) -> HttpTransport:
+    """A tenant's transport: it calls the providers of adverts it got from ``peer``.
+
+    A tenant has no address of its own, so the peer its user named stands in for it: a
+    tenant asking a loopback node (the local cluster) may call loopback providers, one
+    asking a public IP calls public providers only (node.addresses). A peer named by
+    host name (a compose or LAN network, as often as a public one) allows private
+    ranges: a tenant is a client, not a server relaying strangers' requests.
+    """
+    policy = AddressPolicy.for_node(peer)
+    host = urlsplit(peer).hostname or ""
+    if host != "localhost" and not _is_ip(host):
+        policy = AddressPolicy(allow_loopback=policy.allow_loopback, allow_private=True)
+    return HttpTransport(policy=policy)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+async def _read_reply(resp: aiohttp.ClientResponse, cap: int, address: str) -> bytes:
+    """The whole reply body, refused as soon as it passes ``cap``.
+
+    ``content.read(n)`` returns whatever is buffered, not n bytes: one call truncated a
+    360 KB directory reply. Read to the end of the body, chunk by chunk.
+    """
+    if resp.content_length is not None and resp.content_length > cap:
+        raise RemoteProtocolError(f"reply from {address} exceeds the size cap of {cap} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await resp.content.read(64 * 1024):
+        size += len(chunk)
+        if size > cap:
+            raise RemoteProtocolError(f"reply from {address} exceeds the size cap of {cap} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _error_from_reply(status: int, body: bytes) -> MercatoError:

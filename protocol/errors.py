@@ -112,6 +112,12 @@ class BadSignatureError(RemoteProtocolError):
     http_status = 401
 
 
+class WeakKeyError(BadSignatureError):
+    """The sender's public key is small-order or non-canonical: no signature of it counts."""
+
+    code = "weak_key"
+
+
 class WrongRecipientError(RemoteProtocolError):
     """The envelope is addressed to another node."""
 
@@ -167,6 +173,19 @@ class RateLimitedError(RemoteProtocolError):
     http_status = 429
 
 
+class RequestTimeoutError(RemoteProtocolError):
+    """The peer did not send its whole request in time (a slow or stalled sender)."""
+
+    code = "request_timeout"
+    http_status = 408
+
+
+class TooManyConnectionsError(RateLimitedError):
+    """The peer address holds too many connections to this node (node.edge)."""
+
+    code = "too_many_connections"
+
+
 class UnexpectedMessageError(RemoteProtocolError):
     """A well-formed message that this endpoint does not accept in its current state."""
 
@@ -210,6 +229,16 @@ class PeerUnavailableError(MercatoError, ConnectionError):
 
     code = "peer_unavailable"
     http_status = 502
+
+
+class AddressRefusedError(PeerUnavailableError):
+    """This node will not call the address: outside its allowed ranges (docs/protocol.md).
+
+    Peers' addresses come from adverts and peer lists that anyone can sign, so a node
+    that called them all could be pointed at its own LAN or loopback services (SSRF).
+    """
+
+    code = "address_refused"
 
 
 def _all_subclasses(cls: type[MercatoError]) -> list[type[MercatoError]]:

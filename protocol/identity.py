@@ -5,6 +5,12 @@ SHA-256 over the 32-byte raw Ed25519 public key: 32 characters from ``a-z2-7``.
 160 bits make accidental collisions impossible in practice and a chosen collision
 as hard as a second preimage on truncated SHA-256; the full key travels in every
 envelope, so nothing needs to invert the id.
+
+Public keys are checked before any signature: RFC 8032 verification alone accepts a
+small-order key (``01 00..00``, the neutral point, among others) with a signature that
+holds for *every* message, so anyone could sign as that key. ``check_public_key``
+refuses the eight small-order points in any encoding and every non-canonical
+encoding (y >= p), a pure comparison (section 3 of docs/protocol.md).
 """
 
 from __future__ import annotations
@@ -22,12 +28,42 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from protocol.errors import BadSignatureError, LocalProtocolError
+from protocol.errors import BadSignatureError, LocalProtocolError, WeakKeyError
 
 PUBLIC_KEY_SIZE = 32
 SEED_SIZE = 32
 SIGNATURE_SIZE = 64
 NODE_ID_RE = re.compile(r"^[a-z2-7]{32}$")
+
+#: The field prime of Curve25519 / edwards25519.
+_P = 2**255 - 19
+#: y coordinates of the eight points of order dividing 8 (the neutral point y=1, the
+#: point of order 2 y=-1, the two of order 4 y=0, the four of order 8): with either
+#: sign bit these are every small-order encoding (Bernstein et al., "Taming the many
+#: EdDSAs", 2020, and libsodium's blocklist). tests/protocol/test_weak_keys.py
+#: recomputes their order on the curve.
+SMALL_ORDER_Y = frozenset(
+    {
+        0,
+        1,
+        _P - 1,
+        0x05FC536D880238B13933C6D305ACDFD5F098EFF289F4C345B027B2C28F95E826,
+        0x7A03AC9277FDC74EC6CC392CFA53202A0F67100D760B3CBA4FD84D3D706A17C7,
+    }
+)
+
+
+def check_public_key(public_key: bytes) -> None:
+    """Raise WeakKeyError for a small-order or non-canonically encoded Ed25519 key.
+
+    A small-order key lets anyone forge signatures; a non-canonical encoding (y >= p)
+    gives one point two byte strings, hence two node ids. Real keys are neither.
+    """
+    y = int.from_bytes(public_key, "little") & ((1 << 255) - 1)
+    if y >= _P:
+        raise WeakKeyError("public key is a non-canonical encoding (y >= p)")
+    if y in SMALL_ORDER_Y:
+        raise WeakKeyError("public key is a small-order point: it would verify forgeries")
 
 
 def node_id_from_public_key(public_key: bytes) -> str:
@@ -51,7 +87,11 @@ def _load_public_key(public_key: bytes) -> Ed25519PublicKey:
 
 
 def verify(public_key: bytes, signature: bytes, message: bytes) -> None:
-    """Raise BadSignatureError unless ``signature`` is ``public_key``'s over ``message``."""
+    """Raise BadSignatureError unless ``signature`` is ``public_key``'s over ``message``.
+
+    A weak key (``check_public_key``) raises WeakKeyError, a BadSignatureError.
+    """
+    check_public_key(public_key)
     try:
         _load_public_key(public_key).verify(signature, message)
     except (InvalidSignature, ValueError) as e:

@@ -15,12 +15,20 @@ Conventions that hold for every message (docs/protocol.md repeats them):
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Iterator, Mapping
 from itertools import pairwise
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
 
 PROTOCOL_VERSION = 1
 
@@ -31,7 +39,41 @@ Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 Ident = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")]
 Text = Annotated[str, StringConstraints(max_length=1024)]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=64)]
-Address = Annotated[str, StringConstraints(pattern=r"^https?://[^\s]{1,250}$")]
+#: A peer's base URL: scheme, host and optional port, nothing else. Requests go to
+#: ``{address}/p2p``, so an address with a path, user info, query or fragment could
+#: point a node's POSTs anywhere on a host (blind SSRF); those are refused here.
+#: Which hosts a node will actually call (loopback, private ranges) is node policy.
+ADDRESS_PATTERN = (
+    r"^https?://"
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"  # DNS name or IPv4: labels
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+    r"|\[[0-9A-Fa-f:.]{2,45}\])"  # or an IPv6 literal in brackets
+    r"(?::[0-9]{1,5})?$"
+)
+
+
+def _check_address(value: str) -> str:
+    """The rules ADDRESS_RE cannot say: port 1-65535, a valid IPv6 literal."""
+    host_port = value.split("://", 1)[1]
+    if host_port.startswith("["):
+        literal, _, rest = host_port[1:].partition("]")
+        try:
+            ipaddress.IPv6Address(literal)
+        except ValueError:
+            raise ValueError(f"{literal!r} is not an IPv6 address") from None
+        port = rest.removeprefix(":")
+    else:
+        port = host_port.partition(":")[2]
+    if port and not 1 <= int(port) <= 65535:
+        raise ValueError(f"port {port} is out of range 1-65535")
+    return value
+
+
+Address = Annotated[
+    str,
+    StringConstraints(max_length=250, pattern=ADDRESS_PATTERN),
+    AfterValidator(_check_address),
+]
 MicroCredits = Annotated[int, Field(ge=0, le=MAX_U63)]
 TimeMs = Annotated[int, Field(ge=0, le=MAX_U63)]
 DurationMs = Annotated[int, Field(ge=0, le=MAX_U63)]
@@ -246,6 +288,7 @@ NoBidReason = Literal[
     "interconnect_too_slow",
     "deadline_passed",
     "draining",
+    "tenant_limit",
     "other",
 ]
 

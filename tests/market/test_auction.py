@@ -532,7 +532,7 @@ class TestRoundTripWithBidEngines:
         return [
             Advert(
                 provider=p,
-                address=f"http://127.0.0.1:9/{p[:4]}",
+                address=f"http://{p[:4]}.invalid:9",
                 devices=e.device_groups(),
                 interconnect=e.interconnect,
                 seq=1,

@@ -735,3 +735,111 @@ class TestNoOvercommit:
         e.expire(now + 10**8)
         assert len(e.free) == self.DEVICES
         e.check_invariants()
+
+
+class TestTenantLimit:
+    """One identity cannot keep every device reserved with bids it never awards."""
+
+    def test_a_greedy_tenant_holds_at_most_its_share_and_others_still_get_bids(self) -> None:
+        e = engine(gpus(4), max_reserved_pct=50)
+        now = T0
+        replies = []
+        for _ in range(20):  # two orders a second for ten seconds, never awarded
+            replies.append(e.on_order(order(1, now=now), TENANT, now))
+            now += 500
+        assert e.reserved_for(TENANT) == 2
+        refused = [r for r in replies if isinstance(r, NoBid)]
+        assert {r.reason for r in refused} == {"tenant_limit"}
+        assert "2 of 4 devices" in refused[0].detail
+        honest = e.on_order(order(2, now=now, tenant=OTHER_TENANT), OTHER_TENANT, now)
+        assert must_bid(honest).units == 2
+        e.check_invariants()
+
+    def test_one_order_of_an_honest_tenant_may_take_every_free_device(self) -> None:
+        e = engine(gpus(4), max_reserved_pct=50)
+        assert must_bid(e.on_order(order(4), TENANT, T0)).units == 4
+
+    def test_a_tenant_whose_bid_lapses_is_held_to_the_share_for_two_ttls(self) -> None:
+        e = engine(gpus(4), max_reserved_pct=50, bid_ttl_ms=1_000)
+        first = must_bid(e.on_order(order(4), TENANT, T0))  # never awarded nor released
+        now = first.expires_ms
+        assert e.expire(now) == [first.bid_id]
+        assert e.hoarding(TENANT, now)
+        second = must_bid(e.on_order(order(4, now=now), TENANT, now))
+        assert second.units == 2
+        refused = e.on_order(order(1, now=now), TENANT, now)
+        assert isinstance(refused, NoBid)
+        assert refused.reason == "tenant_limit"
+        other = must_bid(e.on_order(order(4, now=now, tenant=OTHER_TENANT), OTHER_TENANT, now))
+        assert other.units == 2
+        e.check_invariants()
+        # It mends its ways (releases at once); two TTLs on, it may bid big again.
+        e.on_release(Release(order_id=second.order_id, bid_id=second.bid_id), TENANT, now + 1)
+        e.on_release(Release(order_id=other.order_id, bid_id=other.bid_id), OTHER_TENANT, now + 1)
+        later = now + 2_000
+        e.expire(later)
+        assert not e.hoarding(TENANT, later)
+        assert must_bid(e.on_order(order(4, now=later), TENANT, later)).units == 4
+
+    def test_a_release_long_after_the_auction_closed_counts_as_a_lapse(self) -> None:
+        e = engine(gpus(4), max_reserved_pct=50, bid_ttl_ms=1_000)
+        bid = must_bid(e.on_order(order(4, window=500), TENANT, T0))
+        release = Release(order_id=bid.order_id, bid_id=bid.bid_id)
+        assert e.on_release(release, TENANT, T0 + 1_400)  # closed at T0+500, +900 ms
+        assert e.hoarding(TENANT, T0 + 1_400)
+
+    def test_a_release_when_the_auction_closes_is_honest(self) -> None:
+        e = engine(gpus(4), max_reserved_pct=50, bid_ttl_ms=1_000)
+        bid = must_bid(e.on_order(order(4, window=500), TENANT, T0))
+        assert e.on_release(Release(order_id=bid.order_id, bid_id=bid.bid_id), TENANT, T0 + 600)
+        assert not e.hoarding(TENANT, T0 + 600)
+        assert must_bid(e.on_order(order(4, now=T0 + 600), TENANT, T0 + 600)).units == 4
+
+    def test_leases_do_not_count_against_the_share(self) -> None:
+        e = engine(gpus(4), max_reserved_pct=50)
+        bid = must_bid(e.on_order(order(2), TENANT, T0))
+        assert isinstance(e.on_award(award_for(bid), TENANT, HASH, T0 + 10), Accept)
+        assert must_bid(e.on_order(order(2, now=T0 + 20), TENANT, T0 + 20)).units == 2
+
+    def test_released_and_expired_bids_give_the_allowance_back(self) -> None:
+        e = engine(gpus(4), max_reserved_pct=50, bid_ttl_ms=1_000)
+        bid = must_bid(e.on_order(order(2), TENANT, T0))
+        assert isinstance(e.on_order(order(1), TENANT, T0), NoBid)
+        e.on_release(Release(order_id=bid.order_id, bid_id=bid.bid_id), TENANT, T0 + 1)
+        bid = must_bid(e.on_order(order(2), TENANT, T0 + 2))
+        later = bid.expires_ms
+        assert must_bid(e.on_order(order(2, now=later), TENANT, later)).units == 2
+
+    def test_a_gang_larger_than_the_share_sells_to_a_tenant_holding_nothing(self) -> None:
+        e = engine(gpus(4), max_reserved_pct=50)
+        assert must_bid(e.on_order(order(4, gang=True), TENANT, T0)).units == 4
+        reply = e.on_order(order(1), TENANT, T0)
+        assert isinstance(reply, NoBid)
+        assert reply.reason == "all_reserved"
+
+    def test_the_default_engine_has_no_limit(self) -> None:
+        e = engine(gpus(4))
+        for _ in range(4):
+            must_bid(e.on_order(order(1), TENANT, T0))
+
+
+class TestHeartbeatBounds:
+    """The provider, not the tenant, decides how long a silent lease may hold devices."""
+
+    @pytest.mark.parametrize("interval_ms", [3_600_000, 60_001, 999])
+    def test_an_award_outside_the_bounds_is_declined_with_the_reason(
+        self, interval_ms: int
+    ) -> None:
+        e = engine(gpus(2), heartbeat_bounds_ms=(1_000, 60_000))
+        bid = must_bid(e.on_order(order(1), TENANT, T0))
+        reply = e.on_award(award_for(bid, heartbeat_ms=interval_ms), TENANT, HASH, T0 + 1)
+        assert isinstance(reply, Decline)
+        assert "1000-60000 ms" in reply.reason
+        assert e.leases == {}
+
+    @pytest.mark.parametrize("interval_ms", [1_000, 60_000])
+    def test_the_bounds_themselves_are_accepted(self, interval_ms: int) -> None:
+        e = engine(gpus(2), heartbeat_bounds_ms=(1_000, 60_000))
+        bid = must_bid(e.on_order(order(1), TENANT, T0))
+        reply = e.on_award(award_for(bid, heartbeat_ms=interval_ms), TENANT, HASH, T0 + 1)
+        assert isinstance(reply, Accept)

@@ -54,7 +54,7 @@ def advert(
 ) -> Advert:
     return Advert(
         provider=provider,
-        address=f"http://127.0.0.1:9/{provider[:4]}",
+        address=f"http://{provider[:4]}.invalid:9",
         devices=list(groups) or [group()],
         interconnect=interconnect,
         seq=seq,
@@ -178,7 +178,7 @@ class TestRankByExpectedCost:
         ok = advert(node("o"), group())
         ranked = rank(Requirement(kind="gpu"), 1, 10**6, [busy, ipu, ok])
         assert [c.provider for c in ranked] == [node("o")]
-        assert ranked[0].address.startswith("http://127.0.0.1:9/")
+        assert ranked[0].address == f"http://{node('o')[:4]}.invalid:9"
 
     def test_a_partial_provider_is_kept_for_a_sweep_with_its_units(self) -> None:
         two = advert(node("a"), group(n=2))
