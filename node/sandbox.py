@@ -6,8 +6,10 @@ network (unless allowed), or outlive its timeout.
 
 Layout under ``root_dir`` (mode 0700)::
 
+    .seccomp.bpf        the compiled seccomp filter (node.seccomp), written at start
     <task_id>/          mode 0700, recreated fresh for every run of the task
         work/           a copy of the workspace: the trial's cwd and HOME, writable
+                        (owned by ``trial_uid`` when the provider runs as root)
         output.log      the trial's output within the cap
 
 The workspace is **copied**, not bind-mounted: trials write checkpoints and results
@@ -26,8 +28,10 @@ Inside bubblewrap (``bwrap``) the trial sees a new root built from:
   (``sys.prefix``, ``sys.base_prefix`` and their real paths, so ``sys.executable``
   runs with its installed packages) and the ``node`` package (for
   :func:`node.trial.report`), plus any ``ro_paths`` the provider shares (datasets);
-* fresh ``/proc``, a minimal ``/dev`` (plus ``spec.device_nodes``), a private
-  ``/tmp`` tmpfs of ``limits.tmp_bytes``;
+* fresh ``/proc``; a minimal, read-only ``/dev`` (plus ``spec.device_nodes``, looked
+  up under ``device_root`` on the host) with a ``/dev/shm`` tmpfs of
+  ``limits.shm_bytes`` (bwrap's own ``/dev`` is a writable tmpfs of half the RAM); a
+  private ``/tmp`` tmpfs of ``limits.tmp_bytes``;
 * the trial's ``work/`` bound read-write at its own path, as cwd; the rest of the
   root is remounted read-only, so the trial writes only to ``work/`` and ``/tmp``.
 
@@ -37,27 +41,50 @@ directory under them shows nothing else of them; if a hidden path lies under a
 bound path it is covered by an empty read-only tmpfs (and a needed path under it,
 say a venv inside the home, is bound again on top).
 
-bwrap runs with ``--unshare-all`` (user, pid, net, ipc, uts, cgroup namespaces; the
-network only with ``--share-net`` when the spec asks and the executor allows it),
-``--disable-userns``, ``--cap-drop ALL``, ``--die-with-parent``, ``--new-session``
-(no terminal injection) and ``--clearenv``: the environment is ``PATH``, ``LANG``,
-then ``spec.env``, then ``HOME`` (the work dir), ``TMPDIR``,
-``PYTHONUNBUFFERED=1``, then ``spec.device_env``.
+bwrap runs with new user, pid, net, ipc, uts and cgroup namespaces (the network
+only shared when the spec asks and the executor allows it), ``--cap-drop ALL``,
+``--die-with-parent``, ``--new-session`` (no terminal injection), ``--clearenv``
+and the seccomp filter of :mod:`node.seccomp` (io_uring, ptrace, keyrings, bpf,
+mounts, new namespaces... refused; the list and the reasons are there). The
+environment is ``PATH``, ``LANG``, ``USER``/``LOGNAME`` (``trial``), then
+``spec.env``, then ``HOME`` (the work dir), ``TMPDIR``, ``PYTHONUNBUFFERED=1``,
+then ``spec.device_env``.
 
-Supervisor: we do not exec the trial (or bwrap) directly but a small supervisor
-(``_SUPERVISOR``, run as ``python -I -S``) spawned with ``os.posix_spawn``, which is
-safe in a threaded process, unlike ``preexec_fn``. It sets the rlimits, resets
-SIGPIPE/SIGXFSZ, asks for SIGKILL when the provider dies, closes inherited
-descriptors, makes itself a child subreaper, forks the command and reaps every
-process of the trial until none is left, then exits with the command's status.
+Who the trial is: run by a non-root provider, bwrap maps the provider's user into
+the sandbox (``--unshare-user --disable-userns``). Run by root, the trial would be
+uid 0 on the host, for which the kernel ignores RLIMIT_NPROC: it runs as
+``trial_uid`` instead (default :data:`DEFAULT_TRIAL_UID`), in a user namespace the
+supervisor makes, and its work dir is chowned to that uid. If this host cannot make
+the namespace, the executor logs why and trials run as root without a process cap.
 
-Limits (setrlimit(2)): RLIMIT_AS, RLIMIT_NPROC, RLIMIT_FSIZE and RLIMIT_CPU from
-``spec.limits``, RLIMIT_CORE always 0. Caveat: RLIMIT_NPROC counts every process of
-the user, not of the trial, and the kernel does not apply it to root (bwrap maps
-root in the sandbox to root outside, so ``--unshare-user`` does not help then); a
-provider that needs a hard process cap runs as a dedicated user or adds a cgroup
-``pids.max``. Files are bounded one by one (RLIMIT_FSIZE), not in total:
-``root_dir`` belongs on a volume with a quota.
+Supervisor: we do not exec the trial (or bwrap) directly but :mod:`node.supervisor`,
+a module that imports nothing of Mercato, run as ``python -I -S supervisor.py``
+and spawned with ``os.posix_spawn``, which is safe in a threaded process, unlike
+``preexec_fn``. It sets the rlimits, asks for SIGKILL when the provider dies,
+closes inherited descriptors, makes itself a child subreaper, forks the command at
+niceness :data:`TRIAL_NICE`, reaps every process of the trial until none is left,
+watches its memory and disk, then exits with the command's status. Inside the
+sandbox the same file (bound alone, read-only) runs first as ``supervisor.py
+enter``: it sets RLIMIT_NPROC, becomes ``trial_uid`` when there is one, and
+executes the trial.
+
+Limits (``spec.limits``, :class:`node.executor.ResourceLimits`; the defaults are
+for strangers' code):
+
+* processes and threads: RLIMIT_NPROC, set inside the sandbox's user namespace,
+  where the kernel counts it per trial (per namespace), and enforced as root too
+  because the trial is then ``trial_uid``. Unsandboxed it counts every process of
+  the provider's user, and nothing for root;
+* memory of all the trial's processes together (their proportional set sizes) and
+  disk used under its work dir: watched by the supervisor, which kills the trial
+  and says why in its log when one is exceeded. A watch polls: a trial can overshoot
+  by what it allocates or writes in one interval (0.1 s at first, then 0.5 s);
+  ``memory_bytes`` (RLIMIT_AS) is the kernel-enforced bound per process, and a
+  cgroup ``MemoryMax=`` around the daemon the hard one for all trials together;
+* per process: RLIMIT_AS (``memory_bytes``), RLIMIT_FSIZE, RLIMIT_NOFILE
+  (``open_files``), RLIMIT_CPU, RLIMIT_CORE always 0;
+* RAM-backed ``/tmp`` and ``/dev/shm``: tmpfs sizes (bwrap ``--size``; a bwrap too
+  old for it gets no ``/dev/shm`` at all).
 
 Stopping: on timeout or cancel the supervisor gets SIGTERM and passes it to every
 process of the trial (not to bwrap, whose death would tear the sandbox down at

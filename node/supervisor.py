@@ -139,7 +139,11 @@ def memory_used(pids: list[int]) -> int:
 
 
 def disk_used(root: str, stop_above: int) -> int:
-    """Bytes under ``root`` (each entry at least one block), stopping once past ``stop_above``."""
+    """Bytes under ``root`` (each entry at least one block), stopping once past ``stop_above``.
+
+    Raises PermissionError for a directory the trial made unreadable to us (a
+    provider not run as root): what the watch cannot see, it cannot bound.
+    """
     total = 0
     stack = [root]
     while stack and total <= stop_above:
@@ -148,12 +152,12 @@ def disk_used(root: str, stop_above: int) -> int:
                 for entry in entries:
                     try:
                         st = entry.stat(follow_symlinks=False)
-                    except OSError:
-                        continue
+                    except FileNotFoundError:
+                        continue  # removed while we looked
                     total += max(st.st_blocks * 512, _BLOCK)
                     if entry.is_dir(follow_symlinks=False):
                         stack.append(entry.path)
-        except OSError:
+        except (FileNotFoundError, NotADirectoryError):
             continue
     return total
 
@@ -191,11 +195,15 @@ class Watch:
             if used > self.memory_bytes:
                 reason = f"memory {_mib(used)} over the trial's limit of {_mib(self.memory_bytes)}"
         if reason is None and self.disk_bytes is not None:
-            used = disk_used(self.disk_path, self.disk_bytes)
-            if used > self.disk_bytes:
-                reason = (
-                    f"work directory holds over {_mib(self.disk_bytes)}, the trial's disk limit"
-                )
+            try:
+                used = disk_used(self.disk_path, self.disk_bytes)
+            except PermissionError as exc:
+                reason = f"{exc.filename} was made unreadable, so its disk use cannot be checked"
+            else:
+                if used > self.disk_bytes:
+                    reason = (
+                        f"work directory holds over {_mib(self.disk_bytes)}, the trial's disk limit"
+                    )
         # A slow scan (a tree of many files) is not run back to back: at most ~10% CPU.
         spent = time.monotonic() - started
         self.next_at = time.monotonic() + max(self.interval, 10 * spent)
