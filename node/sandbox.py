@@ -218,6 +218,7 @@ class BwrapProbe:
     disable_userns: bool = False
     tmpfs_size: bool = False
     perms: bool = False
+    userns_fd: bool = False
 
 
 @functools.cache
@@ -257,6 +258,7 @@ def probe_bwrap(path: str | None = None) -> BwrapProbe:
         disable_userns="--disable-userns" in help_text,
         tmpfs_size="--size" in help_text,
         perms="--perms" in help_text,
+        userns_fd="--userns " in help_text,
     )
 
 
@@ -364,6 +366,8 @@ class SandboxExecutor:
                 ) from exc
             if trial_uid is not None and os.geteuid() == 0:
                 why = probe_trial_uid(trial_uid)
+                if not (self._bwrap.perms and self._bwrap.userns_fd):
+                    why = f"{self._bwrap.path} is too old (no --perms or --userns)"
                 if why is None:
                     self.trial_uid = trial_uid
                 else:
