@@ -62,11 +62,11 @@ a module that imports nothing of Mercato, run as ``python -I -S supervisor.py``
 and spawned with ``os.posix_spawn``, which is safe in a threaded process, unlike
 ``preexec_fn``. It sets the rlimits, asks for SIGKILL when the provider dies,
 closes inherited descriptors, makes itself a child subreaper, forks the command at
-niceness :data:`TRIAL_NICE`, reaps every process of the trial until none is left,
-watches its memory and disk, then exits with the command's status. Inside the
-sandbox the same file (bound alone, read-only) runs first as ``supervisor.py
-enter``: it sets RLIMIT_NPROC, becomes ``trial_uid`` when there is one, and
-executes the trial.
+niceness :data:`TRIAL_NICE` and OOM score :data:`TRIAL_OOM_SCORE_ADJ`, reaps every
+process of the trial until none is left, watches its memory and disk, then exits
+with the command's status. Inside the sandbox the same file (bound alone,
+read-only) runs first as ``supervisor.py enter``: it sets RLIMIT_NPROC, becomes
+``trial_uid`` when there is one, and executes the trial.
 
 Limits (``spec.limits``, :class:`node.executor.ResourceLimits`; the defaults are
 for strangers' code):
@@ -192,6 +192,9 @@ _PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #: Trials run at this CPU niceness: a trial that keeps every core busy still leaves the
 #: daemon (heartbeats, other tenants' requests) the CPU it needs.
 TRIAL_NICE = 10
+#: Trials' oom_score_adj (-1000..1000): when memory runs out, on the host or in a cgroup
+#: such as the systemd unit's MemoryMax=, the kernel kills a trial before the daemon.
+TRIAL_OOM_SCORE_ADJ = 500
 #: When the daemon runs as root, trials run as this uid on the host (see
 #: node.supervisor): above systemd's container range (up to 1879048191) and below
 #: 2^31, so no login user, container or tool that reads uids as signed ints meets it.
@@ -758,6 +761,7 @@ class _Process:
                 "seccomp": seccomp_path,
                 "trial_uid": trial_uid,
                 "nice": TRIAL_NICE,
+                "oom_score_adj": TRIAL_OOM_SCORE_ADJ,
                 "memory_bytes": spec.limits.trial_memory_bytes,
                 "disk_bytes": spec.limits.disk_bytes,
                 "disk_path": cwd,

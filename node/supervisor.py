@@ -14,7 +14,8 @@ Outside the sandbox (``supervise``), it:
   bubblewrap is given by number: the seccomp program on :data:`SECCOMP_FD`, and a
   user namespace on :data:`USERNS_FD` when the trial runs as ``trial_uid``;
 * forks the command (bubblewrap, or the trial itself when unsandboxed) at a lower
-  CPU priority (``nice``), so the daemon keeps answering while trials compute;
+  CPU priority (``nice``), so the daemon keeps answering while trials compute, and
+  first in line for the kernel's OOM killer (``oom_score_adj``);
 * reaps every process of the trial until none is left, which is what makes
   ``wait4()`` on the supervisor account for the whole trial, and exits with the
   command's status (128 + N for signal N);
@@ -315,6 +316,11 @@ def supervise(cfg: dict[str, Any], argv: list[str]) -> NoReturn:
                 os.setgroups([])  # the host root's groups stay outside
             if cfg.get("nice"):
                 os.nice(int(cfg["nice"]))
+            if cfg.get("oom_score_adj"):
+                # Raising it needs no privilege: under memory pressure the kernel's
+                # OOM killer takes the trial, not the daemon.
+                with open("/proc/self/oom_score_adj", "w") as f:
+                    f.write(str(int(cfg["oom_score_adj"])))
             for sig in (
                 signal.SIGTERM,
                 signal.SIGINT,

@@ -188,6 +188,7 @@ class TestProcesses:
             "nofile": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
             "nproc": resource.getrlimit(resource.RLIMIT_NPROC)[0],
             "nice": os.nice(0),
+            "oom_score_adj": int(open("/proc/self/oom_score_adj").read()),
         }))
         """
         outcome = await executor.run(make_spec(workspace, code))
@@ -195,7 +196,8 @@ class TestProcesses:
         assert record(outcome) == {
             "nofile": defaults.open_files,
             "nproc": defaults.max_processes,
-            "nice": 10,
+            "nice": 10,  # the daemon keeps its CPU...
+            "oom_score_adj": 500,  # ...and its memory: the OOM killer takes a trial first
         }
 
 
@@ -309,13 +311,6 @@ class TestSeccomp:
         assert record(outcome) == {"child": 7}
         refused = outcome.metric_history[0]
         assert refused == dict.fromkeys(refused, "EPERM")
-
-    def test_the_filter_is_a_bpf_program_kept_from_trials(
-        self, executor: SandboxExecutor, tmp_path: Path
-    ) -> None:
-        program = (tmp_path / "trials" / ".seccomp.bpf").read_bytes()
-        assert program
-        assert len(program) % 8 == 0  # struct sock_filter entries
 
 
 def test_supervisor_is_a_module_of_its_own() -> None:
