@@ -138,8 +138,8 @@ class TrialState(enum.StrEnum):
 class ResourceLimits:
     """What one trial may use; ``None`` leaves the limit off. Defaults suit strangers' code.
 
-    Whole-trial limits (all its processes together): ``trial_memory_bytes`` (memory,
-    proportional set size), ``disk_bytes`` (its work directory), ``max_processes``
+    Whole-trial limits (all its processes together): ``trial_memory_bytes`` (anonymous
+    and shared memory, proportionally), ``disk_bytes`` (its work directory), ``max_processes``
     (processes and threads: RLIMIT_NPROC, counted per trial in the sandbox's own user
     namespace), ``tmp_bytes`` and ``shm_bytes`` (its RAM-backed ``/tmp`` and
     ``/dev/shm``). Per-process limits (setrlimit(2)): ``memory_bytes`` is address space

@@ -23,12 +23,12 @@ Outside the sandbox (``supervise``), it:
   (bubblewrap and its pid 1, whose death would tear the sandbox down at once, and
   with it the processes' CPU accounting and their chance to save state);
 * watches what no rlimit bounds for the trial as a whole: the memory of all its
-  processes together (``memory_bytes``, proportional set size, so pages shared
-  between forked workers count once) and the disk used under its work directory
-  (``disk_bytes``, each entry counting at least one 4 KiB block, so a flood of empty
-  files counts too). Past a limit it says so on the trial's output and kills every
-  process of the trial. The watch polls, so a trial can overshoot by what it
-  allocates or writes in one interval (``watch_s``, stretched when a scan is slow).
+  processes together (``memory_bytes``, see :func:`memory_used`) and the disk used
+  under its work directory (``disk_bytes``, each entry counting at least one 4 KiB
+  block, so a flood of empty files counts too). Past a limit it says so on the
+  trial's output and kills every process of the trial. The watch polls, so a trial
+  can overshoot by what it allocates or writes in one interval (``watch_s``,
+  stretched when a scan is slow).
 
 Why a uid of its own (``trial_uid``): a provider run as root would run trials as
 uid 0 on the host, and the kernel applies no ``RLIMIT_NPROC`` to uid 0, so a fork
@@ -125,17 +125,27 @@ def _kill_all(sig: int, skip: int = 0) -> None:
 
 
 def memory_used(pids: list[int]) -> int:
-    """Bytes of memory of ``pids`` together: the sum of their proportional set sizes."""
+    """Bytes of memory of ``pids`` together that the kernel cannot simply reclaim.
+
+    Their proportional anonymous and shared-memory sets (``Pss_Anon`` + ``Pss_Shmem``,
+    Linux 5.9+; plain ``Pss`` before): a page shared by forked workers counts once,
+    and a memory-mapped dataset (page cache, dropped under pressure) not at all.
+    """
     total = 0
     for pid in pids:
+        fields: dict[str, int] = {}
         try:
             with open(f"/proc/{pid}/smaps_rollup") as f:
                 for line in f:
-                    if line.startswith("Pss:"):
-                        total += int(line.split()[1]) * 1024
-                        break
+                    name, _, rest = line.partition(":")
+                    if name in ("Pss", "Pss_Anon", "Pss_Shmem"):
+                        fields[name] = int(rest.split()[0]) * 1024
         except (OSError, ValueError, IndexError):
             continue  # gone, or a kernel thread
+        if "Pss_Anon" in fields:
+            total += fields["Pss_Anon"] + fields.get("Pss_Shmem", 0)
+        else:
+            total += fields.get("Pss", 0)
     return total
 
 
