@@ -225,6 +225,25 @@ class TestMemoryAndDisk:
         assert b"survived" not in log
         assert b"trial stopped: memory" in log
 
+    async def test_a_memory_mapped_dataset_is_not_counted_as_memory(
+        self, executor: SandboxExecutor, workspace: Path
+    ) -> None:
+        # Page cache the kernel can drop: killing the trial for it would be a false alarm.
+        code = """
+        import mmap, time
+        size = 192 << 20
+        with open("dataset.bin", "wb") as f:
+            f.truncate(size)
+        with open("dataset.bin", "rb") as f:
+            data = mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ)
+            total = sum(data[i] for i in range(0, size, 4096))  # every page resident
+            time.sleep(1.5)  # several looks of the watch
+        print("done", total, flush=True)
+        """
+        limits = ResourceLimits(trial_memory_bytes=128 << 20)
+        outcome = await executor.run(make_spec(workspace, code, limits=limits))
+        assert outcome.state is TrialState.SUCCEEDED, outcome.log_path.read_text()
+
     async def test_work_directory_is_held_to_its_disk_quota(
         self, executor: SandboxExecutor, workspace: Path
     ) -> None:
