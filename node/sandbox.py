@@ -75,10 +75,11 @@ for strangers' code):
   where the kernel counts it per trial (per namespace), and enforced as root too
   because the trial is then ``trial_uid``. Unsandboxed it counts every process of
   the provider's user, and nothing for root;
-* memory of all the trial's processes together (their proportional set sizes) and
-  disk used under its work dir: watched by the supervisor, which kills the trial
-  and says why in its log when one is exceeded. A watch polls: a trial can overshoot
-  by what it allocates or writes in one interval (0.1 s at first, then 0.5 s);
+* memory of all the trial's processes together (anonymous and shared memory,
+  proportionally: see node.supervisor.memory_used) and disk used under its work
+  dir: watched by the supervisor, which kills the trial and says why in its log when
+  one is exceeded. A watch polls: a trial can overshoot by what it allocates or
+  writes in one interval (0.1 s at first, then 0.5 s);
   ``memory_bytes`` (RLIMIT_AS) is the kernel-enforced bound per process, and a
   cgroup ``MemoryMax=`` around the daemon the hard one for all trials together;
 * per process: RLIMIT_AS (``memory_bytes``), RLIMIT_FSIZE, RLIMIT_NOFILE
@@ -481,7 +482,7 @@ class SandboxExecutor:
         made: set[str] = {"/", "/dev", "/proc", "/tmp"}
         for node in spec.device_nodes:
             host = os.path.join(self._device_root, os.path.relpath(node, "/dev"))
-            args += ["--dev-bind", host, node]
+            args += [*self._parents(node, made), "--dev-bind", host, node]
         # bwrap's /dev is a tmpfs of half the RAM, /dev/shm a directory in it: the
         # whole /dev becomes read-only, and /dev/shm a tmpfs of its own, capped (or,
         # with a bwrap that cannot size a tmpfs, none at all).
