@@ -6,46 +6,36 @@ filter allows every system call except the ones below, which return ``EPERM`` (a
 clear error for the trial, not a kill). The list follows Docker's default profile
 and the kernel's own history of sandbox escapes; each group says why.
 
-======================================  =============================================
-refused                                 why
-======================================  =============================================
-``io_uring_setup/enter/register``       a second system-call interface that seccomp
-                                        cannot see into, and a large source of kernel
-                                        bugs (Google disabled it on ChromeOS, Android
-                                        and its servers); trials fall back to plain I/O
-``ptrace``, ``process_vm_readv/writev``,  reading or steering other processes: the
-``pidfd_getfd``, ``process_madvise``,   sandbox's own pid 1 (bubblewrap, which
-``kcmp``                                holds the namespaces) is one of them
-``keyctl``, ``add_key``,                the kernel keyring is not namespaced: keys of
-``request_key``                         the provider's user would be in reach
-``bpf``, ``perf_event_open``,           kernel attack surface (verifier, perf,
-``userfaultfd``                         page-fault races used to widen exploits)
-``kexec_load``, ``kexec_file_load``,    the host's kernel and its modules
-``reboot``, ``init_module``,
-``finit_module``, ``delete_module``
-``mount``, ``umount2``, ``pivot_root``,  changing the sandbox's own file system view;
-``chroot``, ``move_mount``,             the new mount API included
-``open_tree``, ``fsopen``,
-``fsconfig``, ``fsmount``, ``fspick``,
-``mount_setattr``
-``unshare``, ``setns``, ``clone`` with  new namespaces are how most unprivileged
-a ``CLONE_NEW*`` flag; ``clone3``       kernel exploits reach root-only code; clone3
-(``ENOSYS``)                            passes its flags in memory, where a filter
-                                        cannot read them: ``ENOSYS`` makes the C
-                                        library fall back to ``clone``
-``personality`` beyond ``PER_LINUX``,   ``ADDR_NO_RANDOMIZE``, ``READ_IMPLIES_EXEC``
-``PER_LINUX32`` and ``UNAME26``         and friends switch off exploit mitigations;
-                                        the query (``0xffffffff``) is refused too
-``open_by_handle_at``,                  opening files by handle walks around the
-``name_to_handle_at``                   mount namespace (the "shocker" escape)
-``swapon``, ``swapoff``, ``acct``,      host-wide settings and logs
-``quotactl``, ``syslog``, ``vhangup``,
-``lookup_dcookie``, ``iopl``,
-``ioperm``, ``uselib``,
-``fanotify_init``, ``settimeofday``,
-``clock_settime``
-``ioctl(TIOCSTI)``, ``ioctl(TIOCLINUX)`` typing into a terminal the provider reads
-======================================  =============================================
+Refused, and why:
+
+* ``io_uring_setup``, ``io_uring_enter``, ``io_uring_register``: a second system-call
+  interface that seccomp cannot see into, and a large source of kernel bugs (Google
+  turned it off on ChromeOS, Android and its servers); programs fall back to plain I/O.
+* ``ptrace``, ``process_vm_readv``, ``process_vm_writev``, ``pidfd_getfd``,
+  ``process_madvise``, ``kcmp``: reading or steering other processes, among them the
+  sandbox's own pid 1 (bubblewrap, which holds the namespaces).
+* ``keyctl``, ``add_key``, ``request_key``: the kernel keyrings are not namespaced.
+* ``bpf``, ``perf_event_open``, ``userfaultfd``: kernel attack surface (the verifier,
+  perf, page-fault races used to widen exploits).
+* ``kexec_load``, ``kexec_file_load``, ``reboot``, ``init_module``, ``finit_module``,
+  ``delete_module``: the host's kernel and its modules.
+* ``mount``, ``umount2``, ``pivot_root``, ``chroot``, ``move_mount``, ``open_tree``,
+  ``fsopen``, ``fsconfig``, ``fsmount``, ``fspick``, ``mount_setattr``: changing the
+  sandbox's view of the file system, the new mount API included.
+* ``unshare``, ``setns``, ``clone`` with a ``CLONE_NEW*`` flag, and ``clone3`` (as
+  ``ENOSYS``): new namespaces are how most unprivileged kernel exploits reach code
+  meant for root. ``clone3`` passes its flags in memory, where a filter cannot read
+  them; ``ENOSYS`` makes the C library fall back to ``clone``.
+* ``personality`` beyond ``PER_LINUX``, ``PER_LINUX32`` and ``UNAME26``:
+  ``ADDR_NO_RANDOMIZE``, ``READ_IMPLIES_EXEC`` and friends switch exploit mitigations
+  off. The query (``0xffffffff``) is refused too: a filter cannot tell it apart
+  without also letting flags through.
+* ``open_by_handle_at``, ``name_to_handle_at``: opening files by handle walks around
+  the mount namespace (the "shocker" container escape).
+* ``swapon``, ``swapoff``, ``acct``, ``quotactl``, ``syslog``, ``vhangup``,
+  ``lookup_dcookie``, ``iopl``, ``ioperm``, ``uselib``, ``fanotify_init``,
+  ``settimeofday``, ``clock_settime``: host-wide settings, devices and logs.
+* ``ioctl`` ``TIOCSTI`` and ``TIOCLINUX``: typing into a terminal someone else reads.
 
 Only the native architecture is allowed: a 32-bit (``int 0x80``) or x32 system call
 kills the trial, because the numbers of those tables would bypass the rules.
