@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# System packages Mercato needs on Debian/Ubuntu: bubblewrap (the trial sandbox), and
-# with --test also Chromium (the status-page test). Idempotent: installs only what is
+# System packages Mercato needs on Debian/Ubuntu: bubblewrap (the trial sandbox),
+# libseccomp2 (compiles the trials' seccomp filter, through pip's pyseccomp), and with
+# --test also Chromium (the status-page test). Idempotent: installs only what is
 # missing; uses sudo when not root.
 set -euo pipefail
 need=()
 command -v bwrap >/dev/null 2>&1 || need+=(bubblewrap)
+libs="$(/sbin/ldconfig -p 2>/dev/null || ldconfig -p 2>/dev/null || true)"
+[[ "$libs" == *libseccomp.so.2* ]] || need+=(libseccomp2)
 if [ "${1:-}" = "--test" ]; then
     command -v chromium >/dev/null 2>&1 || need+=(chromium)
 fi

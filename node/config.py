@@ -125,11 +125,20 @@ class SandboxSection(_Section):
     # limits but WITHOUT isolation from this machine (only for code you trust).
     allow_unsandboxed: bool = False
     allow_network: bool = False  # let trials that ask for it reach the network
-    memory_bytes: Annotated[int, Field(gt=0)] | None = None  # per process (RLIMIT_AS)
-    max_processes: Annotated[int, Field(gt=0)] | None = None  # RLIMIT_NPROC
+    # Whole trial (every process of it together); see docs/operators.md for how each holds.
+    trial_memory_bytes: Annotated[int, Field(gt=0)] | None = 8 << 30
+    disk_bytes: Annotated[int, Field(gt=0)] | None = 10 << 30  # its work directory
+    max_processes: Annotated[int, Field(gt=0)] | None = 1024  # processes and threads
+    tmp_bytes: Annotated[int, Field(gt=0)] = 256 << 20  # /tmp, in RAM
+    shm_bytes: Annotated[int, Field(gt=0)] = 256 << 20  # /dev/shm, in RAM
+    # Per process.
+    memory_bytes: Annotated[int, Field(gt=0)] | None = None  # address space (RLIMIT_AS)
     max_file_bytes: Annotated[int, Field(gt=0)] = 1 << 30  # RLIMIT_FSIZE
+    open_files: Annotated[int, Field(gt=0)] = 4096  # RLIMIT_NOFILE
     cpu_seconds: Annotated[int, Field(gt=0)] | None = None  # RLIMIT_CPU per process
     max_workspace_bytes: Annotated[int, Field(gt=0)] = 256 << 20
+    # When the daemon runs as root, trials run as this uid (never 0, never a login user's).
+    trial_uid: Annotated[int, Field(gt=0, lt=1 << 31)] = 2_000_000_000
 
 
 class StatusSection(_Section):

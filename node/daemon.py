@@ -43,7 +43,7 @@ from node.home import NodeHome, resolve_home
 from node.inventory import Inventory, build_inventory
 from node.metrics import CONTENT_TYPE, NodeMetrics
 from node.provider import ProviderService
-from node.sandbox import SandboxExecutor
+from node.sandbox import NVIDIA_CONTROL_NODES, SandboxExecutor
 from node.status_page import PriceFloors, StatusSource, add_routes, local_url
 from node.store import Store
 from node.transport import ENVELOPE_CONTENT_TYPE, P2P_PATH, HttpTransport
@@ -274,6 +274,7 @@ class Daemon:
                 allow_unsandboxed=sb.allow_unsandboxed,
                 allow_network=sb.allow_network,
                 hidden_paths=[home.path],
+                trial_uid=sb.trial_uid,
             )
             inv = inventory
 
@@ -295,6 +296,11 @@ class Daemon:
                     max_processes=sb.max_processes,
                     max_file_bytes=sb.max_file_bytes,
                     cpu_seconds=sb.cpu_seconds,
+                    tmp_bytes=sb.tmp_bytes,
+                    shm_bytes=sb.shm_bytes,
+                    trial_memory_bytes=sb.trial_memory_bytes,
+                    disk_bytes=sb.disk_bytes,
+                    open_files=sb.open_files,
                 ),
                 max_workspace_bytes=sb.max_workspace_bytes,
                 allow_network=sb.allow_network,
@@ -373,16 +379,27 @@ def _connection_cap(configured: int) -> int:
     return cap
 
 
-def nvidia_device_nodes(inventory: Inventory, ids: tuple[str, ...]) -> list[str]:
+def nvidia_device_nodes(
+    inventory: Inventory, ids: tuple[str, ...], dev_root: Path | str = "/dev"
+) -> list[str]:
     """Device files CUDA needs inside the sandbox, for leases of real NVIDIA GPUs.
 
-    All /dev/nvidiaN are bound (index order is the driver's, not ours);
-    CUDA_VISIBLE_DEVICES, set by UUID, limits what the trial sees.
+    Only the leased GPUs' own ``/dev/nvidiaN`` (N is NVML's minor number) and the
+    control nodes every CUDA process opens: CUDA_VISIBLE_DEVICES alone would not keep
+    a trial off the other GPUs, since the trial can unset it. A GPU whose minor
+    number NVML did not give gets no node (its trial fails rather than see every
+    GPU). Paths are as the trial sees them (``/dev/...``); ``dev_root`` is where they
+    are looked for on the host (tests use a directory of fake nodes).
     """
-    if not any(inventory.group_of(i).host_uuids for i in ids):
+    minors = inventory.nvidia_minors(ids)
+    if not minors:
         return []
-    dev = Path("/dev")
-    return sorted(str(p) for p in dev.glob("nvidia*") if not p.is_dir())
+    if None in minors:
+        log.warning("no NVML minor number for some of %s: their /dev/nvidiaN stay hidden", ids)
+    names = [f"nvidia{m}" for m in minors if m is not None]
+    names += list(NVIDIA_CONTROL_NODES)
+    root = Path(dev_root)
+    return [f"/dev/{n}" for n in names if (root / n).exists() and not (root / n).is_dir()]
 
 
 def _persist_advert(store: Store, entry: Entry) -> None:

@@ -136,28 +136,40 @@ class TrialState(enum.StrEnum):
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ResourceLimits:
-    """Per-process limits (setrlimit(2)); ``None`` leaves the provider's own limit.
+    """What one trial may use; ``None`` leaves the limit off. Defaults suit strangers' code.
 
-    ``memory_bytes`` is address space (RLIMIT_AS): leave it unset for GPU trials,
-    since CUDA reserves far more virtual memory than it uses. ``max_processes`` is
-    RLIMIT_NPROC, counted per user, not per trial, and ignored for root (see
-    node.sandbox). ``cpu_seconds`` is per process. ``tmp_bytes`` sizes the trial's
-    private ``/tmp``, which lives in RAM.
+    Whole-trial limits (all its processes together): ``trial_memory_bytes`` (anonymous
+    and shared memory, proportionally), ``disk_bytes`` (its work directory), ``max_processes``
+    (processes and threads: RLIMIT_NPROC, counted per trial in the sandbox's own user
+    namespace), ``tmp_bytes`` and ``shm_bytes`` (its RAM-backed ``/tmp`` and
+    ``/dev/shm``). Per-process limits (setrlimit(2)): ``memory_bytes`` is address space
+    (RLIMIT_AS; leave it unset for GPU trials, since CUDA reserves far more virtual
+    memory than it uses), ``max_file_bytes`` (RLIMIT_FSIZE), ``open_files``
+    (RLIMIT_NOFILE), ``cpu_seconds`` (RLIMIT_CPU; off by default, since the trial's
+    timeout bounds its time and a multi-threaded process spends CPU seconds faster
+    than wall seconds). node.sandbox says how each is enforced.
     """
 
     memory_bytes: int | None = None
-    max_processes: int | None = None
+    max_processes: int | None = 1024
     max_file_bytes: int | None = 1 << 30
     cpu_seconds: int | None = None
     tmp_bytes: int | None = 256 << 20
+    shm_bytes: int | None = 256 << 20
+    trial_memory_bytes: int | None = 8 << 30
+    disk_bytes: int | None = 10 << 30
+    open_files: int | None = 4096
 
     def __post_init__(self) -> None:
-        for name in ("memory_bytes", "max_processes", "max_file_bytes", "cpu_seconds", "tmp_bytes"):
+        for name in _LIMIT_NAMES:
             value = getattr(self, name)
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, int) or value <= 0
             ):
                 raise InvalidTrialSpecError(f"limit {name} must be a positive int, got {value!r}")
+
+
+_LIMIT_NAMES = tuple(ResourceLimits.__dataclass_fields__)
 
 
 def _check_env(what: str, env: Mapping[str, str]) -> dict[str, str]:

@@ -128,6 +128,7 @@ class DetectedGpu:
     uuid: str  # e.g. "GPU-8f6c...", what CUDA_VISIBLE_DEVICES accepts
     memory_bytes: int
     model: str | None  # catalog name, best effort; None if the catalog lacks it
+    minor: int | None = None  # N of its /dev/nvidiaN (NVML minor number); None if unknown
 
 
 def _text(value: object) -> str:
@@ -156,9 +157,14 @@ def detect_nvidia() -> list[DetectedGpu]:
                 memory = int(pynvml.nvmlDeviceGetMemoryInfo(handle).total)
             except pynvml.NVMLError:
                 continue  # a GPU that cannot be queried (fallen off the bus) is not sold
+            minor: int | None = None
+            with contextlib.suppress(pynvml.NVMLError):
+                minor = int(pynvml.nvmlDeviceGetMinorNumber(handle))
             model = model_for_device_name(name)
             found.append(
-                DetectedGpu(index, name, uuid, memory, model.name if model is not None else None)
+                DetectedGpu(
+                    index, name, uuid, memory, model.name if model is not None else None, minor
+                )
             )
     except pynvml.NVMLError:
         return found
@@ -187,6 +193,7 @@ class InventoryGroup:
     fp16_flops: int
     memory_bandwidth: int
     host_uuids: tuple[str, ...] = ()  # NVML UUIDs in id order; empty unless detected
+    host_minors: tuple[int | None, ...] = ()  # /dev/nvidiaN numbers, same order as host_uuids
 
     def device_group(self, free: AbstractSet[str]) -> DeviceGroup:
         """The advert record of this group; ``free`` may hold ids of other groups."""
@@ -243,6 +250,16 @@ class Inventory:
             if g.host_uuids:
                 uuids.append(g.host_uuids[g.ids.index(device_id)])
         return ",".join(uuids)
+
+    def nvidia_minors(self, device_ids: Iterable[str]) -> list[int | None]:
+        """The /dev/nvidiaN numbers of these ids (None where NVML did not say)."""
+        minors: list[int | None] = []
+        for device_id in device_ids:
+            g = self.group_of(device_id)
+            if g.host_uuids:
+                index = g.ids.index(device_id)
+                minors.append(g.host_minors[index] if index < len(g.host_minors) else None)
+        return minors
 
 
 def _found(gpus: Sequence[DetectedGpu]) -> str:
@@ -320,6 +337,7 @@ def build_inventory(
         model = d.catalog
         simulated = d.simulated or model.simulated
         uuids: tuple[str, ...] = ()
+        minors: tuple[int | None, ...] = ()
         if detect and not simulated and model.vendor == "NVIDIA":
             matching = [g for g in pool if g.model == model.name]
             if len(matching) < d.count:
@@ -331,6 +349,7 @@ def build_inventory(
             taken = matching[: d.count]
             pool = [g for g in pool if g not in taken]
             uuids = tuple(g.uuid for g in taken)
+            minors = tuple(g.minor for g in taken)
         if not simulated and model.kind == "cpu":
             real_cpus += d.count
         first = next_number.get(model.kind, 0)
@@ -345,6 +364,7 @@ def build_inventory(
                 fp16_flops=d.fp16_flops or model.fp16_flops,
                 memory_bandwidth=d.memory_bandwidth or model.memory_bandwidth,
                 host_uuids=uuids,
+                host_minors=minors,
             )
         )
     if detect and real_cpus > usable_cpus():

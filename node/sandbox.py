@@ -6,8 +6,10 @@ network (unless allowed), or outlive its timeout.
 
 Layout under ``root_dir`` (mode 0700)::
 
+    .seccomp.bpf        the compiled seccomp filter (node.seccomp), written at start
     <task_id>/          mode 0700, recreated fresh for every run of the task
         work/           a copy of the workspace: the trial's cwd and HOME, writable
+                        (owned by ``trial_uid`` when the provider runs as root)
         output.log      the trial's output within the cap
 
 The workspace is **copied**, not bind-mounted: trials write checkpoints and results
@@ -26,8 +28,10 @@ Inside bubblewrap (``bwrap``) the trial sees a new root built from:
   (``sys.prefix``, ``sys.base_prefix`` and their real paths, so ``sys.executable``
   runs with its installed packages) and the ``node`` package (for
   :func:`node.trial.report`), plus any ``ro_paths`` the provider shares (datasets);
-* fresh ``/proc``, a minimal ``/dev`` (plus ``spec.device_nodes``), a private
-  ``/tmp`` tmpfs of ``limits.tmp_bytes``;
+* fresh ``/proc``; a minimal, read-only ``/dev`` (plus ``spec.device_nodes``, looked
+  up under ``device_root`` on the host) with a ``/dev/shm`` tmpfs of
+  ``limits.shm_bytes`` (bwrap's own ``/dev`` is a writable tmpfs of half the RAM); a
+  private ``/tmp`` tmpfs of ``limits.tmp_bytes``;
 * the trial's ``work/`` bound read-write at its own path, as cwd; the rest of the
   root is remounted read-only, so the trial writes only to ``work/`` and ``/tmp``.
 
@@ -37,27 +41,51 @@ directory under them shows nothing else of them; if a hidden path lies under a
 bound path it is covered by an empty read-only tmpfs (and a needed path under it,
 say a venv inside the home, is bound again on top).
 
-bwrap runs with ``--unshare-all`` (user, pid, net, ipc, uts, cgroup namespaces; the
-network only with ``--share-net`` when the spec asks and the executor allows it),
-``--disable-userns``, ``--cap-drop ALL``, ``--die-with-parent``, ``--new-session``
-(no terminal injection) and ``--clearenv``: the environment is ``PATH``, ``LANG``,
-then ``spec.env``, then ``HOME`` (the work dir), ``TMPDIR``,
-``PYTHONUNBUFFERED=1``, then ``spec.device_env``.
+bwrap runs with new user, pid, net, ipc, uts and cgroup namespaces (the network
+only shared when the spec asks and the executor allows it), ``--cap-drop ALL``,
+``--die-with-parent``, ``--new-session`` (no terminal injection), ``--clearenv``
+and the seccomp filter of :mod:`node.seccomp` (io_uring, ptrace, keyrings, bpf,
+mounts, new namespaces... refused; the list and the reasons are there). The
+environment is ``PATH``, ``LANG``, ``USER``/``LOGNAME`` (``trial``), then
+``spec.env``, then ``HOME`` (the work dir), ``TMPDIR``, ``PYTHONUNBUFFERED=1``,
+then ``spec.device_env``.
 
-Supervisor: we do not exec the trial (or bwrap) directly but a small supervisor
-(``_SUPERVISOR``, run as ``python -I -S``) spawned with ``os.posix_spawn``, which is
-safe in a threaded process, unlike ``preexec_fn``. It sets the rlimits, resets
-SIGPIPE/SIGXFSZ, asks for SIGKILL when the provider dies, closes inherited
-descriptors, makes itself a child subreaper, forks the command and reaps every
-process of the trial until none is left, then exits with the command's status.
+Who the trial is: run by a non-root provider, bwrap maps the provider's user into
+the sandbox (``--unshare-user --disable-userns``). Run by root, the trial would be
+uid 0 on the host, for which the kernel ignores RLIMIT_NPROC: it runs as
+``trial_uid`` instead (default :data:`DEFAULT_TRIAL_UID`), in a user namespace the
+supervisor makes, and its work dir is chowned to that uid. If this host cannot make
+the namespace, the executor logs why and trials run as root without a process cap.
 
-Limits (setrlimit(2)): RLIMIT_AS, RLIMIT_NPROC, RLIMIT_FSIZE and RLIMIT_CPU from
-``spec.limits``, RLIMIT_CORE always 0. Caveat: RLIMIT_NPROC counts every process of
-the user, not of the trial, and the kernel does not apply it to root (bwrap maps
-root in the sandbox to root outside, so ``--unshare-user`` does not help then); a
-provider that needs a hard process cap runs as a dedicated user or adds a cgroup
-``pids.max``. Files are bounded one by one (RLIMIT_FSIZE), not in total:
-``root_dir`` belongs on a volume with a quota.
+Supervisor: we do not exec the trial (or bwrap) directly but :mod:`node.supervisor`,
+a module that imports nothing of Mercato, run as ``python -I -S supervisor.py``
+and spawned with ``os.posix_spawn``, which is safe in a threaded process, unlike
+``preexec_fn``. It sets the rlimits, asks for SIGKILL when the provider dies,
+closes inherited descriptors, makes itself a child subreaper, forks the command at
+niceness :data:`TRIAL_NICE` and OOM score :data:`TRIAL_OOM_SCORE_ADJ`, reaps every
+process of the trial until none is left, watches its memory and disk, then exits
+with the command's status. Inside the sandbox the same file (bound alone,
+read-only) runs first as ``supervisor.py enter``: it sets RLIMIT_NPROC, becomes
+``trial_uid`` when there is one, and executes the trial.
+
+Limits (``spec.limits``, :class:`node.executor.ResourceLimits`; the defaults are
+for strangers' code):
+
+* processes and threads: RLIMIT_NPROC, set inside the sandbox's user namespace,
+  where the kernel counts it per trial (per namespace), and enforced as root too
+  because the trial is then ``trial_uid``. Unsandboxed it counts every process of
+  the provider's user, and nothing for root;
+* memory of all the trial's processes together (anonymous and shared memory,
+  proportionally: see node.supervisor.memory_used) and disk used under its work
+  dir: watched by the supervisor, which kills the trial and says why in its log when
+  one is exceeded. A watch polls: a trial can overshoot by what it allocates or
+  writes in one interval (0.1 s at first, then 0.5 s);
+  ``memory_bytes`` (RLIMIT_AS) is the kernel-enforced bound per process, and a
+  cgroup ``MemoryMax=`` around the daemon the hard one for all trials together;
+* per process: RLIMIT_AS (``memory_bytes``), RLIMIT_FSIZE, RLIMIT_NOFILE
+  (``open_files``), RLIMIT_CPU, RLIMIT_CORE always 0;
+* RAM-backed ``/tmp`` and ``/dev/shm``: tmpfs sizes (bwrap ``--size``; a bwrap too
+  old for it gets no ``/dev/shm`` at all).
 
 Stopping: on timeout or cancel the supervisor gets SIGTERM and passes it to every
 process of the trial (not to bwrap, whose death would tear the sandbox down at
@@ -104,6 +132,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from node import seccomp, supervisor
 from node.executor import (
     InvalidTrialSpecError,
     MetricsCallback,
@@ -161,97 +190,19 @@ _TOP_LEVEL = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 _SYS = ("/sys/devices/system/cpu",)
 _PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-# The trial's supervisor, run as ``python -I -S`` (fast, immune to the env): it sets
-# the rlimits, becomes a child subreaper, forks the command, reaps every process of
-# the trial and exits with the command's status (128 + N for signal N). Reaping
-# everything is what makes wait4() on it account for the whole trial. SIGTERM to it
-# is forwarded to each process of the trial, skipping the first ``skip`` levels
-# (bwrap and its pid 1, whose death would tear the sandbox down at once, and with
-# it the processes' CPU accounting and their chance to save state).
-_SUPERVISOR = r"""
-import json, os, resource, signal, sys
-cfg = json.loads(sys.argv[1])
-argv = sys.argv[2:]
-try:
-    import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
-except Exception:
-    libc = None
-def prctl(option, value):
-    if libc is not None:
-        libc.prctl(option, value, 0, 0, 0)
-prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG: die with the provider
-prctl(36, 1)  # PR_SET_CHILD_SUBREAPER: orphans of the trial come to us
-if os.getppid() != cfg["parent"]:
-    os._exit(125)
-for name, soft, hard in cfg["limits"]:
-    kind = getattr(resource, name)
-    cur_hard = resource.getrlimit(kind)[1]
-    if cur_hard != resource.RLIM_INFINITY:
-        soft, hard = min(soft, cur_hard), min(hard, cur_hard)
-    resource.setrlimit(kind, (soft, hard))
-os.chdir(cfg["cwd"])
-os.closerange(3, max(3, resource.getrlimit(resource.RLIMIT_NOFILE)[0]))
-def children(pid):
-    out = []
-    try:
-        tasks = os.listdir("/proc/%d/task" % pid)
-    except OSError:
-        return out
-    for tid in tasks:
-        try:
-            with open("/proc/%d/task/%s/children" % (pid, tid)) as f:
-                out.extend(int(c) for c in f.read().split())
-        except (OSError, ValueError):
-            pass
-    return out
-def forward(signum, frame):
-    stack = [(c, 1) for c in children(os.getpid())]
-    while stack:
-        pid, depth = stack.pop()
-        if depth > cfg["skip"]:
-            try:
-                os.kill(pid, signum)
-            except OSError:
-                pass
-        stack.extend((c, depth + 1) for c in children(pid))
-signal.signal(signal.SIGTERM, forward)
-signal.signal(signal.SIGINT, signal.SIG_IGN)
-signal.signal(signal.SIGHUP, signal.SIG_IGN)
-pid = os.fork()
-if pid == 0:
-    try:
-        prctl(1, int(signal.SIGKILL))
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE, signal.SIGXFSZ):
-            signal.signal(sig, signal.SIG_DFL)
-        os.execvp(argv[0], argv)
-    except OSError as exc:
-        sys.stderr.write("mercato: cannot run %r: %s\n" % (argv[0], exc.strerror))
-        sys.stderr.flush()
-    os._exit(127)
-code = None
-while True:
-    try:
-        died, status = os.waitpid(-1, 0)
-    except ChildProcessError:
-        break
-    if died == pid:
-        code = os.waitstatus_to_exitcode(status)
-    if code is not None:
-        for child in children(os.getpid()):
-            try:
-                os.kill(child, signal.SIGKILL)
-            except OSError:
-                pass
-# Our own ru_maxrss starts at our spawner's (posix_spawn shares its memory until exec);
-# the trial's processes, forked from us after exec, are measured cleanly.
-try:
-    with open(cfg["usage"], "w") as f:
-        f.write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))
-except OSError:
-    pass
-os._exit(128 - code if code < 0 else code)
-"""
+#: Trials run at this CPU niceness: a trial that keeps every core busy still leaves the
+#: daemon (heartbeats, other tenants' requests) the CPU it needs.
+TRIAL_NICE = 10
+#: Trials' oom_score_adj (-1000..1000): when memory runs out, on the host or in a cgroup
+#: such as the systemd unit's MemoryMax=, the kernel kills a trial before the daemon.
+TRIAL_OOM_SCORE_ADJ = 500
+#: When the daemon runs as root, trials run as this uid on the host (see
+#: node.supervisor): above systemd's container range (up to 1879048191) and below
+#: 2^31, so no login user, container or tool that reads uids as signed ints meets it.
+DEFAULT_TRIAL_UID = 2_000_000_000
+_SUPERVISOR = os.path.abspath(supervisor.__file__)
+#: Control nodes every CUDA process opens, besides the /dev/nvidiaN of its own GPUs.
+NVIDIA_CONTROL_NODES = ("nvidiactl", "nvidia-uvm", "nvidia-uvm-tools", "nvidia-modeset")
 
 
 class SandboxUnavailableError(MercatoError):
@@ -270,6 +221,8 @@ class BwrapProbe:
     reason: str
     disable_userns: bool = False
     tmpfs_size: bool = False
+    perms: bool = False
+    userns_fd: bool = False
 
 
 @functools.cache
@@ -308,7 +261,32 @@ def probe_bwrap(path: str | None = None) -> BwrapProbe:
         "ok",
         disable_userns="--disable-userns" in help_text,
         tmpfs_size="--size" in help_text,
+        perms="--perms" in help_text,
+        userns_fd="--userns " in help_text,
     )
+
+
+@functools.cache
+def probe_trial_uid(uid: int) -> str | None:
+    """Why trials cannot run as ``uid`` here (None: they can); root only.
+
+    Runs the supervisor's own user-namespace setup once, in a short subprocess.
+    """
+    if os.geteuid() != 0:
+        return "the daemon is not root (trials run as its own user)"
+    try:
+        done = subprocess.run(
+            [sys.executable, "-I", "-S", _SUPERVISOR, "probe", str(uid)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"cannot run the supervisor: {exc}"
+    if done.returncode != 0:
+        return done.stderr.strip() or f"user namespace setup failed (exit {done.returncode})"
+    return None
 
 
 def _is_under(path: str, parent: str) -> bool:
@@ -348,8 +326,11 @@ class SandboxExecutor:
         ro_paths: Sequence[Path | str] = (),
         kill_grace_s: float = DEFAULT_KILL_GRACE_S,
         bwrap_path: str | None = None,
+        trial_uid: int | None = DEFAULT_TRIAL_UID,
+        device_root: Path | str = "/dev",
     ) -> None:
         self.root_dir = Path(_absolute(root_dir))
+        self._device_root = _absolute(device_root)
         self.allow_network = allow_network
         self.kill_grace_s = kill_grace_s
         self._bwrap: BwrapProbe | None = None
@@ -376,6 +357,29 @@ class SandboxExecutor:
                 raise SandboxUnavailableError(f"{path} is both shared with trials and hidden")
         self._running: dict[str, _Running] = {}
         self.root_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._seccomp: str | None = None
+        self.trial_uid: int | None = None
+        if self._bwrap is not None:
+            # A name no task id can take (they never start with a dot).
+            self._seccomp = str(self.root_dir / ".seccomp.bpf")
+            try:
+                seccomp.write_filter(self._seccomp)
+            except seccomp.SeccompUnavailableError as exc:
+                raise SandboxUnavailableError(
+                    f"{exc}; trials never run in a sandbox without a seccomp filter"
+                ) from exc
+            if trial_uid is not None and os.geteuid() == 0:
+                why = probe_trial_uid(trial_uid)
+                if not (self._bwrap.perms and self._bwrap.userns_fd):
+                    why = f"{self._bwrap.path} is too old (no --perms or --userns)"
+                if why is None:
+                    self.trial_uid = trial_uid
+                else:
+                    logger.warning(
+                        "trials run as root on this host, so their process limit is not "
+                        "enforced: %s",
+                        why,
+                    )
 
     @property
     def sandboxed(self) -> bool:
@@ -427,12 +431,16 @@ class SandboxExecutor:
         shutil.copytree(spec.workspace, work, symlinks=True, copy_function=_copy_regular)
         # The trial runs without CAP_DAC_OVERRIDE even as root: its cwd must be its own.
         work.chmod(0o700)
+        if self.trial_uid is not None:
+            _chown_tree(work, self.trial_uid)
         if not self.sandboxed:
             (trial_dir / "tmp").mkdir(mode=0o700)
         return trial_dir
 
     def _env(self, spec: TrialSpec, work: str, tmp: str) -> dict[str, str]:
         env = {"PATH": f"{os.path.dirname(sys.executable)}:{_PATH}", "LANG": "C.UTF-8"}
+        # getpass.getuser() (used by torch and others) fails for a uid without a passwd entry.
+        env.update({"USER": "trial", "LOGNAME": "trial"})
         env.update(spec.env)
         env.update({"HOME": work, "TMPDIR": tmp, "PYTHONUNBUFFERED": "1"})
         env.update(spec.device_env)
@@ -442,21 +450,49 @@ class SandboxExecutor:
         probe = self._bwrap
         assert probe is not None
         assert probe.path is not None
-        args: list[str] = [probe.path, "--unshare-all"]
-        if spec.network:
-            args.append("--share-net")
-        if probe.disable_userns:
-            args += ["--unshare-user", "--disable-userns"]
-        args += ["--die-with-parent", "--new-session", "--cap-drop", "ALL"]
+        limits = spec.limits
+        args: list[str] = [probe.path]
+        if self.trial_uid is not None:
+            # The user namespace the supervisor made (uid 0 and trial_uid mapped); the
+            # capabilities added here are only what `supervisor.py enter` needs to
+            # become trial_uid, and it drops them all.
+            args += ["--userns", str(supervisor.USERNS_FD)]
+            args += ["--unshare-ipc", "--unshare-pid", "--unshare-uts", "--unshare-cgroup-try"]
+            if not spec.network:
+                args.append("--unshare-net")
+            args += ["--cap-drop", "ALL"]
+            for cap in ("CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP"):
+                args += ["--cap-add", cap]
+        else:
+            args.append("--unshare-all")
+            if spec.network:
+                args.append("--share-net")
+            if probe.disable_userns:
+                args += ["--unshare-user", "--disable-userns"]
+            args += ["--cap-drop", "ALL"]
+        args += ["--die-with-parent", "--new-session"]
+        if self._seccomp is not None:
+            args += ["--seccomp", str(supervisor.SECCOMP_FD)]
         # Read-only /proc: the trial may be uid 0 outside the sandbox (a provider run as
         # root), and a root-owned, writable /proc/sys/kernel/core_pattern would let it
         # run code on the host; bwrap only covers what it finds writable by mode.
         args += ["--proc", "/proc", "--remount-ro", "/proc", "--dev", "/dev"]
+        # bwrap makes the missing parents of a mount point 0700, which trial_uid could
+        # not pass through: those are made first, 0755 (a no-op where they exist).
+        made: set[str] = {"/", "/dev", "/proc", "/tmp"}
         for node in spec.device_nodes:
-            args += ["--dev-bind", node, node]
-        if probe.tmpfs_size and spec.limits.tmp_bytes is not None:
-            args += ["--size", str(spec.limits.tmp_bytes)]
-        args += ["--tmpfs", "/tmp"]
+            host = os.path.join(self._device_root, os.path.relpath(node, "/dev"))
+            args += [*self._parents(node, made), "--dev-bind", host, node]
+        # bwrap's /dev is a tmpfs of half the RAM, /dev/shm a directory in it: the
+        # whole /dev becomes read-only, and /dev/shm a tmpfs of its own, capped (or,
+        # with a bwrap that cannot size a tmpfs, none at all).
+        args += ["--remount-ro", "/dev"]
+        perms = ["--perms", "1777"] if probe.perms else []
+        if probe.tmpfs_size and limits.shm_bytes is not None:
+            args += [*perms, "--size", str(limits.shm_bytes), "--tmpfs", "/dev/shm"]
+        if probe.tmpfs_size and limits.tmp_bytes is not None:
+            args += ["--size", str(limits.tmp_bytes)]
+        args += [*perms, "--tmpfs", "/tmp"]
 
         needed: list[str] = ["/usr"]
         for top in _TOP_LEVEL:
@@ -467,16 +503,39 @@ class SandboxExecutor:
         needed += [p for p in (*_ETC, *_SYS) if os.path.lexists(p)]
         for path in (sys.prefix, sys.base_prefix, *self._ro_paths, _node_package_dir()):
             needed += [_absolute(path), os.path.realpath(path)]
-        args += self._mounts(needed)
+        needed.append(_SUPERVISOR)
+        args += self._mounts(needed, made)
 
         # The root bwrap built is a tmpfs: read-only, so the trial writes only to its
         # work dir and /tmp, the places that are cleaned up and bounded.
-        args += ["--bind", work, work, "--remount-ro", "/", "--chdir", work, "--clearenv"]
+        args += [*self._parents(work, made), "--bind", work, work]
+        args += ["--remount-ro", "/", "--clearenv"]
+        if self.trial_uid is None:
+            args += ["--chdir", work]  # else trial_uid's own dir, entered once we are it
         for key, value in env.items():
             args += ["--setenv", key, value]
-        return [*args, "--", *spec.argv]
+        enter = {"uid": self.trial_uid, "cwd": work, "limits": _sandbox_rlimits(spec)}
+        return [
+            *args,
+            "--",
+            *(sys.executable, "-I", "-S", _SUPERVISOR, "enter", json.dumps(enter)),
+            *spec.argv,
+        ]
 
-    def _mounts(self, needed: list[str]) -> list[str]:
+    def _parents(self, dest: str, made: set[str]) -> list[str]:
+        """``--dir`` for each parent of ``dest`` not made yet, readable by trial_uid."""
+        if self.trial_uid is None:
+            return []
+        out: list[str] = []
+        parts = Path(dest).parent.parts
+        for depth in range(2, len(parts) + 1):
+            parent = os.path.join(*parts[:depth])
+            if parent not in made:
+                made.add(parent)
+                out += ["--perms", "0755", "--dir", parent]
+        return out
+
+    def _mounts(self, needed: list[str], made: set[str]) -> list[str]:
         """Read-only binds of ``needed``, with every hidden path under them covered."""
         binds: list[str] = []
         for path in sorted(set(needed), key=len):
@@ -486,7 +545,8 @@ class SandboxExecutor:
         for path in binds:
             if path in self._hidden:
                 raise SandboxUnavailableError(f"{path} is both needed by trials and hidden")
-            args += ["--ro-bind", path, path]
+            args += [*self._parents(path, made), "--ro-bind", path, path]
+            made.add(path)
         masks = [
             h
             for h in self._hidden
@@ -502,7 +562,7 @@ class SandboxExecutor:
             covered = any(_is_under(path, m) for m in masks)
             holds_hidden = any(_is_under(h, path) for h in self._hidden)
             if covered and not holds_hidden and os.path.exists(path):
-                args += ["--ro-bind", path, path]
+                args += [*self._parents(path, made), "--ro-bind", path, path]
         # Read-only only now: bwrap had to create the mount points of the binds above.
         for path in mask_dirs:
             args += ["--remount-ro", path]
@@ -530,7 +590,17 @@ class SandboxExecutor:
                 command = list(spec.argv)
             # bwrap and its pid 1 stand between the supervisor and the trial.
             skip = 2 if self.sandboxed else 0
-            proc = _Process.spawn(command, env, work, spec, collector, skip)
+            proc = _Process.spawn(
+                command,
+                env,
+                work,
+                spec,
+                collector,
+                skip,
+                sandboxed=self.sandboxed,
+                seccomp_path=self._seccomp,
+                trial_uid=self.trial_uid,
+            )
             try:
                 state = await proc.supervise(spec.timeout_s, running.cancel, self.kill_grace_s)
                 await proc.drain()
@@ -605,20 +675,37 @@ def _node_package_dir() -> str:
     return os.path.dirname(os.path.abspath(__file__))
 
 
-def _rlimits(spec: TrialSpec) -> list[tuple[str, int, int]]:
+def _rlimits(spec: TrialSpec, sandboxed: bool) -> list[tuple[str, int, int]]:
+    """Per-process limits the supervisor sets before it starts bwrap (or the trial)."""
     limits = spec.limits
     out: list[tuple[str, int, int]] = [("RLIMIT_CORE", 0, 0)]
     if limits.memory_bytes is not None:
         out.append(("RLIMIT_AS", limits.memory_bytes, limits.memory_bytes))
-    if limits.max_processes is not None:
+    if limits.max_processes is not None and not sandboxed:
         out.append(("RLIMIT_NPROC", limits.max_processes, limits.max_processes))
     if limits.max_file_bytes is not None:
         out.append(("RLIMIT_FSIZE", limits.max_file_bytes, limits.max_file_bytes))
+    if limits.open_files is not None:
+        out.append(("RLIMIT_NOFILE", limits.open_files, limits.open_files))
     if limits.cpu_seconds is not None:
         # SIGXCPU at the soft limit lets the trial save its state; SIGKILL 5 s later
         # (setrlimit(2): the hard limit kills).
         out.append(("RLIMIT_CPU", limits.cpu_seconds, limits.cpu_seconds + 5))
     return out
+
+
+def _sandbox_rlimits(spec: TrialSpec) -> list[tuple[str, int, int]]:
+    """Limits set inside the sandbox's user namespace, where the kernel counts them per trial."""
+    n = spec.limits.max_processes
+    return [] if n is None else [("RLIMIT_NPROC", n, n)]
+
+
+def _chown_tree(root: Path, uid: int) -> None:
+    """Give the trial's uid its work dir (links themselves, never what they point to)."""
+    os.chown(root, uid, uid)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in (*dirnames, *filenames):
+            os.chown(os.path.join(dirpath, name), uid, uid, follow_symlinks=False)
 
 
 class _Process:
@@ -658,6 +745,10 @@ class _Process:
         spec: TrialSpec,
         collector: OutputCollector,
         skip: int,
+        *,
+        sandboxed: bool,
+        seccomp_path: str | None = None,
+        trial_uid: int | None = None,
     ) -> _Process:
         """Start ``command`` under the supervisor, in a new session, output piped."""
         usage = os.path.join(os.path.dirname(cwd.rstrip("/")), "usage")
@@ -665,12 +756,19 @@ class _Process:
             {
                 "parent": os.getpid(),
                 "cwd": cwd,
-                "limits": _rlimits(spec),
+                "limits": _rlimits(spec, sandboxed),
                 "skip": skip,
                 "usage": usage,
+                "seccomp": seccomp_path,
+                "trial_uid": trial_uid,
+                "nice": TRIAL_NICE,
+                "oom_score_adj": TRIAL_OOM_SCORE_ADJ,
+                "memory_bytes": spec.limits.trial_memory_bytes,
+                "disk_bytes": spec.limits.disk_bytes,
+                "disk_path": cwd,
             }
         )
-        argv = [sys.executable, "-I", "-S", "-c", _SUPERVISOR, config, *command]
+        argv = [sys.executable, "-I", "-S", _SUPERVISOR, config, *command]
         read_fd, write_fd = os.pipe()
         try:
             pid = os.posix_spawn(
