@@ -742,6 +742,10 @@ class Rewriter:
         self.symbols: dict[str, dict[str, str]] = {
             old: symbols for old, (_, _, symbols) in plan.splits.items()
         }
+        #: the split's new modules: `node.store.schema` is already a new name
+        self.parts: dict[str, set[str]] = {
+            old: set(texts) for old, (_, texts, _) in plan.splits.items()
+        }
         self.tests = dict(plan.tests)
         names = sorted([*self.moves, *self.symbols], key=len, reverse=True)
         self.dotted = (
@@ -790,6 +794,8 @@ class Rewriter:
         symbols = self.symbols[mod]
         if sep and sym in symbols:
             return f"{symbols[sym]}{sep}{sym}"
+        if sep == "." and sym in self.parts[mod]:
+            return m[0]
         if sep and sym not in ("py",):
             self.problems.append(f"{where}: '{m[0]}' names no definition of split {mod}")
         return m[0]
@@ -944,7 +950,7 @@ def rewrite_all(plan: Plan, report: Report, dry: bool, written: set[Path]) -> No
     rw = Rewriter(plan)
     if not rw.active():
         return
-    for name in git_files() + [str(p) for p in written if p.exists()]:
+    for name in sorted({*git_files(), *(str(p) for p in written if p.exists())}):
         if name.startswith(SKIP) or name.endswith("/__init__.py.orig"):
             continue
         path = Path(name)
