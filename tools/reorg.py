@@ -199,14 +199,19 @@ TESTS: dict[str, str] = {
 
 @dataclass(frozen=True)
 class Patch:
-    """A hand-written edit: ``old`` (a regex) becomes ``new`` once; ``done`` says it is in."""
+    """A hand-written edit: ``old`` (a regex) becomes ``new``; ``done`` says it is in.
+
+    With ``done=None`` the patch is in when ``old`` no longer matches; ``count=0``
+    replaces every match.
+    """
 
     path: str
     old: str
     new: str
-    done: str
+    done: str | None
     why: str
     flags: int = re.MULTILINE
+    count: int = 1
 
 
 PATCHES: tuple[Patch, ...] = (
@@ -222,10 +227,11 @@ PATCHES: tuple[Patch, ...] = (
     ),
     Patch(
         "node/provider/sandbox.py",
-        r"\b_node_package_dir\(\)",
-        "_trial_package_dir()",
-        "_trial_package_dir()",
+        r"\b_node_package_dir\b",
+        "_trial_package_dir",
+        None,
         "callers of the sandbox's bound package",
+        count=0,
     ),
     Patch(
         "node/provider/sandbox.py",
@@ -719,9 +725,11 @@ def apply_patches(report: Report, dry: bool, written: set[Path]) -> None:
                 report.warn(f"{path}: missing, patch not applied ({patch.why})")
             continue
         text = path.read_text()
-        if patch.done in text:
+        if patch.done is not None and patch.done in text:
             continue
-        new, count = re.subn(patch.old, patch.new, text, count=1, flags=patch.flags)
+        new, count = re.subn(patch.old, patch.new, text, count=patch.count, flags=patch.flags)
+        if not count and patch.done is None:
+            continue
         if not count:
             report.warn(f"{path}: anchor not found, do by hand: {patch.why}")
             continue
