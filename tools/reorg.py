@@ -146,7 +146,7 @@ SPLITS: dict[str, Split] = {
             "provider": "``mercato provider ...``: the provider operator's commands.",
             "tenant": "The tenant's commands: market, order, plan, submit and the job commands.",
             "cluster": "``mercato cluster ...``: the developer's local cluster.",
-            "common": "What the commands of several users share (exit codes, formatting).",
+            "common": "What the commands of several users share.",
         },
         fallback="node.cli.main",
     ),
@@ -526,6 +526,7 @@ def plan_split(source: str, split: Split) -> tuple[dict[str, str], dict[str, str
         doc = original_doc if part == split.history else split.docstrings.get(part)
         if doc is None:
             doc = f"Part of {split.package} ({part})."
+        doc = doc.rstrip()
         out.append(f'"""{doc}"""\n\n' if "\n" not in doc else f'"""{doc}\n"""\n\n')
         out.append("from __future__ import annotations\n\n")
         for h in headers:
