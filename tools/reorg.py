@@ -251,27 +251,33 @@ PATCHES: tuple[Patch, ...] = (
     Patch(
         "tests/node/provider/test_sandbox.py",
         r"\Z",
-        "\n\nclass TestTrialHelperBinding:\n"
+        "\n\ndef node_installed_for_every_trial() -> bool:\n"
+        '    """Whether node/ is under sys.prefix (a wheel install), which the sandbox binds."""\n'
+        "    import node\n"
+        "\n"
+        "    return Path(node.__file__).resolve().is_relative_to(Path(sys.prefix).resolve())\n"
+        "\n"
+        "\n"
+        "class TestTrialHelperBinding:\n"
         "    async def test_trials_import_mercato_trial_but_not_the_node(\n"
         "        self, executor: SandboxExecutor, workspace: Path\n"
         "    ) -> None:\n"
         '        """Only the report helper is bound in: the provider\'s own code stays out."""\n'
-        "        import node\n"
-        "\n"
-        "        if Path(node.__file__).resolve().is_relative_to(Path(sys.prefix).resolve()):\n"
+        "        if node_installed_for_every_trial():\n"
         '            pytest.skip("node is installed under sys.prefix, which every trial sees")\n'
         '        code = """\n'
-        "        from mercato_trial import report\n"
         "        try:\n"
         "            import node.daemon\n"
         '            print("node visible")\n'
         "        except ImportError as e:\n"
         '            print("node hidden:", type(e).__name__)\n'
+        "        from mercato_trial import report\n"
         "        report(step=1)\n"
         '        """\n'
         "        outcome = await executor.run(make_spec(workspace, code))\n"
-        "        assert outcome.state is TrialState.SUCCEEDED, outcome.log_path.read_text()\n"
-        '        assert b"node hidden: ModuleNotFoundError" in outcome.log_path.read_bytes()\n'
+        "        log = outcome.log_path.read_bytes()\n"
+        '        assert b"node hidden: ModuleNotFoundError" in log, log\n'
+        "        assert outcome.state is TrialState.SUCCEEDED, log\n"
         '        assert outcome.metrics == {"step": 1}\n',
         "class TestTrialHelperBinding",
         "a test that trials see mercato_trial and not node/",
