@@ -235,8 +235,8 @@ PATCHES: tuple[Patch, ...] = (
     ),
     Patch(
         "node/provider/sandbox.py",
-        r"^(from node\.)",
-        "import mercato_trial\n\\1",
+        r"^(?=from node\.)",
+        "import mercato_trial\n",
         "import mercato_trial\n",
         "the sandbox imports mercato_trial to find it",
         re.MULTILINE | re.DOTALL,
@@ -763,7 +763,9 @@ def apply_patches(report: Report, dry: bool, written: set[Path]) -> None:
         text = path.read_text()
         if patch.done is not None and patch.done in text:
             continue
-        new, count = re.subn(patch.old, patch.new, text, count=patch.count, flags=patch.flags)
+        new, count = re.subn(
+            patch.old, lambda _: patch.new, text, count=patch.count, flags=patch.flags
+        )
         if not count and patch.done is None:
             continue
         if not count:
