@@ -753,6 +753,11 @@ def unknown_files(report: Report) -> None:
             report.warn(f"{path}: not in TESTS, left in place (add a line to place it)")
 
 
+def _literal(text: str) -> Callable[[re.Match[str]], str]:
+    """A replacement for re.sub that is taken as is (no backslash escapes)."""
+    return lambda _: text
+
+
 def apply_patches(report: Report, dry: bool, written: set[Path]) -> None:
     for patch in PATCHES:
         path = Path(patch.path)
@@ -764,7 +769,7 @@ def apply_patches(report: Report, dry: bool, written: set[Path]) -> None:
         if patch.done is not None and patch.done in text:
             continue
         new, count = re.subn(
-            patch.old, lambda _: patch.new, text, count=patch.count, flags=patch.flags
+            patch.old, _literal(patch.new), text, count=patch.count, flags=patch.flags
         )
         if not count and patch.done is None:
             continue
