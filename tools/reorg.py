@@ -62,12 +62,14 @@ MODULES: dict[str, str] = {
     "node.simloop": "node.net.simloop",
     "node.http": "node.net.http",
     "node.edge": "node.net.edge",
+    "node.addresses": "node.net.addresses",
     # provider/: what a provider runs
     "node.provider": "node.provider.service",
     "node.work": "node.provider.work",
     "node.executor": "node.provider.executor",
     "node.sandbox": "node.provider.sandbox",
     "node.supervisor": "node.provider.supervisor",
+    "node.seccomp": "node.provider.seccomp",
     "node.inventory": "node.provider.inventory",
     "node.prices": "node.provider.prices",
     # tenant/: what a tenant runs
@@ -176,6 +178,8 @@ NEW_FILES: dict[str, str] = {
 #: old test path -> new test path (mirrors the module's room)
 TESTS: dict[str, str] = {
     "tests/node/test_gossip.py": "tests/node/net/test_gossip.py",
+    "tests/node/test_hostile_edge.py": "tests/node/net/test_hostile_edge.py",
+    "tests/node/test_hostile_protocol.py": "tests/node/net/test_hostile_protocol.py",
     "tests/node/test_ratelimit.py": "tests/node/net/test_ratelimit.py",
     "tests/node/test_simulation.py": "tests/node/net/test_simulation.py",
     "tests/node/test_store.py": "tests/node/store/test_store.py",
@@ -183,12 +187,18 @@ TESTS: dict[str, str] = {
     "tests/node/test_sandbox.py": "tests/node/provider/test_sandbox.py",
     "tests/node/test_hostile_work.py": "tests/node/provider/test_hostile_work.py",
     "tests/node/test_supervisor.py": "tests/node/provider/test_supervisor.py",
+    "tests/node/test_sandbox_limits.py": "tests/node/provider/test_sandbox_limits.py",
+    "tests/node/test_work_log.py": "tests/node/provider/test_work_log.py",
     "tests/node/test_tenant.py": "tests/node/tenant/test_tenant.py",
     "tests/node/test_sweep_e2e.py": "tests/node/tenant/test_sweep_e2e.py",
     "tests/node/test_training_e2e.py": "tests/node/tenant/test_training_e2e.py",
+    "tests/node/test_sweep_promises.py": "tests/node/tenant/test_sweep_promises.py",
+    "tests/node/test_wandb_e2e.py": "tests/node/tenant/test_wandb_e2e.py",
+    "tests/node/test_task_retransmit.py": "tests/node/tenant/test_task_retransmit.py",
     "tests/node/test_status_page.py": "tests/node/operator/test_status_page.py",
     "tests/node/test_operator_cli.py": "tests/node/cli/test_operator_cli.py",
     "tests/node/test_cluster.py": "tests/node/cli/test_cluster.py",
+    "tests/node/test_tenant_cli.py": "tests/node/cli/test_tenant_cli.py",
     # stay in tests/node/: the composition root, config, home, whole-market e2e
     "tests/node/test_daemon.py": "tests/node/test_daemon.py",
     "tests/node/test_config.py": "tests/node/test_config.py",
@@ -712,15 +722,18 @@ def do_moves(plan: Plan, report: Report, dry: bool, written: set[Path]) -> None:
 
 _FILE_DEPTH = re.compile(
     r"Path\(__file__\)(?P<resolve>\.resolve\(\))?(?:\.parent(?!s)|\.parents\[(?P<n>\d+)\])"
+    r"(?P<after>\s*/)?"
 )
 
 
 def _deepen(text: str, delta: int) -> str:
     def sub(m: re.Match[str]) -> str:
         level = int(m["n"]) if m["n"] is not None else 0
+        if level == 0 and not m["after"]:
+            return m[0]  # the file's own directory (sys.path for a sibling): stays
         level += delta
         tail = ".parent" if level == 0 else f".parents[{level}]"
-        return f"Path(__file__){m['resolve'] or ''}{tail}"
+        return f"Path(__file__){m['resolve'] or ''}{tail}{m['after'] or ''}"
 
     return _FILE_DEPTH.sub(sub, text)
 
@@ -737,9 +750,22 @@ def move_tests(plan: Plan, report: Report, dry: bool, written: set[Path]) -> Non
             fixed = _deepen(text, delta)
             dst.write_text(fixed)
             rest = _FILE_DEPTH.sub("", fixed).count("__file__")
+            rest += len(re.findall(r"Path\(__file__\)\.parent(?!s)(?!\s*/)", fixed))
             if rest:
-                report.warn(f"{dst}: {rest} use(s) of __file__ not adjusted to the new depth")
+                report.warn(f"{dst}: {rest} use(s) of __file__ left as they were; check them")
         written.add(dst)
+    if not dry:
+        sibling_imports(report)
+
+
+def sibling_imports(report: Report) -> None:
+    """A test that imports another test module must still sit next to it."""
+    for path in sorted(Path("tests").rglob("test_*.py")):
+        text = path.read_text()
+        for m in re.finditer(r"^\s*(?:from (test_\w+) import|import (test_\w+))", text, re.M):
+            name = m[1] or m[2]
+            if not (path.parent / f"{name}.py").exists():
+                report.warn(f"{path}: imports {name}, which is not next to it any more")
 
 
 def unknown_files(report: Report) -> None:
@@ -825,6 +851,8 @@ class Rewriter:
             else None
         )
         self.problems: list[str] = []
+        #: modules this file imports as ``import node.x`` (its code then says node.x.y)
+        self._bare: dict[str, str] = {}
 
     def active(self) -> bool:
         return bool(self.dotted or self.path_re)
@@ -854,6 +882,7 @@ class Rewriter:
     # python -------------------------------------------------------------------------
 
     def python(self, source: str, where: str) -> str:
+        self._bare = {}
         source = self._imports(source, where)
         return self._tokens(source, where)
 
@@ -891,10 +920,12 @@ class Rewriter:
             out, changed = [], False
             for a in node.names:
                 if a.name in self.moves or a.name in self.symbols:
-                    if a.asname is None or a.name in self.symbols:
+                    if a.name in self.symbols:
                         self.problems.append(f"{here}: `import {a.name}`: rewrite its uses by hand")
                         out.append(ast.Import(names=[a]))
                         continue
+                    if a.asname is None:  # the code says node.x.y: rewritten with the tokens
+                        self._bare[a.name] = self.moves[a.name]
                     out.append(ast.Import(names=[ast.alias(self.moves[a.name], a.asname)]))
                     changed = True
                 else:
@@ -953,6 +984,7 @@ class Rewriter:
             return source
         lines = source.splitlines(keepends=True)
         edits: list[tuple[tuple[int, int], tuple[int, int], str]] = []
+        edits += self._dotted_code(tokens)
         for tok in tokens:
             if tok.type == tokenize.COMMENT or tok.type == tokenize.STRING:
                 new = self._string(tok.string, where) if tok.type == tokenize.STRING else None
@@ -965,6 +997,32 @@ class Rewriter:
             after = lines[er - 1][ec:]
             lines[sr - 1 : er] = [before + new + after]
         return "".join(lines)
+
+    def _dotted_code(
+        self, tokens: list[tokenize.TokenInfo]
+    ) -> list[tuple[tuple[int, int], tuple[int, int], str]]:
+        """``node.x`` in code, in a file that did ``import node.x``: the new dotted name."""
+        if not self._bare:
+            return []
+        code = [t for t in tokens if t.type in (tokenize.NAME, tokenize.OP)]
+        edits = []
+        for i, tok in enumerate(code):
+            if tok.string != "node" or (i and code[i - 1].string == "."):
+                continue
+            j, parts = i, ["node"]
+            while (
+                j + 2 < len(code)
+                and code[j + 1].string == "."
+                and code[j + 2].type == tokenize.NAME
+            ):
+                parts.append(code[j + 2].string)
+                j += 2
+                name = ".".join(parts)
+                if name in self._bare:
+                    if code[i - 1].string != "import":
+                        edits.append((tok.start, code[j].end, self._bare[name]))
+                    break
+        return edits
 
     def _string(self, s: str, where: str) -> str:
         prefix = re.match(r"[A-Za-z]*", s)
