@@ -749,7 +749,7 @@ def move_tests(plan: Plan, report: Report, dry: bool, written: set[Path]) -> Non
         if "__file__" in text and delta:
             fixed = _deepen(text, delta)
             dst.write_text(fixed)
-            rest = _FILE_DEPTH.sub("", fixed).count("__file__")
+            rest = len(re.findall(r"(?<![\w.])__file__", _FILE_DEPTH.sub("", fixed)))
             rest += len(re.findall(r"Path\(__file__\)\.parent(?!s)(?!\s*/)", fixed))
             if rest:
                 report.warn(f"{dst}: {rest} use(s) of __file__ left as they were; check them")
