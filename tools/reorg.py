@@ -275,18 +275,17 @@ PATCHES: tuple[Patch, ...] = (
         '        """Only the report helper is bound in: the provider\'s own code stays out."""\n'
         "        if node_installed_for_every_trial():\n"
         '            pytest.skip("node is installed under sys.prefix, which every trial sees")\n'
-        '        code = """\n'
-        "        try:\n"
-        "            import node.home\n"
-        '            print("node visible")\n'
-        "        except ImportError as e:\n"
-        '            print("node hidden:", e.name)\n'
+        "        import node.daemon\n"
+        "\n"
+        '        code = f"""\n'
+        "        import os\n"
+        '        print("daemon.py visible:", os.path.exists({node.daemon.__file__!r}))\n'
         "        from mercato_trial import report\n"
         "        report(step=1)\n"
         '        """\n'
         "        outcome = await executor.run(make_spec(workspace, code))\n"
         "        log = outcome.log_path.read_bytes()\n"
-        '        assert b"node hidden: node\\n" in log, log\n'
+        '        assert b"daemon.py visible: False" in log, log\n'
         "        assert outcome.state is TrialState.SUCCEEDED, log\n"
         '        assert outcome.metrics == {"step": 1}\n',
         "class TestTrialHelperBinding",
