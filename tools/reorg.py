@@ -26,7 +26,8 @@ Files the tables do not know (a new flat ``node/foo.py``, a new ``tests/node/tes
 are reported and left in place; their imports are still rewritten. To place one, add a
 line to ``MODULES`` (or ``TESTS``) and run again. Idempotent: every step checks whether
 it is still to do, and references are rewritten only for modules whose old file still
-exists, so a second run changes nothing. It refuses to run on a dirty tree.
+exists, so a second run changes nothing. It refuses to run on a dirty tree; if it stops
+half-way, ``git reset --hard && git clean -fd`` and run it again.
 
 After it: ``pip install -e .`` again (a new top-level package, ``mercato_trial``, is not
 in an existing editable install's path map).
@@ -460,8 +461,8 @@ def _filtered_import(node: ast.Import | ast.ImportFrom, used: set[str]) -> str |
     return ast.unparse(ast.ImportFrom(module=node.module, names=names, level=node.level))
 
 
-def plan_split(source: str, split: Split) -> tuple[dict[str, str], dict[str, str]] | str:
-    """The parts' texts and the symbol -> part map, or why the split is not clean."""
+def plan_split(source: str, split: Split) -> tuple[dict[str, str], dict[str, str], list[str]] | str:
+    """The parts' texts, the symbol -> part map and notes, or why the split is not clean."""
     tree = ast.parse(source)
     lines = source.splitlines(keepends=True)
     body = list(tree.body)
@@ -589,7 +590,16 @@ def plan_split(source: str, split: Split) -> tuple[dict[str, str], dict[str, str
         body_text = "".join(s.text for s in own)
         out.append("\n\n" + body_text.lstrip("\n"))
         texts[part] = "".join(out)
-    return texts, sym_part
+    notes = [
+        f"line {s.node.lineno}: module code (defines nothing) went to {split.package}.{s.part}"
+        for s in stmts
+        if not s.defines and not _is_main_guard(s.node)
+    ]
+    return texts, sym_part, notes
+
+
+def _is_main_guard(node: ast.stmt) -> bool:
+    return isinstance(node, ast.If) and "__main__" in ast.unparse(node.test)
 
 
 def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -649,7 +659,9 @@ def make_plan(report: Report) -> Plan:
             report.warn(f"{path}: not split ({result}); moved whole to {split.fallback}")
             plan.moves[old] = split.fallback
             continue
-        texts, sym_part = result
+        texts, sym_part, notes = result
+        for note in notes:
+            report.warn(f"{path}: {note}; check it runs where it should")
         symbols = {name: f"{split.package}.{part}" for name, part in sym_part.items()}
         plan.splits[old] = (split, texts, symbols)
     for old, new in TESTS.items():
@@ -661,14 +673,18 @@ def make_plan(report: Report) -> Plan:
 # --- moving ---------------------------------------------------------------------------
 
 
+_CREATED: set[Path] = set()
+
+
 def ensure_package(module: str, report: Report, dry: bool) -> None:
     """Create the package directories of ``module`` with their light __init__.py."""
     parts = module.split(".")
     for i in range(1, len(parts)):
         pkg = ".".join(parts[:i])
         init = Path(*parts[:i]) / "__init__.py"
-        if init.exists() or pkg == "node":
+        if init.exists() or pkg == "node" or init in _CREATED:
             continue
+        _CREATED.add(init)
         doc = PACKAGES.get(pkg)
         if doc is None:
             report.warn(f"{pkg}: new package with no docstring in PACKAGES")
