@@ -245,8 +245,13 @@ def open_envelope(
 
 
 def _validation_error(type_: str, e: ValidationError) -> InvalidFieldError | UnknownFieldError:
-    first = e.errors(include_url=False)[0]
+    """One code per body, by a documented rule (docs/protocol.md, section 6, step 13):
+    an unknown field anywhere in the body wins over any missing, mistyped or out-of-range
+    one, whatever order the validator found them in."""
+    errors = e.errors(include_url=False)
+    unknown = [err for err in errors if err["type"] == "extra_forbidden"]
+    first = unknown[0] if unknown else errors[0]
     where = ".".join(str(p) for p in first["loc"]) or "(body)"
-    if first["type"] == "extra_forbidden":
+    if unknown:
         return UnknownFieldError(f"{type_} has no field {where!r}")
     return InvalidFieldError(f"{type_}.{where}: {first['msg']}")

@@ -292,7 +292,7 @@ class TestRoundTrip:
     @given(
         st.dictionaries(
             st.text(min_size=1, max_size=64),
-            st.floats(allow_nan=False, allow_infinity=False) | st.integers(-(2**63), 2**63),
+            st.floats(allow_nan=False, allow_infinity=False) | st.integers(-(2**63), 2**63 - 1),
             max_size=20,
         )
     )
@@ -483,6 +483,24 @@ class TestRejections:
     def test_unknown_body_field(self) -> None:
         data = seal_raw(PROVIDER, "bid", bid_wire(discount=5))
         assert code_of(data) == "unknown_field"
+
+    @pytest.mark.parametrize(
+        "body",
+        [
+            bid_wire(discount=5, price="cheap"),  # unknown after an invalid one
+            {k: v for k, v in bid_wire(aaa=1).items() if k != "units"},  # and a missing one
+            {**bid_wire(units=0), "zzz": None},
+        ],
+    )
+    def test_an_unknown_field_wins_over_an_invalid_one(self, body: dict[str, Any]) -> None:
+        """docs/protocol.md section 6, step 13: unknown fields are reported first."""
+        assert code_of(seal_raw(PROVIDER, "bid", body)) == "unknown_field"
+
+    def test_an_unknown_nested_field_wins_over_an_invalid_top_level_one(self) -> None:
+        body = body_to_wire(ADVERT)
+        body["seq"] = -1
+        body["devices"][0]["colour"] = "green"
+        assert code_of(seal_raw(PROVIDER, "advert", body)) == "unknown_field"
 
     def test_unknown_nested_field(self) -> None:
         body = body_to_wire(ADVERT)
