@@ -34,6 +34,7 @@ from protocol.errors import (
 )
 from protocol.identity import Identity
 from protocol.messages import (
+    MAX_ITEMS,
     Advert,
     Body,
     DeviceGroup,
@@ -401,7 +402,11 @@ class Node:
             self.clock(),
             min(req.limit, self.settings.directory_page),
         )
-        return DirectoryMsg(adverts=[e.envelope for e in missing], wanted=wanted, more=more)
+        # A digest may name 20,000 providers, a list holds 10,000 (the codec's limit): ask
+        # for part of what the requester holds newer now, the rest in a later round.
+        return DirectoryMsg(
+            adverts=[e.envelope for e in missing], wanted=wanted[:MAX_ITEMS], more=more
+        )
 
     async def _on_directory_push(self, env: Envelope) -> Body | bytes | None:
         msg = env.body

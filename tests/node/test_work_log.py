@@ -54,7 +54,6 @@ class TestLogPieces:
         assert all(b > a for a, b in zip([0, *offsets], offsets, strict=False))
 
 
-
 @pytest.mark.parametrize("name", ["text", "three-byte characters", "four-byte characters"])
 def test_valid_utf8_arrives_intact_across_pieces(name: str) -> None:
     log = LOGS[name]

@@ -58,9 +58,7 @@ class TestSchemaWithinCodec:
             if key in ("maxItems", "maxProperties"):
                 assert limit <= DEFAULT_LIMITS.max_container, where
 
-    def test_no_string_limit_in_characters_can_exceed_the_codec_in_bytes(
-        self, type_: str
-    ) -> None:
+    def test_no_string_limit_in_characters_can_exceed_the_codec_in_bytes(self, type_: str) -> None:
         for where, key, limit in limits_of(type_):
             if key == "maxLength":
                 assert limit * MAX_UTF8_PER_CHAR <= DEFAULT_LIMITS.max_str, where
@@ -109,7 +107,7 @@ class TestMetricInts:
 
     @pytest.mark.parametrize("value", [2**63, 2**64 - 1, -(2**63) - 1])
     def test_values_outside_int64_are_invalid(self, value: int) -> None:
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="signed 64 bits"):
             m.TaskStatus(lease_id="l", task_id="t", state="running", metrics={"n": value})
 
     def test_a_received_uint64_metric_is_an_invalid_field(self) -> None:
