@@ -24,7 +24,7 @@ from node.metrics import NodeMetrics
 from node.ratelimit import RateLimiter
 from node.transport import Transport
 from protocol import codec
-from protocol.envelope import Envelope, open_envelope, seal
+from protocol.envelope import RESENT_VERBATIM, Envelope, open_envelope, seal
 from protocol.errors import (
     MercatoError,
     RateLimitedError,
@@ -256,6 +256,7 @@ class Node:
                     replay=self.guard,
                     recipient=self.node_id,
                     limits=self.limits,
+                    verbatim=RESENT_VERBATIM,  # the caller checks it answers its question
                 )
                 if peer.node_id is not None and reply.sender != peer.node_id:
                     raise RemoteProtocolError("reply signed by another node than the peer")
