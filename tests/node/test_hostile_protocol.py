@@ -67,6 +67,30 @@ ANSWER_WITHIN_S = 15.0
 RSS_GROWTH_LIMIT = 20 << 20
 
 
+def _from_json(obj: dict[str, Any]) -> Any:
+    return bytes.fromhex(obj["$bin"]) if list(obj) == ["$bin"] else obj
+
+
+#: The published vectors: one valid body of every message type.
+VECTORS: list[dict[str, Any]] = json.loads(
+    (Path(__file__).resolve().parents[2] / "docs" / "test-vectors.json").read_text("utf-8"),
+    object_hook=_from_json,
+)
+#: Types that are only ever replies (docs/protocol.md 7.1), and adverts (inside directory).
+REPLY_ONLY = [
+    "peer_list",
+    "advert",
+    "bid",
+    "no_bid",
+    "accept",
+    "decline",
+    "task_status",
+    "task_result",
+    "workspace_status",
+    "price_update",
+]
+
+
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -389,6 +413,21 @@ class TestHostileInput:
         after = await rejections(http, daemon)
         assert after - before == Counter({want_code: 1})
         await still_serving(http, daemon)
+
+    @pytest.mark.parametrize("type_", REPLY_ONLY)
+    async def test_a_reply_type_sent_as_a_request_is_unexpected(
+        self, daemon: RunningDaemon, http: aiohttp.ClientSession, type_: str
+    ) -> None:
+        """docs/protocol.md 7.1: replies (and adverts) are never requests."""
+        me = Identity.generate()
+        body = dict(next(v["body"] for v in VECTORS if v["type"] == type_))
+        for field in ("provider", "tenant"):  # the signer rules of section 6, step 14
+            if field in body and type_ in ("advert", "bid", "no_bid"):
+                body[field] = me.node_id
+        before = await rejections(http, daemon)
+        status, reply = await post(http, daemon, raw_envelope(me, type_, body, daemon.node_id))
+        assert (status, json.loads(reply)["error"]["code"]) == (422, "unexpected_message")
+        assert (await rejections(http, daemon)) - before == Counter({"unexpected_message": 1})
 
     async def test_a_replayed_envelope_is_refused_and_counted(
         self, daemon: RunningDaemon, http: aiohttp.ClientSession
