@@ -29,20 +29,25 @@ import aiohttp
 import msgpack
 import pytest
 
+from node.core import Node, NodeSettings
 from node.daemon import READY_FILE
-from node.transport import ENVELOPE_CONTENT_TYPE
+from node.transport import ENVELOPE_CONTENT_TYPE, MemoryNetwork
 from protocol import codec
 from protocol.envelope import open_envelope, seal, signed_bytes
 from protocol.identity import Identity
 from protocol.messages import (
     Accept,
+    Advert,
     Award,
     Bid,
     Body,
     Cancel,
+    DeviceGroup,
+    Directory,
     DirectoryRequest,
     Heartbeat,
     Hello,
+    Interconnect,
     Order,
     PeerList,
     Receipt,
@@ -478,6 +483,82 @@ async def lease(http: aiohttp.ClientSession, d: RunningDaemon, tenant: Identity)
     accept = open_envelope(body, now_ms=now_ms(), replay=None, recipient=tenant.node_id).body
     assert isinstance(accept, Accept), accept
     return lease_id
+
+
+def big_advert(who: Identity, groups: int = 3) -> bytes:
+    """A valid advert of about 200 KB: 3 groups of 1,024 devices with 64-character ids."""
+    devices = [
+        DeviceGroup(
+            model=f"RTX-4090-{g}",
+            kind="gpu",
+            ids=[f"g{g}-{i:0>60}" for i in range(1024)],
+            free=[],
+            memory_bytes=24 * 10**9,
+            fp16_flops=165 * 10**12,
+            memory_bandwidth=10**12,
+            price_floor=10**6,
+            simulated=True,
+        )
+        for g in range(groups)
+    ]
+    advert = Advert(
+        provider=who.node_id,
+        address="http://127.0.0.1:9",
+        devices=devices,
+        interconnect=Interconnect(kind="none", bandwidth=0, gang_size=1),
+        seq=now_ms(),
+        expires_ms=now_ms() + 120_000,
+    )
+    return sealed(who, advert, None)
+
+
+class TestLargeAdverts:
+    async def test_a_directory_of_large_adverts_is_paged_within_the_size_limit(
+        self, daemon: RunningDaemon, http: aiohttp.ClientSession
+    ) -> None:
+        """Eight adverts of 200 KB each: a directory answer holding all of them would be
+        1.6 MB, which no receiver takes (too_large). The daemon answers in pages that
+        fit, and a tenant gets every advert by asking again."""
+        pusher = Identity.generate()
+        adverts = [big_advert(Identity.generate()) for _ in range(8)]
+        assert all(150_000 < len(a) < 300_000 for a in adverts)
+        for i in range(0, 8, 4):
+            push = Directory(adverts=adverts[i : i + 4])
+            status, _ = await post(http, daemon, sealed(pusher, push, daemon.node_id))
+            assert status == 204
+        tenant = Identity.generate()
+        held: dict[str, int] = {}
+        for _ in range(10):
+            request = DirectoryRequest(digest=pack_digest(held), limit=2000)
+            status, body = await post(http, daemon, sealed(tenant, request, daemon.node_id))
+            assert status == 200, body[:300]
+            assert len(body) <= MAX_BYTES
+            page = open_envelope(body, now_ms=now_ms(), replay=None, recipient=tenant.node_id)
+            assert isinstance(page.body, Directory)
+            for raw in page.body.adverts:
+                advert = open_envelope(raw, now_ms=now_ms(), replay=None).body
+                assert isinstance(advert, Advert)
+                held[advert.provider] = advert.seq
+            if not page.body.more:
+                break
+        providers = {open_envelope(a, now_ms=now_ms(), replay=None).sender for a in adverts}
+        assert providers <= set(held)
+
+
+class TestAdvertBatches:
+    def test_pushes_of_large_adverts_fit_the_message_limit(self) -> None:
+        """Relayed news goes out in ``directory`` messages each receiver can take."""
+        node = Node(
+            Identity.generate(),
+            NodeSettings(role="bootstrap", address="http://127.0.0.1:9"),
+            MemoryNetwork().transport("http://127.0.0.1:9"),
+        )
+        adverts = [bytes([i]) * 200_000 for i in range(8)] + [b"x" * (2 << 20), b"small"]
+        batches = node.advert_batches(adverts)
+        for batch in batches:
+            message = Directory(adverts=batch)
+            assert len(sealed(node.identity, message, None)) <= MAX_BYTES
+        assert [a for batch in batches for a in batch] == [*adverts[:8], b"small"]
 
 
 class TestHostileWork:
