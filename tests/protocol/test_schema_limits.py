@@ -126,3 +126,40 @@ class TestMetricInts:
         raw = seal(PROVIDER, body, now_ms=NOW, nonce=bytes(16), to=TENANT.node_id)
         with pytest.raises(InvalidFieldError):
             open_envelope(raw, now_ms=NOW, replay=None)
+
+
+#: docs/protocol.md section 7: ``\s`` in ``Address`` is Unicode White_Space, these 25.
+WHITE_SPACE = {
+    *range(0x09, 0x0E),
+    0x20,
+    0x85,
+    0xA0,
+    0x1680,
+    *range(0x2000, 0x200B),
+    0x2028,
+    0x2029,
+    0x202F,
+    0x205F,
+    0x3000,
+}
+
+
+class TestAddressWhitespace:
+    def test_exactly_the_documented_code_points_are_refused(self) -> None:
+        refused = set()
+        for c in [*range(0x3100), 0xFEFF, 0x10FFFF]:
+            if 0xD800 <= c <= 0xDFFF:
+                continue
+            try:
+                m.PeerInfo(node_id="a" * 32, address=f"http://a{chr(c)}b", role="provider")
+            except ValueError:
+                refused.add(c)
+        assert refused == WHITE_SPACE
+
+    def test_python_re_whitespace_outside_white_space_is_allowed(self) -> None:
+        for c in range(0x1C, 0x20):  # matched by Python's \s, not by Unicode White_Space
+            m.PeerInfo(node_id="a" * 32, address=f"http://a{chr(c)}b", role="provider")
+
+    def test_a_trailing_newline_fails(self) -> None:
+        with pytest.raises(ValueError, match="pattern"):
+            m.PeerInfo(node_id="a" * 32, address="http://a\n", role="provider")
