@@ -31,6 +31,7 @@ from protocol.errors import (
     RemoteProtocolError,
     TooLargeError,
     UnexpectedMessageError,
+    WrongRecipientError,
 )
 from protocol.identity import Identity
 from protocol.messages import (
@@ -263,6 +264,9 @@ class Node:
                 )
                 if peer.node_id is not None and reply.sender != peer.node_id:
                     raise RemoteProtocolError("reply signed by another node than the peer")
+                if reply.type in RESENT_VERBATIM and reply.recipient != self.node_id:
+                    # Exempt from freshness, so it must at least be ours (section 5).
+                    raise WrongRecipientError(f"a {reply.type} must name its requester")
         except MercatoError as e:
             self.metrics.send_failures.labels(e.code).inc()
             self._peer_failed(peer)
