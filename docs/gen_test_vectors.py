@@ -17,15 +17,22 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import struct
 import sys
 from pathlib import Path
 from typing import Any
 
+import msgpack
+
+from protocol.codec import encode
 from protocol.envelope import open_envelope, seal, signed_bytes
+from protocol.errors import ERROR_CLASSES, RemoteProtocolError
 from protocol.identity import Identity
 from protocol.messages import MESSAGE_TYPES, body_to_wire
+from protocol.replay import ReplayGuard
 
 OUT = Path(__file__).with_name("test-vectors.json")
+OUT_NEGATIVE = Path(__file__).with_name("test-vectors-negative.json")
 
 # RFC 8032 section 7.1, TEST 1 and TEST 2 secret keys.
 PROVIDER_SEED = bytes.fromhex("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60")
@@ -325,7 +332,395 @@ def build() -> list[dict[str, Any]]:
         {"lease_id": "lease-9", "reason": "sweep finished"},
         p,
     )
+    add(
+        "provider answers a directory_request: one advert, verbatim, and one it wants",
+        provider,
+        "directory",
+        {
+            "adverts": [bytes.fromhex(vectors[1]["envelope"])],
+            "wanted": ["a" * 32],
+            "more": False,
+        },
+        t,
+    )
+    workspace = b"the bytes of a (very small) workspace tar archive"
+    add(
+        "tenant sends the first (and only) chunk of a workspace",
+        tenant,
+        "workspace_chunk",
+        {
+            "lease_id": "lease-9",
+            "workspace_hash": hashlib.sha256(workspace).hexdigest(),
+            "offset": 0,
+            "total_size": len(workspace),
+            "data": workspace,
+        },
+        p,
+    )
+    add(
+        "provider holds the whole workspace, hash verified",
+        provider,
+        "workspace_status",
+        {
+            "workspace_hash": hashlib.sha256(workspace).hexdigest(),
+            "received": len(workspace),
+            "complete": True,
+        },
+        t,
+    )
+    add(
+        "tenant long-polls a trial for up to 10 s, holding 5120 bytes of its log",
+        tenant,
+        "task_query",
+        {"lease_id": "lease-9", "task_id": "trial-0003", "log_offset": 5120, "wait_ms": 10_000},
+        p,
+    )
+    add(
+        "operator sets a price floor on its own daemon (signed by the node's own key)",
+        provider,
+        "price_update",
+        {"floors": {"H100-SXM": 2_300_000}, "reset": False},
+        p,
+    )
     return vectors
+
+
+# --- negative vectors: input bytes -> the error a receiver must answer ----------------
+
+#: The receiving node's clock for every negative vector (ms).
+T_NEG = T0 + 1_000_000
+
+
+def _neg_nonce(i: int) -> bytes:
+    return hashlib.sha256(b"mercato negative vector nonce %d" % i).digest()[:16]
+
+
+def _signed_map(who: Identity, fields: dict[str, Any]) -> dict[str, Any]:
+    """``fields`` (any values, without ``sig``) plus a signature over their canonical bytes."""
+    unsigned = {k: v for k, v in fields.items() if k != "sig"}
+    return {**unsigned, "sig": who.sign(encode(unsigned))}
+
+
+def _parts(data: bytes) -> list[Any]:
+    """``data`` as a list of hex strings and ``{"repeat": hex, "times": n}`` runs."""
+    out: list[Any] = []
+    literal = bytearray()
+    i = 0
+    while i < len(data):
+        best_unit, best_times = 0, 0
+        for unit in (1, 2, 3, 4):
+            piece = data[i : i + unit]
+            if len(piece) < unit:
+                break
+            times = 1
+            while data[i + times * unit : i + (times + 1) * unit] == piece:
+                times += 1
+            if times * unit > best_unit * best_times:
+                best_unit, best_times = unit, times
+        if best_unit * best_times >= 64:
+            if literal:
+                out.append(literal.hex())
+                literal = bytearray()
+            out.append({"repeat": data[i : i + best_unit].hex(), "times": best_times})
+            i += best_unit * best_times
+        else:
+            literal.append(data[i])
+            i += 1
+    if literal:
+        out.append(literal.hex())
+    return out
+
+
+def join_parts(parts: list[Any]) -> bytes:
+    """The input bytes of a negative vector (the inverse of ``_parts``)."""
+    return b"".join(
+        bytes.fromhex(p) if isinstance(p, str) else bytes.fromhex(p["repeat"]) * p["times"]
+        for p in parts
+    )
+
+
+def _replace_once(data: bytes, old: bytes, new: bytes) -> bytes:
+    assert data.count(old) == 1, (old, data.count(old))
+    return data.replace(old, new)
+
+
+def build_negative(vectors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One vector per way the wire layer (codec, envelope, replay guard, schema) rejects.
+
+    The receiver is the provider of the positive vectors, its clock at ``T_NEG``; each
+    input has exactly one flaw, so the verification order of section 6 decides nothing
+    but the code, and every implementation must answer the same one.
+    """
+    provider = Identity.from_seed(PROVIDER_SEED)
+    tenant = Identity.from_seed(TENANT_SEED)
+    p, t = provider.node_id, tenant.node_id
+    out: list[dict[str, Any]] = []
+    hello = {"address": None, "agent": "mercato/0.1.0", "role": "tenant"}
+
+    def fields(
+        type_: str = "hello",
+        body: Any = None,
+        *,
+        who: Identity = tenant,
+        to: str | None = p,
+        ts: int = T_NEG,
+    ) -> dict[str, Any]:
+        i = len(out)
+        unsigned = {
+            "body": hello if body is None else body,
+            "from": who.public_key,
+            "nonce": _neg_nonce(i),
+            "to": to,
+            "ts": ts,
+            "type": type_,
+            "v": 1,
+        }
+        return _signed_map(who, unsigned)
+
+    def env(type_: str = "hello", body: Any = None, **kw: Any) -> bytes:
+        return encode(fields(type_, body, **kw))
+
+    def add(name: str, code: str, data: bytes, step: int, before: tuple[bytes, ...] = ()) -> None:
+        guard = ReplayGuard()
+        for earlier in before:
+            open_envelope(earlier, now_ms=T_NEG, replay=guard, recipient=p)
+        # Never publish a vector our own code disagrees with.
+        try:
+            open_envelope(data, now_ms=T_NEG, replay=guard, recipient=p)
+        except RemoteProtocolError as e:
+            if e.code != code:
+                raise AssertionError(f"{name}: {e}, not {code}") from e
+        else:
+            raise AssertionError(f"{name}: accepted")
+        out.append(
+            {
+                "name": name,
+                "code": code,
+                "http_status": ERROR_CLASSES[code].http_status,
+                "step": step,
+                "receiver": p,
+                "now_ms": T_NEG,
+                "received_before": [b.hex() for b in before],
+                "input": _parts(data),
+            }
+        )
+
+    good = env()
+    # step 1
+    add("one byte over 1 MiB", "too_large", good + b"\xc0" * ((1 << 20) + 1 - len(good)), 1)
+    # step 2
+    add("truncated: the last byte missing", "malformed", good[:-1], 2)
+    add("a byte after the envelope", "malformed", env() + b"\xc0", 2)
+    add("the reserved byte 0xc1", "malformed", b"\xc1", 2)
+    add("an empty message", "malformed", b"", 2)
+    data = env()
+    ts_at = data.index(b"\xa2ts\xcf") + 3
+    add(
+        "ts as a msgpack timestamp (ext type -1)",
+        "malformed",
+        data[:ts_at] + b"\xd6\xff" + (T_NEG // 1000).to_bytes(4, "big") + data[ts_at + 9 :],
+        2,
+    )
+    add("an integer map key", "malformed", _replace_once(env(), b"\xa5agent", b"\x05"), 2)
+    add(
+        "a string that is not UTF-8",
+        "malformed",
+        _replace_once(env(), b"mercato/0.1.0", b"mercato/0.1.\xff"),
+        2,
+    )
+    # step 3
+    deep: Any = "t"
+    for _ in range(14):
+        deep = [deep]
+    add(
+        "17 levels: envelope, body, and a list nested 15 deep",
+        "too_deep",
+        env("heartbeat", {"lease_id": "lease-9", "running": [deep], "seq": 1}),
+        3,
+    )
+    add(
+        "an array of 10,001 items",
+        "too_long",
+        env("heartbeat", {"lease_id": "lease-9", "running": ["t"] * 10_001, "seq": 1}),
+        3,
+    )
+    add(
+        "a string of 65,537 bytes",
+        "too_long",
+        env("hello", {**hello, "agent": "a" * 65_537}),
+        3,
+    )
+    add(
+        "a log of 21,846 characters, 65,538 bytes of UTF-8: strings are counted in bytes",
+        "too_long",
+        env(
+            "task_status",
+            {"lease_id": "lease-9", "log": "€" * 21_846, "state": "running", "task_id": "t"},
+        ),
+        3,
+    )
+    # step 4
+    add(
+        "envelope keys not sorted",
+        "non_canonical",
+        msgpack.packb(dict(reversed(fields().items())), use_bin_type=True),
+        4,
+    )
+    add(
+        "uint 8 for the fixint 1",
+        "non_canonical",
+        _replace_once(env(), b"\xa1v\x01", b"\xa1v\xcc\x01"),
+        4,
+    )
+    add(
+        "str 8 for a 5-byte string",
+        "non_canonical",
+        _replace_once(env(), b"\xa5hello", b"\xd9\x05hello"),
+        4,
+    )
+    status = {"lease_id": "lease-9", "metrics": {"loss": 0.5}, "state": "running", "task_id": "t"}
+    half = b"\xcb" + struct.pack(">d", 0.5)
+    add(
+        "float 32 for 0.5",
+        "non_canonical",
+        _replace_once(env("task_status", status), half, b"\xca" + struct.pack(">f", 0.5)),
+        4,
+    )
+    add(
+        "a NaN float 64",
+        "non_canonical",
+        _replace_once(
+            env("task_status", status), half, b"\xcb" + bytes.fromhex("7ff8000000000000")
+        ),
+        4,
+    )
+    add(
+        "array 16 for a 1-item array",
+        "non_canonical",
+        _replace_once(
+            env("heartbeat", {"lease_id": "lease-9", "running": ["t"], "seq": 1}),
+            b"\x91\xa1t",
+            b"\xdc\x00\x01\xa1t",
+        ),
+        4,
+    )
+    data = env()
+    agent = b"\xa5agent\xadmercato/0.1.0"
+    add(
+        "the body repeats the key agent",
+        "duplicate_key",
+        _replace_once(data, b"\x83\xa7address\xc0" + agent, b"\x84\xa7address\xc0" + agent + agent),
+        4,
+    )
+    # steps 5-8
+    add("an array, not a map", "bad_envelope", encode(["hello"]), 5)
+    add(
+        "nonce missing",
+        "bad_envelope",
+        encode({k: v for k, v in fields().items() if k != "nonce"}),
+        5,
+    )
+    add("an extra key", "bad_envelope", encode(_signed_map(tenant, {**fields(), "x": 1})), 5)
+    add(
+        "v is true, not an int",
+        "bad_envelope",
+        encode(_signed_map(tenant, {**fields(), "v": True})),
+        6,
+    )
+    add("v is 2", "bad_version", encode(_signed_map(tenant, {**fields(), "v": 2})), 6)
+    add("type is an int", "bad_envelope", encode(_signed_map(tenant, {**fields(), "type": 1})), 7)
+    add("an unknown type", "unknown_type", env("gossip"), 7)
+    for key, value, why in [
+        ("from", tenant.public_key[:31], "from of 31 bytes"),
+        ("nonce", bytes(15), "nonce of 15 bytes"),
+        ("sig", bytes(63), "sig of 63 bytes"),
+        ("ts", str(T_NEG), "ts a string"),
+        ("ts", float(T_NEG), "ts a float"),
+        ("to", p.upper(), "to not a node id (upper case)"),
+        ("body", [], "body an array"),
+    ]:
+        edited = {**fields(), key: value}
+        add(why, "bad_envelope", encode(edited if key == "sig" else _signed_map(tenant, edited)), 8)
+    # step 9
+    add("ts 120,001 ms behind the receiver", "stale", env(ts=T_NEG - 120_001), 9)
+    add("ts 30,001 ms ahead of the receiver", "future", env(ts=T_NEG + 30_001), 9)
+    # step 10
+    f = fields()
+    add(
+        "one bit of the signature flipped",
+        "bad_signature",
+        encode({**f, "sig": bytes([f["sig"][0] ^ 1]) + f["sig"][1:]}),
+        10,
+    )
+    add(
+        "from names the provider's key, signed by the tenant's",
+        "bad_signature",
+        encode({**_signed_map(tenant, {**fields(), "from": provider.public_key})}),
+        10,
+    )
+    add(
+        "from is the small-order key 01 00..00 with the universal signature 01 00..00"
+        " (docs/weak-key-vectors.json has every weak key)",
+        "weak_key",
+        encode({**fields(), "from": bytes([1]) + bytes(31), "sig": bytes([1]) + bytes(63)}),
+        10,
+    )
+    # step 11
+    add("to names another node", "wrong_recipient", env(to="a" * 32), 11)
+    # step 12
+    again = env()
+    add("the same envelope a second time", "replay", again, 12, (again,))
+    # step 13
+    add("an unknown body field", "unknown_field", env("hello", {**hello, "admin": True}), 13)
+    advert = {**vectors[1]["body"], "provider": t}
+    advert["devices"] = [{**advert["devices"][0], "colour": "green"}]
+    add("an unknown field in a nested record", "unknown_field", env("advert", advert, to=None), 13)
+    add(
+        "an unknown field and an invalid one: unknown wins",
+        "unknown_field",
+        env("hello", {**hello, "role": 7, "zzz": 1}),
+        13,
+    )
+    order = vectors[4]["body"]
+    for change, why in [
+        ({"units": "3"}, "a string for an int"),
+        ({"units": 3.0}, "a float for an int"),
+        ({"units": True}, "a bool for an int"),
+        ({"units": 0}, "below the minimum"),
+        ({"units": 100_001}, "above the maximum"),
+        ({"max_price": -1}, "negative money"),
+        ({"order_id": "ord-7f3a\n"}, "a pattern with a trailing newline"),
+        ({"job_spec_hash": order["job_spec_hash"].upper()}, "a hash in upper case"),
+        ({"workload": "mining"}, "not one of the allowed values"),
+    ]:
+        add(f"order: {why}", "invalid_field", env("order", {**order, **change}), 13)
+    add(
+        "order: a required field missing",
+        "invalid_field",
+        env("order", {k: v for k, v in order.items() if k != "units"}),
+        13,
+    )
+    for value, why in [(2**63, "2^63"), (2**64 - 1, "2^64 - 1")]:
+        add(
+            f"a metric int of {why}: metric ints are signed 64-bit",
+            "invalid_field",
+            env("task_status", {**status, "metrics": {"n": value}}),
+            13,
+        )
+    add(
+        "an address with U+00A0 (addresses are ASCII)",
+        "invalid_field",
+        env("hello", {**hello, "address": "http://a\u00a0b", "role": "provider"}),
+        13,
+    )
+    # step 14
+    add(
+        "an order signed by the tenant naming the provider as its tenant",
+        "sender_mismatch",
+        env("order", {**order, "tenant": p}),
+        14,
+    )
+    return out
 
 
 def render(vectors: list[dict[str, Any]]) -> str:
@@ -344,14 +739,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--check", action="store_true", help="fail if the file is out of date")
     args = parser.parse_args()
-    text = render(build())
+    vectors = build()
+    files = {OUT: render(vectors), OUT_NEGATIVE: render(build_negative(vectors))}
     if args.check:
-        if OUT.read_text(encoding="utf-8") != text:
-            print(f"{OUT} is out of date: run python {__file__}", file=sys.stderr)
-            return 1
-        return 0
-    OUT.write_text(text, encoding="utf-8")
-    print(f"wrote {OUT}")
+        stale = [path for path, text in files.items() if path.read_text("utf-8") != text]
+        for path in stale:
+            print(f"{path} is out of date: run python {__file__}", file=sys.stderr)
+        return 1 if stale else 0
+    for path, text in files.items():
+        path.write_text(text, encoding="utf-8")
+        print(f"wrote {path}")
     return 0
 
 

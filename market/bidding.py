@@ -21,6 +21,7 @@ from typing import Protocol
 
 from market.matching import describe, group_matches
 from protocol.messages import (
+    MAX_ITEMS,
     Accept,
     Award,
     Bid,
@@ -295,7 +296,8 @@ class BidEngine:
             by_model.items(),
             key=lambda kv: (-min(len(kv[1]) // per_unit, order.units), kv[1][0].price_floor),
         )
-        units = min(units, len(pool) // per_unit)
+        # A bid lists its devices, and a list holds at most MAX_ITEMS (the codec's limit).
+        units = min(units, len(pool) // per_unit, MAX_ITEMS // per_unit)
         if req.gang and units < order.units:
             return self._no_bid(order, "gang_too_small", "no single model fills the gang")
         chosen = tuple(d.id for d in pool[: units * per_unit])

@@ -24,16 +24,18 @@ from node.metrics import NodeMetrics
 from node.ratelimit import RateLimiter
 from node.transport import Transport
 from protocol import codec
-from protocol.envelope import Envelope, open_envelope, seal
+from protocol.envelope import RESENT_VERBATIM, Envelope, open_envelope, seal
 from protocol.errors import (
     MercatoError,
     RateLimitedError,
     RemoteProtocolError,
     TooLargeError,
     UnexpectedMessageError,
+    WrongRecipientError,
 )
 from protocol.identity import Identity
 from protocol.messages import (
+    MAX_ITEMS,
     Advert,
     Body,
     DeviceGroup,
@@ -57,6 +59,9 @@ CapacityFn = Callable[[], tuple[list[DeviceGroup], Interconnect]]
 #: A handler returns a body to seal as the reply, pre-sealed reply bytes, or None.
 MessageHandler = Callable[[Envelope], Awaitable[Body | bytes | None]]
 AGENT = "mercato/0.1"
+#: Bytes of a directory answer besides its adverts and wanted ids: the envelope's fixed
+#: fields and signature (about 200 bytes), the list headers and ``more``, with room to spare.
+DIRECTORY_OVERHEAD = 1024
 #: Least time between two capacity-triggered adverts (a burst coalesces into one).
 ADVERT_HOLD_DOWN_S = 1.0
 
@@ -255,9 +260,13 @@ class Node:
                     replay=self.guard,
                     recipient=self.node_id,
                     limits=self.limits,
+                    verbatim=RESENT_VERBATIM,  # the caller checks it answers its question
                 )
                 if peer.node_id is not None and reply.sender != peer.node_id:
                     raise RemoteProtocolError("reply signed by another node than the peer")
+                if reply.type in RESENT_VERBATIM and reply.recipient != self.node_id:
+                    # Exempt from freshness, so it must at least be ours (section 5).
+                    raise WrongRecipientError(f"a {reply.type} must name its requester")
         except MercatoError as e:
             self.metrics.send_failures.labels(e.code).inc()
             self._peer_failed(peer)
@@ -401,7 +410,46 @@ class Node:
             self.clock(),
             min(req.limit, self.settings.directory_page),
         )
-        return DirectoryMsg(adverts=[e.envelope for e in missing], wanted=wanted, more=more)
+        # A digest may name 20,000 providers, a list holds 10,000 (the codec's limit): ask
+        # for part of what the requester holds newer now, the rest in a later round.
+        wanted = wanted[:MAX_ITEMS]
+        # The whole answer must fit the message limit every receiver applies (1 MiB
+        # unless both sides raised it): adverts go in while they fit, the rest in the
+        # next page. One too large for any answer is never sent (no receiver takes it).
+        budget = min(self.limits.max_size, codec.DEFAULT_LIMITS.max_size) - DIRECTORY_OVERHEAD
+        budget -= sum(len(w) + 2 for w in wanted)
+        room = budget
+        adverts: list[bytes] = []
+        for e in missing:
+            cost = len(e.envelope) + 5  # bin 32 header
+            if cost > budget:
+                continue
+            if cost > room:
+                more = True
+                break
+            adverts.append(e.envelope)
+            room -= cost
+        return DirectoryMsg(adverts=adverts, wanted=wanted, more=more)
+
+    def advert_batches(self, adverts: list[bytes]) -> list[list[bytes]]:
+        """``adverts`` in batches whose ``directory`` message fits every receiver's limit.
+
+        Large adverts (hundreds of KB each) in one push would make a message no peer
+        takes (``too_large``), and the news would never spread.
+        """
+        budget = min(self.limits.max_size, codec.DEFAULT_LIMITS.max_size) - DIRECTORY_OVERHEAD
+        batches: list[list[bytes]] = []
+        room = 0
+        for raw in adverts:
+            cost = len(raw) + 5  # bin 32 header
+            if cost > budget:
+                continue  # no receiver takes it in any message
+            if not batches or cost > room:
+                batches.append([])
+                room = budget
+            batches[-1].append(raw)
+            room -= cost
+        return batches
 
     async def _on_directory_push(self, env: Envelope) -> Body | bytes | None:
         msg = env.body
@@ -458,8 +506,8 @@ class Node:
                     self.directory.get(p) for p in page.wanted[: self.settings.directory_page]
                 ]
                 push = [e.envelope for e in theirs if e is not None]
-                if push:
-                    await self.request(peer, DirectoryMsg(adverts=push))
+                for batch in self.advert_batches(push):
+                    await self.request(peer, DirectoryMsg(adverts=batch))
             if not page.more or not fresh:
                 return learned
         return learned
@@ -614,7 +662,8 @@ class Node:
             news = [e.envelope for p in self._news if _live(e := self.directory.get(p), now)]
             sources, self._news, self._news_from = self._news_from, {}, set()
             for i in range(0, len(news), page):
-                self._spawn(self._push(news[i : i + page], exclude=sources))
+                for batch in self.advert_batches(news[i : i + page]):
+                    self._spawn(self._push(batch, exclude=sources))
 
     async def _gossip_loop(self) -> None:
         rounds = 0

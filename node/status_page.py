@@ -49,6 +49,7 @@ from market.settlement import amount_owed, format_credits
 from protocol import codec
 from protocol.envelope import open_envelope, seal
 from protocol.errors import (
+    ForbiddenError,
     MercatoError,
     NotFoundError,
     SenderMismatchError,
@@ -95,13 +96,6 @@ CSP = (
     "default-src 'none'; style-src 'unsafe-inline'; img-src data:; "
     "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
-
-
-class ForbiddenError(MercatoError):
-    """The client's address is not in ``[status] allow_from``."""
-
-    code = "forbidden"
-    http_status = 403
 
 
 class DaemonUnreachableError(MercatoError):

@@ -33,6 +33,7 @@ from protocol.errors import (
     UnexpectedMessageError,
 )
 from protocol.messages import (
+    MAX_STR_BYTES,
     Body,
     Cancel,
     TaskAssign,
@@ -47,7 +48,34 @@ from protocol.messages import (
 
 log = logging.getLogger("mercato.work")
 
-LOG_CHUNK = 60_000  # bytes of log per task_status (its ``log`` field holds 65 536 chars)
+LOG_CHUNK = 60_000  # bytes of log per task_status (its ``log`` field holds 65 536 bytes)
+
+
+def log_piece(log: bytes | bytearray, offset: int) -> tuple[str, int]:
+    """The text of the log from ``offset`` for one ``task_status``, and the offset after it.
+
+    The ``log`` field holds at most 65,536 bytes of UTF-8, and a trial prints whatever
+    bytes it likes: each invalid byte becomes U+FFFD, three bytes of UTF-8, so a piece
+    of invalid bytes is cut to a third. A character split at the end of a piece is left
+    for the next one, so valid UTF-8 arrives intact.
+    """
+    chunk = bytes(log[offset : offset + LOG_CHUNK])
+    if offset + len(chunk) < len(log):
+        # Drop an incomplete character at the end (at most 3 bytes of a 4-byte one).
+        for back in range(1, min(4, len(chunk))):
+            lead = chunk[-back]
+            if lead < 0x80:
+                break
+            if lead >= 0xC0:  # a lead byte: is its character complete?
+                need = 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+                if back < need:
+                    chunk = chunk[:-back]
+                break
+    text = chunk.decode("utf-8", errors="replace")
+    if len(text.encode("utf-8")) > MAX_STR_BYTES:
+        chunk = chunk[: MAX_STR_BYTES // 3]
+        text = chunk.decode("utf-8", errors="replace")
+    return text, offset + len(chunk)
 
 
 @dataclass
@@ -177,15 +205,14 @@ class WorkService:
     # --- tasks ------------------------------------------------------------------
 
     def _status(self, task: Task, offset: int = 0) -> TaskStatus:
-        chunk = bytes(task.log[offset : offset + LOG_CHUNK])
-        text = chunk.decode("utf-8", errors="replace")
+        text, end = log_piece(task.log, offset)
         return TaskStatus(
             lease_id=task.assign.lease_id,
             task_id=task.assign.task_id,
             state=task.state,
             detail=task.cancel_reason,
-            log=text[:65_536],
-            log_offset=offset + len(chunk),
+            log=text,
+            log_offset=end,
             metrics=dict(list(task.metrics.items())[:256]),
         )
 

@@ -17,7 +17,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from protocol.errors import MercatoError
+from protocol.errors import BadWorkspaceError
 
 #: Never packed: VCS data, caches, virtual environments, Mercato's own state.
 DEFAULT_EXCLUDES = (
@@ -40,10 +40,8 @@ DEFAULT_EXCLUDES = (
 DEFAULT_MAX_BYTES = 64 << 20
 
 
-class WorkspaceError(MercatoError):
-    """A workspace is too large, unreadable, corrupt or unsafe to unpack."""
-
-    code = "bad_workspace"
+class WorkspaceError(BadWorkspaceError):
+    """A workspace is too large, unreadable, corrupt or unsafe to unpack (400 on the wire)."""
 
 
 @dataclass(frozen=True)

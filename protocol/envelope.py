@@ -55,6 +55,12 @@ _MAP8 = b"\x88"
 _SIG_ENTRY_HEAD = codec.encode("sig") + b"\xc4" + bytes([SIGNATURE_SIZE])
 _SIG_ENTRY_SIZE = len(_SIG_ENTRY_HEAD) + SIGNATURE_SIZE
 
+#: Replies a sender signs once and re-sends as the same bytes whenever it is asked again
+#: (docs/protocol.md, section 5): a finished task's result, whose envelope hash must stay
+#: one value. A receiver opening a reply of these types skips the freshness and replay
+#: checks; it checks instead that the document answers what it asked.
+RESENT_VERBATIM: frozenset[str] = frozenset({"task_result"})
+
 #: Body fields that name a node and must equal the signer's node id.
 _SIGNER_FIELDS: dict[str, str] = {
     "advert": "provider",
@@ -157,6 +163,7 @@ def open_envelope(
     replay: ReplayGuard | None,
     recipient: str | None = None,
     limits: codec.Limits = codec.DEFAULT_LIMITS,
+    verbatim: frozenset[str] = frozenset(),
 ) -> Envelope:
     """Decode, verify and validate an envelope; raise a RemoteProtocolError otherwise.
 
@@ -166,7 +173,8 @@ def open_envelope(
     then the body schema. ``recipient`` is this node's id: an envelope addressed
     to another node is rejected; one addressed to nobody (``to`` nil) is accepted.
     ``replay=None`` skips timestamp and nonce checks: only for re-verifying stored or
-    relayed adverts, whose freshness is governed by their ``expires_ms``.
+    relayed adverts, whose freshness is governed by their ``expires_ms``. So do the
+    types in ``verbatim``: a requester passes ``RESENT_VERBATIM`` for a reply.
     """
     env = codec.decode(data, limits)
     if type(env) is not dict:
@@ -203,6 +211,8 @@ def open_envelope(
     if type(body) is not dict:
         raise BadEnvelopeError("envelope field 'body' must be a map")
 
+    if type_ in verbatim:
+        replay = None
     if replay is not None:
         replay.check_time(ts, now_ms)
     # The signed bytes are the envelope without its "sig" entry. decode() proved the
@@ -245,8 +255,13 @@ def open_envelope(
 
 
 def _validation_error(type_: str, e: ValidationError) -> InvalidFieldError | UnknownFieldError:
-    first = e.errors(include_url=False)[0]
+    """One code per body, by a documented rule (docs/protocol.md, section 6, step 13):
+    an unknown field anywhere in the body wins over any missing, mistyped or out-of-range
+    one, whatever order the validator found them in."""
+    errors = e.errors(include_url=False)
+    unknown = [err for err in errors if err["type"] == "extra_forbidden"]
+    first = unknown[0] if unknown else errors[0]
     where = ".".join(str(p) for p in first["loc"]) or "(body)"
-    if first["type"] == "extra_forbidden":
+    if unknown:
         return UnknownFieldError(f"{type_} has no field {where!r}")
     return InvalidFieldError(f"{type_}.{where}: {first['msg']}")

@@ -217,6 +217,24 @@ class NotFoundError(RemoteProtocolError):
     http_status = 404
 
 
+class BadWorkspaceError(MercatoError):
+    """A workspace archive is too large, corrupt or unsafe to unpack.
+
+    Not a RemoteProtocolError: a tenant raises it too, for its own directory, before
+    anything is sent. A provider answers it with 400: the archive is the sender's fault.
+    """
+
+    code = "bad_workspace"
+    http_status = 400
+
+
+class ForbiddenError(MercatoError):
+    """The client's address may not use this endpoint (operator endpoints, ``allow_from``)."""
+
+    code = "forbidden"
+    http_status = 403
+
+
 class PeerTimeoutError(MercatoError, TimeoutError):
     """A peer did not answer in time."""
 

@@ -16,6 +16,7 @@ Conventions that hold for every message (docs/protocol.md repeats them):
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from collections.abc import Iterator, Mapping
 from itertools import pairwise
@@ -26,6 +27,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PlainValidator,
     StringConstraints,
     model_validator,
 )
@@ -33,6 +35,26 @@ from pydantic import (
 PROTOCOL_VERSION = 1
 
 MAX_U63 = 2**63 - 1
+#: Longest list or map a schema may allow: the codec's limit (protocol.codec.Limits), so
+#: every valid message can also be received.
+MAX_ITEMS = 10_000
+#: Longest string in UTF-8 bytes, the codec's limit. Schema limits in characters stay at
+#: a quarter of it (a character takes up to 4 bytes); longer fields count bytes instead.
+MAX_STR_BYTES = 65_536
+
+
+def _utf8_at_most(limit: int) -> Any:
+    def check(value: str) -> str:
+        size = len(value.encode("utf-8", errors="surrogatepass"))
+        if size > limit:
+            raise ValueError(f"{size} bytes of UTF-8 exceeds {limit} bytes")
+        return value
+
+    return AfterValidator(check)
+
+
+#: A string of at most 65,536 bytes of UTF-8 (not characters: the codec counts bytes).
+LongText = Annotated[str, _utf8_at_most(MAX_STR_BYTES)]
 
 NodeId = Annotated[str, StringConstraints(pattern=r"^[a-z2-7]{32}$")]
 Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
@@ -83,6 +105,25 @@ Seq = Annotated[int, Field(ge=0, le=MAX_U63)]
 Bytes_ = Annotated[int, Field(ge=0, le=MAX_U63)]
 Rate = Annotated[int, Field(ge=0, le=MAX_U63)]
 Flops = Annotated[int, Field(ge=0, le=MAX_U63)]
+
+
+def _metric(value: Any) -> float | int:
+    # By exact type: pydantic's float accepts an int even when strict, which would turn
+    # an int past 2^63 - 1 into a float instead of refusing it.
+    if type(value) is float:
+        if not math.isfinite(value):
+            raise ValueError("a metric float must be finite")
+        return value
+    if type(value) is int:
+        if not -(2**63) <= value <= MAX_U63:
+            raise ValueError("a metric int must fit in signed 64 bits")
+        return value
+    raise ValueError(f"a metric is a float or an int, not {type(value).__name__}")
+
+
+#: A metric a trial reported: a finite float 64, or a signed 64-bit integer
+#: (-2^63 .. 2^63 - 1), kept as the type it was sent in.
+Metric = Annotated[float | int, PlainValidator(_metric, json_schema_input_type=float | int)]
 
 DeviceKind = Literal["gpu", "ipu", "cpu"]
 WorkloadClass = Literal["sweep", "training", "service"]
@@ -231,7 +272,7 @@ class Directory(Body):
 
     TYPE = "directory"
     adverts: Annotated[list[bytes], Field(max_length=2000)]
-    wanted: Annotated[list[NodeId], Field(max_length=100_000)] = []  # newer at requester
+    wanted: Annotated[list[NodeId], Field(max_length=MAX_ITEMS)] = []  # newer at requester
     more: bool = False  # the limit cut the answer; ask again
 
 
@@ -274,7 +315,7 @@ class Bid(Body):
     bid_id: Ident
     provider: NodeId
     units: Units
-    devices: Annotated[list[Ident], Field(min_length=1, max_length=100_000)]
+    devices: Annotated[list[Ident], Field(min_length=1, max_length=MAX_ITEMS)]
     model: Name
     price: MicroCredits  # per device-hour
     expires_ms: TimeMs
@@ -366,7 +407,7 @@ class TaskAssign(Body):
     files: Annotated[
         dict[
             Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")],
-            Annotated[str, StringConstraints(max_length=65_536)],
+            LongText,
         ],
         Field(max_length=8),
     ] = {}
@@ -383,11 +424,9 @@ class TaskStatus(Body):
     task_id: Ident
     state: TaskState
     detail: Text = ""
-    log: Annotated[str, StringConstraints(max_length=65_536)] = ""
+    log: LongText = ""
     log_offset: Bytes_ = 0  # byte offset of the log just after ``log``
-    metrics: Annotated[
-        dict[Name, Annotated[float, Field(allow_inf_nan=False)] | int], Field(max_length=256)
-    ] = {}
+    metrics: Annotated[dict[Name, Metric], Field(max_length=256)] = {}
 
 
 class TaskQuery(Body):
@@ -437,9 +476,6 @@ class Usage(Part):
     output_bytes: Bytes_ = 0
 
 
-Metric = Annotated[float, Field(allow_inf_nan=False)] | int
-
-
 class TaskResult(Body):
     TYPE = "task_result"
     lease_id: Ident
@@ -479,7 +515,7 @@ class Heartbeat(Body):
     TYPE = "heartbeat"
     lease_id: Ident
     seq: Seq
-    running: Annotated[list[Ident], Field(max_length=10_000)] = []
+    running: Annotated[list[Ident], Field(max_length=MAX_ITEMS)] = []
 
 
 class Cancel(Body):

@@ -24,6 +24,7 @@ from market.bidding import (
     devices_from_groups,
 )
 from protocol.messages import (
+    MAX_ITEMS,
     Accept,
     Award,
     Bid,
@@ -215,6 +216,20 @@ class TestBids:
     def test_duplicate_device_ids_are_refused(self) -> None:
         with pytest.raises(ValueError, match="unique"):
             engine(gpus(2) + gpus(1))
+
+    def test_a_bid_names_at_most_10000_devices(self) -> None:
+        """A bid's device list must fit the codec's 10,000 items (docs/protocol.md): a
+        provider with more free devices bids for what fits, and the rest stay free."""
+        e = engine(gpus(10_050))
+        bid = must_bid(e.on_order(order(12_000, max_price=10**9), TENANT, T0))
+        assert bid.units == len(bid.devices) == MAX_ITEMS
+        assert len(e.free) == 50
+        per_unit = must_bid(
+            engine(gpus(10_050), NVLINK8).on_order(
+                order(6_000, max_price=10**9, devices_per_unit=2), TENANT, T0
+            )
+        )
+        assert len(per_unit.devices) == 2 * per_unit.units <= MAX_ITEMS
 
 
 class TestNoBid:

@@ -79,3 +79,22 @@ class TestWorkedExample:
         assert hex_text == vector["envelope"]
         for key in ("seed", "public_key", "node_id", "nonce", "envelope_sha256"):
             assert vector[key] in TEXT, key
+
+
+class TestRequestReplyTable:
+    """Section 7.1 says, for every message type, who sends it and what comes back."""
+
+    def table(self) -> str:
+        return section("### 7.1 Who sends what, and what comes back")
+
+    def test_every_type_is_a_request_row_or_a_named_reply(self) -> None:
+        text = self.table()
+        requests = set(re.findall(r"^\| `([a-z_]+)`", text, re.MULTILINE))
+        replies_line = text[text.index("Replies, never requests") :]
+        replies = set(re.findall(r"`([a-z_]+)`", replies_line.split(".")[0]))
+        assert requests | replies | {"advert"} == set(MESSAGE_TYPES)
+        assert "advert" in replies_line
+
+    def test_nothing_is_deferred_to_the_implementation(self) -> None:
+        assert "as implemented" not in TEXT.lower()
+        assert "issue 3" not in TEXT

@@ -13,7 +13,14 @@ from hypothesis import strategies as st
 
 from protocol import messages as m
 from protocol.codec import DEFAULT_LIMITS, Limits, decode, encode
-from protocol.envelope import NONCE_SIZE, Envelope, open_envelope, seal, signed_bytes
+from protocol.envelope import (
+    NONCE_SIZE,
+    RESENT_VERBATIM,
+    Envelope,
+    open_envelope,
+    seal,
+    signed_bytes,
+)
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.identity import Identity
 from protocol.messages import MESSAGE_TYPES, Body, body_to_wire
@@ -292,7 +299,7 @@ class TestRoundTrip:
     @given(
         st.dictionaries(
             st.text(min_size=1, max_size=64),
-            st.floats(allow_nan=False, allow_infinity=False) | st.integers(-(2**63), 2**63),
+            st.floats(allow_nan=False, allow_infinity=False) | st.integers(-(2**63), 2**63 - 1),
             max_size=20,
         )
     )
@@ -484,6 +491,24 @@ class TestRejections:
         data = seal_raw(PROVIDER, "bid", bid_wire(discount=5))
         assert code_of(data) == "unknown_field"
 
+    @pytest.mark.parametrize(
+        "body",
+        [
+            bid_wire(discount=5, price="cheap"),  # unknown after an invalid one
+            {k: v for k, v in bid_wire(aaa=1).items() if k != "units"},  # and a missing one
+            {**bid_wire(units=0), "zzz": None},
+        ],
+    )
+    def test_an_unknown_field_wins_over_an_invalid_one(self, body: dict[str, Any]) -> None:
+        """docs/protocol.md section 6, step 13: unknown fields are reported first."""
+        assert code_of(seal_raw(PROVIDER, "bid", body)) == "unknown_field"
+
+    def test_an_unknown_nested_field_wins_over_an_invalid_top_level_one(self) -> None:
+        body = body_to_wire(ADVERT)
+        body["seq"] = -1
+        body["devices"][0]["colour"] = "green"
+        assert code_of(seal_raw(PROVIDER, "advert", body)) == "unknown_field"
+
     def test_unknown_nested_field(self) -> None:
         body = body_to_wire(ADVERT)
         body["devices"][0]["colour"] = "green"
@@ -653,3 +678,42 @@ class TestCheckOrder:
         fields = decode(BID_TO_TENANT)
         fields["type"] = "bribe"
         assert code_of(encode(fields), recipient=TENANT.node_id) == "unknown_type"
+
+
+class TestResentVerbatim:
+    """docs/protocol.md section 5: a task_result reply may arrive again as the same bytes."""
+
+    RESULT = seal(PROVIDER, EXAMPLES["task_result"], now_ms=NOW, nonce=NONCE, to=TENANT.node_id)
+
+    def open_reply(self, data: bytes, guard: ReplayGuard, now: int = NOW) -> Envelope:
+        return open_envelope(
+            data, now_ms=now, replay=guard, recipient=TENANT.node_id, verbatim=RESENT_VERBATIM
+        )
+
+    def test_the_same_result_twice_and_long_after_is_taken(self) -> None:
+        guard = ReplayGuard()
+        first = self.open_reply(self.RESULT, guard)
+        assert self.open_reply(self.RESULT, guard).digest == first.digest
+        assert self.open_reply(self.RESULT, guard, now=NOW + 86_400_000).body == first.body
+        assert len(guard) == 0  # nothing remembered for documents
+
+    def test_everything_but_freshness_is_still_checked(self) -> None:
+        guard = ReplayGuard()
+        with pytest.raises(RemoteProtocolError, match="bad_signature"):
+            self.open_reply(corrupt_signature(self.RESULT), guard)
+        other = seal(PROVIDER, EXAMPLES["task_result"], now_ms=NOW, nonce=NONCE, to="a" * 32)
+        with pytest.raises(RemoteProtocolError, match="wrong_recipient"):
+            self.open_reply(other, guard)
+
+    def test_other_replies_are_still_fresh_once(self) -> None:
+        guard = ReplayGuard()
+        status = seal(PROVIDER, EXAMPLES["task_status"], now_ms=NOW, nonce=NONCE)
+        self.open_reply(status, guard)
+        with pytest.raises(RemoteProtocolError, match="replay"):
+            self.open_reply(status, guard)
+
+    def test_as_a_request_a_repeated_result_is_a_replay(self) -> None:
+        guard = ReplayGuard()
+        open_envelope(self.RESULT, now_ms=NOW, replay=guard, recipient=TENANT.node_id)
+        with pytest.raises(RemoteProtocolError, match="replay"):
+            open_envelope(self.RESULT, now_ms=NOW, replay=guard, recipient=TENANT.node_id)

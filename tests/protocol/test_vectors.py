@@ -11,19 +11,43 @@ import base64
 import hashlib
 import importlib.util
 import json
+import math
+import re
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import msgpack
 import pytest
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from protocol.envelope import open_envelope, seal, signed_bytes
+from protocol.errors import ERROR_CLASSES, RemoteProtocolError, http_status
 from protocol.identity import Identity
 from protocol.messages import MESSAGE_TYPES
 from protocol.replay import ReplayGuard
+
+#: Codes only the daemon raises (node/), after the wire layer accepted a message.
+NODE_CODES = {
+    "rate_limited",
+    "too_many_connections",
+    "request_timeout",
+    "unexpected_message",
+    "spec_mismatch",
+    "not_found",
+}
+
+#: docs/protocol.md section 3: weak keys, by the y of their encoding.
+DOC_P = 2**255 - 19
+DOC_SMALL_ORDER_Y = {
+    0,
+    1,
+    DOC_P - 1,
+    0x05FC536D880238B13933C6D305ACDFD5F098EFF289F4C345B027B2C28F95E826,
+    0x7A03AC9277FDC74EC6CC392CFA53202A0F67100D760B3CBA4FD84D3D706A17C7,
+}
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 
@@ -37,6 +61,37 @@ VECTORS: list[dict[str, Any]] = json.loads(
     (DOCS / "test-vectors.json").read_text("utf-8"), object_hook=_from_json
 )
 IDS = [f"{i}-{v['type']}" for i, v in enumerate(VECTORS)]
+NEGATIVE: list[dict[str, Any]] = json.loads((DOCS / "test-vectors-negative.json").read_text())
+NEGATIVE_IDS = [f"{i}-{v['code']}" for i, v in enumerate(NEGATIVE)]
+#: Every code the wire layer (codec, envelope, replay guard, schemas) raises: section 6.
+WIRE_CODES = {
+    "too_large",
+    "malformed",
+    "too_deep",
+    "too_long",
+    "non_canonical",
+    "duplicate_key",
+    "bad_envelope",
+    "bad_version",
+    "unknown_type",
+    "stale",
+    "future",
+    "bad_signature",
+    "weak_key",
+    "wrong_recipient",
+    "replay",
+    "unknown_field",
+    "invalid_field",
+    "sender_mismatch",
+}
+
+
+def negative_input(vector: dict[str, Any]) -> bytes:
+    """docs/protocol.md section 11: hex strings and {"repeat": hex, "times": n}, joined."""
+    return b"".join(
+        bytes.fromhex(p) if isinstance(p, str) else bytes.fromhex(p["repeat"]) * p["times"]
+        for p in vector["input"]
+    )
 
 
 def load_generator() -> ModuleType:
@@ -53,11 +108,25 @@ class TestVectorFile:
         gen = load_generator()
         assert (DOCS / "test-vectors.json").read_text("utf-8") == gen.render(gen.build())
 
-    def test_covers_the_main_message_types(self) -> None:
-        types = {v["type"] for v in VECTORS}
-        wanted = {"advert", "order", "bid", "no_bid", "award", "accept", "task_result"}
-        assert wanted | {"receipt", "heartbeat"} <= types
-        assert types <= set(MESSAGE_TYPES)
+    def test_negative_file_is_what_the_generator_writes(self) -> None:
+        gen = load_generator()
+        text = (DOCS / "test-vectors-negative.json").read_text("utf-8")
+        assert text == gen.render(gen.build_negative(gen.build()))
+
+    def test_covers_every_message_type(self) -> None:
+        assert {v["type"] for v in VECTORS} == set(MESSAGE_TYPES)
+
+    def test_negative_vectors_cover_every_wire_rejection(self) -> None:
+        assert {v["code"] for v in NEGATIVE} == WIRE_CODES
+        # The wire layer's codes, as the error tree has them: nothing is left out.
+        wire = {
+            code
+            for code, cls in ERROR_CLASSES.items()
+            if issubclass(cls, RemoteProtocolError)
+            and cls.__module__ == "protocol.errors"
+            and code not in NODE_CODES
+        }
+        assert wire - {"remote_protocol_error"} == WIRE_CODES
 
     def test_has_a_float_metric_and_a_broadcast(self) -> None:
         floats = [
@@ -107,6 +176,28 @@ class TestOurCode:
         assert env.sender == vector["node_id"]
         assert env.body.model_dump(mode="python") == vector["body"]
         assert env.digest == vector["envelope_sha256"]
+
+
+@pytest.mark.parametrize("vector", NEGATIVE, ids=NEGATIVE_IDS)
+class TestOurCodeRejects:
+    def test_open_raises_the_vectors_code(self, vector: dict[str, Any]) -> None:
+        guard = ReplayGuard()
+        for earlier in vector["received_before"]:
+            open_envelope(
+                bytes.fromhex(earlier),
+                now_ms=vector["now_ms"],
+                replay=guard,
+                recipient=vector["receiver"],
+            )
+        with pytest.raises(RemoteProtocolError) as info:
+            open_envelope(
+                negative_input(vector),
+                now_ms=vector["now_ms"],
+                replay=guard,
+                recipient=vector["receiver"],
+            )
+        assert info.value.code == vector["code"]
+        assert http_status(info.value) == vector["http_status"]
 
 
 # --- an independent client, written from docs/protocol.md alone ----------------------
@@ -171,3 +262,143 @@ class TestIndependentClient:
         assert doc_node_id(fields["from"]) == vector["node_id"]
         assert fields["body"] == vector["body"]
         assert fields["to"] == vector["recipient"]
+
+
+# Section 2 (limits), 4 (envelope), 5 (freshness), 6 (order), 7 (type names).
+DOC_MAX_SIZE = 1 << 20
+DOC_MAX_DEPTH = 16
+DOC_MAX_ITEMS = 10_000
+DOC_MAX_STR = 65_536
+DOC_MAX_BIN = 1 << 20
+DOC_WINDOW_MS = 120_000
+DOC_SKEW_MS = 30_000
+DOC_TYPES = {
+    "hello", "peer_list", "advert", "directory_request", "directory", "order", "bid",
+    "no_bid", "award", "accept", "decline", "release", "task_assign", "task_status",
+    "task_query", "task_result", "workspace_chunk", "workspace_status", "receipt",
+    "heartbeat", "cancel", "price_update",
+}  # fmt: skip
+DOC_SIGNER_FIELDS = {
+    "advert": "provider",
+    "bid": "provider",
+    "no_bid": "provider",
+    "order": "tenant",
+}
+
+
+class DocReject(Exception):
+    def __init__(self, code: str) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+class Pairs(list[tuple[Any, Any]]):
+    """A map as decoded, before duplicates are ruled out."""
+
+
+def doc_bounds(value: Any, depth: int) -> Any:
+    """Steps 2-4 on a decoded value: allowed types, depth, lengths; returns plain dicts."""
+    if isinstance(value, Pairs | list):
+        if depth + 1 > DOC_MAX_DEPTH:
+            raise DocReject("too_deep")
+        if len(value) > DOC_MAX_ITEMS:
+            raise DocReject("too_long")
+    if isinstance(value, Pairs):
+        out: dict[str, Any] = {}
+        for k, v in value:
+            if type(k) is not str:
+                raise DocReject("malformed")
+            doc_bounds(k, depth + 1)
+            if k in out:
+                raise DocReject("duplicate_key")
+            out[k] = doc_bounds(v, depth + 1)
+        return out
+    if isinstance(value, list):
+        return [doc_bounds(v, depth + 1) for v in value]
+    if isinstance(value, str) and len(value.encode()) > DOC_MAX_STR:
+        raise DocReject("too_long")
+    if isinstance(value, bytes) and len(value) > DOC_MAX_BIN:
+        raise DocReject("too_long")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise DocReject("non_canonical")
+    if isinstance(value, msgpack.ExtType | msgpack.Timestamp):
+        raise DocReject("malformed")
+    return value
+
+
+def doc_open(data: bytes, now_ms: int, me: str, seen: set[tuple[bytes, bytes]]) -> dict[str, Any]:
+    """Steps 1-12 and 14 of section 6 (step 13, the schemas, is left out)."""
+    if len(data) > DOC_MAX_SIZE:
+        raise DocReject("too_large")
+    try:
+        raw = msgpack.unpackb(data, raw=False, strict_map_key=False, object_pairs_hook=Pairs)
+    except msgpack.StackError as e:
+        raise DocReject("too_deep") from e
+    except Exception as e:
+        raise DocReject("malformed") from e
+    env = doc_bounds(raw, 0)
+    if doc_pack(env) != data:
+        raise DocReject("non_canonical")
+    keys = {"body", "from", "nonce", "sig", "to", "ts", "type", "v"}
+    if type(env) is not dict or set(env) != keys:
+        raise DocReject("bad_envelope")
+    if type(env["v"]) is not int:
+        raise DocReject("bad_envelope")
+    if env["v"] != 1:
+        raise DocReject("bad_version")
+    if type(env["type"]) is not str:
+        raise DocReject("bad_envelope")
+    if env["type"] not in DOC_TYPES:
+        raise DocReject("unknown_type")
+    sizes = {"from": 32, "nonce": 16, "sig": 64}
+    if any(type(env[k]) is not bytes or len(env[k]) != n for k, n in sizes.items()):
+        raise DocReject("bad_envelope")
+    to = env["to"]
+    if type(env["ts"]) is not int or type(env["body"]) is not dict:
+        raise DocReject("bad_envelope")
+    if to is not None and not (type(to) is str and re.fullmatch(r"[a-z2-7]{32}", to)):
+        raise DocReject("bad_envelope")
+    if env["ts"] < now_ms - DOC_WINDOW_MS:
+        raise DocReject("stale")
+    if env["ts"] > now_ms + DOC_SKEW_MS:
+        raise DocReject("future")
+    unsigned = {k: v for k, v in env.items() if k != "sig"}
+    y = int.from_bytes(env["from"], "little") & ((1 << 255) - 1)
+    if y >= DOC_P or y in DOC_SMALL_ORDER_Y:
+        raise DocReject("weak_key")
+    try:
+        Ed25519PublicKey.from_public_bytes(env["from"]).verify(env["sig"], doc_pack(unsigned))
+    except (InvalidSignature, ValueError) as e:
+        raise DocReject("bad_signature") from e
+    if to is not None and to != me:
+        raise DocReject("wrong_recipient")
+    if (env["from"], env["nonce"]) in seen:
+        raise DocReject("replay")
+    seen.add((env["from"], env["nonce"]))
+    field = DOC_SIGNER_FIELDS.get(env["type"])
+    if field is not None and env["body"].get(field) != doc_node_id(env["from"]):
+        raise DocReject("sender_mismatch")
+    return env
+
+
+@pytest.mark.parametrize("vector", NEGATIVE, ids=NEGATIVE_IDS)
+class TestIndependentClientRejects:
+    def test_same_code_or_left_to_the_schemas(self, vector: dict[str, Any]) -> None:
+        seen: set[tuple[bytes, bytes]] = set()
+        now, me = vector["now_ms"], vector["receiver"]
+        for earlier in vector["received_before"]:
+            doc_open(bytes.fromhex(earlier), now, me, seen)
+        if vector["code"] in ("unknown_field", "invalid_field"):
+            # Step 13 needs the schemas of section 7: the envelope itself is sound.
+            doc_open(negative_input(vector), now, me, seen)
+            return
+        with pytest.raises(DocReject) as info:
+            doc_open(negative_input(vector), now, me, seen)
+        assert info.value.code == vector["code"]
+
+
+@pytest.mark.parametrize("vector", VECTORS, ids=IDS)
+def test_independent_client_accepts_every_positive_vector(vector: dict[str, Any]) -> None:
+    me = vector["recipient"] or "a" * 32
+    env = doc_open(bytes.fromhex(vector["envelope"]), vector["timestamp_ms"], me, set())
+    assert env["type"] == vector["type"]
