@@ -188,6 +188,7 @@ class Daemon:
     address: str
     transport: HttpTransport
     provider: ProviderService | None = None  # None for a bootstrap node
+    work: WorkService | None = None  # None for a bootstrap node
 
     @classmethod
     async def start(cls, config: NodeConfig, home: NodeHome | None = None) -> Daemon:
@@ -293,7 +294,7 @@ class Daemon:
         tmp.write_text(json.dumps(info))
         tmp.replace(home.path / READY_FILE)
         log.info("%s %s listening on %s", config.node.role, identity.node_id, address)
-        return cls(node, runner, store, home, address, transport, provider)
+        return cls(node, runner, store, home, address, transport, provider, work)
 
     async def close(self) -> None:
         """Stop serving, stop every task, close the store. Idempotent."""

@@ -17,11 +17,17 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from market.bidding import LeaseState, ProviderLease
 from node.core import Node
-from node.executor import Executor, ResourceLimits, TrialOutcome, TrialSpec
+from node.executor import (
+    MAX_METRIC_RECORDS_PER_S,
+    Executor,
+    MetricDrop,
+    ResourceLimits,
+    TrialOutcome,
+    TrialSpec,
+)
 from node.provider import ProviderService
 from node.workspace import WorkspaceError, unpack
 from protocol.envelope import Envelope
@@ -64,10 +70,19 @@ class Task:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     cancel_reason: str = ""
 
+    touch_pending: bool = False
+
     def touch(self) -> None:
         """Wake every long poll waiting on this task."""
+        self.touch_pending = False
         self.changed.set()
         self.changed = asyncio.Event()
+
+    def touch_soon(self) -> None:
+        """Wake the polls once the current batch of output is handled, not per line."""
+        if not self.touch_pending:
+            self.touch_pending = True
+            asyncio.get_running_loop().call_soon(self.touch)
 
 
 class WorkService:
@@ -257,85 +272,129 @@ class WorkService:
 
         def on_output(data: bytes) -> None:
             task.log += data
-            task.touch()
+            task.touch_soon()
 
-        def on_metrics(values: dict[str, Any]) -> None:
-            task.metrics.update(
-                {
-                    k: v
-                    for k, v in values.items()
-                    if isinstance(v, int | float) and not isinstance(v, bool)
-                }
-            )
-            task.touch()
+        def on_metrics(values: dict[str, int | float]) -> None:
+            # Already checked and capped by the executor's OutputCollector.
+            task.metrics.update(values)
+            task.touch_soon()
 
-        exit_code: int | None = None
-        metrics: dict[str, int | float] = {}
-        cpu_ms = rss = out_bytes = wall = 0
-        truncated = False
+        state: TaskState = "failed"
+        outcome: TrialOutcome | None = None
         try:
-            spec = TrialSpec(
-                task_id=a.task_id,
-                argv=list(a.command),
-                workspace=self._workspace_for(task),
-                timeout_s=a.timeout_ms / 1000,
-                env=dict(a.env),
-                device_ids=task.devices,
-                device_env=self.device_env(task.devices),
-                device_nodes=self.device_nodes(task.devices),
-                max_output_bytes=a.max_output_bytes,
-                network=a.network and self.allow_network,
-                limits=self.limits,
+            try:
+                spec = TrialSpec(
+                    task_id=a.task_id,
+                    argv=list(a.command),
+                    workspace=self._workspace_for(task),
+                    timeout_s=a.timeout_ms / 1000,
+                    env=dict(a.env),
+                    device_ids=task.devices,
+                    device_env=self.device_env(task.devices),
+                    device_nodes=self.device_nodes(task.devices),
+                    max_output_bytes=a.max_output_bytes,
+                    network=a.network and self.allow_network,
+                    limits=self.limits,
+                )
+                outcome = await self.executor.run(spec, on_output, on_metrics)
+                state = outcome.state.value
+                if task.cancel_reason:
+                    state = "cancelled"
+            except Exception as e:  # the executor failed, not the task: report, never crash
+                log.exception("task %s could not run", a.task_id)
+                task.log += f"\n[mercato] task could not run: {e}\n".encode()
+                state = "failed"
+            finally:
+                shutil.rmtree(self.staging / a.task_id, ignore_errors=True)
+            if outcome is not None and outcome.metrics_dropped:
+                self._note_dropped(task, outcome.metrics_dropped)
+            finished = self.node.clock()
+            try:
+                result = self._result(task, state, outcome, started, finished)
+                sealed = self.node.seal(result, to=task.tenant)
+            except Exception as e:  # whatever the trial printed, the task must end
+                log.exception("task %s: its result could not be built", a.task_id)
+                reason = f"the provider could not build this task's result: {e}"[:1000]
+                task.log += f"\n[mercato] {reason}\n".encode()
+                task.cancel_reason = reason
+                result = self._result(task, "failed", None, started, finished)
+                sealed = self.node.seal(result, to=task.tenant)
+            task.state = result.state
+            task.metrics.update(result.metrics)
+            task.result = sealed
+            log.info(
+                "task %s %s in %d ms (lease %s)",
+                a.task_id,
+                result.state,
+                result.usage.wall_ms,
+                a.lease_id,
             )
-            outcome: TrialOutcome = await self.executor.run(spec, on_output, on_metrics)
-            state: TaskState = outcome.state.value
-            exit_code, metrics = outcome.exit_code, outcome.metrics
-            cpu_ms, rss, out_bytes = outcome.cpu_ms, outcome.max_rss_bytes, outcome.output_bytes
-            wall, truncated = outcome.wall_ms, outcome.output_truncated
-            if task.cancel_reason:
-                state = "cancelled"
-        except Exception as e:  # the executor failed, not the task: report, never crash
-            log.exception("task %s could not run", a.task_id)
-            task.log += f"\n[mercato] task could not run: {e}\n".encode()
-            state = "failed"
         finally:
-            shutil.rmtree(self.staging / a.task_id, ignore_errors=True)
-        finished = self.node.clock()
-        wall = wall or max(0, finished - started)
-        result = TaskResult(
+            # Whatever happened above, the devices are free again, every poll wakes and
+            # the work directory goes.
+            self._busy.get(a.lease_id, set()).difference_update(task.devices)
+            if task.result is None:  # not even a minimal result: never leave it running
+                task.state = "failed"
+            task.touch()
+            current = self.provider.engine.leases.get(a.lease_id)
+            if current is not None and current.state is LeaseState.ACTIVE:
+                self._schedule(current)
+            else:  # the lease ended while it ran: nobody will ask for it (see _lease_ended)
+                self.tasks.pop(a.task_id, None)
+            # The log is in memory; the directory can go, last and off the event loop:
+            # removing it takes milliseconds of file-system work (rmdir of dirs the
+            # sandbox mounted) that held up the next task's start and every long poll.
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self.executor.discard, a.task_id)
+
+    def _note_dropped(self, task: Task, dropped: dict[str, int]) -> None:
+        """Say in the task's log which printed metrics were not kept, and count them."""
+        skipped = dropped.get(MetricDrop.RATE, 0)
+        values = {r: n for r, n in dropped.items() if r != MetricDrop.RATE and n}
+        if values:
+            reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(values.items()))
+            task.log += (
+                f"\n[mercato] dropped {sum(values.values())} metric value(s) the trial "
+                f"printed ({reasons}); see docs/protocol.md for what a metric may hold\n"
+            ).encode()
+        if skipped:
+            task.log += (
+                f"\n[mercato] skipped {skipped} metric record(s) printed faster than "
+                f"{MAX_METRIC_RECORDS_PER_S} a second (the latest always counts)\n"
+            ).encode()
+        for reason, n in dropped.items():
+            self.node.metrics.metric_values_dropped.labels(reason).inc(n)
+
+    def _result(
+        self,
+        task: Task,
+        state: TaskState,
+        outcome: TrialOutcome | None,
+        started: int,
+        finished: int,
+    ) -> TaskResult:
+        """The task's result; without an outcome, a minimal one that always validates."""
+        a = task.assign
+        exit_code = None if outcome is None else outcome.exit_code
+        wall = (outcome.wall_ms if outcome is not None else 0) or max(0, finished - started)
+        return TaskResult(
             lease_id=a.lease_id,
             task_id=a.task_id,
             state=state,
             exit_code=None if exit_code is None else max(-255, min(255, exit_code)),
-            metrics=dict(list(metrics.items())[:256]),
+            metrics={} if outcome is None else dict(list(outcome.metrics.items())[:256]),
             usage=Usage(
                 wall_ms=wall,
-                cpu_ms=cpu_ms,
+                cpu_ms=0 if outcome is None else outcome.cpu_ms,
                 device_ms=wall * max(1, len(task.devices)),
-                max_rss_bytes=rss,
-                output_bytes=out_bytes,
+                max_rss_bytes=0 if outcome is None else outcome.max_rss_bytes,
+                output_bytes=len(task.log) if outcome is None else outcome.output_bytes,
             ),
             started_ms=started,
-            finished_ms=finished,
+            finished_ms=max(started, finished),
             output_hash=hashlib.sha256(bytes(task.log)).hexdigest(),
-            output_truncated=truncated,
+            output_truncated=False if outcome is None else outcome.output_truncated,
         )
-        task.state = state
-        task.metrics.update(result.metrics)
-        task.result = self.node.seal(result, to=task.tenant)
-        self._busy.get(a.lease_id, set()).difference_update(task.devices)
-        task.touch()
-        log.info("task %s %s in %d ms (lease %s)", a.task_id, state, wall, a.lease_id)
-        current = self.provider.engine.leases.get(a.lease_id)
-        if current is not None and current.state is LeaseState.ACTIVE:
-            self._schedule(current)
-        else:  # the lease ended while it ran: nobody will ask for it (see _lease_ended)
-            self.tasks.pop(a.task_id, None)
-        # The log is in memory; the directory can go, last and off the event loop:
-        # removing it takes milliseconds of file-system work (rmdir of dirs the sandbox
-        # mounted) that held up the next task's start and every long poll.
-        with contextlib.suppress(Exception):
-            await asyncio.to_thread(self.executor.discard, a.task_id)
 
     async def _on_query(self, env: Envelope) -> Body | bytes | None:
         q = env.body

@@ -1,0 +1,292 @@
+"""Hostile trials and hostile workspaces against a real provider daemon (hostile-input suite).
+
+A provider sells to strangers: whatever a trial prints and whatever a workspace holds,
+the task ends with a signed result, the daemon keeps answering, nothing leaks, and one
+tenant never sees or squats on another's workspaces or task ids. Every test here runs a
+real daemon on loopback port 0, real tenants over HTTP, and trials in the real bwrap
+sandbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import io
+import json
+import sys
+import tarfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from node.config import NodeConfig, NodeSection, SandboxSection
+from node.daemon import Daemon
+from node.inventory import DeviceDecl
+from node.executor import TrialOutcome, TrialSpec
+from node.sandbox import SandboxExecutor, probe_bwrap
+from node.store import LeaseRow, Store
+from node.taskclient import TaskClient
+from node.tenant import Tenant
+from node.transport import HttpTransport
+from node.work import WorkService
+from node.workspace import pack
+from protocol.errors import MercatoError, NotFoundError
+from protocol.identity import Identity
+from protocol.messages import Requirement, TaskAssign, TaskResult, WorkspaceChunk
+
+pytestmark = pytest.mark.skipif(not probe_bwrap().ok, reason="needs bubblewrap")
+
+SPEC = "ab" * 32
+
+
+def make_config(home: Path, **sandbox: Any) -> NodeConfig:
+    return NodeConfig(
+        node=NodeSection(listen_port=0, home=home),
+        sandbox=SandboxSection(**sandbox),
+        devices=[DeviceDecl(model="RTX-4090", count=4, price_floor=350_000, simulated=True)],
+        detect_gpus=False,
+    )
+
+
+@dataclass
+class Buyer:
+    """A tenant with a lease of ``units`` devices on the provider."""
+
+    tenant: Tenant
+    lease: LeaseRow
+    client: TaskClient
+
+
+@dataclass
+class Market:
+    daemon: Daemon
+    transport: HttpTransport
+    tmp: Path
+    stores: list[Store]
+    beats: list[asyncio.Task[None]]
+
+    @property
+    def work(self) -> WorkService:
+        work = self.daemon.work
+        assert work is not None
+        return work
+
+    async def buyer(self, units: int = 1) -> Buyer:
+        store = Store(self.tmp / f"tenant{len(self.stores)}.sqlite")
+        self.stores.append(store)
+        tenant = Tenant(Identity.generate(), store, self.transport)
+        await tenant.refresh(self.daemon.address)
+        report = await tenant.auction(
+            Requirement(kind="gpu"), units, 1_000_000, job_spec_hash=SPEC
+        )
+        assert [x.units for x in report.leases] == [units], report.failure
+        lease = store.list_leases("active")[0]
+        self.beats.append(asyncio.create_task(self._beat(tenant, lease)))
+        return Buyer(tenant, lease, TaskClient(tenant, lease))
+
+    @staticmethod
+    async def _beat(tenant: Tenant, lease: LeaseRow) -> None:
+        """Keep the lease alive as a tenant's sweep does (every 2 s, the default)."""
+        seq = 0
+        while True:
+            await asyncio.sleep(1.0)
+            seq += 1
+            with contextlib.suppress(MercatoError):
+                await tenant.heartbeat(lease, seq)
+
+
+async def start_market(tmp: Path, **sandbox: Any) -> Market:
+    daemon = await Daemon.start(make_config(tmp / "provider", **sandbox))
+    return Market(daemon, HttpTransport(), tmp, [], [])
+
+
+async def stop_market(market: Market) -> None:
+    for beat in market.beats:
+        beat.cancel()
+    await asyncio.gather(*market.beats, return_exceptions=True)
+    await market.transport.close()
+    await market.daemon.close()
+    for store in market.stores:
+        store.close()
+
+
+@pytest.fixture
+async def market(tmp_path: Path) -> AsyncIterator[Market]:
+    m = await start_market(tmp_path)
+    try:
+        yield m
+    finally:
+        await stop_market(m)
+
+
+def workspace(tmp: Path, files: dict[str, str] | None = None) -> tuple[bytes, str]:
+    root = tmp / f"ws-{time.monotonic_ns()}"
+    root.mkdir()
+    for name, text in (files or {"README": "hi\n"}).items():
+        (root / name).write_text(text)
+    ws = pack(root)
+    return ws.data, ws.sha256
+
+
+def assign(buyer: Buyer, digest: str, task_id: str, code: str, **kw: Any) -> TaskAssign:
+    return TaskAssign(
+        lease_id=buyer.lease.lease_id,
+        task_id=task_id,
+        job_spec_hash=SPEC,
+        workspace_hash=digest,
+        command=[sys.executable, "-c", code],
+        timeout_ms=kw.pop("timeout_ms", 60_000),
+        **kw,
+    )
+
+
+async def run_trial(
+    buyer: Buyer, tmp: Path, task_id: str, code: str, **kw: Any
+) -> tuple[TaskResult, str]:
+    data, digest = workspace(tmp)
+    await buyer.client.upload(data, digest)
+    await buyer.client.assign(assign(buyer, digest, task_id, code, **kw))
+    logs: list[str] = []
+    result = await asyncio.wait_for(buyer.client.follow(task_id, logs.append, 2_000), 60)
+    return result, "".join(logs)
+
+
+# --- hostile trial output ------------------------------------------------------------
+
+HOSTILE_LINES = {
+    "nan": '{"loss": NaN}',
+    "infinity": '{"loss": Infinity}',
+    "minus_infinity": '{"loss": -Infinity}',
+    "int_past_u64": '{"loss": 18446744073709551616}',
+    "int_past_i64": '{"loss": 9223372036854775808}',
+    "name_too_long": json.dumps({"l" * 65: 1.0}),
+    "empty_name": '{"": 1.0}',
+}
+
+
+class TestHostileTrialOutput:
+    @pytest.mark.parametrize("kind", sorted(HOSTILE_LINES))
+    async def test_a_hostile_metric_line_never_wedges_the_task(
+        self, market: Market, tmp_path: Path, kind: str
+    ) -> None:
+        """The bad value is dropped with a reason; the task ends and its directory goes."""
+        buyer = await market.buyer()
+        line = HOSTILE_LINES[kind]
+        code = (
+            f"import time; print({line!r}, flush=True); time.sleep(0.5); "
+            "print('{\"acc\": 0.5}', flush=True)"
+        )
+        result, log = await run_trial(buyer, tmp_path, "t-hostile", code)
+        assert result.state == "succeeded", log
+        assert result.metrics == {"acc": 0.5}
+        assert "[mercato] dropped 1 metric value" in log, log
+        sandbox = market.daemon.home.path / "sandbox" / "t-hostile"
+        for _ in range(100):  # removed off the event loop right after the result
+            if not sandbox.exists():
+                break
+            await asyncio.sleep(0.05)
+        assert not sandbox.exists()
+        # The lease is free for the next task, and the provider bills no idle task.
+        assert market.work.tasks[next(iter(market.work.tasks))].state == "succeeded"
+
+    async def test_a_flood_of_empty_records_leaves_healthz_answering(
+        self, market: Market, tmp_path: Path
+    ) -> None:
+        """Two trials print ``{}`` as fast as they can; the provider keeps answering."""
+        buyer = await market.buyer(units=4)
+        data, digest = workspace(tmp_path)
+        await buyer.client.upload(data, digest)
+        code = "import sys\nwhile True:\n    sys.stdout.write('{}\\n' * 20000)"
+        follows = []
+        for task_id in ("flood-a", "flood-b", "flood-c", "flood-d"):
+            await buyer.client.assign(assign(buyer, digest, task_id, code, timeout_ms=6_000))
+            follows.append(asyncio.ensure_future(buyer.client.follow(task_id, wait_ms=1_000)))
+        async with aiohttp.ClientSession() as http:
+            await asyncio.sleep(1.0)  # every trial is flooding by now
+            for _ in range(20):
+                # Generous: an idle provider answers in milliseconds; the flood used to
+                # hold its event loop for seconds.
+                timeout = aiohttp.ClientTimeout(total=1.5)
+                async with http.get(f"{market.daemon.address}/healthz", timeout=timeout) as r:
+                    assert r.status == 200
+                await asyncio.sleep(0.1)
+        results = await asyncio.wait_for(asyncio.gather(*follows), 60)
+        assert {r.state for r in results} == {"timed_out"}
+        assert all(len(r.metrics) == 0 for r in results)
+
+    async def test_a_trial_printing_endless_new_keys_is_capped(
+        self, market: Market, tmp_path: Path
+    ) -> None:
+        """100,000 distinct names: the provider keeps 256 and says it dropped the rest."""
+        buyer = await market.buyer()
+        code = (
+            "import json, time\n"
+            "for i in range(0, 100_000, 500):\n"
+            "    print(json.dumps({f'k{j}': j for j in range(i, i + 500)}), flush=True)\n"
+            "    time.sleep(0.001)\n"
+            "print('done', flush=True)\n"
+            "time.sleep(1)\n"
+        )
+        data, digest = workspace(tmp_path)
+        await buyer.client.upload(data, digest)
+        await buyer.client.assign(assign(buyer, digest, "keys", code))
+        held = 0
+
+        async def watch() -> None:
+            nonlocal held
+            while True:
+                held = max(held, len(market.work.tasks["keys"].metrics))
+                await asyncio.sleep(0.02)
+
+        watcher = asyncio.ensure_future(watch())
+        logs: list[str] = []
+        try:
+            result = await asyncio.wait_for(buyer.client.follow("keys", logs.append, 1_000), 60)
+        finally:
+            watcher.cancel()
+        log = "".join(logs)
+        assert result.state == "succeeded"
+        assert len(result.metrics) == 256
+        assert 0 < held <= 256
+        assert "too_many_keys" in log, log[-500:]
+
+    async def test_a_result_that_cannot_be_built_fails_the_task_and_cleans_up(
+        self, market: Market, tmp_path: Path
+    ) -> None:
+        """Defence in depth: a backend that hands back an invalid outcome never wedges a task.
+
+        ``NaNBackend`` is the real bwrap executor whose outcome then carries a NaN
+        metric, as a third-party backend that skipped the OutputCollector would.
+        """
+        real = market.work.executor
+        assert isinstance(real, SandboxExecutor)
+
+        class NaNBackend(SandboxExecutor):
+            async def run(self, spec: TrialSpec, *args: Any, **kw: Any) -> TrialOutcome:
+                outcome = await real.run(spec, *args, **kw)
+                return dataclasses.replace(outcome, metrics={"loss": float("nan")})
+
+        backend = NaNBackend.__new__(NaNBackend)
+        backend.__dict__.update(real.__dict__)
+        market.work.executor = backend
+        buyer = await market.buyer()
+        result, log = await run_trial(buyer, tmp_path, "t-broken", "print('hello')")
+        assert result.state == "failed"
+        assert result.metrics == {}
+        assert "could not build this task's result" in log
+        assert "hello" in log
+        for _ in range(100):
+            if not (market.daemon.home.path / "sandbox" / "t-broken").exists():
+                break
+            await asyncio.sleep(0.05)
+        assert not (market.daemon.home.path / "sandbox" / "t-broken").exists()
+        # The lease's device is free: the next task runs.
+        result, _ = await run_trial(buyer, tmp_path, "t-next", "print('{\"acc\": 1}')")
+        assert result.state == "failed"  # the same broken backend, but it ended again
