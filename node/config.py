@@ -95,6 +95,22 @@ class SandboxSection(_Section):
     max_workspace_bytes: Annotated[int, Field(gt=0)] = 256 << 20
 
 
+class WorkspacesSection(_Section):
+    """How much of this provider's disk tenants' workspaces may take, and for how long.
+
+    Workspaces belong to the tenant that uploaded them (another tenant with the same
+    hash uploads its own copy). Both budgets count an upload at its declared size from
+    its first chunk; idle workspaces no task uses are evicted, oldest use first, when a
+    new one needs room.
+    """
+
+    max_files: Annotated[int, Field(ge=1, le=10_000_000)] = 10_000  # entries per workspace
+    disk_bytes: Annotated[int, Field(gt=0)] = 8 << 30  # all tenants together
+    tenant_bytes: Annotated[int, Field(gt=0)] = 2 << 30  # one tenant
+    ttl_s: Annotated[float, Field(gt=0)] = 6 * 3600.0  # an unused workspace is removed after
+    partial_ttl_s: Annotated[float, Field(gt=0)] = 600.0  # an upload left unfinished
+
+
 class StatusSection(_Section):
     """The operator endpoints: status page (GET /), /status.json, POST /control/prices."""
 
@@ -116,6 +132,7 @@ class NodeConfig(_Section):
     limits: LimitsSection = LimitsSection()
     market: MarketSection = MarketSection()
     sandbox: SandboxSection = SandboxSection()
+    workspaces: WorkspacesSection = WorkspacesSection()
     status: StatusSection = StatusSection()
     devices: list[DeviceDecl] = []
     interconnect: InterconnectDecl | None = None

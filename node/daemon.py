@@ -269,6 +269,7 @@ class Daemon:
                 ),
                 max_workspace_bytes=sb.max_workspace_bytes,
                 allow_network=sb.allow_network,
+                workspaces=config.workspaces,
             )
         info: dict[str, Any] = {"node_id": identity.node_id, "role": config.node.role}
         status = StatusSource(
