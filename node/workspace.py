@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from protocol.errors import MercatoError
+from protocol.errors import BadWorkspaceError
 
 #: Never packed: VCS data, caches, virtual environments, Mercato's own state.
 DEFAULT_EXCLUDES = (
@@ -41,10 +41,9 @@ DEFAULT_EXCLUDES = (
 DEFAULT_MAX_BYTES = 64 << 20
 
 
-class WorkspaceError(MercatoError):
-    """A workspace is too large, unreadable, corrupt or unsafe to unpack."""
-
-    code = "bad_workspace"
+#: A workspace is too large, unreadable, corrupt or unsafe to unpack: the tree's
+#: ``bad_workspace`` (422), so a provider's refusal reaches the tenant typed.
+WorkspaceError = BadWorkspaceError
 
 
 @dataclass(frozen=True)
@@ -171,12 +170,14 @@ def _extract(fileobj: IO[bytes], target: Path, max_files: int, max_bytes: int) -
                     raise WorkspaceError(
                         f"workspace has more than {max_files} entries (this provider's limit)"
                     )
-                if member.type not in _PLAIN_TYPES:
-                    raise WorkspaceError(f"workspace entry {member.name!r} is not a plain file")
-                if member.sparse is not None or any(
-                    k.startswith("GNU.sparse") for k in member.pax_headers
+                if (
+                    member.type == tarfile.GNUTYPE_SPARSE
+                    or member.sparse is not None
+                    or any(k.startswith("GNU.sparse") for k in member.pax_headers)
                 ):
                     raise WorkspaceError(f"workspace entry {member.name!r} is a sparse file")
+                if member.type not in _PLAIN_TYPES:
+                    raise WorkspaceError(f"workspace entry {member.name!r} is not a plain file")
                 if member.name.startswith("/") or ".." in Path(member.name).parts:
                     raise WorkspaceError(f"workspace entry {member.name!r} escapes the directory")
                 total += member.size

@@ -181,6 +181,14 @@ class SpecMismatchError(RemoteProtocolError):
     http_status = 409
 
 
+class BadWorkspaceError(RemoteProtocolError):
+    """A workspace is too large, corrupt or unsafe to unpack (too many entries, too
+    large unpacked, a link, device or sparse member, a path that escapes)."""
+
+    code = "bad_workspace"
+    http_status = 422
+
+
 class BusyError(MercatoError):
     """The provider cannot take this work now (every slot of the lease is busy).
 

@@ -12,8 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
+import io
 import json
+import os
+import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -34,9 +39,9 @@ from node.tenant import Tenant
 from node.transport import HttpTransport
 from node.work import WorkService
 from node.workspace import pack
-from protocol.errors import MercatoError
+from protocol.errors import BusyError, MercatoError, NotFoundError
 from protocol.identity import Identity
-from protocol.messages import Requirement, TaskAssign, TaskResult
+from protocol.messages import Requirement, TaskAssign, TaskResult, WorkspaceChunk
 
 pytestmark = pytest.mark.skipif(not probe_bwrap().ok, reason="needs bubblewrap")
 
@@ -60,6 +65,10 @@ class Buyer:
     lease: LeaseRow
     client: TaskClient
 
+    @property
+    def node_id(self) -> str:
+        return self.tenant.node.identity.node_id
+
 
 @dataclass
 class Market:
@@ -80,9 +89,7 @@ class Market:
         self.stores.append(store)
         tenant = Tenant(Identity.generate(), store, self.transport)
         await tenant.refresh(self.daemon.address)
-        report = await tenant.auction(
-            Requirement(kind="gpu"), units, 1_000_000, job_spec_hash=SPEC
-        )
+        report = await tenant.auction(Requirement(kind="gpu"), units, 1_000_000, job_spec_hash=SPEC)
         assert [x.units for x in report.leases] == [units], report.failure
         lease = store.list_leases("active")[0]
         self.beats.append(asyncio.create_task(self._beat(tenant, lease)))
@@ -239,7 +246,7 @@ class TestHostileTrialOutput:
         async def watch() -> None:
             nonlocal held
             while True:
-                held = max(held, len(market.work.tasks[(buyer.tenant.node.identity.node_id, "keys")].metrics))
+                held = max(held, len(market.work.tasks[(buyer.node_id, "keys")].metrics))
                 await asyncio.sleep(0.02)
 
         watcher = asyncio.ensure_future(watch())
@@ -287,3 +294,205 @@ class TestHostileTrialOutput:
         # The lease's device is free: the next task runs.
         result, _ = await run_trial(buyer, tmp_path, "t-next", "print('{\"acc\": 1}')")
         assert result.state == "failed"  # the same broken backend, but it ended again
+
+
+# --- hostile workspaces --------------------------------------------------------------
+
+
+def many_files_tar(count: int) -> tuple[bytes, str]:
+    """A tar of ``count`` empty files, as a hostile tenant sends it (not via pack)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for i in range(count):
+            tar.addfile(tarfile.TarInfo(f"f{i:06d}"))
+    data = buf.getvalue()
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def sparse_tar(tmp: Path, fmt: str) -> tuple[bytes, str]:
+    """A few KB of GNU tar holding a 256 MiB sparse file (``--sparse``, gnu or pax)."""
+    src = tmp / f"sparse-{fmt}"
+    src.mkdir()
+    with (src / "big").open("wb") as f:
+        f.truncate(256 << 20)
+        f.seek(128 << 20)
+        f.write(b"x")
+    out = tmp / f"sparse-{fmt}.tar"
+    subprocess.run(
+        ["tar", "--sparse", f"--format={fmt}", "-cf", str(out), "-C", str(src), "big"],
+        check=True,
+    )
+    data = out.read_bytes()
+    assert len(data) < 64 * 1024
+    return data, hashlib.sha256(data).hexdigest()
+
+
+async def healthz_answers(market: Market, until: asyncio.Future[Any]) -> int:
+    """GET /healthz every 0.1 s until ``until`` is done; each must answer within 1.5 s."""
+    answered = 0
+    async with aiohttp.ClientSession() as http:
+        while not until.done():
+            # Generous: an idle provider answers in milliseconds.
+            timeout = aiohttp.ClientTimeout(total=1.5)
+            async with http.get(f"{market.daemon.address}/healthz", timeout=timeout) as r:
+                assert r.status == 200
+            answered += 1
+            await asyncio.sleep(0.1)
+    return answered
+
+
+class TestHostileWorkspaces:
+    async def test_a_workspace_of_50000_files_is_refused_by_default(self, market: Market) -> None:
+        # Built in a thread: the daemon shares this event loop.
+        data, digest = await asyncio.to_thread(many_files_tar, 50_000)
+        buyer = await market.buyer()
+        with pytest.raises(MercatoError) as err:
+            await buyer.client.upload(data, digest)
+        assert err.value.code == "bad_workspace"
+        assert "more than 10000 entries" in err.value.reason
+        # Nothing of it stays on disk, and asking again gives the reason at once.
+        assert not list((market.daemon.home.path / "work" / "workspaces").rglob("f0*"))
+        with pytest.raises(MercatoError, match="more than 10000 entries"):
+            await buyer.client.upload(data, digest)
+
+    async def test_unpacking_50000_files_never_blocks_other_tenants(self, tmp_path: Path) -> None:
+        """Allowed by the operator, the unpack runs off the loop: others keep being served."""
+        market = await start_market(tmp_path, max_workspace_bytes=64 << 20)
+        try:
+            market.work.ws_limits = market.work.ws_limits.model_copy(update={"max_files": 100_000})
+            data, digest = await asyncio.to_thread(many_files_tar, 50_000)
+            heavy, other = await market.buyer(), await market.buyer()
+            upload = asyncio.ensure_future(heavy.client.upload(data, digest))
+            answered = await healthz_answers(market, upload)
+            await upload  # it did unpack, in the end
+            assert answered > 0
+            result, log = await run_trial(other, tmp_path, "t-other", "print('still here')")
+            assert result.state == "succeeded"
+            assert "still here" in log
+            ws = market.daemon.home.path / "work" / "workspaces"
+            assert len(list((ws / heavy.node_id / digest).iterdir())) == 50_000
+        finally:
+            await stop_market(market)
+
+    @pytest.mark.parametrize("fmt", ["gnu", "pax"])
+    async def test_a_sparse_member_is_refused(
+        self, market: Market, tmp_path: Path, fmt: str
+    ) -> None:
+        """A few KB that would unpack to 256 MiB of disk in every trial's copy."""
+        buyer = await market.buyer()
+        data, digest = sparse_tar(tmp_path, fmt)
+        with pytest.raises(MercatoError) as err:
+            await buyer.client.upload(data, digest)
+        assert err.value.code == "bad_workspace"
+        assert "sparse" in err.value.reason
+        assert not list((market.daemon.home.path / "work").rglob("big"))
+
+
+class TestTenantScope:
+    async def test_a_workspace_hash_gives_another_tenant_nothing(
+        self, market: Market, tmp_path: Path
+    ) -> None:
+        alice, bob = await market.buyer(), await market.buyer()
+        data, digest = workspace(tmp_path, {"secret.txt": "alice's secret\n"})
+        await alice.client.upload(data, digest)
+        probe = await bob.client.send(
+            WorkspaceChunk(
+                lease_id=bob.lease.lease_id,
+                workspace_hash=digest,
+                offset=0,
+                total_size=len(data),
+                data=b"",
+            )
+        )
+        assert (probe.complete, probe.received) == (False, 0)
+        code = "print(open('secret.txt').read())"
+        with pytest.raises(NotFoundError, match="was not uploaded"):
+            await bob.client.assign(assign(bob, digest, "peek", code))
+        # Bob with the same bytes gets his own copy, and Alice's trial still runs.
+        await bob.client.upload(data, digest)
+        await bob.client.assign(assign(bob, digest, "peek", code))
+        result = await asyncio.wait_for(bob.client.follow("peek", wait_ms=1_000), 60)
+        assert result.state == "succeeded"
+        tenants = sorted(
+            p.name for p in (market.daemon.home.path / "work" / "workspaces").iterdir()
+        )
+        assert tenants == sorted([alice.node_id, bob.node_id])
+
+    async def test_another_tenant_cannot_squat_a_task_id(
+        self, market: Market, tmp_path: Path
+    ) -> None:
+        """Both tenants name their first trial ``trial-0``; each gets its own."""
+        alice, bob = await market.buyer(), await market.buyer()
+        code = "import os, time; time.sleep(1); print('{\"who\": %d}' % len(os.environ['W']))"
+        runs = []
+        for buyer, who in ((alice, "a"), (bob, "bob")):
+            data, digest = workspace(tmp_path)
+            await buyer.client.upload(data, digest)
+            await buyer.client.assign(assign(buyer, digest, "trial-0", code, env={"W": who}))
+        for buyer in (alice, bob):
+            runs.append(buyer.client.follow("trial-0", wait_ms=1_000))
+        a, b = await asyncio.wait_for(asyncio.gather(*runs), 60)
+        assert (a.state, b.state) == ("succeeded", "succeeded")
+        assert (a.metrics, b.metrics) == ({"who": 1}, {"who": 3})
+
+
+class TestWorkspaceLifetime:
+    async def test_unfinished_uploads_and_unused_workspaces_expire(self, tmp_path: Path) -> None:
+        market = await start_market(tmp_path)
+        try:
+            market.work.ws_limits = market.work.ws_limits.model_copy(
+                update={"ttl_s": 1.0, "partial_ttl_s": 1.0}
+            )
+            buyer = await market.buyer()
+            root = market.daemon.home.path / "work" / "workspaces"
+            mine = root / buyer.node_id
+            done, done_hash = workspace(tmp_path, {"a": "done\n"})
+            await buyer.client.upload(done, done_hash)
+            big, big_hash = workspace(tmp_path, {"b": os.urandom(700_000).hex()})
+            await buyer.client.send(
+                WorkspaceChunk(
+                    lease_id=buyer.lease.lease_id,
+                    workspace_hash=big_hash,
+                    offset=0,
+                    total_size=len(big),
+                    data=big[:100_000],
+                )
+            )
+            assert sorted(p.name for p in mine.iterdir()) == sorted([done_hash, f"{big_hash}.part"])
+            await asyncio.sleep(1.5)
+            fresh, fresh_hash = workspace(tmp_path, {"c": "fresh\n"})
+            await buyer.client.upload(fresh, fresh_hash)  # any upload sweeps the expired
+            assert [p.name for p in mine.iterdir()] == [fresh_hash]
+        finally:
+            await stop_market(market)
+
+    async def test_a_tenant_cannot_fill_the_providers_disk(self, tmp_path: Path) -> None:
+        market = await start_market(tmp_path)
+        try:
+            market.work.ws_limits = market.work.ws_limits.model_copy(
+                update={"tenant_bytes": 3_000_000}
+            )
+            hog, other = await market.buyer(), await market.buyer()
+
+            def chunk(buyer: Buyer, data: bytes, digest: str) -> WorkspaceChunk:
+                return WorkspaceChunk(
+                    lease_id=buyer.lease.lease_id,
+                    workspace_hash=digest,
+                    offset=0,
+                    total_size=len(data),
+                    data=data[:1000],
+                )
+
+            blobs = [workspace(tmp_path, {"x": os.urandom(500_000).hex()}) for _ in range(4)]
+            first, second, third, fourth = blobs  # about 1 MB each
+            await hog.client.upload(*first)  # complete, idle: may be evicted for room
+            await hog.client.send(chunk(hog, *second))  # unfinished: each holds its room
+            await hog.client.send(chunk(hog, *third))
+            mine = market.daemon.home.path / "work" / "workspaces" / hog.node_id
+            assert first[1] not in [p.name for p in mine.iterdir()]  # evicted for the third
+            with pytest.raises(BusyError, match="budget per tenant"):
+                await hog.client.send(chunk(hog, *fourth))
+            # Another tenant is not held back by the hog.
+            await other.client.upload(*fourth)
+        finally:
+            await stop_market(market)
