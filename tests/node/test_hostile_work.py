@@ -28,7 +28,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from node.config import NodeConfig, NodeSection, SandboxSection
+from node.config import NodeConfig, NodeSection, SandboxSection, WorkspacesSection
 from node.daemon import Daemon
 from node.executor import TrialOutcome, TrialSpec
 from node.inventory import DeviceDecl
@@ -48,10 +48,11 @@ pytestmark = pytest.mark.skipif(not probe_bwrap().ok, reason="needs bubblewrap")
 SPEC = "ab" * 32
 
 
-def make_config(home: Path, **sandbox: Any) -> NodeConfig:
+def make_config(home: Path, workspaces: dict[str, Any] | None = None, **sandbox: Any) -> NodeConfig:
     return NodeConfig(
         node=NodeSection(listen_port=0, home=home),
         sandbox=SandboxSection(**sandbox),
+        workspaces=WorkspacesSection(**(workspaces or {})),
         devices=[DeviceDecl(model="RTX-4090", count=4, price_floor=350_000, simulated=True)],
         detect_gpus=False,
     )
@@ -106,8 +107,10 @@ class Market:
                 await tenant.heartbeat(lease, seq)
 
 
-async def start_market(tmp: Path, **sandbox: Any) -> Market:
-    daemon = await Daemon.start(make_config(tmp / "provider", **sandbox))
+async def start_market(
+    tmp: Path, workspaces: dict[str, Any] | None = None, **sandbox: Any
+) -> Market:
+    daemon = await Daemon.start(make_config(tmp / "provider", workspaces, **sandbox))
     return Market(daemon, HttpTransport(), tmp, [], [])
 
 
@@ -357,9 +360,8 @@ class TestHostileWorkspaces:
 
     async def test_unpacking_50000_files_never_blocks_other_tenants(self, tmp_path: Path) -> None:
         """Allowed by the operator, the unpack runs off the loop: others keep being served."""
-        market = await start_market(tmp_path, max_workspace_bytes=64 << 20)
+        market = await start_market(tmp_path, {"max_files": 100_000})
         try:
-            market.work.ws_limits = market.work.ws_limits.model_copy(update={"max_files": 100_000})
             data, digest = await asyncio.to_thread(many_files_tar, 50_000)
             heavy, other = await market.buyer(), await market.buyer()
             upload = asyncio.ensure_future(heavy.client.upload(data, digest))
@@ -438,11 +440,8 @@ class TestTenantScope:
 
 class TestWorkspaceLifetime:
     async def test_unfinished_uploads_and_unused_workspaces_expire(self, tmp_path: Path) -> None:
-        market = await start_market(tmp_path)
+        market = await start_market(tmp_path, {"ttl_s": 1.0, "partial_ttl_s": 1.0})
         try:
-            market.work.ws_limits = market.work.ws_limits.model_copy(
-                update={"ttl_s": 1.0, "partial_ttl_s": 1.0}
-            )
             buyer = await market.buyer()
             root = market.daemon.home.path / "work" / "workspaces"
             mine = root / buyer.node_id
@@ -467,11 +466,8 @@ class TestWorkspaceLifetime:
             await stop_market(market)
 
     async def test_a_tenant_cannot_fill_the_providers_disk(self, tmp_path: Path) -> None:
-        market = await start_market(tmp_path)
+        market = await start_market(tmp_path, {"tenant_bytes": 3_000_000})
         try:
-            market.work.ws_limits = market.work.ws_limits.model_copy(
-                update={"tenant_bytes": 3_000_000}
-            )
             hog, other = await market.buyer(), await market.buyer()
 
             def chunk(buyer: Buyer, data: bytes, digest: str) -> WorkspaceChunk:
