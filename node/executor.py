@@ -495,7 +495,9 @@ class OutputCollector:
         while skipped and len(skipped[-1]) > MAX_LINE_BYTES:
             skipped.pop()
         if skipped:
-            self.dropped[MetricDrop.RATE] += len(skipped) - 1 + (self._deferred is not None)
+            lost = len(skipped) - 1 + (self._deferred is not None)
+            if lost:
+                self.dropped[MetricDrop.RATE] += lost
             self._deferred = skipped[-1]
 
     def _record(self, line: bytes, *, history: bool) -> None:

@@ -30,7 +30,7 @@ import pytest
 
 from node.config import NodeConfig, NodeSection, SandboxSection, WorkspacesSection
 from node.daemon import Daemon
-from node.executor import TrialOutcome, TrialSpec
+from node.executor import MAX_METRIC_RECORDS_PER_S, OutputCollector, TrialOutcome, TrialSpec
 from node.inventory import DeviceDecl
 from node.sandbox import SandboxExecutor, probe_bwrap
 from node.store import LeaseRow, Store
@@ -492,3 +492,50 @@ class TestWorkspaceLifetime:
             await other.client.upload(*fourth)
         finally:
             await stop_market(market)
+
+
+class TestMetricBoundaryInMemory:
+    """The OutputCollector's rules on their own (pure logic, a stepped clock)."""
+
+    def test_the_record_budget_skips_floods_but_the_latest_record_counts(self) -> None:
+        now = [0.0]
+        collector = OutputCollector(io.BytesIO(), 1 << 30, clock=lambda: now[0])
+        flood = b"".join(b'{"step": %d}\n' % i for i in range(5_000))
+        collector.feed(flood)
+        assert collector.metrics == {"step": MAX_METRIC_RECORDS_PER_S - 1}
+        collector.close()  # the end of output: the latest record is parsed
+        assert collector.metrics == {"step": 4_999}
+        assert collector.dropped == {"rate_limited": 5_000 - MAX_METRIC_RECORDS_PER_S - 1}
+
+    def test_the_budget_refills_with_time(self) -> None:
+        now = [0.0]
+        collector = OutputCollector(io.BytesIO(), 1 << 30, clock=lambda: now[0])
+        collector.feed(b'{"a": 1}\n' * MAX_METRIC_RECORDS_PER_S + b'{"a": 2}\n')
+        assert collector.metrics == {"a": 1}
+        now[0] += 1.0
+        collector.feed(b'{"a": 3}\n')
+        assert collector.metrics == {"a": 3}  # the deferred 2 first, then 3: print order
+        assert "rate_limited" not in collector.dropped
+
+    def test_values_that_do_not_fit_a_result_are_counted_by_reason(self) -> None:
+        collector = OutputCollector(io.BytesIO(), 1 << 30)
+        for line in HOSTILE_LINES.values():
+            collector.feed(line.encode() + b"\n")
+        collector.feed(b'{"ok": 1, "flag": true, "note": "x", "big": -9223372036854775808}\n')
+        collector.close()
+        assert collector.metrics == {"ok": 1, "big": -(2**63)}
+        assert collector.dropped == {
+            "not_finite": 3,
+            "int_out_of_range": 2,
+            "bad_name": 2,
+        }
+        TaskResult(  # whatever was kept fits the wire
+            lease_id="l1",
+            task_id="t1",
+            state="succeeded",
+            exit_code=0,
+            metrics=collector.metrics,
+            usage={"wall_ms": 1, "cpu_ms": 1, "device_ms": 1},
+            started_ms=0,
+            finished_ms=1,
+        )

@@ -516,7 +516,14 @@ class TestRunning:
         assert outcome.metric_value == 0.5
         assert [r["step"] for r in outcome.metric_history] == [1, 2, 3, 4]
         assert outcome.metric_history[1]["note"] == "halfway"
-        assert pushed == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}, {"step": 3}, {"step": 4, "acc": 0.75}]
+        # Only the kept metric values of each record reach on_metrics (no NaN, no bool).
+        assert pushed == [
+            {"step": 1, "loss": 1.0},
+            {"step": 2, "loss": 0.5},
+            {"step": 3},
+            {"step": 4, "acc": 0.75},
+        ]
+        assert outcome.metrics_dropped == {"not_finite": 1}
         assert b"epoch 1 done" in outcome.log_path.read_bytes()
 
     async def test_trial_uses_the_providers_interpreter_and_packages(
