@@ -18,8 +18,8 @@ Contract
     the trial's processes are killed before the cancellation propagates: an
     executor never leaves a trial running that nobody waits for.
 
-    ``on_output(line)`` is called with each line of the trial's merged stdout and
-    stderr (bytes, newline included) while it is kept within
+    ``on_output(data)`` is called with the trial's merged stdout and stderr in whole
+    lines (a batch of lines per read, newlines included) while it is kept within
     ``spec.max_output_bytes``; ``on_metrics(values)`` with the metric values kept
     from a metrics record (never empty; see the rules below). Both are called from
     the event loop and must not block; an exception they raise is logged and does
