@@ -113,6 +113,7 @@ class _Workspace:
     size: int  # bytes it counts against the budgets (declared archive size)
     used_ms: int  # last upload chunk, check or task that named it
     complete: bool = False
+    leases: set[str] = field(default_factory=set)  # the leases it was uploaded or used for
     unpacking: asyncio.Future[None] | None = None  # set once the last byte is in
     error: WorkspaceError | None = None
 
@@ -226,7 +227,18 @@ class WorkService:
                     _remove(ws)
 
     def _in_use(self, ws: _Workspace) -> bool:
-        return any(
+        """Held by a task, or (unpacked) by a live lease it was uploaded or used for.
+
+        A lease pins its workspace, so a sweep between two trials never loses it; an
+        unfinished upload is never pinned: it expires after partial_ttl_s.
+        """
+        leases = self.provider.engine.leases
+        ws.leases = {
+            lid
+            for lid in ws.leases
+            if (lease := leases.get(lid)) is not None and lease.state is LeaseState.ACTIVE
+        }
+        return (ws.complete and bool(ws.leases)) or any(
             t.tenant == ws.tenant
             and t.assign.workspace_hash == ws.digest
             and t.state in ("queued", "running")
@@ -308,6 +320,7 @@ class WorkService:
         ws = self._workspaces.get((tenant, digest))
         if ws is not None and ws.complete:
             ws.used_ms = now
+            ws.leases.add(chunk.lease_id)
             return WorkspaceStatus(workspace_hash=digest, received=chunk.total_size, complete=True)
         if chunk.total_size > self.max_workspace_bytes:
             raise TooLargeError(
@@ -331,6 +344,7 @@ class WorkService:
                     f"now {chunk.total_size}: upload it again"
                 )
             ws.used_ms = now
+            ws.leases.add(chunk.lease_id)
             part = self._ws_part(tenant, digest)
             part.parent.mkdir(parents=True, exist_ok=True)
             have = part.stat().st_size if part.exists() else 0
@@ -425,6 +439,7 @@ class WorkService:
         if ws is None or not ws.complete:
             raise NotFoundError(f"workspace {assign.workspace_hash[:12]} was not uploaded")
         ws.used_ms = self.node.clock()
+        ws.leases.add(lease.lease_id)
         if assign.network and not self.allow_network:
             raise UnexpectedMessageError("this provider does not give tasks network access")
         mine = [t for t in self.tasks.values() if t.assign.lease_id == lease.lease_id]

@@ -85,14 +85,19 @@ class Market:
         assert work is not None
         return work
 
-    async def buyer(self, units: int = 1) -> Buyer:
-        store = Store(self.tmp / f"tenant{len(self.stores)}.sqlite")
-        self.stores.append(store)
-        tenant = Tenant(Identity.generate(), store, self.transport)
+    async def buyer(self, units: int = 1, same_as: Buyer | None = None) -> Buyer:
+        """A new tenant with a lease, or one more lease for the tenant of ``same_as``."""
+        if same_as is None:
+            store = Store(self.tmp / f"tenant{len(self.stores)}.sqlite")
+            self.stores.append(store)
+            tenant = Tenant(Identity.generate(), store, self.transport)
+        else:
+            tenant, store = same_as.tenant, same_as.tenant.store
+        held = {lease.lease_id for lease in store.list_leases("active")}
         await tenant.refresh(self.daemon.address)
         report = await tenant.auction(Requirement(kind="gpu"), units, 1_000_000, job_spec_hash=SPEC)
         assert [x.units for x in report.leases] == [units], report.failure
-        lease = store.list_leases("active")[0]
+        (lease,) = [x for x in store.list_leases("active") if x.lease_id not in held]
         self.beats.append(asyncio.create_task(self._beat(tenant, lease)))
         return Buyer(tenant, lease, TaskClient(tenant, lease))
 
@@ -459,9 +464,17 @@ class TestWorkspaceLifetime:
             )
             assert sorted(p.name for p in mine.iterdir()) == sorted([done_hash, f"{big_hash}.part"])
             await asyncio.sleep(1.5)
+            # The unfinished upload expired; the unpacked one is held by its live lease.
             fresh, fresh_hash = workspace(tmp_path, {"c": "fresh\n"})
             await buyer.client.upload(fresh, fresh_hash)  # any upload sweeps the expired
-            assert [p.name for p in mine.iterdir()] == [fresh_hash]
+            assert sorted(p.name for p in mine.iterdir()) == sorted([done_hash, fresh_hash])
+            # Once the lease ends, an unused workspace expires too.
+            await buyer.tenant.release(buyer.lease)
+            again = await market.buyer(same_as=buyer)
+            await asyncio.sleep(1.5)
+            last, last_hash = workspace(tmp_path, {"d": "last\n"})
+            await again.client.upload(last, last_hash)
+            assert [p.name for p in mine.iterdir()] == [last_hash]
         finally:
             await stop_market(market)
 
@@ -469,6 +482,7 @@ class TestWorkspaceLifetime:
         market = await start_market(tmp_path, {"tenant_bytes": 3_000_000})
         try:
             hog, other = await market.buyer(), await market.buyer()
+            hog2 = await market.buyer(same_as=hog)  # the hog's second lease
 
             def chunk(buyer: Buyer, data: bytes, digest: str) -> WorkspaceChunk:
                 return WorkspaceChunk(
@@ -481,13 +495,14 @@ class TestWorkspaceLifetime:
 
             blobs = [workspace(tmp_path, {"x": os.urandom(500_000).hex()}) for _ in range(4)]
             first, second, third, fourth = blobs  # about 1 MB each
-            await hog.client.upload(*first)  # complete, idle: may be evicted for room
-            await hog.client.send(chunk(hog, *second))  # unfinished: each holds its room
-            await hog.client.send(chunk(hog, *third))
+            await hog.client.upload(*first)  # unpacked, held by its lease while it lives
+            await hog.tenant.release(hog.lease)  # now idle: it may be evicted for room
+            await hog2.client.send(chunk(hog2, *second))  # unfinished: each holds its room
+            await hog2.client.send(chunk(hog2, *third))
             mine = market.daemon.home.path / "work" / "workspaces" / hog.node_id
             assert first[1] not in [p.name for p in mine.iterdir()]  # evicted for the third
             with pytest.raises(BusyError, match="budget per tenant"):
-                await hog.client.send(chunk(hog, *fourth))
+                await hog2.client.send(chunk(hog2, *fourth))
             # Another tenant is not held back by the hog.
             await other.client.upload(*fourth)
         finally:
