@@ -100,8 +100,9 @@ class WorkspacesSection(_Section):
 
     Workspaces belong to the tenant that uploaded them (another tenant with the same
     hash uploads its own copy). Both budgets count an upload at its declared size from
-    its first chunk; idle workspaces no task uses are evicted, oldest use first, when a
-    new one needs room.
+    its first chunk; workspaces not in use (no queued or running task, no live lease
+    they were uploaded or used under) are evicted, oldest use first, when a new one
+    needs room, and expire after ``ttl_s``; unfinished uploads after ``partial_ttl_s``.
     """
 
     max_files: Annotated[int, Field(ge=1, le=10_000_000)] = 10_000  # entries per workspace
