@@ -141,6 +141,23 @@ class SandboxSection(_Section):
     trial_uid: Annotated[int, Field(gt=0, lt=1 << 31)] = 2_000_000_000
 
 
+class WorkspacesSection(_Section):
+    """How much of this provider's disk tenants' workspaces may take, and for how long.
+
+    Workspaces belong to the tenant that uploaded them (another tenant with the same
+    hash uploads its own copy). Both budgets count an upload at its declared size from
+    its first chunk; workspaces not in use (no queued or running task, no live lease
+    they were uploaded or used under) are evicted, oldest use first, when a new one
+    needs room, and expire after ``ttl_s``; unfinished uploads after ``partial_ttl_s``.
+    """
+
+    max_files: Annotated[int, Field(ge=1, le=10_000_000)] = 10_000  # entries per workspace
+    disk_bytes: Annotated[int, Field(gt=0)] = 8 << 30  # all tenants together
+    tenant_bytes: Annotated[int, Field(gt=0)] = 2 << 30  # one tenant
+    ttl_s: Annotated[float, Field(gt=0)] = 6 * 3600.0  # an unused workspace is removed after
+    partial_ttl_s: Annotated[float, Field(gt=0)] = 600.0  # an upload left unfinished
+
+
 class StatusSection(_Section):
     """The operator endpoints: status page (GET /), /status.json, POST /control/prices."""
 
@@ -163,6 +180,7 @@ class NodeConfig(_Section):
     http: HttpSection = HttpSection()
     market: MarketSection = MarketSection()
     sandbox: SandboxSection = SandboxSection()
+    workspaces: WorkspacesSection = WorkspacesSection()
     status: StatusSection = StatusSection()
     devices: list[DeviceDecl] = []
     interconnect: InterconnectDecl | None = None

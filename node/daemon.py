@@ -210,6 +210,7 @@ class Daemon:
     listener: asyncio.Server
     gate: ConnectionGate
     provider: ProviderService | None = None  # None for a bootstrap node
+    work: WorkService | None = None  # None for a bootstrap node
 
     @classmethod
     async def start(cls, config: NodeConfig, home: NodeHome | None = None) -> Daemon:
@@ -304,6 +305,7 @@ class Daemon:
                 ),
                 max_workspace_bytes=sb.max_workspace_bytes,
                 allow_network=sb.allow_network,
+                workspaces=config.workspaces,
             )
         info: dict[str, Any] = {"node_id": identity.node_id, "role": config.node.role}
         status = StatusSource(
@@ -348,7 +350,7 @@ class Daemon:
         tmp.write_text(json.dumps(info))
         tmp.replace(home.path / READY_FILE)
         log.info("%s %s listening on %s", config.node.role, identity.node_id, address)
-        return cls(node, runner, store, home, address, transport, listener, gate, provider)
+        return cls(node, runner, store, home, address, transport, listener, gate, provider, work)
 
     async def close(self) -> None:
         """Stop serving, stop every task, close the store. Idempotent."""

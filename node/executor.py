@@ -18,11 +18,12 @@ Contract
     the trial's processes are killed before the cancellation propagates: an
     executor never leaves a trial running that nobody waits for.
 
-    ``on_output(line)`` is called with each line of the trial's merged stdout and
-    stderr (bytes, newline included) while it is kept within
-    ``spec.max_output_bytes``; ``on_metrics(obj)`` with every stdout line that is a
-    JSON object. Both are called from the event loop and must not block; an
-    exception they raise is logged and does not stop the trial.
+    ``on_output(data)`` is called with the trial's merged stdout and stderr in whole
+    lines (a batch of lines per read, newlines included) while it is kept within
+    ``spec.max_output_bytes``; ``on_metrics(values)`` with the metric values kept
+    from a metrics record (never empty; see the rules below). Both are called from
+    the event loop and must not block; an exception they raise is logged and does
+    not stop the trial.
 
 ``await executor.cancel(task_id) -> bool``
     Stops a running trial (its whole process tree) and returns once ``run`` has
@@ -39,9 +40,16 @@ Trial I/O conventions (the same on every executor)
   variable ``IPUOF_VIPU_API_PARTITION_ID``) is applied last, so the tenant's env
   cannot point the trial at devices it did not lease.
 * Metrics: every output line that is a JSON object is a metrics record (print it
-  yourself or call :func:`node.trial.report`). Its finite int/float values (not
-  booleans) become ``metrics`` (last value per key wins); the whole object is
-  appended to ``metric_history``. Other lines are log lines.
+  yourself or call :func:`node.trial.report`). Its numeric values become
+  ``metrics`` (last value per key wins) if they pass the provider's boundary
+  (:func:`metric_drop`): a name of 1-64 characters, a finite float or a signed
+  64-bit int, at most ``MAX_METRIC_KEYS`` names per trial. Other numeric values
+  are dropped and counted by reason in ``metrics_dropped``; strings, booleans and
+  the like are annotations, not metrics. The whole object is appended to
+  ``metric_history`` (up to ``MAX_METRIC_HISTORY_BYTES``). At most
+  ``MAX_METRIC_RECORDS_PER_S`` records are parsed per second; the latest skipped
+  one is parsed later, so the last record a trial prints always counts. Other
+  lines are log lines.
 * Output beyond ``max_output_bytes`` is dropped and ``output_truncated`` set; the
   trial keeps running (the timeout bounds it) and metric lines past the cap still
   update ``metrics`` and reach ``on_metrics``, so the final result of a chatty
@@ -72,6 +80,8 @@ import json
 import logging
 import math
 import re
+import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,8 +94,18 @@ logger = logging.getLogger(__name__)
 #: Output lines longer than this are cut into pieces of this size and never parsed
 #: as metrics; it bounds the memory one line can take.
 MAX_LINE_BYTES = 64 * 1024
-#: At most this many distinct metric keys are kept per trial.
-MAX_METRIC_KEYS = 1024
+#: At most this many distinct metric keys are kept per trial (a result carries 256).
+MAX_METRIC_KEYS = 256
+#: A metric name is 1 to 64 characters (the wire's ``Name``).
+MAX_METRIC_NAME = 64
+#: Metric ints are signed 64-bit; floats are finite.
+METRIC_INT_MIN, METRIC_INT_MAX = -(1 << 63), (1 << 63) - 1
+#: ``metric_history`` keeps records whose lines add up to at most this many bytes.
+MAX_METRIC_HISTORY_BYTES = 1 << 20
+#: At most this many metric records are parsed per second of a trial's output (with a
+#: burst of as many); the others are skipped and counted, except the latest, which is
+#: parsed once the budget allows (or at the end), so a trial's last word is never lost.
+MAX_METRIC_RECORDS_PER_S = 1000
 DEFAULT_MAX_OUTPUT_BYTES = 8 * 1024 * 1024
 
 OutputCallback = Callable[[bytes], None]
@@ -274,6 +294,8 @@ class TrialOutcome:
     output_bytes: int
     output_truncated: bool
     log_path: Path
+    #: Metric values the trial printed that were not kept, by :class:`MetricDrop` reason.
+    metrics_dropped: dict[str, int] = field(default_factory=dict)
 
 
 @runtime_checkable
@@ -311,15 +333,46 @@ def parse_metrics_line(line: bytes) -> dict[str, Any] | None:
     return obj if isinstance(obj, dict) else None
 
 
-def numeric_metrics(obj: Mapping[str, Any]) -> dict[str, int | float]:
-    """The finite int/float values of a metrics record (booleans are not metrics)."""
+class MetricDrop(enum.StrEnum):
+    """Why a value a trial printed as a metric was not kept."""
+
+    BAD_NAME = "bad_name"  # empty, or longer than MAX_METRIC_NAME characters
+    NOT_FINITE = "not_finite"  # NaN, Infinity, -Infinity
+    INT_RANGE = "int_out_of_range"  # outside signed 64 bits
+    TOO_MANY_KEYS = "too_many_keys"  # a new name past MAX_METRIC_KEYS
+    RATE = "rate_limited"  # a record past MAX_METRIC_RECORDS_PER_S, not the latest
+
+
+def metric_drop(key: str, value: int | float) -> MetricDrop | None:
+    """Why the numeric ``value`` under ``key`` may not be a metric, or ``None`` if it may.
+
+    The provider's boundary: whatever passes fits a ``TaskResult`` (names as ``Name``,
+    finite float 64, signed 64-bit ints), so no trial output can make a result invalid.
+    """
+    if not 1 <= len(key) <= MAX_METRIC_NAME:
+        return MetricDrop.BAD_NAME
+    if isinstance(value, float):
+        return None if math.isfinite(value) else MetricDrop.NOT_FINITE
+    return None if METRIC_INT_MIN <= value <= METRIC_INT_MAX else MetricDrop.INT_RANGE
+
+
+def numeric_metrics(
+    obj: Mapping[str, Any], dropped: Counter[str] | None = None
+) -> dict[str, int | float]:
+    """The metric values of a record: int/float (not bool) that pass :func:`metric_drop`.
+
+    Values of other types (strings, booleans, lists, null) are annotations, not metrics,
+    and are skipped silently; numeric values refused are counted in ``dropped`` by reason.
+    """
     out: dict[str, int | float] = {}
     for key, value in obj.items():
         if isinstance(value, bool) or not isinstance(value, int | float):
             continue
-        if isinstance(value, float) and not math.isfinite(value):
-            continue
-        out[key] = value
+        reason = metric_drop(key, value)
+        if reason is None:
+            out[key] = value
+        elif dropped is not None:
+            dropped[reason] += 1
     return out
 
 
@@ -328,6 +381,12 @@ class OutputCollector:
 
     Backend-neutral: every executor feeds it the bytes it reads, so the cap and the
     metrics rules are the same everywhere. ``log`` receives the kept lines.
+
+    Everything here runs on the event loop for every chunk a trial prints, so the work
+    per chunk is bounded: at most ``MAX_METRIC_RECORDS_PER_S`` records are parsed per
+    second, ``on_metrics`` is called only for records that hold metrics, and kept keys
+    and history are capped. ``dropped`` counts, by :class:`MetricDrop` reason, every
+    value (or record, for ``rate_limited``) that was not kept.
     """
 
     def __init__(
@@ -336,20 +395,29 @@ class OutputCollector:
         max_output_bytes: int,
         on_output: OutputCallback | None = None,
         on_metrics: MetricsCallback | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._log = log
         self._cap = max_output_bytes
         self._on_output = on_output
         self._on_metrics = on_metrics
+        self._clock = clock
         self._pending = b""
         self._continued = False
+        self._tokens = float(MAX_METRIC_RECORDS_PER_S)
+        self._refilled = clock()
+        self._deferred: bytes | None = None  # the latest record skipped for the rate
+        self._history_bytes = 0
         self.output_bytes = 0
         self.truncated = False
         self.metrics: dict[str, int | float] = {}
         self.metric_history: list[dict[str, Any]] = []
+        self.dropped: Counter[str] = Counter()
 
     def feed(self, data: bytes) -> None:
         """Take the next chunk of output."""
+        self._refill()
         buf = self._pending + data
         if self.truncated and b"{" not in buf:
             # Past the cap only metric lines matter: skip line splitting for chunks
@@ -363,45 +431,107 @@ class OutputCollector:
                 buf = b""
             self._pending = buf
             return
-        start = 0
-        while (end := buf.find(b"\n", start)) >= 0:
-            self._piece(buf[start : end + 1], ends_line=True)
-            start = end + 1
-        rest = buf[start:]
+        cut = buf.rfind(b"\n") + 1
+        if cut:
+            self._lines(buf[:cut])
+        rest = buf[cut:]
         while len(rest) >= MAX_LINE_BYTES:
-            self._piece(rest[:MAX_LINE_BYTES], ends_line=False)
+            # A piece of an over-long line: log text, and so is the rest of that line.
+            self._continued = True
+            self._keep(rest[:MAX_LINE_BYTES])
             rest = rest[MAX_LINE_BYTES:]
         self._pending = rest
 
     def close(self) -> None:
         """End of output: a last line without a newline still counts."""
+        self._take_deferred(force=True)
         if self._pending:
-            self._piece(self._pending, ends_line=True)
+            self._lines(self._pending + b"\n", newline_added=True)
             self._pending = b""
+        self._take_deferred(force=True)
 
-    def _piece(self, piece: bytes, *, ends_line: bool) -> None:
-        # Only a whole line of at most MAX_LINE_BYTES can be a metrics record; the
-        # pieces of a longer line are log text, including its last piece.
-        whole_line = ends_line and not self._continued
-        self._continued = not ends_line
-        keep = not self.truncated and self.output_bytes + len(piece) <= self._cap
-        if keep:
-            self._log.write(piece)
-            self.output_bytes += len(piece)
-            if self._on_output is not None:
-                _call(self._on_output, piece)
-        else:
+    def _refill(self) -> None:
+        now = self._clock()
+        elapsed = max(0.0, now - self._refilled)
+        self._refilled = now
+        self._tokens = min(
+            float(MAX_METRIC_RECORDS_PER_S), self._tokens + elapsed * MAX_METRIC_RECORDS_PER_S
+        )
+        self._take_deferred(force=False)
+
+    def _take_deferred(self, *, force: bool) -> None:
+        # The deferred record is older than anything still unread, so taking it first
+        # keeps "last value wins" in print order.
+        if self._deferred is not None and (force or self._tokens >= 1):
+            line, self._deferred = self._deferred, None
+            self._tokens -= 1
+            self._record(line, history=False)
+
+    def _keep(self, data: bytes) -> int:
+        """Log what fits under the cap, in whole lines; how many bytes of ``data`` were kept."""
+        if self.truncated:
+            return 0
+        room = self._cap - self.output_bytes
+        kept = len(data) if len(data) <= room else data.rfind(b"\n", 0, room) + 1
+        if kept < len(data):
             self.truncated = True
-        obj = parse_metrics_line(piece) if whole_line else None
+        if kept:
+            self._log.write(data[:kept])
+            self.output_bytes += kept
+            if self._on_output is not None:
+                _call(self._on_output, data[:kept])
+        return kept
+
+    def _lines(self, block: bytes, *, newline_added: bool = False) -> None:
+        """Whole lines (``block`` ends with a newline): logged in one go, records parsed.
+
+        One write and one callback per block, and a C-level scan for record lines,
+        keep the per-line cost of a flood of tiny lines low on the event loop.
+        """
+        kept = self._keep(block[:-1] if newline_added else block)
+        if newline_added and kept == len(block) - 1:
+            kept += 1  # the last line was kept whole; only its newline was never printed
+        # The first line may end an over-long one: log text, never a record.
+        pos = block.find(b"\n") + 1 if self._continued else 0
+        self._continued = False
+        while self._tokens >= 1:
+            m = _RECORD_LINE.search(block, pos)
+            if m is None:
+                return
+            pos = m.end()
+            if pos - m.start() <= MAX_LINE_BYTES:
+                self._tokens -= 1
+                self._record(m.group(1), history=pos <= kept)
+        # Out of budget: only the latest record is kept for later, the others counted.
+        skipped = _RECORD_LINE.findall(block, pos)
+        while skipped and len(skipped[-1]) > MAX_LINE_BYTES:
+            skipped.pop()
+        if skipped:
+            lost = len(skipped) - 1 + (self._deferred is not None)
+            if lost:
+                self.dropped[MetricDrop.RATE] += lost
+            self._deferred = skipped[-1]
+
+    def _record(self, line: bytes, *, history: bool) -> None:
+        obj = parse_metrics_line(line)
         if obj is None:
             return
-        for key, value in numeric_metrics(obj).items():
+        values: dict[str, int | float] = {}
+        for key, value in numeric_metrics(obj, self.dropped).items():
             if key in self.metrics or len(self.metrics) < MAX_METRIC_KEYS:
                 self.metrics[key] = value
-        if keep:
+                values[key] = value
+            else:
+                self.dropped[MetricDrop.TOO_MANY_KEYS] += 1
+        if history and self._history_bytes + len(line) <= MAX_METRIC_HISTORY_BYTES:
+            self._history_bytes += len(line)
             self.metric_history.append(obj)
-        if self._on_metrics is not None:
-            _call(self._on_metrics, obj)
+        if values and self._on_metrics is not None:
+            _call(self._on_metrics, values)
+
+
+#: A line that may be a metrics record: a JSON object, maybe padded with whitespace.
+_RECORD_LINE = re.compile(rb"^[ \t\r\f\v]*(\{[^\n]*\})[ \t\r\f\v]*\n", re.MULTILINE)
 
 
 def _call(callback: Callable[[Any], None], arg: Any) -> None:

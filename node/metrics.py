@@ -36,6 +36,12 @@ class NodeMetrics:
         self.send_failures = Counter(
             "mercato_send_failures", "Outgoing requests that failed", ["code"], registry=r
         )
+        self.metric_values_dropped = Counter(
+            "mercato_metric_values_dropped",
+            "Metric values trials printed that this provider did not keep, by reason",
+            ["reason"],
+            registry=r,
+        )
         self.free_units = Gauge(
             "mercato_free_units", "Devices this provider can still sell", registry=r
         )

@@ -644,6 +644,7 @@ class SandboxExecutor:
             output_bytes=collector.output_bytes,
             output_truncated=collector.truncated,
             log_path=log_path,
+            metrics_dropped=dict(collector.dropped),
         )
 
 

@@ -25,6 +25,7 @@ from protocol.messages import (
 )
 
 CHUNK = 512 * 1024
+UNPACK_POLL_S = 0.25
 
 
 class TaskClientError(MercatoError):
@@ -63,6 +64,8 @@ class TaskClient:
         )
         while isinstance(status, WorkspaceStatus) and not status.complete:
             off = status.received
+            if off >= total:  # all there; the provider is still unpacking it: ask again
+                await asyncio.sleep(UNPACK_POLL_S)
             status = await self.send(
                 WorkspaceChunk(
                     lease_id=self.lease.lease_id,

@@ -16,6 +16,7 @@ import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from protocol.errors import BadWorkspaceError
 
@@ -104,19 +105,86 @@ def pack(
     return Workspace(data=data, sha256=hashlib.sha256(data).hexdigest(), files=len(entries))
 
 
-def unpack(data: bytes, expected_sha256: str, target: Path) -> None:
-    """Verify ``data`` against its address and unpack it into ``target`` (created)."""
+#: At most this many entries (files and directories) in a workspace, by default.
+DEFAULT_MAX_FILES = 10_000
+#: The only member types a workspace may hold: plain files and directories. GNU sparse
+#: ('S'), continuation ('7'), links, devices and FIFOs are refused: a sparse member of a
+#: few bytes in the archive expands to any size on disk (and in every trial's copy).
+_PLAIN_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.DIRTYPE)
+
+
+def unpack(
+    data: bytes,
+    expected_sha256: str,
+    target: Path,
+    *,
+    max_files: int = DEFAULT_MAX_FILES,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> int:
+    """Verify ``data`` against its address and unpack it; see :func:`unpack_file`."""
     actual = hashlib.sha256(data).hexdigest()
     if actual != expected_sha256:
         raise WorkspaceError(f"workspace hash is {actual}, expected {expected_sha256}")
+    return _extract(io.BytesIO(data), target, max_files, max_bytes)
+
+
+def unpack_file(
+    archive: Path,
+    expected_sha256: str,
+    target: Path,
+    *,
+    max_files: int = DEFAULT_MAX_FILES,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> int:
+    """Verify the archive at ``archive`` and unpack it into ``target`` (created).
+
+    Blocking file-system work for up to ``max_files`` entries: call it in a thread,
+    never on the event loop. Refuses, before writing anything, an archive with more
+    than ``max_files`` entries, whose files add up to more than ``max_bytes``
+    unpacked, or that holds anything but plain files and directories (sparse
+    members included). Returns the unpacked size in bytes.
+    """
+    digest = hashlib.sha256()
+    with archive.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    actual = digest.hexdigest()
+    if actual != expected_sha256:
+        raise WorkspaceError(f"workspace hash is {actual}, expected {expected_sha256}")
+    with archive.open("rb") as f:
+        return _extract(f, target, max_files, max_bytes)
+
+
+def _extract(fileobj: IO[bytes], target: Path, max_files: int, max_bytes: int) -> int:
     target.mkdir(parents=True, exist_ok=True)
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            for member in tar.getmembers():
-                if not (member.isfile() or member.isdir()):
+        with tarfile.open(fileobj=fileobj, mode="r:") as tar:
+            members: list[tarfile.TarInfo] = []
+            total = 0
+            # Read headers one by one so a flood of entries is refused at max_files + 1,
+            # not after parsing all of them.
+            while (member := tar.next()) is not None:
+                members.append(member)
+                if len(members) > max_files:
+                    raise WorkspaceError(
+                        f"workspace has more than {max_files} entries (this provider's limit)"
+                    )
+                if (
+                    member.type == tarfile.GNUTYPE_SPARSE
+                    or member.sparse is not None
+                    or any(k.startswith("GNU.sparse") for k in member.pax_headers)
+                ):
+                    raise WorkspaceError(f"workspace entry {member.name!r} is a sparse file")
+                if member.type not in _PLAIN_TYPES:
                     raise WorkspaceError(f"workspace entry {member.name!r} is not a plain file")
                 if member.name.startswith("/") or ".." in Path(member.name).parts:
                     raise WorkspaceError(f"workspace entry {member.name!r} escapes the directory")
-            tar.extractall(target, filter="data")
+                total += member.size
+                if total > max_bytes:
+                    raise WorkspaceError(
+                        f"workspace unpacks to more than {max_bytes} bytes (this provider's limit)"
+                    )
+            tar.extractall(target, members=members, filter="data")
     except tarfile.TarError as e:
         raise WorkspaceError(f"workspace archive is corrupt: {e}") from e
+    return total

@@ -218,7 +218,8 @@ class NotFoundError(RemoteProtocolError):
 
 
 class BadWorkspaceError(MercatoError):
-    """A workspace archive is too large, corrupt or unsafe to unpack.
+    """A workspace archive is too large, corrupt or unsafe to unpack (too many entries,
+    too large unpacked, a link, device or sparse member, a path that escapes).
 
     Not a RemoteProtocolError: a tenant raises it too, for its own directory, before
     anything is sent. A provider answers it with 400: the archive is the sender's fault.

@@ -346,7 +346,7 @@ class TestStopping:
         seen: list[int] = []
 
         def on_output(line: bytes) -> None:
-            if line.startswith(b"started"):
+            if b"started" in line:  # a batch of lines
                 seen.extend(processes_running(child) + processes_running(escaped))
 
         spec = make_spec(workspace, code, child[1], escaped[1], timeout_s=3)
@@ -395,7 +395,7 @@ class TestStopping:
         busy = asyncio.Event()
 
         def on_output(line: bytes) -> None:
-            if line == b"busy\n":
+            if b"busy\n" in line:  # a batch of lines
                 busy.set()
 
         run = asyncio.create_task(executor.run(make_spec(workspace, code), on_output=on_output))
@@ -422,7 +422,7 @@ class TestStopping:
         seen: list[int] = []
 
         def on_output(line: bytes) -> None:
-            if line.startswith(b"started"):
+            if b"started" in line:  # a batch of lines
                 seen.extend(processes_running(child))
                 started.set()
 
@@ -516,7 +516,14 @@ class TestRunning:
         assert outcome.metric_value == 0.5
         assert [r["step"] for r in outcome.metric_history] == [1, 2, 3, 4]
         assert outcome.metric_history[1]["note"] == "halfway"
-        assert pushed == outcome.metric_history
+        # Only the kept metric values of each record reach on_metrics (no NaN, no bool).
+        assert pushed == [
+            {"step": 1, "loss": 1.0},
+            {"step": 2, "loss": 0.5},
+            {"step": 3},
+            {"step": 4, "acc": 0.75},
+        ]
+        assert outcome.metrics_dropped == {"not_finite": 1}
         assert b"epoch 1 done" in outcome.log_path.read_bytes()
 
     async def test_trial_uses_the_providers_interpreter_and_packages(
