@@ -86,8 +86,12 @@ class TaskClient:
         task_id: str,
         on_log: Callable[[str], None] | None = None,
         wait_ms: int = 10_000,
+        on_status: Callable[[TaskStatus], None] | None = None,
     ) -> TaskResult:
-        """Long-poll a task to its signed result, passing its log on as it arrives."""
+        """Long-poll a task to its signed result, passing its log on as it arrives.
+
+        ``on_status`` sees every status (the sweep starts its own clock on a trial
+        when the provider first says it runs)."""
         offset = 0
         while True:
             body = await self.send(
@@ -105,6 +109,8 @@ class TaskClient:
                 return body
             if not isinstance(body, TaskStatus):
                 raise TaskClientError(f"unexpected answer to task_query: {type(body).__name__}")
+            if on_status is not None:
+                on_status(body)
             if body.log and on_log is not None:
                 on_log(body.log)
             offset = body.log_offset
