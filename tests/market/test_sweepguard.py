@@ -77,7 +77,8 @@ class TestBudget:
 
     def test_the_explanation_names_the_figures(self) -> None:
         text = Budget(1, MINUTE).explain_exhausted(0, PRICE, 1)
-        assert "max_spend 0.000001" in text and "3.6 cr/device-hour" in text
+        assert "max_spend 0.000001" in text
+        assert "3.6 cr/device-hour" in text
 
 
 class TestJobFileBudget:
@@ -87,7 +88,8 @@ class TestJobFileBudget:
             parse_job(
                 "program: t.py\nmethod: grid\nparameters: {a: {value: 1}}\nbudget: {max_spend: 0}\n"
             )
-        assert "budget.max_spend" in str(e.value) and "positive" in str(e.value)
+        assert "budget.max_spend" in str(e.value)
+        assert "positive" in str(e.value)
 
     def test_absent_means_the_documented_default(self) -> None:
         spec = parse_job("program: t.py\nmethod: grid\nparameters: {a: {value: 1}}\n")
@@ -134,7 +136,8 @@ class TestMissingMetric:
     def test_a_typo_names_the_printed_metric(self) -> None:
         text = missing_metric("val_los", ["val_loss", "step", "acc"])
         assert "never reported the metric 'val_los'" in text
-        assert "'val_loss'" in text and "typo" in text
+        assert "'val_loss'" in text
+        assert "typo" in text
 
     def test_no_close_name_lists_what_was_printed(self) -> None:
         assert "'acc'" in missing_metric("loss", ["acc"])
