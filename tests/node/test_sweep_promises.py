@@ -168,11 +168,7 @@ class TestResumeAfterKill:
         submit.send_signal(signal.SIGKILL)
         submit.wait()
 
-        # `jobs` tells a killed run from a live one, and how to go on.
         listed = {j["job_id"]: j for j in tenant.json("jobs")}
-        assert listed[job_id]["state"] == "interrupted"
-        assert f"mercato resume {job_id}" in listed[job_id]["detail"]
-
         resumed = tenant.run("resume", job_id, "--quiet", "--json", "--parallel", "2")
         assert resumed.returncode == 0, resumed.stdout + resumed.stderr
         trials = tenant.trials(job_id)
@@ -180,6 +176,9 @@ class TestResumeAfterKill:
         assert len(trials) == want, points
         assert len(set(points)) == want, sorted(points)
         assert {t.state for t in trials} == {"succeeded"}
+        # Before the resume, `jobs` told the killed run from a live one, and how to go on.
+        assert listed[job_id]["state"] == "interrupted"
+        assert f"mercato resume {job_id}" in listed[job_id]["detail"]
 
 
 # --- failures -------------------------------------------------------------------
@@ -368,3 +367,37 @@ class TestStallingProvider:
             store.close()
             await staller.close()
             await honest.close()
+
+
+class TestPlanAndLiveView:
+    def test_plan_estimates_a_sweeps_runtime_and_cost(self, tmp_path: Path, tenant: Tenant) -> None:
+        # Issue 13: `plan` showed "-" for runtime and cost of a sweep.
+        job = quadratic(tmp_path / "job", lambda s: None)
+        proc = tenant.run("plan", str(job), "--json", "--parallel", "4")
+        assert proc.returncode == 0, proc.stderr
+        data = json.loads(proc.stdout)
+        fits = [c for c in data["candidates"] if c["fits"]]
+        assert fits
+        assert all(c["expected_cost"] is not None for c in fits)
+        best = fits[0]
+        estimate = data["estimate"]
+        assert estimate["assumption"] == "every trial runs to limits.trial_timeout"
+        # 12 trials x 60 s x the floor price, 4 at once (the provider's free devices permitting).
+        assert estimate["cost_micro_credits"] == -(-12 * 60_000 * best["price_floor"] // 3_600_000)
+        assert estimate["cost_micro_credits"] == best["expected_cost"]
+        text = tenant.run("plan", str(job)).stdout
+        assert "estimate: 12 trials x 60 s (trial_timeout" in text
+
+    def test_the_live_view_shows_what_is_billing(self) -> None:
+        # A stuck job once showed "0 done, 0 running, 0 failed" while spend climbed.
+        from io import StringIO
+
+        from rich.console import Console
+
+        from node.jobs import _progress_table
+        from node.sweep import Progress
+
+        out = StringIO()
+        progress = Progress(total=12, leases=1, devices=2, rate=700_000, spend=1234)
+        Console(file=out, width=120).print(_progress_table("j", progress))
+        assert "1 lease(s), 2 device(s): 0.7 credits/hour  (no trial running)" in out.getvalue()
