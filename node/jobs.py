@@ -268,9 +268,15 @@ async def drive(
     )
     jobs = JobStore(store)
 
+    said: set[str] = set()
+
     def show(p: Progress) -> None:
         if live is not None:
             live.update(_progress_table(job.job_id, p))
+        elif p.message.startswith(("no lease", "directory unavailable")) and p.message not in said:
+            # Without the live view a wait must not be silent: each new reason, once.
+            said.add(p.message)
+            print(f"[{job.job_id}] waiting: {p.message}", file=sys.stderr, flush=True)
         current = jobs.get_job(job.job_id)
         if current is not None and current.state == "cancelled":
             runner.cancel()

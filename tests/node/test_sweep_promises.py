@@ -249,6 +249,8 @@ class TestNoSilentWaits:
         assert proc.returncode == 1, proc.stdout + proc.stderr
         assert "no lease after waiting 3 s" in proc.stdout
         assert "at or below 0.01 credits per device-hour" in proc.stdout
+        # --quiet is no reason to wait in silence: the reason showed while it waited.
+        assert "waiting: no lease: " in proc.stderr
 
 
 # --- a provider that stalls -----------------------------------------------------
