@@ -18,6 +18,12 @@ Methods, as in W&B:
   parallel are not proposed twice), seeded. W&B uses a Gaussian process; TPE is the
   Bayesian optimiser Optuna ships and copes with categorical parameters.
 
+A restart (``restore``) never proposes a point again: grid goes on with the points not
+yet visited, random continues its seeded stream exactly where it was (the resumed
+sweep proposes what the uninterrupted one would have), and bayes continues with a
+stream derived from the seed and the trials already asked, skipping points tried
+before the restart (``_continue_stream``).
+
 A sweep stops (``ask`` returns None) after ``SweepConfig.trial_cap`` trials: run_cap,
 the grid's size, or ``DEFAULT_RUN_CAP`` for random and bayes without run_cap (W&B would
 run forever; a market that spends credits must not). It also stops once a completed

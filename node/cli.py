@@ -577,7 +577,10 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         table.add_row(
             r["job_id"],
             r["name"],
-            r["state"],
+            # A killed tenant left it "running": say so, and how to go on.
+            f"interrupted: mercato resume {r['job_id']}"
+            if r["state"] == "interrupted"
+            else r["state"],
             counts,
             "-" if best is None else f"{best['value']:.6g}",
             _credits(r["spend"]),

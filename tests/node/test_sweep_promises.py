@@ -169,6 +169,7 @@ class TestResumeAfterKill:
         submit.wait()
 
         listed = {j["job_id"]: j for j in tenant.json("jobs")}
+        table = tenant.run("jobs").stdout
         resumed = tenant.run("resume", job_id, "--quiet", "--json", "--parallel", "2")
         assert resumed.returncode == 0, resumed.stdout + resumed.stderr
         trials = tenant.trials(job_id)
@@ -179,6 +180,7 @@ class TestResumeAfterKill:
         # Before the resume, `jobs` told the killed run from a live one, and how to go on.
         assert listed[job_id]["state"] == "interrupted"
         assert f"mercato resume {job_id}" in listed[job_id]["detail"]
+        assert "interrupted" in table
 
 
 # --- failures -------------------------------------------------------------------
