@@ -18,7 +18,7 @@ Methods, as in W&B:
   parallel are not proposed twice), seeded. W&B uses a Gaussian process; TPE is the
   Bayesian optimiser Optuna ships and copes with categorical parameters.
 
-A restart (``restore``) never proposes a point again: grid goes on with the points not
+A restart (``restore``) does not start the sampler over: grid goes on with the points not
 yet visited, random continues its seeded stream exactly where it was (the resumed
 sweep proposes what the uninterrupted one would have), and bayes continues with a
 stream derived from the seed and the trials already asked, skipping points tried
