@@ -171,12 +171,13 @@ class TestResumeAfterKill:
         listed = {j["job_id"]: j for j in tenant.json("jobs")}
         table = tenant.run("jobs").stdout
         resumed = tenant.run("resume", job_id, "--quiet", "--json", "--parallel", "2")
-        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+        assert resumed.returncode == 0, resumed.stdout + resumed.stderr + tenant.output(submit)
         trials = tenant.trials(job_id)
         points = [json.dumps(t.params, sort_keys=True) for t in trials]
-        assert len(trials) == want, points
-        assert len(set(points)) == want, sorted(points)
-        assert {t.state for t in trials} == {"succeeded"}
+        seen = [(t.number, t.state, t.attempts, t.detail, p) for t, p in zip(trials, points)]
+        assert len(trials) == want, seen
+        assert len(set(points)) == want, seen
+        assert {t.state for t in trials} == {"succeeded"}, seen
         # Before the resume, `jobs` told the killed run from a live one, and how to go on.
         assert listed[job_id]["state"] == "interrupted"
         assert f"mercato resume {job_id}" in listed[job_id]["detail"]
