@@ -174,7 +174,10 @@ class TestResumeAfterKill:
         assert resumed.returncode == 0, resumed.stdout + resumed.stderr + tenant.output(submit)
         trials = tenant.trials(job_id)
         points = [json.dumps(t.params, sort_keys=True) for t in trials]
-        seen = [(t.number, t.state, t.attempts, t.detail, p) for t, p in zip(trials, points)]
+        seen = [
+            (t.number, t.state, t.attempts, t.detail, p)
+            for t, p in zip(trials, points, strict=True)
+        ]
         assert len(trials) == want, seen
         assert len(set(points)) == want, seen
         assert {t.state for t in trials} == {"succeeded"}, seen
