@@ -26,7 +26,8 @@ and multi-objective ``metrics`` are refused.
 
 Units. People write credits, durations and sizes; the spec holds integers:
 ``budget.max_price`` in micro-credits per device-hour and ``budget.max_spend`` in
-micro-credits (a bare number in the file is credits), ``limits.trial_timeout_ms`` (a
+micro-credits (a bare number in the file is credits; absent, the cap is
+``DEFAULT_MAX_SPEND``; 0 is refused), ``limits.trial_timeout_ms`` (a
 bare number in the file, ``limits.trial_timeout``, is seconds), sizes in bytes
 (``resources.min_memory_bytes``, ``limits.max_output_bytes``). A spec is built from a
 file by ``parse_job`` only; its dump is for hashing and display, not for re-reading.
@@ -116,6 +117,10 @@ ARGS_MACROS = frozenset(m for m in MACROS if m.startswith("args"))
 PARAMS_FILE_ENV = "MERCATO_PARAMS_FILE"
 
 DEFAULT_TRIAL_TIMEOUT_MS = 3_600_000
+#: ``budget.max_spend`` when the job file gives none: a sweep always has a cap.
+DEFAULT_MAX_SPEND = 100 * MICRO_PER_CREDIT
+#: ``limits.max_failures`` when the job file gives none (market/sweepguard.py).
+DEFAULT_MAX_FAILURES = 5
 MAX_TRIAL_TIMEOUT_MS = 7 * 24 * 3_600_000  # protocol.messages.TaskAssign.timeout_ms
 DEFAULT_MAX_OUTPUT_BYTES = 10 << 20  # protocol.messages.TaskAssign.max_output_bytes
 MAX_OUTPUT_BYTES = 1 << 30
@@ -803,6 +808,22 @@ class Budget(_Model):
         | None
     ) = None
 
+    @field_validator("max_spend")
+    @classmethod
+    def _spend_something(cls, value: int | None) -> int | None:
+        # 0 once meant "no cap"; a cap of nothing would run nothing: neither is wanted.
+        if value == 0:
+            raise ValueError(
+                "0 would allow no spending at all; give a positive amount, or leave "
+                f"max_spend out for the default of {DEFAULT_MAX_SPEND // MICRO_PER_CREDIT} credits"
+            )
+        return value
+
+    @property
+    def spend_cap(self) -> int:
+        """The cap a sweep keeps: max_spend, or DEFAULT_MAX_SPEND when the file has none."""
+        return DEFAULT_MAX_SPEND if self.max_spend is None else self.max_spend
+
 
 class Limits(_Model):
     """Per-trial limits the provider enforces, and how often a lost trial is retried."""
@@ -815,6 +836,8 @@ class Limits(_Model):
     ] = Field(default=DEFAULT_MAX_OUTPUT_BYTES, validation_alias="max_output")
     retries: Annotated[int, Field(ge=0, le=100)] = 2
     network: bool = False
+    #: Trials failed in a row before a sweep stops (market/sweepguard.py).
+    max_failures: Annotated[int, Field(ge=1, le=1_000_000)] = DEFAULT_MAX_FAILURES
 
 
 _DISPLAY_KEYS = (

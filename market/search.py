@@ -18,6 +18,12 @@ Methods, as in W&B:
   parallel are not proposed twice), seeded. W&B uses a Gaussian process; TPE is the
   Bayesian optimiser Optuna ships and copes with categorical parameters.
 
+A restart (``restore``) does not start the sampler over: grid goes on with the points not
+yet visited, random continues its seeded stream exactly where it was (the resumed
+sweep proposes what the uninterrupted one would have), and bayes continues with a
+stream derived from the seed and the trials already asked, skipping points tried
+before the restart (``_continue_stream``).
+
 A sweep stops (``ask`` returns None) after ``SweepConfig.trial_cap`` trials: run_cap,
 the grid's size, or ``DEFAULT_RUN_CAP`` for random and bayes without run_cap (W&B would
 run forever; a market that spends credits must not). It also stops once a completed
@@ -331,9 +337,10 @@ class Search:
         self._cap = sweep.trial_cap
         self._dims = [_dim(path, p, sweep.method) for path, p in sweep.leaves()]
         self._space = {d.name: d.dist for d in self._dims if d.dist is not None}
+        self._seed = seed
         sampler: optuna.samplers.BaseSampler
         if sweep.method == "bayes":
-            sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
+            sampler = _tpe(seed)
         else:
             # grid never consults it: every grid trial is enqueued with all its values.
             sampler = optuna.samplers.RandomSampler(seed=seed)
@@ -361,6 +368,8 @@ class Search:
         self._grid_names = [d.name for d in searched]
         self._grid_done: set[tuple[Any, ...]] = set()
         self._grid: Iterator[tuple[Any, ...]] = itertools.product(*(d.grid for d in searched))
+        # Points a previous run of the tenant tried (bayes never proposes them again).
+        self._restored: set[tuple[Any, ...]] = set()
 
     # -- state -------------------------------------------------------------------------
 
@@ -412,6 +421,13 @@ class Search:
             self._grid_done.add(point)
             self._study.enqueue_trial(dict(zip(self._grid_names, point, strict=True)))
         trial = self._study.ask(self._space)
+        for _ in range(_RETRIES):
+            if self._method != "bayes" or self._point(trial.params) not in self._restored:
+                break
+            # A point the run before the restart tried: TPE's stream after a restart is
+            # a fresh one, whose first (random) proposals may repeat it.
+            self._study.tell(trial, state=_OptunaState.FAIL)
+            trial = self._study.ask(self._space)
         number = self._next_number
         self._next_number += 1
         params = self._params(trial.params)
@@ -567,6 +583,26 @@ class Search:
             self._restored_point(internal)
             highest = max(highest, t.number)
         self._next_number = max(next_number, highest + 1)
+        self._continue_stream(self._next_number)
+
+    def _continue_stream(self, asked: int) -> None:
+        """Go on with the sampler's stream where the run before the restart left it.
+
+        random: the seeded RandomSampler draws one number per searched parameter per
+        trial and nothing else, so replaying ``asked`` trials on a scratch study brings
+        it to exactly where the uninterrupted run would be: the resumed sweep proposes
+        the very points the uninterrupted one would have. bayes: TPE's proposals depend
+        on the history as well as its random state, which the store does not keep; it
+        gets a fresh stream derived from the seed and ``asked`` (so a resume is
+        reproducible) and learns from every restored trial; ``ask`` skips the points
+        tried before the restart. grid: ``_grid_done`` already skips visited points.
+        """
+        if self._method == "random" and self._space:
+            scratch = optuna.create_study(sampler=self._study.sampler)
+            for _ in range(asked):
+                scratch.ask(self._space)
+        elif self._method == "bayes" and asked:
+            self._study.sampler = _tpe((self._seed * 1_000_003 + asked) % 2**32)
 
     # -- internals ---------------------------------------------------------------------
 
@@ -586,8 +622,12 @@ class Search:
         if number in self._finished or number in self._running:
             raise SearchError(f"trial {number} appears twice")
 
+    def _point(self, internal: Mapping[str, Any]) -> tuple[Any, ...]:
+        return tuple(internal.get(d.name) for d in self._dims if d.dist is not None)
+
     def _restored_point(self, internal: Mapping[str, Any]) -> None:
         self._issued += 1
+        self._restored.add(self._point(internal))
         if self._method == "grid":
             self._grid_done.add(tuple(internal[n] for n in self._grid_names))
 
@@ -654,6 +694,15 @@ class Search:
             self._metric.goal == "maximize" and value >= target
         ):
             self._target_hit = True
+
+
+#: Proposals bayes may skip in a row before it accepts a point tried before a restart
+#: (a small categorical space can be exhausted).
+_RETRIES = 100
+
+
+def _tpe(seed: int) -> optuna.samplers.TPESampler:
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
 
 
 def _finite(value: float | None) -> bool:

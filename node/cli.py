@@ -383,11 +383,18 @@ def _print_summary(summary: Any, as_json: bool, console: Console | None = None) 
     out = console or Console()
     counts = ", ".join(f"{n} {s}" for s, n in sorted(data["trials"].items())) or "no trials"
     out.print(f"job {data['job_id']} ({data['name']}): {data['state']}; {counts}", markup=False)
+    if data["state"] not in ("done", "running") and data["detail"]:
+        out.print(f"why: {data['detail']}", markup=False)
     best = data["best"]
     if best is not None:
         out.print(f"best: trial {best['number']} value {best['value']:.6g}", markup=False)
         out.print(f"      parameters {_params_text(best['params'])}", markup=False)
     out.print(f"spend: {_credits(data['spend_micro_credits'])} credits", markup=False)
+
+
+def _max_wait(args: argparse.Namespace) -> float | None:
+    """--max-wait seconds, or None (no limit) with --wait-forever."""
+    return None if args.wait_forever else args.max_wait
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -399,6 +406,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         parallel=args.parallel,
         seed=args.seed,
         quiet=args.quiet or args.json,
+        max_wait_s=_max_wait(args),
     )
     _print_summary(summary, args.json)
     return EXIT_OK if summary.job.state == "done" else EXIT_ERROR
@@ -412,6 +420,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         peer=resolve_peer(args.peer),
         parallel=args.parallel,
         quiet=args.quiet or args.json,
+        max_wait_s=_max_wait(args),
     )
     _print_summary(summary, args.json)
     return EXIT_OK if summary.job.state == "done" else EXIT_ERROR
@@ -448,6 +457,7 @@ def jobs_notes(spec: Any) -> list[str]:
 def cmd_plan(args: argparse.Namespace) -> int:
     spec, p = asyncio.run(_plan(args))
     c = p.classification
+    estimate = _sweep_estimate(spec, p, args.parallel) if spec.kind == "sweep" else None
     cands = [
         {
             "provider": x.provider,
@@ -481,6 +491,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         "missing": p.missing,
         "notes": jobs_notes(spec),
     }
+    if estimate is not None:
+        data["estimate"] = estimate
     if args.json:
         print(json.dumps(data, indent=2))
         return EXIT_OK if p.placeable else EXIT_ERROR
@@ -511,9 +523,53 @@ def cmd_plan(args: argparse.Namespace) -> int:
             "-" if cost is None else _credits(cost),
         )
     Console().print(table)
+    if estimate is not None:
+        print(estimate["text"])
     if p.missing:
         print(f"cannot place it now: {p.missing}")
     return EXIT_OK if p.placeable else EXIT_ERROR
+
+
+def _sweep_estimate(spec: Any, p: Any, parallel: int) -> dict[str, Any] | None:
+    """Fill a sweep's runtime and cost per candidate; return the headline estimate.
+
+    No trial has run yet, so the only trial time known is its limit: the estimate is
+    trials x trial_timeout x the provider's floor, an upper bound that the budget check
+    of `submit` uses too (market/sweepguard.py).
+    """
+    import dataclasses
+
+    from market.sweepguard import sweep_estimate
+
+    trials = spec.sweep_config.trial_cap
+    timeout_ms = spec.limits.trial_timeout_ms
+    per = spec.resources.devices_per_trial
+    for i, x in enumerate(p.candidates):
+        lanes = max(1, min(parallel, x.free // max(1, per)))
+        runtime, cost = sweep_estimate(trials, lanes, timeout_ms, x.price, per)
+        p.candidates[i] = dataclasses.replace(x, runtime_s=runtime, cost=cost)
+    best = p.best
+    if best is None:
+        return None
+    cap = spec.budget.spend_cap
+    text = (
+        f"estimate: {trials} trials x {timeout_ms / 1000:g} s (trial_timeout; the real "
+        f"trial time is not known before the first trial) x {_credits(best.price)} "
+        f"cr/device-hour x {per} device(s) = at most {_credits(best.cost)} credits, "
+        f"{best.runtime_s:.0f} s at {min(parallel, max(1, best.free // per))} at once; "
+        f"budget.max_spend {_credits(cap)} credits"
+    )
+    if best.cost > cap:
+        text += " (the sweep stops when what it may spend reaches the budget)"
+    return {
+        "trials": trials,
+        "trial_time_s": timeout_ms / 1000,
+        "assumption": "every trial runs to limits.trial_timeout",
+        "runtime_s": best.runtime_s,
+        "cost_micro_credits": best.cost,
+        "max_spend_micro_credits": cap,
+        "text": text,
+    }
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
@@ -553,7 +609,10 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         table.add_row(
             r["job_id"],
             r["name"],
-            r["state"],
+            # A killed tenant left it "running": say so, and how to go on.
+            f"interrupted: mercato resume {r['job_id']}"
+            if r["state"] == "interrupted"
+            else r["state"],
             counts,
             "-" if best is None else f"{best['value']:.6g}",
             _credits(r["spend_micro_credits"]),
@@ -688,6 +747,24 @@ def cmd_cluster_down(args: argparse.Namespace) -> int:
 # --- parser ---------------------------------------------------------------------
 
 
+#: node.sweep.DEFAULT_MAX_WAIT_S (not imported: the parser must not load the sweep stack).
+DEFAULT_MAX_WAIT_S = 120.0
+
+
+def _wait_options(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument(
+        "--max-wait",
+        type=float,
+        default=DEFAULT_MAX_WAIT_S,
+        metavar="SECONDS",
+        help="give up (exit 1, with the providers' reasons) after this long without any "
+        f"lease (default {DEFAULT_MAX_WAIT_S:g})",
+    )
+    sp.add_argument(
+        "--wait-forever", action="store_true", help="keep waiting for a lease, however long"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mercato",
@@ -761,6 +838,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--peer", help="a node's URL (default: $MERCATO_PEER or local cluster)")
     submit.add_argument("--quiet", action="store_true", help="no live progress view")
     submit.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _wait_options(submit)
     submit.set_defaults(func=cmd_submit)
 
     plan_p = sub.add_parser(
@@ -773,6 +851,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan_p.add_argument("job", help="path to the job YAML")
     plan_p.add_argument("--peer", help="a node's URL (default: $MERCATO_PEER or local cluster)")
     plan_p.add_argument("--json", action="store_true")
+    plan_p.add_argument(
+        "--parallel", type=int, default=8, help="trials at once, for the estimate (default 8)"
+    )
     plan_p.set_defaults(func=cmd_plan)
 
     resume = sub.add_parser("resume", help="continue a job after the tenant stopped")
@@ -781,6 +862,7 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--peer", help="a node's URL (default: $MERCATO_PEER or local cluster)")
     resume.add_argument("--quiet", action="store_true")
     resume.add_argument("--json", action="store_true")
+    _wait_options(resume)
     resume.set_defaults(func=cmd_resume)
 
     cancel = sub.add_parser(

@@ -4,6 +4,9 @@ A job lives in the tenant's home (``$MERCATO_HOME/tenant``): its row and trials 
 SQLite store, its workspace archive and trial logs under ``jobs/<job_id>/``. A running
 job holds ``jobs/<job_id>/runner.lock`` (flock), so two processes never drive the same
 job; ``mercato cancel`` marks the job cancelled in the store and the runner notices.
+A job stored as running whose lock nobody holds lost its tenant process (killed, or
+the machine went down): ``jobs`` and ``status`` show it as ``interrupted``, with the
+command that resumes it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import re
 import secrets
 import signal
 import sys
+import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +33,15 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from market.jobspec import JobError, JobSpec, Problem, missing_envvars, parse_job, spec_hash
+from market.jobspec import (
+    DEFAULT_COMMAND,
+    JobError,
+    JobSpec,
+    Problem,
+    missing_envvars,
+    parse_job,
+    spec_hash,
+)
 from market.settlement import format_credits
 from node.core import wall_clock_ms
 from node.home import NodeHome, resolve_home
@@ -62,18 +75,60 @@ def runner_lock(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise JobBusy(
-                f"another mercato process is running this job ({path}); "
-                "wait for it, or stop it first"
-            ) from None
+        # `runner_alive` probes the lock for an instant: a few tries get past a probe.
+        for attempt in range(20):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt == 19:
+                    raise JobBusy(
+                        f"another mercato process is running this job ({path}); "
+                        "wait for it, or stop it first"
+                    ) from None
+                time.sleep(0.05)
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         yield
     finally:
         os.close(fd)
+
+
+def runner_alive(job: JobRow) -> bool:
+    """Whether a process holds the job's runner lock (a shared probe, released at once)."""
+    path = Path(job.workspace_path).parent / "runner.lock"
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops the probe's lock
+    return False
+
+
+def check_workspace(spec: JobSpec, root: Path) -> None:
+    """Refuse, before anything is spent, a sweep whose program is not in the workspace.
+
+    Every trial runs ``python3 <program>`` in the unpacked workspace: a program that is
+    not a file there (a typo, or a console script) would fail every trial, each billed.
+    """
+    if spec.kind != "sweep" or "${program}" not in (spec.sweep_config.command or DEFAULT_COMMAND):
+        return
+    program = spec.sweep_config.program
+    if program is None:
+        return
+    target = (root / program).resolve()
+    inside = target == root.resolve() or root.resolve() in target.parents
+    if not inside or not target.is_file():
+        raise MercatoError(
+            f"sweep.program: {program!r} is not a file in the workspace {root} "
+            "(trials run `python3 PROGRAM` in a copy of the job file's directory; "
+            "for a console script, set sweep.command)"
+        )
 
 
 def load_job_file(path: Path) -> tuple[JobSpec, str]:
@@ -127,6 +182,21 @@ class JobSummary:
     spend: int
     best: TrialRow | None
 
+    interrupted: bool = False  # stored as running, but no process runs it
+
+    @property
+    def state(self) -> str:
+        return "interrupted" if self.interrupted else self.job.state
+
+    @property
+    def detail(self) -> str:
+        if self.interrupted:
+            return (
+                "the tenant process running it stopped; continue with "
+                f"`mercato resume {self.job.job_id}`"
+            )
+        return self.job.detail
+
     def to_json(self) -> dict[str, Any]:
         counts: dict[str, int] = {}
         for t in self.trials:
@@ -135,8 +205,8 @@ class JobSummary:
         return {
             "job_id": self.job.job_id,
             "name": self.job.name,
-            "state": self.job.state,
-            "detail": self.job.detail,
+            "state": self.state,
+            "detail": self.detail,
             "trials": counts,
             "spend_micro_credits": self.spend,
             "best": None if self.best is None else trial_json(self.best),
@@ -170,7 +240,8 @@ def summarize(store: Store, job: JobRow) -> JobSummary:
         best = min(done, key=key)
     leases = {x.lease_id for x in store.list_leases() if x.job_id == job.job_id}
     spend = -sum(line["amount"] for line in store.ledger() if line["lease_id"] in leases)
-    return JobSummary(job, trials, spend, best)
+    interrupted = job.state == "running" and not runner_alive(job)
+    return JobSummary(job, trials, spend, best, interrupted)
 
 
 def _progress_table(job_id: str, p: Progress) -> Table:
@@ -183,7 +254,11 @@ def _progress_table(job_id: str, p: Progress) -> Table:
         f"{p.done} done / {total}, {p.running} running, {p.queued} queued, "
         f"{p.failed} failed, {p.pruned} pruned",
     )
-    table.add_row("leases", str(p.leases))
+    table.add_row(
+        "billing",
+        f"{p.leases} lease(s), {p.devices} device(s): {format_credits(p.rate)} credits/hour"
+        + ("" if p.running or not p.leases else "  (no trial running)"),
+    )
     table.add_row("spend", f"{format_credits(p.spend)} credits")
     if p.best is not None:
         number, params, value = p.best
@@ -203,6 +278,7 @@ async def drive(
     store: Store,
     home: NodeHome,
     quiet: bool,
+    max_wait_s: float | None = None,
 ) -> Progress:
     """Run (or resume) a job until done or cancelled, with a live Rich view."""
     transport = tenant_transport(peer)
@@ -220,12 +296,19 @@ async def drive(
         seed=job.seed,
         parallel=parallel,
         log_dir=job_dir(home, job.job_id) / "logs",
+        max_wait_s=max_wait_s,
     )
     jobs = JobStore(store)
+
+    said: set[str] = set()
 
     def show(p: Progress) -> None:
         if live is not None:
             live.update(_progress_table(job.job_id, p))
+        elif p.message.startswith(("no lease", "directory unavailable")) and p.message not in said:
+            # Without the live view a wait must not be silent: each new reason, once.
+            said.add(p.message)
+            print(f"[{job.job_id}] waiting: {p.message}", file=sys.stderr, flush=True)
         current = jobs.get_job(job.job_id)
         if current is not None and current.state == "cancelled":
             runner.cancel()
@@ -249,11 +332,38 @@ async def drive(
     now = wall_clock_ms()
     if runner.cancelled or (current is not None and current.state == "cancelled"):
         jobs.set_job_state(job.job_id, "cancelled", now, "cancelled by the tenant")
+    elif runner.stop_reason is not None:
+        why = runner.stop_reason + _failure_tail(jobs, job, home, runner.stop_reason)
+        jobs.set_job_state(job.job_id, "failed", now, why)
     elif progress.done == 0 and progress.failed > 0:
-        jobs.set_job_state(job.job_id, "failed", now, "every trial failed")
+        why = "every trial failed" + _failure_tail(jobs, job, home, "")
+        jobs.set_job_state(job.job_id, "failed", now, why)
     else:
         jobs.set_job_state(job.job_id, "done", now, progress.message)
     return progress
+
+
+#: Lines of a failed trial's output shown with the reason a sweep failed.
+TAIL_LINES = 10
+
+
+def _failure_tail(jobs: JobStore, job: JobRow, home: NodeHome, said: str) -> str:
+    """The commonest failure (unless ``said`` names it) and its last trial's last lines."""
+    failed = [t for t in jobs.trials(job.job_id) if t.state == "failed"]
+    if not failed:
+        return ""
+    reason, n = Counter(t.detail for t in failed).most_common(1)[0]
+    last = max((t for t in failed if t.detail == reason), key=lambda t: t.finished_ms or 0)
+    out = "" if reason in said else f"; commonest failure ({n}x): {reason}"
+    path = job_dir(home, job.job_id) / "logs" / f"{last.number}.log"
+    try:
+        lines = path.read_text(errors="replace").splitlines()[-TAIL_LINES:]
+    except OSError:
+        lines = []
+    if lines:
+        body = "\n".join(f"  | {line}" for line in lines)
+        out += f"\nlast lines of trial {last.number}'s output:\n{body}"
+    return out
 
 
 async def drive_gang(
@@ -320,8 +430,17 @@ async def drive_gang(
     jobs.set_job_state(job.job_id, final, wall_clock_ms(), report.message)
 
 
-def submit(path: Path, *, peer: str, parallel: int, seed: int | None, quiet: bool) -> JobSummary:
+def submit(
+    path: Path,
+    *,
+    peer: str,
+    parallel: int,
+    seed: int | None,
+    quiet: bool,
+    max_wait_s: float | None = None,
+) -> JobSummary:
     spec, text = load_job_file(path)
+    check_workspace(spec, path.resolve().parent)
     ws = pack(path.resolve().parent)
     home = tenant_home()
     job_id = new_job_id(spec)
@@ -364,6 +483,7 @@ def submit(path: Path, *, peer: str, parallel: int, seed: int | None, quiet: boo
                     store=store,
                     home=home,
                     quiet=quiet,
+                    max_wait_s=max_wait_s,
                 )
             )
         else:
@@ -371,7 +491,9 @@ def submit(path: Path, *, peer: str, parallel: int, seed: int | None, quiet: boo
         return summarize(store, find(store, job_id))
 
 
-def resume(ref: str, *, peer: str, parallel: int, quiet: bool) -> JobSummary:
+def resume(
+    ref: str, *, peer: str, parallel: int, quiet: bool, max_wait_s: float | None = None
+) -> JobSummary:
     home = tenant_home()
     with Store(home.store_path) as store:
         job = find(store, ref)
@@ -392,6 +514,7 @@ def resume(ref: str, *, peer: str, parallel: int, quiet: bool) -> JobSummary:
                     store=store,
                     home=home,
                     quiet=quiet,
+                    max_wait_s=max_wait_s,
                 )
             )
             return summarize(store, find(store, job.job_id))

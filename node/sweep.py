@@ -10,6 +10,13 @@ updates a trial that is not final), so:
 * a slow provider answering after its trial was retried elsewhere changes nothing;
 * after ``kill -9`` of the tenant, ``resume`` rebuilds the search from the store:
   finished trials are never run again, unfinished ones start over.
+
+The runner keeps the sweep's promises (market/sweepguard.py decides, this module acts):
+it never starts a trial that ``budget.max_spend`` could not pay for if every trial ran
+to its timeout; it cancels a trial the provider keeps past ``trial_timeout`` plus
+``TRIAL_GRACE_MS`` and gives up that provider's lease (stops paying for it); it stops
+after ``limits.max_failures`` failed trials in a row; and it stops waiting for a lease
+after ``max_wait_s``. Each stop sets ``stop_reason``, which the CLI prints.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from typing import Any
 
 from market.jobspec import PARAMS_FILE_ENV, JobSpec, args_json, render_command
 from market.search import FinishedTrial, Search, Trial, TrialState
+from market.sweepguard import Budget, FailureWatch, LeaseUse, missing_metric
 from node.store import JobStore, LeaseRow, Store, TrialRow
 from node.taskclient import TaskClient
 from node.tenant import Tenant
@@ -58,6 +66,12 @@ MAX_SILENCE = 3
 #: Least time between two reads of every trial for the progress view (the CLI's live
 #: view redraws 4 times a second).
 PROGRESS_S = 0.25
+#: How long past ``trial_timeout`` the tenant waits for a provider's result before it
+#: cancels the trial, ends the lease and retries elsewhere: the provider kills the trial
+#: at the timeout itself, and its result needs a poll round trip to arrive.
+TRIAL_GRACE_MS = 10_000
+#: Default of ``max_wait_s``: how long a sweep waits with no lease at all.
+DEFAULT_MAX_WAIT_S = 120.0
 
 
 @dataclass
@@ -73,6 +87,8 @@ class Progress:
     spend: int = 0  # micro-credits, estimated from leases held so far
     best: tuple[int, dict[str, Any], float] | None = None
     leases: int = 0
+    rate: int = 0  # micro-credits per hour the leases held now bill, idle or not
+    devices: int = 0  # devices those leases hold
     message: str = ""
 
 
@@ -90,6 +106,12 @@ class Slot:
 
 class SweepError(MercatoError):
     code = "sweep_failed"
+
+
+class TrialOverran(MercatoError):
+    """The provider kept a trial past trial_timeout plus the grace."""
+
+    code = "trial_overran"
 
 
 class SweepRunner:
@@ -111,6 +133,8 @@ class SweepRunner:
         on_progress: Callable[[Progress], None] | None = None,
         heartbeat_interval_ms: int = 1_000,
         bid_window_ms: int = 1_500,
+        max_wait_s: float | None = DEFAULT_MAX_WAIT_S,
+        trial_grace_ms: int = TRIAL_GRACE_MS,
     ) -> None:
         self.tenant = tenant
         self.store = store
@@ -142,6 +166,16 @@ class SweepRunner:
         #: The tenant's environment, for ${envvar:NAME} (the W&B agent reads its own).
         self.environ: dict[str, str] = dict(os.environ)
         self.params_file = params_file_name(workspace)
+        self.max_wait_s = max_wait_s  # None: wait for a lease as long as it takes
+        self.trial_grace_ms = trial_grace_ms
+        self.trial_ms = spec.limits.trial_timeout_ms + trial_grace_ms
+        self.budget = Budget(spec.budget.spend_cap, self.trial_ms)
+        self.failures = FailureWatch(spec.limits.max_failures)
+        #: Why the sweep stopped before its search was done (None: it was not).
+        self.stop_reason: str | None = None
+        self._budget_blocked = False  # a trial was due but the budget could not pay it
+        self._waiting_since: float | None = None  # loop time since which no lease is held
+        self._last_no_lease = ""
 
     # --- bookkeeping ------------------------------------------------------------
 
@@ -165,6 +199,9 @@ class SweepRunner:
             s.lease.price * len(s.lease.devices) * max(0, now - s.lease.start_ms) // 3_600_000
             for s in self.slots.values()
         )
+        held = [s for s in self.slots.values() if not s.lost]
+        p.devices = sum(len(s.lease.devices) for s in held)
+        p.rate = sum(s.lease.price * len(s.lease.devices) for s in held)
 
     _spent_before = 0
 
@@ -270,23 +307,81 @@ class SweepRunner:
             self._notify()
             if self._exhausted and not unfinished:
                 return
+            if self.stop_reason is not None and not self._tasks:
+                return
             need = self._wanted_slots(unfinished)
-            if need > 0 and not self._over_budget():
+            if need > 0 and self.stop_reason is None:
                 await self._acquire(need)
+            self._check_stuck()
             await self._release_idle()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=1.0)
 
-    def _over_budget(self) -> bool:
-        limit = self.spec.budget.max_spend
-        if limit and self.progress.spend >= limit:
-            self.progress.message = "budget spent: no new leases"
+    def _lease_uses(self) -> tuple[list[Slot], list[LeaseUse]]:
+        live = [s for s in self.slots.values() if not s.lost]
+        uses = [
+            LeaseUse(
+                s.lease.price, len(s.lease.devices), s.lease.units, s.lease.start_ms, len(s.active)
+            )
+            for s in live
+        ]
+        return live, uses
+
+    def _affordable(self, slot: Slot) -> bool:
+        """May one more trial go to ``slot`` within budget.max_spend (worst case)?"""
+        live, uses = self._lease_uses()
+        if slot not in live:
+            return False
+        if self.budget.can_start(self._spent_before, uses, live.index(slot), self.tenant.clock()):
             return True
+        self._budget_blocked = True
         return False
+
+    def _stop(self, reason: str) -> None:
+        """Start no more trials; the loop ends once the running ones are done."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+            log.warning("sweep %s stops: %s", self.job_id, reason)
+        self.progress.message = reason
+        self._wake.set()
+
+    def _check_stuck(self) -> None:
+        """Stop when nothing runs and nothing can: the budget is spent, or no lease came."""
+        if self.stop_reason is not None or self._tasks:
+            return
+        live = [s for s in self.slots.values() if not s.lost]
+        if self._budget_blocked:
+            price = max(
+                [s.lease.price for s in live] or [self.max_price],
+            )
+            self._stop(
+                self.budget.explain_exhausted(
+                    self._spent_before, price, self.spec.resources.devices_per_trial
+                )
+            )
+            return
+        if live:
+            self._waiting_since = None
+            return
+        now = asyncio.get_running_loop().time()
+        if self._waiting_since is None:
+            self._waiting_since = now
+        elif self.max_wait_s is not None and now - self._waiting_since >= self.max_wait_s:
+            why = self._last_no_lease or "no answer"
+            self._stop(
+                f"no lease after waiting {self.max_wait_s:g} s: {why} "
+                "(submit --max-wait SECONDS, or --wait-forever, to keep waiting)"
+            )
+
+    @property
+    def max_price(self) -> int:
+        return self.spec.budget.max_price or DEFAULT_MAX_PRICE
 
     def _wanted_slots(self, pending: int) -> int:
         live = [s for s in self.slots.values() if not s.lost]
         have = sum(s.lease.units for s in live)
+        if self._budget_blocked and any(s.active for s in live):
+            return 0  # running trials hold the budget; new leases could not be used
         want = pending if self._exhausted else self.parallel
         want = min(want, self.parallel)
         return max(0, want - have)
@@ -294,16 +389,29 @@ class SweepRunner:
     # --- leases -----------------------------------------------------------------
 
     async def _acquire(self, units: int) -> None:
+        _, uses = self._lease_uses()
+        units = self.budget.affordable_units(
+            self._spent_before,
+            uses,
+            self.tenant.clock(),
+            self.max_price,
+            self.spec.resources.devices_per_trial,
+            units,
+        )
+        if units <= 0:
+            self._budget_blocked = True
+            return
         try:
             await self.tenant.refresh(self.peer)
         except MercatoError as e:
-            self.progress.message = f"directory unavailable: {e.reason}"
+            self._last_no_lease = f"directory unavailable at {self.peer}: {e.reason}"
+            self.progress.message = self._last_no_lease
             await asyncio.sleep(1.0)
             return
         report = await self.tenant.auction(
             self.spec.requirement(),
             units,
-            self.spec.budget.max_price or DEFAULT_MAX_PRICE,
+            self.max_price,
             job_spec_hash=self.spec_hash,
             workload="sweep",
             lease_ms=24 * 3_600_000,
@@ -312,9 +420,11 @@ class SweepRunner:
             exclude=sorted(self.bad_providers),
         )
         if not report.leases:
-            self.progress.message = f"no lease: {report.failure or report.explanation}"
+            self._last_no_lease = report.failure or report.explanation or "no provider answered"
+            self.progress.message = f"no lease: {self._last_no_lease}"
             await asyncio.sleep(1.0)
             return
+        self._waiting_since = None
         for lease in report.leases:
             row = self.store.get_lease(lease.lease_id)
             if row is None:
@@ -388,6 +498,7 @@ class SweepRunner:
                 intermediate=self._reported(number),
             ):
                 self.search.tell(number, None, "failed")
+                self._count(number, "failed", f"gave up after {row.attempts} attempts: {why}")
         else:
             self.jobs.update_trial(
                 self.job_id, number, state="pending", failed_providers=failed, detail=why
@@ -396,10 +507,10 @@ class SweepRunner:
 
     async def _release_idle(self) -> None:
         """Release leases that have nothing left to do, so the tenant stops paying."""
-        if not self._exhausted:
+        if not self._exhausted and self.stop_reason is None and not self._budget_blocked:
             return
         pending = [r for r in self.jobs.trials(self.job_id) if r.state == "pending"]
-        if pending:
+        if pending and self.stop_reason is None and not self._budget_blocked:
             return
         for slot in list(self.slots.values()):
             if not slot.lost and not slot.active:
@@ -429,13 +540,21 @@ class SweepRunner:
         """A pending trial this provider has not failed, or a fresh one from the search.
 
         ``pending`` holds the trials pending at the start of this round of assignments;
-        the one returned is taken out of it.
+        the one returned is taken out of it. None also when the budget could not pay
+        for one more trial on this slot (``_budget_blocked`` then says so).
         """
+        if self.stop_reason is not None:
+            return None
         for i, r in enumerate(pending):
             if r.number not in self._tasks and slot.lease.provider not in r.failed_providers:
+                if not self._affordable(slot):
+                    return None
                 del pending[i]
                 return r.number
-        if self._exhausted or self._over_budget():
+        if self._exhausted or self.search.exhausted:
+            self._exhausted = True
+            return None
+        if not self._affordable(slot):
             return None
         trial = self.search.ask()
         if trial is None:
@@ -445,6 +564,7 @@ class SweepRunner:
         return trial.number
 
     def _assign_all(self) -> None:
+        self._budget_blocked = False
         pending: list[TrialRow] = []
         if self._maybe_pending:
             pending = [r for r in self.jobs.trials(self.job_id) if r.state == "pending"]
@@ -482,6 +602,12 @@ class SweepRunner:
             await self._run_trial(slot, number, task_id, params)
         except asyncio.CancelledError:
             raise
+        except TrialOverran as e:
+            slot.active.discard(number)
+            self._requeue(number, slot.lease.provider, e.reason)
+            self._lose(slot, e.reason)
+            await self._quiet_cancel(slot, task_id, e.reason)
+            await self._release(slot)  # stop paying: the receipt bills up to now
         except (PeerUnavailableError, PeerTimeoutError) as e:
             slot.failures += 1
             if slot.failures >= MAX_SILENCE:
@@ -533,6 +659,12 @@ class SweepRunner:
             env={PARAMS_FILE_ENV: self.params_file},
         )
         client = TaskClient(self.tenant, slot.lease)
+        loop = asyncio.get_running_loop()
+        # The provider enforces the timeout; the tenant checks it did. The clock starts
+        # when the provider says the trial runs; until then (queued behind another
+        # trial of the lease) it may wait one trial's time more.
+        limit_s = self.trial_ms / 1000
+        deadline = loop.time() + 2 * limit_s
         await client.assign(assign)
         log_path = self.log_dir / f"{number}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -549,15 +681,26 @@ class SweepRunner:
                 for line in text.splitlines():
                     step += self._intermediate(slot, number, task_id, line, metric, step)
 
+            timer = asyncio.timeout_at(deadline)
             started = False
 
             def on_status(status: TaskStatus) -> None:
                 nonlocal started
-                if not started and status.state != "queued":
+                if status.state != "queued" and not started:
                     started = True
                     self.jobs.update_trial(self.job_id, number, detail="")
+                    timer.reschedule(min(deadline, loop.time() + limit_s))
 
-            result = await client.follow(task_id, on_log, on_status=on_status)
+            try:
+                async with timer:
+                    result = await client.follow(task_id, on_log, on_status=on_status)
+            except TimeoutError:
+                raise TrialOverran(
+                    f"provider kept trial {number} past trial_timeout "
+                    f"{self.spec.limits.trial_timeout_ms / 1000:g} s + "
+                    f"{self.trial_grace_ms / 1000:g} s grace: cancelled, lease ended, "
+                    "retried elsewhere"
+                ) from None
         slot.failures = 0
         self._record(slot, number, task_id, result, metric)
 
@@ -607,7 +750,7 @@ class SweepRunner:
         elif pruning and result.state == "cancelled":
             state, detail = "pruned", "pruned by the search"
         elif result.state == "succeeded":
-            state, detail = "failed", f"trial never reported the metric {metric!r}"
+            state, detail = "failed", missing_metric(metric or "", result.metrics)
         else:
             state, detail = "failed", f"{result.state} (exit code {result.exit_code})"
         if not self.jobs.finish_trial(
@@ -624,6 +767,13 @@ class SweepRunner:
             self.duplicates += 1  # a slow provider answered after the trial was settled
             return
         self.search.tell(number, float(value) if value is not None else None, _SEARCH_STATE[state])
+        self._count(number, state, detail)
+
+    def _count(self, number: int, state: str, detail: str) -> None:
+        """Feed the failure rule; stop the sweep when too many trials failed in a row."""
+        self.failures.record(number, state, detail)
+        if self.failures.should_stop:
+            self._stop(self.failures.explain())
 
 
 #: The file holding a trial's parameters, in the trial's working directory.

@@ -91,8 +91,10 @@ class TaskClient:
         wait_ms: int = 10_000,
         on_status: Callable[[TaskStatus], None] | None = None,
     ) -> TaskResult:
-        """Long-poll a task to its signed result, passing its log on as it arrives (and
-        every status to ``on_status``: whether the provider runs it or still queues it)."""
+        """Long-poll a task to its signed result, passing its log on as it arrives.
+
+        ``on_status`` sees every status: whether the provider runs the task or still
+        queues it (the sweep starts its own clock on a trial when it first runs)."""
         offset = 0
         while True:
             body = await self.send(

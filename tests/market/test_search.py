@@ -520,3 +520,68 @@ class TestWandbExample:
         best = search.best()
         assert best is not None
         assert best.value == max(t.params["lr"] for t in trials)
+
+
+CONTINUOUS = (
+    "  x: {distribution: uniform, min: -5, max: 5}\n"
+    "  lr: {distribution: log_uniform_values, min: 0.0001, max: 0.1}\n"
+    "  act: {values: [relu, gelu]}\n"
+)
+
+
+def interrupted(
+    spec: JobSpec, seed: int, finished: int, running: int
+) -> tuple[Search, list[Trial]]:
+    """A search that ran ``finished + running`` trials, restored as a resumed tenant does."""
+    first = Search(spec, seed=seed)
+    asked = [first.ask() for _ in range(finished + running)]
+    trials = [t for t in asked if t is not None]
+    for t in trials[:finished]:
+        first.tell(t.number, float(t.params["x"]) ** 2)
+    resumed = Search(spec, seed=seed)
+    resumed.restore(
+        [
+            FinishedTrial(t.number, t.params, "completed", float(t.params["x"]) ** 2)
+            for t in trials[:finished]
+        ],
+        next_number=finished + running,
+        running=trials[finished:],
+    )
+    return resumed, trials
+
+
+class TestResumeContinuesTheStream:
+    """Issue 13: a resumed random sweep had 12 trials but 6 distinct points (bayes 8 of 12)."""
+
+    def test_random_proposes_what_the_uninterrupted_run_would_have(self) -> None:
+        spec = job(CONTINUOUS, extra="run_cap: 12\nmetric: {name: loss}\n")
+        whole = [t.params for t in drain(Search(spec, seed=3))]
+        resumed, before = interrupted(spec, seed=3, finished=4, running=2)
+        after = [t.params for t in drain(resumed)]
+        assert [t.params for t in before] + after == whole
+        assert len({repr(sorted(p.items())) for p in whole}) == 12
+
+    @pytest.mark.parametrize("method", ["random", "bayes"])
+    def test_every_point_after_a_resume_is_new(self, method: str) -> None:
+        spec = job(CONTINUOUS, method, extra="run_cap: 14\nmetric: {name: loss}\n")
+        resumed, before = interrupted(spec, seed=0, finished=5, running=1)
+        after = drain(resumed)
+        points = [repr(sorted(t.params.items())) for t in before + after]
+        assert len(after) == 14 - 6
+        assert len(set(points)) == len(points) == 14
+
+    def test_bayes_skips_a_point_tried_before_the_restart(self) -> None:
+        # Two values only: TPE's fresh stream would repeat the one tried before.
+        spec = job("  a: {values: [1, 2]}\n", "bayes", extra="run_cap: 2\nmetric: {name: loss}\n")
+        resumed, before = interrupted_cat(spec)
+        after = drain(resumed)
+        assert [t.params["a"] for t in after] == [3 - before[0].params["a"]]
+
+
+def interrupted_cat(spec: JobSpec) -> tuple[Search, list[Trial]]:
+    first = Search(spec, seed=0)
+    t = first.ask()
+    assert t is not None
+    resumed = Search(spec, seed=0)
+    resumed.restore([FinishedTrial(t.number, t.params, "completed", 1.0)], next_number=1)
+    return resumed, [t]

@@ -391,7 +391,10 @@ class TestTenantKilled:
             if t.state == "succeeded"
         }
         assert 3 <= len(before) < len(GRID)
-        assert tenant.json("status", job_id)["state"] == "running"
+        # Nobody runs it any more (the runner's lock died with the process): it says so.
+        status = tenant.json("status", job_id)
+        assert status["state"] == "interrupted"
+        assert f"mercato resume {job_id}" in status["detail"]
         # What the pruner saw is kept with each finished trial, so a resumed search judges
         # new trials alike: the trial prints loss + 3 - step at steps 0, 1, 2, then its
         # final loss, a line without a step (counted as the next one, 3).
