@@ -8,11 +8,11 @@ releases its leases, so capacity stays available, and refreshes its directory.
 
 Two variants:
 
-* real (default): ``node.cluster.up`` starts a bootstrap node and N provider daemons as
+* real (default): ``node.cli.localcluster.up`` starts a bootstrap node and N provider daemons as
   subprocesses on loopback (home in a temporary directory, torn down at the end); the
   tenant talks HTTP to them with a real SQLite store file.
 * ``--in-process``: N provider Nodes (ProviderService + BidEngine, wired as in
-  node.daemon) on one ``node.transport.MemoryNetwork`` with ``Store(':memory:')``, and
+  node.daemon) on one ``node.net.transport.MemoryNetwork`` with ``Store(':memory:')``, and
   the tenant on the same network. No sockets, no processes: what is left is the cost
   of the protocol (sealing, opening, validating) and of the auction itself.
 
@@ -43,13 +43,13 @@ from pathlib import Path
 
 from market.auction import Auction, AuctionState
 from market.bidding import BidEngine, devices_from_groups
-from node import cluster
-from node.core import Node, NodeSettings
-from node.inventory import DeviceDecl, InterconnectDecl, build_inventory
-from node.provider import ProviderService
-from node.store import Store
-from node.tenant import AuctionReport, Tenant
-from node.transport import HttpTransport, MemoryNetwork, Transport
+from node.cli import localcluster as cluster
+from node.net.node import Node, NodeSettings
+from node.net.transport import HttpTransport, MemoryNetwork, Transport
+from node.provider.inventory import DeviceDecl, InterconnectDecl, build_inventory
+from node.provider.service import ProviderService
+from node.store.node_store import Store
+from node.tenant.client import AuctionReport, Tenant
 from protocol.identity import Identity
 from protocol.messages import Award, Requirement
 

@@ -1,14 +1,14 @@
 """Deterministic simulation of thousands of Mercato nodes in one process.
 
-Every node runs the real code: ``node.core.Node`` (adverts, rumor push, anti-entropy
+Every node runs the real code: ``node.net.node.Node`` (adverts, rumor push, anti-entropy
 pull, peer exchange, expiry), providers a real ``ProviderService`` with its
 ``BidEngine`` and a ``Store(':memory:')``, tenants a real ``Tenant`` running reverse
 auctions; every message is a sealed, signed envelope that the receiver opens and
 verifies. What is simulated is only the world around them:
 
-* time: a virtual-time event loop (``node.simloop``) whose clock jumps to the next timer,
+* time: a virtual-time event loop (``node.net.simloop``) whose clock jumps to the next timer,
   so a simulated minute of 10,000 nodes takes as long as the CPU work it contains;
-* the network: ``node.transport.MemoryNetwork`` with seeded latency (uniform 0.5-1.5 x
+* the network: ``node.net.transport.MemoryNetwork`` with seeded latency (uniform 0.5-1.5 x
   the given one-way latency, each way), seeded loss of requests and replies (the sender
   waits its full request timeout, as over a real network), partitions that heal, and
   nodes that crash (cut off, tasks cancelled) and restart (same key and store, fresh
@@ -72,12 +72,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from market.bidding import BidEngine, Device, LeaseState
-from node.core import Node, NodeSettings, VerifiedAdverts
-from node.provider import ProviderService
-from node.simloop import VirtualTimeLoop
-from node.store import LeaseRow, Store
-from node.tenant import AuctionReport, Tenant
-from node.transport import MemoryNetwork
+from node.net.node import Node, NodeSettings, VerifiedAdverts
+from node.net.simloop import VirtualTimeLoop
+from node.net.transport import MemoryNetwork
+from node.provider.service import ProviderService
+from node.store.node_store import LeaseRow, Store
+from node.tenant.client import AuctionReport, Tenant
 from protocol.envelope import Envelope, open_envelope
 from protocol.errors import MercatoError, PeerTimeoutError, PeerUnavailableError
 from protocol.identity import Identity

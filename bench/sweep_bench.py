@@ -4,8 +4,8 @@ Both sides run the same N trials (default 200) of the same stdlib program, with 
 same number of slots S (default 4) and the same command line (rendered from the job
 file as the tenant renders it):
 
-* cluster: ``node.cluster.up`` starts a bootstrap node and 4 provider daemons (homes in
-  a temporary directory, torn down at the end even on error); ``node.jobs.submit`` runs
+* cluster: ``node.cli.localcluster.up`` starts a bootstrap node and 4 provider daemons (homes in
+  a temporary directory, torn down at the end even on error); ``node.tenant.jobs.submit`` runs
   the job in this process with ``--parallel S``, so the tenant leases S units by
   auction and every trial goes the whole way: assignment, sandbox (bubblewrap) on the
   provider, long-polled log and signed result, the store. The clock covers the whole
@@ -163,8 +163,10 @@ def _process_cpu(pid: int) -> float:
 
 def run_cluster(job: Path, slots: int, home: Path) -> dict[str, Any]:
     """Submit the job to a fresh 4-provider cluster under ``home``; figures out."""
-    from node import cluster, jobs
-    from node.store import JobStore, Store
+    from node.cli import localcluster as cluster
+    from node.store.job_store import JobStore
+    from node.store.node_store import Store
+    from node.tenant import jobs
 
     os.environ["MERCATO_HOME"] = str(home)
     os.environ.pop("MERCATO_PEER", None)

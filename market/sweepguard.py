@@ -1,13 +1,13 @@
 """The promises a sweep keeps about money, failures and waiting: pure decisions.
 
-The tenant's sweep runner (node/sweep.py) asks these before it spends: nothing here
+The tenant's sweep runner (node/tenant/sweep.py) asks these before it spends: nothing here
 reads a clock, sleeps or touches a file; time comes in as ``now_ms``.
 
 **Budget.** ``budget.max_spend`` is a hard cap. A lease bills its devices for every
 millisecond it is held (market/settlement.py), so the worst case of a lease is being
 held until every trial assigned to it has run to its limit: the trials of one unit run
 one after another, each for at most ``trial_timeout`` plus the tenant's grace (the
-tenant cancels a trial past that, node/sweep.py). A trial is started only if what is
+tenant cancels a trial past that, node/tenant/sweep.py). A trial is started only if what is
 settled, plus the worst case of every lease held, with that trial added, stays within
 ``max_spend``; a lease is only bought if one more trial at ``max_price`` would fit.
 The estimate is deliberately pessimistic: a sweep may stop with some budget unspent,
@@ -32,7 +32,7 @@ from market.jobspec import DEFAULT_MAX_FAILURES
 from market.settlement import amount_owed, format_credits
 
 #: Added to each lease's worst case: the provider may bill up to 1 s of clock skew
-#: (node/tenant.py accepts that in a receipt) and the release takes a round trip.
+#: (node/tenant/client.py accepts that in a receipt) and the release takes a round trip.
 LEASE_SLACK_MS = 2_000
 
 

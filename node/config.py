@@ -21,7 +21,7 @@ from pydantic import (
     model_validator,
 )
 
-from node.inventory import DeviceDecl, InterconnectDecl
+from node.provider.inventory import DeviceDecl, InterconnectDecl
 from protocol.errors import MercatoError
 from protocol.messages import Address
 
@@ -87,7 +87,7 @@ class LimitsSection(_Section):
 
 
 class HttpSection(_Section):
-    """Bounds of the HTTP edge against slow and idle connections (node.edge)."""
+    """Bounds of the HTTP edge against slow and idle connections (node.net.edge)."""
 
     # A request's head must arrive within this time of the connection opening or going
     # idle (also the keep-alive timeout); a slow sender is disconnected.

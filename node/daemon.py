@@ -7,12 +7,12 @@ Endpoints (docs/protocol.md, "HTTP transport"):
   every rejection answers 4xx JSON ``{"error": {code, reason}}`` and is counted in
   ``mercato_rejections_total{code}``.
 
-Every connection passes node.edge's gate first (per-address and total caps), and one
+Every connection passes node.net.edge's gate first (per-address and total caps), and one
 whose request head does not arrive within ``[http] header_timeout_s`` is closed.
 * ``GET /healthz``: JSON with the node id, role, address, peers, adverts, devices.
 * ``GET /metrics``: Prometheus text format.
 * ``GET /``, ``GET /status.json``, ``POST /control/prices``: the operator's status
-  page, its data, and price floors (node.status_page; loopback unless configured).
+  page, its data, and price floors (node.operator.status_page; loopback unless configured).
 """
 
 from __future__ import annotations
@@ -34,20 +34,20 @@ from aiohttp import web
 
 from market.bidding import BidEngine, FloorPlusUtilisation, devices_from_groups
 from market.directory import Entry
-from node.addresses import AddressPolicy
 from node.config import NodeConfig
-from node.core import Node, NodeSettings, Peer, wall_clock_ms
-from node.edge import ConnectionGate, EdgeLimits
-from node.executor import ResourceLimits
 from node.home import NodeHome, resolve_home
-from node.inventory import Inventory, build_inventory
-from node.metrics import CONTENT_TYPE, NodeMetrics
-from node.provider import ProviderService
-from node.sandbox import NVIDIA_CONTROL_NODES, SandboxExecutor
-from node.status_page import PriceFloors, StatusSource, add_routes, local_url
-from node.store import Store
-from node.transport import ENVELOPE_CONTENT_TYPE, P2P_PATH, HttpTransport
-from node.work import WorkService
+from node.net.addresses import AddressPolicy
+from node.net.edge import ConnectionGate, EdgeLimits
+from node.net.metrics import CONTENT_TYPE, NodeMetrics
+from node.net.node import Node, NodeSettings, Peer, wall_clock_ms
+from node.net.transport import ENVELOPE_CONTENT_TYPE, P2P_PATH, HttpTransport
+from node.operator.status_page import PriceFloors, StatusSource, add_routes, local_url
+from node.provider.executor import ResourceLimits
+from node.provider.inventory import Inventory, build_inventory
+from node.provider.sandbox import NVIDIA_CONTROL_NODES, SandboxExecutor
+from node.provider.service import ProviderService
+from node.provider.work import WorkService
+from node.store.node_store import Store
 from protocol.errors import MercatoError, RequestTimeoutError, TooLargeError, http_status
 
 log = logging.getLogger("mercato.daemon")

@@ -181,7 +181,7 @@ class RequestTimeoutError(RemoteProtocolError):
 
 
 class TooManyConnectionsError(RateLimitedError):
-    """The peer address holds too many connections to this node (node.edge)."""
+    """The peer address holds too many connections to this node (node.net.edge)."""
 
     code = "too_many_connections"
 

@@ -25,7 +25,7 @@ from pydantic import BaseModel
 from node.config import ConfigError, NodeConfig, load_config, parse_config
 from node.daemon import Daemon
 from node.home import NodeHome
-from node.inventory import DeviceDecl, InterconnectDecl, build_inventory
+from node.provider.inventory import DeviceDecl, InterconnectDecl, build_inventory
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

@@ -26,21 +26,21 @@ import pytest
 
 from market.auction import Auction, AuctionState
 from market.catalog import CATALOG
-from node import cluster
-from node.store import LeaseRow, Store
-from node.tenant import AuctionReport, Tenant
-from node.transport import HttpTransport
+from node.cli import localcluster as cluster
+from node.net.transport import HttpTransport
+from node.store.node_store import LeaseRow, Store
+from node.tenant.client import AuctionReport, Tenant
 from protocol.identity import Identity
 from protocol.messages import Advert, Award, Requirement
 
 pytestmark = [
     pytest.mark.cluster,
-    # node.cluster.up drops its Popen handles of the detached daemons on return; their
+    # node.cli.localcluster.up drops its Popen handles of the detached daemons on return; their
     # __del__ warns that the (deliberately) running process is still running.
     pytest.mark.filterwarnings(r"ignore:subprocess \d+ is still running:ResourceWarning"),
 ]
 
-PROVIDERS = 6  # RTX-4090, A100-80GB, Bow-IPU, H100-SXM, L4, T4 (node.cluster.TEMPLATES)
+PROVIDERS = 6  # RTX-4090, A100-80GB, Bow-IPU, H100-SXM, L4, T4 (node.cli.localcluster.TEMPLATES)
 JOB = hashlib.sha256(b"test_auction_e2e").hexdigest()
 FIVE_CREDITS = 5_000_000  # per device-hour: above every floor of the fleet
 IDLE_TIMEOUT_S = 20.0

@@ -170,7 +170,7 @@ class TestProviderRunRefusesBadConfig:
 
 def test_the_configs_cluster_up_writes_are_valid() -> None:
     """`mercato cluster up` writes one config per node; each must pass this same parser."""
-    from node.cluster import TEMPLATES, provider_config
+    from node.cli.localcluster import TEMPLATES, provider_config
 
     for template in (None, *TEMPLATES):
         text = provider_config("n", Path("/tmp/x"), "http://127.0.0.1:1", template, 3.0)

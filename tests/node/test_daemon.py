@@ -26,10 +26,10 @@ import pytest
 from node.config import LimitsSection, NodeConfig, NodeSection
 from node.daemon import READY_FILE, Daemon
 from node.home import NodeHome
-from node.inventory import DeviceDecl
-from node.store import Store
-from node.tenant import Tenant
-from node.transport import ENVELOPE_CONTENT_TYPE, HttpTransport
+from node.net.transport import ENVELOPE_CONTENT_TYPE, HttpTransport
+from node.provider.inventory import DeviceDecl
+from node.store.node_store import Store
+from node.tenant.client import Tenant
 from protocol import codec
 from protocol.envelope import open_envelope, seal
 from protocol.identity import Identity

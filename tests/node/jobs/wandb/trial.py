@@ -1,5 +1,5 @@
 """A trial whose command passes no parameters (``--lr=${lr}`` stays literal, as in W&B):
-it reads them with ``node.trial.params()`` from $MERCATO_PARAMS_FILE, shows what it was
+it reads them with ``mercato_trial.params()`` from $MERCATO_PARAMS_FILE, shows what it was
 given, and reports its loss at printed steps 100, 200, ... (labels, not counts).
 """
 
@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-from node.trial import params, report
+from mercato_trial import params, report
 
 p = params()
 with open("params.json", encoding="utf-8") as f:

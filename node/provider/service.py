@@ -1,0 +1,245 @@
+"""The provider role: answers orders, awards, releases, heartbeats and countersignatures.
+
+It owns the BidEngine (market.bidding). Handlers run on the event loop one at a time
+and never await between reading and changing engine state, so every reservation has
+exactly one owner. Every lease and receipt is persisted before the reply that makes it
+binding leaves the node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Callable
+
+from market.bidding import BidEngine, LeaseState, ProviderLease
+from market.settlement import amount_owed
+from node.net.node import Node
+from node.store.node_store import LeaseRow, ReceiptRow, Store
+from protocol.envelope import Envelope
+from protocol.errors import SenderMismatchError, UnexpectedMessageError
+from protocol.messages import (
+    Award,
+    Body,
+    Decline,
+    DeviceGroup,
+    Heartbeat,
+    Interconnect,
+    Order,
+    Receipt,
+    Release,
+)
+
+log = logging.getLogger("mercato.provider")
+
+
+class ProviderService:
+    """Sell-side handlers and the timer that expires bids and silent leases."""
+
+    def __init__(self, node: Node, engine: BidEngine, store: Store) -> None:
+        self.node = node
+        self.engine = engine
+        self.store = store
+        self._models = {d.id: d.model for d in engine.devices.values()}
+        node.capacity = self.capacity
+        node.handlers.update(
+            {
+                Order.TYPE: self._on_order,
+                Award.TYPE: self._on_award,
+                Release.TYPE: self._on_release,
+                Heartbeat.TYPE: self._on_heartbeat,
+                Receipt.TYPE: self._on_receipt,
+            }
+        )
+        node.services.append(self._timer)
+        #: Called when a lease stops being active (released, expired, lost).
+        self.on_lease_end: list[Callable[[ProviderLease], None]] = []
+        self.restored = self._restore_leases()
+
+    def _restore_leases(self) -> int:
+        """After a restart, hold again the leases the store says are active.
+
+        Without this a restarted provider would see every device free and could sell
+        a leased device twice. A lease that ran out while the daemon was down is marked
+        ended; one whose devices are no longer configured is marked lost.
+        """
+        now = self.node.clock()
+        restored = 0
+        for row in self.store.list_leases("active"):
+            if row.side != "provider" or row.provider != self.node.node_id:
+                continue
+            lease = ProviderLease(
+                lease_id=row.lease_id,
+                order_id=row.order_id,
+                tenant=row.tenant,
+                job_spec_hash=row.job_spec_hash,
+                devices=row.devices,
+                price=row.price,
+                start_ms=row.start_ms,
+                end_ms=row.end_ms,
+                heartbeat_interval_ms=row.heartbeat_interval_ms,
+                last_heartbeat_ms=now,
+                units=row.units,
+            )
+            if self.engine.restore(lease, now):
+                restored += 1
+                continue
+            state = LeaseState.ENDED if now >= row.end_ms else LeaseState.LOST
+            self.store.set_lease_state(row.lease_id, state.value, now)
+            log.warning("lease %s from before the restart is %s", row.lease_id, state.value)
+        if restored:
+            log.info("holding %d active leases from before the restart", restored)
+        return restored
+
+    def _ended(self, lease: ProviderLease) -> None:
+        for callback in self.on_lease_end:
+            callback(lease)
+
+    def capacity(self) -> tuple[list[DeviceGroup], Interconnect]:
+        return self.engine.device_groups(), self.engine.interconnect
+
+    async def _on_order(self, env: Envelope) -> Body | bytes | None:
+        assert isinstance(env.body, Order)
+        # No re-advert for a bid: a reservation lasts one auction (the losers' are released
+        # within milliseconds), and every advert costs ~fanout x N messages of rumor
+        # mongering, so re-advertising each bid and its release flooded the cluster (see
+        # bench/auction_bench.py). The engine, not the advert, guards against overcommit.
+        return self.engine.on_order(env.body, env.sender, self.node.clock())
+
+    async def _on_award(self, env: Envelope) -> Body | bytes | None:
+        award = env.body
+        assert isinstance(award, Award)
+        if award.provider != self.node.node_id:
+            raise SenderMismatchError("award names another provider")
+        now = self.node.clock()
+        result = self.engine.on_award(award, env.sender, env.digest, now)
+        if isinstance(result, Decline):
+            log.info("declined award %s: %s", award.lease_id, result.reason)
+            return result
+        raw = self.node.seal(result, to=env.sender)
+        lease = self.engine.leases[award.lease_id]
+        log.info(
+            "lease %s made: %d units (%s) to tenant %s at %d micro-credits/device-h",
+            lease.lease_id,
+            lease.units,
+            ",".join(lease.devices),
+            env.sender[:12],
+            lease.price,
+        )
+        self.store.put_lease(self._row(lease, env.raw, raw, env.digest, now))
+        self.node.capacity_changed()  # a partial award may have freed devices
+        return raw
+
+    def _row(
+        self, lease: ProviderLease, award: bytes, accept: bytes, award_hash: str, now: int
+    ) -> LeaseRow:
+        return LeaseRow(
+            lease_id=lease.lease_id,
+            side="provider",
+            order_id=lease.order_id,
+            tenant=lease.tenant,
+            provider=self.node.node_id,
+            provider_address=self.node.settings.address or "",
+            units=lease.units,
+            devices=lease.devices,
+            model=self._models[lease.devices[0]],
+            price=lease.price,
+            job_spec_hash=lease.job_spec_hash,
+            start_ms=lease.start_ms,
+            end_ms=lease.end_ms,
+            heartbeat_interval_ms=lease.heartbeat_interval_ms,
+            state=lease.state.value,
+            award_hash=award_hash,
+            award=award,
+            accept=accept,
+            updated_ms=now,
+        )
+
+    async def _on_release(self, env: Envelope) -> Body | bytes | None:
+        release = env.body
+        assert isinstance(release, Release)
+        now = self.node.clock()
+        lease = self.engine.leases.get(release.lease_id or "")
+        was_active = lease is not None and lease.state is LeaseState.ACTIVE
+        if self.engine.on_release(release, env.sender, now) and release.lease_id is not None:
+            self.node.capacity_changed()  # a lease ended; a released bid is no news
+        if lease is None or not was_active or lease.state is not LeaseState.ENDED:
+            return None
+        self.store.set_lease_state(lease.lease_id, lease.state.value, now)
+        self._ended(lease)
+        log.info("lease %s released by its tenant", lease.lease_id)
+        return self._receipt(lease, now)
+
+    def _receipt(self, lease: ProviderLease, now: int) -> bytes:
+        """Sign the usage of a lease's held time: devices x wall time, rounded up."""
+        device_ms = len(lease.devices) * max(0, now - lease.start_ms)
+        receipt = Receipt(
+            lease_id=lease.lease_id,
+            provider=self.node.node_id,
+            tenant=lease.tenant,
+            device_ms=device_ms,
+            price=lease.price,
+            amount=amount_owed(device_ms, lease.price),
+        )
+        raw = self.node.seal(receipt, to=lease.tenant)
+        self.store.put_receipt(
+            ReceiptRow(
+                receipt_hash=hashlib.sha256(raw).hexdigest(),
+                lease_id=lease.lease_id,
+                task_id=None,
+                provider=self.node.node_id,
+                tenant=lease.tenant,
+                device_ms=device_ms,
+                price=lease.price,
+                amount=receipt.amount,
+                receipt=raw,
+                countersign=None,
+                created_ms=now,
+            )
+        )
+        return raw
+
+    async def _on_heartbeat(self, env: Envelope) -> Body | bytes | None:
+        hb = env.body
+        assert isinstance(hb, Heartbeat)
+        if not self.engine.on_heartbeat(hb.lease_id, env.sender, self.node.clock()):
+            raise UnexpectedMessageError(f"lease {hb.lease_id} is unknown, ended or not yours")
+        return None
+
+    async def _on_receipt(self, env: Envelope) -> Body | bytes | None:
+        """The tenant's countersignature: book the ledger line once."""
+        cs = env.body
+        assert isinstance(cs, Receipt)
+        if cs.countersigns is None or cs.tenant != env.sender:
+            raise UnexpectedMessageError("a provider only accepts countersigned receipts")
+        ours = {r.receipt_hash: r for r in self.store.list_receipts(cs.lease_id)}
+        mine = ours.get(cs.countersigns)
+        if mine is None or (mine.device_ms, mine.amount, mine.price) != (
+            cs.device_ms,
+            cs.amount,
+            cs.price,
+        ):
+            raise UnexpectedMessageError("countersignature does not match a receipt we signed")
+        self.store.countersign_receipt(
+            cs.countersigns, env.raw, mine.amount, env.sender, self.node.clock()
+        )
+        return None
+
+    async def _timer(self) -> None:
+        """Expire bids and silent leases when they are due (no polling faster than needed)."""
+        while True:
+            now = self.node.clock()
+            due = self.engine.next_deadline()
+            delay = 1.0 if due is None else min(1.0, max(0.0, (due - now) / 1000))
+            await asyncio.sleep(delay)
+            now = self.node.clock()
+            changed = self.engine.expire(now)
+            for key in changed:
+                lease = self.engine.leases.get(key)
+                if lease is not None:
+                    self.store.set_lease_state(key, lease.state.value, now)
+                    log.info("lease %s %s", key, lease.state.value)
+                    self._ended(lease)
+            if any(key in self.engine.leases for key in changed):
+                self.node.capacity_changed()

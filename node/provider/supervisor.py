@@ -1,0 +1,426 @@
+"""The trial's supervisor: the process between the provider daemon and a trial.
+
+Run as a script, ``python -I -S supervisor.py CONFIG COMMAND...`` (fast, immune to
+the environment), never imported by a trial. It imports nothing from Mercato: the
+same file is bound read-only into each sandbox on its own and runs there too (the
+``enter`` step below). node.provider.sandbox spawns it with ``os.posix_spawn`` and documents
+the whole picture; this module is the part that runs outside the daemon.
+
+Outside the sandbox (``supervise``), it:
+
+* asks for SIGKILL when the daemon dies, and becomes a child subreaper, so orphans
+  of the trial come to it;
+* sets the rlimits (``limits``), closes inherited descriptors and opens the ones
+  bubblewrap is given by number: the seccomp program on :data:`SECCOMP_FD`, and a
+  user namespace on :data:`USERNS_FD` when the trial runs as ``trial_uid``;
+* forks the command (bubblewrap, or the trial itself when unsandboxed) at a lower
+  CPU priority (``nice``), so the daemon keeps answering while trials compute, and
+  first in line for the kernel's OOM killer (``oom_score_adj``);
+* reaps every process of the trial until none is left, which is what makes
+  ``wait4()`` on the supervisor account for the whole trial, and exits with the
+  command's status (128 + N for signal N);
+* forwards SIGTERM to each process of the trial, skipping the first ``skip`` levels
+  (bubblewrap and its pid 1, whose death would tear the sandbox down at once, and
+  with it the processes' CPU accounting and their chance to save state);
+* watches what no rlimit bounds for the trial as a whole: the memory of all its
+  processes together (``memory_bytes``, see :func:`memory_used`) and the disk used
+  under its work directory (``disk_bytes``, each entry counting at least one 4 KiB
+  block, so a flood of empty files counts too). Past a limit it says so on the
+  trial's output and kills every process of the trial. The watch polls, so a trial
+  can overshoot by what it allocates or writes in one interval (``watch_s``,
+  stretched when a scan is slow).
+
+Why a uid of its own (``trial_uid``): a provider run as root would run trials as
+uid 0 on the host, and the kernel applies no ``RLIMIT_NPROC`` to uid 0, so a fork
+bomb would be unbounded. The supervisor makes a user namespace that maps uid 0 and
+``trial_uid`` to themselves; bubblewrap (still uid 0, so it can read and bind what
+the daemon can) builds the sandbox in it and runs ``supervisor.py enter``, which
+gives up every capability and becomes ``trial_uid`` before it executes the trial.
+The namespace is new for each trial, so the kernel counts processes per trial.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import resource
+import signal
+import sys
+import time
+from typing import Any, NoReturn
+
+#: Descriptor numbers bubblewrap's command line refers to (``--seccomp 3``, ``--userns 4``).
+SECCOMP_FD = 3
+USERNS_FD = 4
+_PR_SET_PDEATHSIG = 1
+_PR_CAPBSET_DROP = 24
+_PR_SET_CHILD_SUBREAPER = 36
+_CLONE_NEWUSER = 0x10000000
+_BLOCK = 4096
+#: Exit status when the supervisor cannot set the trial up (distinct from 127, "no such command").
+SETUP_FAILED = 125
+
+try:
+    _libc: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
+except OSError:
+    _libc = None
+
+
+def _prctl(option: int, value: int) -> int:
+    if _libc is None:
+        return -1
+    return int(_libc.prctl(option, value, 0, 0, 0))
+
+
+def _say(message: str) -> None:
+    """A line on the trial's output (stderr is the trial's log pipe)."""
+    with contextlib.suppress(OSError):
+        os.write(2, f"mercato: {message}\n".encode())
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.0f} MiB"
+
+
+# --- the process tree ------------------------------------------------------------
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (every thread's), from /proc."""
+    out: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out.extend(int(c) for c in f.read().split())
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+def descendants(pid: int) -> list[tuple[int, int]]:
+    """``(pid, depth)`` of every process below ``pid``; depth 1 is a child."""
+    found: list[tuple[int, int]] = []
+    stack = [(c, 1) for c in children(pid)]
+    while stack:
+        child, depth = stack.pop()
+        found.append((child, depth))
+        stack.extend((c, depth + 1) for c in children(child))
+    return found
+
+
+def _kill_all(sig: int, skip: int = 0) -> None:
+    for pid, depth in descendants(os.getpid()):
+        if depth > skip:
+            with contextlib.suppress(OSError):
+                os.kill(pid, sig)
+
+
+# --- watching memory and disk ----------------------------------------------------
+
+
+def memory_used(pids: list[int]) -> int:
+    """Bytes of memory of ``pids`` together that the kernel cannot simply reclaim.
+
+    Their proportional anonymous and shared-memory sets (``Pss_Anon`` + ``Pss_Shmem``,
+    Linux 5.9+; plain ``Pss`` before): a page shared by forked workers counts once,
+    and a memory-mapped dataset (page cache, dropped under pressure) not at all.
+    """
+    total = 0
+    for pid in pids:
+        fields: dict[str, int] = {}
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    name, _, rest = line.partition(":")
+                    if name in ("Pss", "Pss_Anon", "Pss_Shmem"):
+                        fields[name] = int(rest.split()[0]) * 1024
+        except (OSError, ValueError, IndexError):
+            continue  # gone, or a kernel thread
+        if "Pss_Anon" in fields:
+            total += fields["Pss_Anon"] + fields.get("Pss_Shmem", 0)
+        else:
+            total += fields.get("Pss", 0)
+    return total
+
+
+def disk_used(root: str, stop_above: int) -> int:
+    """Bytes under ``root`` (each entry at least one block), stopping once past ``stop_above``.
+
+    Raises PermissionError for a directory the trial made unreadable to us (a
+    provider not run as root): what the watch cannot see, it cannot bound.
+    """
+    total = 0
+    stack = [root]
+    while stack and total <= stop_above:
+        try:
+            with os.scandir(stack.pop()) as entries:
+                for entry in entries:
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue  # removed while we looked
+                    total += max(st.st_blocks * 512, _BLOCK)
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(entry.path)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+    return total
+
+
+class Watch:
+    """Checks the trial's memory and disk against its limits every ``interval`` seconds."""
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        self.memory_bytes: int | None = cfg.get("memory_bytes")
+        self.disk_bytes: int | None = cfg.get("disk_bytes")
+        self.disk_path: str = cfg.get("disk_path") or "."
+        self.interval: float = float(cfg.get("watch_s") or 0.5)
+        self.next_at = time.monotonic() + min(self.interval, 0.1)
+        self.tripped = False
+
+    @property
+    def active(self) -> bool:
+        """Whether there is anything to watch."""
+        return not self.tripped and (self.memory_bytes is not None or self.disk_bytes is not None)
+
+    def timeout(self) -> float | None:
+        """Seconds until the next check; None when nothing is watched."""
+        if not self.active:
+            return None
+        return max(0.0, self.next_at - time.monotonic())
+
+    def check(self) -> str | None:
+        """A reason to stop the trial, or None; schedules the next check."""
+        if not self.active or time.monotonic() < self.next_at:
+            return None
+        started = time.monotonic()
+        reason = None
+        if self.memory_bytes is not None:
+            used = memory_used([pid for pid, _ in descendants(os.getpid())])
+            if used > self.memory_bytes:
+                reason = f"memory {_mib(used)} over the trial's limit of {_mib(self.memory_bytes)}"
+        if reason is None and self.disk_bytes is not None:
+            try:
+                used = disk_used(self.disk_path, self.disk_bytes)
+            except PermissionError as exc:
+                reason = f"{exc.filename} was made unreadable, so its disk use cannot be checked"
+            else:
+                if used > self.disk_bytes:
+                    reason = (
+                        f"work directory holds over {_mib(self.disk_bytes)}, the trial's disk limit"
+                    )
+        # A slow scan (a tree of many files) is not run back to back: at most ~10% CPU.
+        spent = time.monotonic() - started
+        self.next_at = time.monotonic() + max(self.interval, 10 * spent)
+        if reason is not None:
+            self.tripped = True
+        return reason
+
+
+# --- setting up ------------------------------------------------------------------
+
+
+def _set_limits(limits: list[list[Any]]) -> None:
+    for name, soft, hard in limits:
+        kind = getattr(resource, name)
+        cur_hard = resource.getrlimit(kind)[1]
+        if cur_hard != resource.RLIM_INFINITY:
+            soft, hard = min(soft, cur_hard), min(hard, cur_hard)
+        resource.setrlimit(kind, (soft, hard))
+
+
+def _open_on(path: str, target: int) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    if fd != target:
+        os.dup2(fd, target, inheritable=True)
+        os.close(fd)
+    else:
+        os.set_inheritable(fd, True)
+
+
+def _user_namespace(uid: int, gid: int, target: int) -> None:
+    """A new user namespace mapping 0 and ``uid``/``gid`` to themselves, open on ``target``.
+
+    A child unshares and waits; we (root outside) write its maps and keep the
+    namespace by opening it, then let the child go. ``setgroups`` is denied in it:
+    nobody in the sandbox can add supplementary groups.
+    """
+    if _libc is None:
+        raise OSError("no C library to call unshare()")
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(ready_r)
+        os.close(go_w)
+        failed = _libc.unshare(_CLONE_NEWUSER) != 0
+        os.write(ready_w, b"x" if failed else b"k")
+        os.read(go_r, 1)
+        os._exit(0)
+    os.close(ready_w)
+    os.close(go_r)
+    try:
+        if os.read(ready_r, 1) != b"k":
+            raise OSError("unshare(CLONE_NEWUSER) failed")
+        with open(f"/proc/{pid}/uid_map", "w") as f:
+            f.write(f"0 0 1\n{uid} {uid} 1\n")
+        with open(f"/proc/{pid}/setgroups", "w") as f:
+            f.write("deny")
+        with open(f"/proc/{pid}/gid_map", "w") as f:
+            f.write(f"0 0 1\n{gid} {gid} 1\n")
+        namespace = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        os.close(go_w)
+        os.close(ready_r)
+        os.waitpid(pid, 0)
+    # Only now: the pipes above may have held the target number.
+    if namespace != target:
+        os.dup2(namespace, target, inheritable=True)
+        os.close(namespace)
+    else:
+        os.set_inheritable(namespace, True)
+
+
+def _exec(argv: list[str]) -> NoReturn:
+    try:
+        os.execvp(argv[0], argv)
+    except OSError as exc:
+        _say(f"cannot run {argv[0]!r}: {exc.strerror}")
+    os._exit(127)
+
+
+def supervise(cfg: dict[str, Any], argv: list[str]) -> NoReturn:
+    """Set up, run ``argv``, reap and watch the whole trial; exit with its status."""
+    _prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))  # die with the provider
+    _prctl(_PR_SET_CHILD_SUBREAPER, 1)  # orphans of the trial come to us
+    if os.getppid() != cfg["parent"]:
+        os._exit(SETUP_FAILED)
+    os.chdir(cfg["cwd"])
+    # The descriptors the provider did not mean to pass go before the limits shrink.
+    os.closerange(3, max(3, resource.getrlimit(resource.RLIMIT_NOFILE)[0]))
+    try:
+        if cfg.get("seccomp"):
+            _open_on(cfg["seccomp"], SECCOMP_FD)
+        if cfg.get("trial_uid") is not None:
+            _user_namespace(cfg["trial_uid"], cfg["trial_uid"], USERNS_FD)
+        _set_limits(cfg["limits"])
+    except (OSError, ValueError) as exc:
+        _say(f"cannot set the trial up: {exc}")
+        os._exit(SETUP_FAILED)
+    skip = int(cfg["skip"])
+    signal.signal(signal.SIGTERM, lambda signum, frame: _kill_all(signum, skip))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+    pid = os.fork()
+    if pid == 0:
+        try:
+            _prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
+            if cfg.get("trial_uid") is not None:
+                os.setgroups([])  # the host root's groups stay outside
+            if cfg.get("nice"):
+                os.nice(int(cfg["nice"]))
+            if cfg.get("oom_score_adj"):
+                # Raising it needs no privilege: under memory pressure the kernel's
+                # OOM killer takes the trial, not the daemon.
+                with open("/proc/self/oom_score_adj", "w") as f:
+                    f.write(str(int(cfg["oom_score_adj"])))
+            for sig in (
+                signal.SIGTERM,
+                signal.SIGINT,
+                signal.SIGHUP,
+                signal.SIGPIPE,
+                signal.SIGXFSZ,
+            ):
+                signal.signal(sig, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        except OSError as exc:
+            _say(f"cannot set the trial up: {exc}")
+            os._exit(SETUP_FAILED)
+        _exec(argv)
+    for fd in (SECCOMP_FD, USERNS_FD):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    watch = Watch(cfg)
+    code: int | None = None
+    while True:
+        try:
+            died, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if died == 0:
+            reason = watch.check()
+            if reason is not None:
+                _say(f"trial stopped: {reason}")
+                _kill_all(signal.SIGKILL)
+            wait_s = watch.timeout()
+            signal.sigtimedwait({signal.SIGCHLD}, 3600.0 if wait_s is None else wait_s)
+            continue
+        if died == pid:
+            code = os.waitstatus_to_exitcode(status)
+        if code is not None:
+            _kill_all(signal.SIGKILL)  # the command is done: nothing of it stays behind
+    # Our own ru_maxrss starts at our spawner's (posix_spawn shares its memory until
+    # exec); the trial's processes, forked from us after exec, are measured cleanly.
+    with contextlib.suppress(OSError), open(cfg["usage"], "w") as f:
+        f.write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))
+    if code is None:
+        code = SETUP_FAILED
+    os._exit(128 - code if code < 0 else code)
+
+
+def enter(cfg: dict[str, Any], argv: list[str]) -> NoReturn:
+    """Inside the sandbox: set the per-trial limits, become ``uid`` if asked, run the trial.
+
+    RLIMIT_NPROC is set here, inside the sandbox's user namespace, because the
+    kernel counts it per user *per namespace*: set outside, it would also count
+    every process of the daemon's user.
+    """
+    try:
+        uid = cfg.get("uid")
+        if uid is not None:
+            last_cap = 63
+            with (
+                contextlib.suppress(OSError, ValueError),
+                open("/proc/sys/kernel/cap_last_cap") as f,
+            ):
+                last_cap = int(f.read())
+            for cap in range(last_cap + 1):
+                _prctl(_PR_CAPBSET_DROP, cap)
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)  # all ids non-zero: the kernel clears every capability
+            if os.getuid() != uid or os.geteuid() != uid:
+                raise OSError("the uid did not change")
+        os.chdir(cfg["cwd"])
+        _set_limits(cfg.get("limits", []))
+    except (OSError, ValueError) as exc:
+        _say(f"cannot set the trial up: {exc}")
+        os._exit(SETUP_FAILED)
+    _exec(argv)
+
+
+def main(args: list[str]) -> NoReturn:
+    """``supervisor.py CONFIG COMMAND...``, ``enter CONFIG COMMAND...`` or ``probe UID``."""
+    if len(args) >= 3 and args[0] == "enter":
+        enter(json.loads(args[1]), args[2:])
+    if len(args) == 2 and args[0] == "probe":
+        try:
+            _user_namespace(int(args[1]), int(args[1]), USERNS_FD)
+        except (OSError, ValueError) as exc:
+            sys.stderr.write(f"cannot make a user namespace for uid {args[1]}: {exc}\n")
+            os._exit(1)
+        os._exit(0)
+    if len(args) < 2:
+        _say("usage: supervisor.py CONFIG COMMAND... | enter CONFIG COMMAND... | probe UID")
+        os._exit(SETUP_FAILED)
+    supervise(json.loads(args[0]), args[1:])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

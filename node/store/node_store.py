@@ -1,0 +1,445 @@
+"""The node's SQLite store: one file per node, opened through sqlite-utils.
+
+The schema version is SQLite's ``PRAGMA user_version``; ``MIGRATIONS[n - 1]`` takes a
+store from version ``n - 1`` to ``n``. Each migration runs in its own ``BEGIN
+IMMEDIATE`` transaction together with the version bump, so a store is always at
+exactly one version, and two processes opening the same file never both apply a
+step. To change the schema, append a Migration; never edit one that has shipped.
+
+The store never reads the clock: every time is an argument in integer milliseconds
+since the Unix epoch. It is synchronous and meant for small writes from the daemon's
+event loop; use it from the thread that opened it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal, cast
+
+import sqlite_utils
+
+from node.store.schema import (
+    MIGRATIONS,
+    MIN_SQLITE_VERSION,
+    Migration,
+    MigrationError,
+    SchemaTooNewError,
+    StoreError,
+)
+
+PeerRole = Literal["provider", "bootstrap", "tenant"]
+
+# Longer than any transaction this store runs, short enough that a wedged writer
+# surfaces as an error instead of a hung daemon.
+DEFAULT_BUSY_TIMEOUT_MS = 5_000
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """A node we can reach, and how reachable it has been."""
+
+    node_id: str
+    address: str
+    role: PeerRole
+    first_seen_ms: int
+    last_seen_ms: int
+    failures: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoredAdvert:
+    """The newest advert held for a provider: the signed envelope bytes, verbatim."""
+
+    provider: str
+    seq: int
+    expires_ms: int
+    received_ms: int
+    envelope: bytes
+
+
+class Store:
+    """The node's SQLite store (WAL journal, foreign keys on, migrated on open)."""
+
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        migrations: Sequence[Migration] = MIGRATIONS,
+        busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
+    ) -> None:
+        if sqlite3.sqlite_version_info < MIN_SQLITE_VERSION:
+            raise StoreError(
+                f"SQLite {sqlite3.sqlite_version} is too old; the store needs "
+                f"{'.'.join(map(str, MIN_SQLITE_VERSION))} or newer"
+            )
+        self.path = Path(path)
+        self._migrations = tuple(migrations)
+        self._closed = False
+        # isolation_level=None: no implicit transactions; each write below is either a
+        # single statement (atomic by itself) or an explicit BEGIN ... COMMIT.
+        try:
+            conn = sqlite3.connect(self.path, timeout=busy_timeout_ms / 1000, isolation_level=None)
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot open store {self.path}: {e}") from e
+        try:
+            self._db: Any = sqlite_utils.Database(conn, execute_plugins=False)
+            self._configure(busy_timeout_ms)
+            self._migrate()
+        except sqlite3.DatabaseError as e:
+            conn.close()
+            raise StoreError(f"cannot open store {self.path}: {e}") from e
+        except BaseException:
+            conn.close()
+            raise
+
+    def _configure(self, busy_timeout_ms: int) -> None:
+        self._execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        # WAL lets CLI readers run while the daemon writes; NORMAL syncs at checkpoints
+        # only, which in WAL mode can lose the last commits on power loss but never
+        # corrupts the file (https://www.sqlite.org/pragma.html#pragma_synchronous).
+        self._execute("PRAGMA journal_mode = WAL")
+        self._execute("PRAGMA synchronous = NORMAL")
+        self._execute("PRAGMA foreign_keys = ON")
+
+    def _migrate(self) -> None:
+        known = len(self._migrations)
+        self._refuse_newer(self.schema_version, known)
+        for version in range(self.schema_version + 1, known + 1):
+            migration = self._migrations[version - 1]
+            self._execute("BEGIN IMMEDIATE")
+            try:
+                # Re-read under the write lock: another process may have migrated.
+                current = self.schema_version
+                self._refuse_newer(current, known)
+                if current < version:
+                    for statement in migration.statements:
+                        self._execute(statement)
+                    self._execute(f"PRAGMA user_version = {version}")
+                self._execute("COMMIT")
+            except BaseException as e:
+                # Some errors (disk full, I/O) make SQLite roll back by itself.
+                if self._db.conn.in_transaction:
+                    self._execute("ROLLBACK")
+                if isinstance(e, sqlite3.Error):
+                    raise MigrationError(
+                        f"migration {version} ({migration.name}) of {self.path} failed "
+                        f"and was rolled back: {e}"
+                    ) from e
+                raise
+
+    def _refuse_newer(self, version: int, known: int) -> None:
+        if version > known:
+            raise SchemaTooNewError(
+                f"store {self.path} has schema version {version}, but this Mercato knows "
+                f"only up to {known}; upgrade Mercato or point MERCATO_HOME elsewhere"
+            )
+
+    def _execute(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
+        return cast(sqlite3.Cursor, self._db.execute(sql, params))
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """BEGIN IMMEDIATE ... COMMIT, rolled back on any error."""
+        self._execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            if self._db.conn.in_transaction:
+                self._execute("ROLLBACK")
+            raise
+        self._execute("COMMIT")
+
+    # --- schema and connection ----------------------------------------------------
+
+    @property
+    def schema_version(self) -> int:
+        """The store's schema version (``PRAGMA user_version``)."""
+        return int(self._execute("PRAGMA user_version").fetchone()[0])
+
+    @property
+    def journal_mode(self) -> str:
+        """The journal mode in effect (``"wal"`` unless the file system cannot do WAL)."""
+        return str(self._db.journal_mode)
+
+    def close(self) -> None:
+        """Close the connection; closing twice is harmless."""
+        if not self._closed:
+            self._closed = True
+            self._db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- peers --------------------------------------------------------------------
+
+    def upsert_peer(self, node_id: str, address: str, role: PeerRole, now_ms: int) -> None:
+        """Record that ``node_id`` is reachable at ``address``, seen at ``now_ms``.
+
+        A new address resets the failure count: failures at the old address say
+        nothing about the new one. ``last_seen_ms`` never moves backwards.
+        """
+        self._execute(
+            """
+            INSERT INTO peers (node_id, address, role, first_seen_ms, last_seen_ms, failures)
+            VALUES (?, ?, ?, ?, ?, 0)
+            ON CONFLICT (node_id) DO UPDATE SET
+                failures = CASE WHEN address = excluded.address THEN failures ELSE 0 END,
+                address = excluded.address,
+                role = excluded.role,
+                last_seen_ms = MAX(last_seen_ms, excluded.last_seen_ms)
+            """,
+            (node_id, address, role, now_ms, now_ms),
+        )
+
+    def mark_peer_failure(self, node_id: str) -> int | None:
+        """Count one failed contact; the new failure count, or None for an unknown peer."""
+        # fetchall, not fetchone: the UPDATE commits only once its statement is done.
+        rows = self._execute(
+            "UPDATE peers SET failures = failures + 1 WHERE node_id = ? RETURNING failures",
+            (node_id,),
+        ).fetchall()
+        return int(rows[0][0]) if rows else None
+
+    def mark_peer_success(self, node_id: str, now_ms: int) -> bool:
+        """Record a successful contact: failures back to 0; False for an unknown peer."""
+        cursor = self._execute(
+            """
+            UPDATE peers SET failures = 0, last_seen_ms = MAX(last_seen_ms, ?)
+            WHERE node_id = ?
+            """,
+            (now_ms, node_id),
+        )
+        return cursor.rowcount > 0
+
+    def list_peers(self, role: PeerRole | None = None) -> list[Peer]:
+        """Known peers ordered by node id, optionally only those with ``role``."""
+        where, params = ("role = ?", [role]) if role is not None else (None, [])
+        rows = self._db["peers"].rows_where(where, params, order_by="node_id")
+        return [Peer(**row) for row in rows]
+
+    def remove_peer(self, node_id: str) -> bool:
+        """Forget a peer; False if it was not known."""
+        cursor = self._execute("DELETE FROM peers WHERE node_id = ?", (node_id,))
+        return cursor.rowcount > 0
+
+    # --- adverts ------------------------------------------------------------------
+
+    def put_advert(
+        self, provider: str, seq: int, expires_ms: int, received_ms: int, envelope: bytes
+    ) -> bool:
+        """Keep this advert if its ``seq`` is higher than the one held for ``provider``.
+
+        One statement, so it is atomic: an older or equal ``seq`` never overwrites a
+        newer advert, whatever order they arrive in. True if the advert was stored.
+        """
+        cursor = self._execute(
+            """
+            INSERT INTO adverts (provider, seq, expires_ms, received_ms, envelope)
+            VALUES (?, ?, ?, ?, ?)
+            ON CONFLICT (provider) DO UPDATE SET
+                seq = excluded.seq,
+                expires_ms = excluded.expires_ms,
+                received_ms = excluded.received_ms,
+                envelope = excluded.envelope
+            WHERE excluded.seq > adverts.seq
+            """,
+            (provider, seq, expires_ms, received_ms, bytes(envelope)),
+        )
+        return cursor.rowcount > 0
+
+    def get_adverts(self, now_ms: int) -> list[StoredAdvert]:
+        """Adverts not yet expired at ``now_ms`` (``expires_ms > now_ms``), by provider."""
+        rows = self._db.query(
+            """
+            SELECT provider, seq, expires_ms, received_ms, envelope FROM adverts
+            WHERE expires_ms > ? ORDER BY provider
+            """,
+            [now_ms],
+        )
+        return [StoredAdvert(**row) for row in rows]
+
+    def delete_expired_adverts(self, now_ms: int) -> int:
+        """Delete adverts expired at ``now_ms``; the number deleted."""
+        cursor = self._execute("DELETE FROM adverts WHERE expires_ms <= ?", (now_ms,))
+        return cursor.rowcount
+
+    # --- meta ---------------------------------------------------------------------
+
+    def get_meta(self, key: str) -> str | None:
+        """The value stored under ``key``, or None."""
+        row = self._execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Store ``value`` under ``key``, replacing any previous value."""
+        self._execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+    # --- leases -------------------------------------------------------------------
+
+    def put_lease(self, lease: LeaseRow) -> None:
+        """Insert a lease, or update its state and end if it is already held."""
+        row = asdict(lease)
+        row["devices"] = json.dumps(list(lease.devices))
+        cols = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        self._execute(
+            f"""
+            INSERT INTO leases ({cols}) VALUES ({marks})
+            ON CONFLICT (lease_id) DO UPDATE SET
+                state = excluded.state, end_ms = excluded.end_ms,
+                updated_ms = excluded.updated_ms
+            """,
+            tuple(row.values()),
+        )
+
+    def set_lease_job(self, lease_id: str, job_id: str) -> None:
+        self._execute("UPDATE leases SET job_id = ? WHERE lease_id = ?", (job_id, lease_id))
+
+    def set_lease_state(self, lease_id: str, state: str, now_ms: int) -> bool:
+        cursor = self._execute(
+            "UPDATE leases SET state = ?, updated_ms = ? WHERE lease_id = ?",
+            (state, now_ms, lease_id),
+        )
+        return cursor.rowcount > 0
+
+    def get_lease(self, lease_id: str) -> LeaseRow | None:
+        rows = list(self._db.query("SELECT * FROM leases WHERE lease_id = ?", [lease_id]))
+        return _lease_row(rows[0]) if rows else None
+
+    def list_leases(self, state: str | None = None) -> list[LeaseRow]:
+        where, params = ("WHERE state = ?", [state]) if state else ("", [])
+        rows = self._db.query(f"SELECT * FROM leases {where} ORDER BY start_ms, lease_id", params)
+        return [_lease_row(r) for r in rows]
+
+    # --- receipts and ledger --------------------------------------------------------
+
+    def put_receipt(self, receipt: ReceiptRow) -> bool:
+        """Store a provider-signed receipt once (idempotent by hash)."""
+        row = asdict(receipt)
+        cols = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        cursor = self._execute(
+            f"INSERT INTO receipts ({cols}) VALUES ({marks}) ON CONFLICT DO NOTHING",
+            tuple(row.values()),
+        )
+        return cursor.rowcount > 0
+
+    def countersign_receipt(
+        self,
+        receipt_hash: str,
+        countersign: bytes,
+        ledger_amount: int,
+        counterparty: str,
+        now_ms: int,
+    ) -> bool:
+        """Attach the tenant's countersignature and book the ledger line, atomically.
+
+        Books at most once per receipt: a repeated countersignature changes nothing.
+        """
+        with self._transaction():
+            cursor = self._execute(
+                "UPDATE receipts SET countersign = ?"
+                " WHERE receipt_hash = ? AND countersign IS NULL",
+                (bytes(countersign), receipt_hash),
+            )
+            if cursor.rowcount == 0:
+                return False
+            lease_id = self._execute(
+                "SELECT lease_id FROM receipts WHERE receipt_hash = ?", (receipt_hash,)
+            ).fetchone()[0]
+            self._execute(
+                "INSERT INTO ledger (receipt_hash, ts_ms, lease_id, counterparty, amount)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (receipt_hash, now_ms, lease_id, counterparty, ledger_amount),
+            )
+        return True
+
+    def list_receipts(self, lease_id: str | None = None) -> list[ReceiptRow]:
+        where, params = ("WHERE lease_id = ?", [lease_id]) if lease_id else ("", [])
+        rows = self._db.query(f"SELECT * FROM receipts {where} ORDER BY created_ms", params)
+        return [ReceiptRow(**r) for r in rows]
+
+    def ledger_balance(self) -> int:
+        """Sum of the ledger in micro-credits (earned minus spent)."""
+        row = self._execute("SELECT COALESCE(SUM(amount), 0) FROM ledger").fetchone()
+        return int(row[0])
+
+    def ledger(self) -> list[dict[str, Any]]:
+        return list(self._db.query("SELECT * FROM ledger ORDER BY ts_ms, receipt_hash"))
+
+    # --- reputation -----------------------------------------------------------------
+
+    def record_outcome(self, provider: str, outcome: str) -> None:
+        """Count one lease outcome (completed, failed, declined, rejected) for a provider."""
+        if outcome not in ("completed", "failed", "declined", "rejected"):
+            raise ValueError(f"unknown outcome {outcome!r}")
+        self._execute(
+            f"""
+            INSERT INTO reputation (provider, {outcome}) VALUES (?, 1)
+            ON CONFLICT (provider) DO UPDATE SET {outcome} = {outcome} + 1
+            """,
+            (provider,),
+        )
+
+    def reputation(self) -> dict[str, dict[str, int]]:
+        rows = self._db.query("SELECT * FROM reputation")
+        return {r.pop("provider"): r for r in rows}
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseRow:
+    """A lease as stored on either side (``side``), with both signed envelopes."""
+
+    lease_id: str
+    side: str
+    order_id: str
+    tenant: str
+    provider: str
+    provider_address: str
+    units: int
+    devices: tuple[str, ...]
+    model: str
+    price: int
+    job_spec_hash: str
+    start_ms: int
+    end_ms: int
+    heartbeat_interval_ms: int
+    state: str
+    award_hash: str
+    award: bytes
+    accept: bytes
+    updated_ms: int
+    job_id: str | None = None  # tenant side: the job the lease serves
+
+
+def _lease_row(row: dict[str, Any]) -> LeaseRow:
+    row = dict(row)
+    row["devices"] = tuple(json.loads(row["devices"]))
+    return LeaseRow(**row)
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiptRow:
+    receipt_hash: str
+    lease_id: str
+    task_id: str | None
+    provider: str
+    tenant: str
+    device_ms: int
+    price: int
+    amount: int
+    receipt: bytes
+    countersign: bytes | None
+    created_ms: int
