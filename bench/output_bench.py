@@ -1,9 +1,10 @@
 """Event-loop time a trial's output costs the provider, per 64 KiB read.
 
 A hostile trial prints ``{}`` (or any tiny JSON object) as fast as it can; every read
-of its pipe (64 KiB, node.provider.sandbox) is fed to ``node.provider.executor.OutputCollector`` on the
-provider's event loop, with callbacks like node.provider.work's (append to the task's log,
-merge kept metrics). The figure is the loop time one read takes: while it runs,
+of its pipe (64 KiB, node.provider.sandbox) is fed to
+``node.provider.executor.OutputCollector`` on the provider's event loop, with callbacks
+like node.provider.work's (append to the task's log, merge kept metrics). The figure
+is the loop time one read takes: while it runs,
 nothing else on the daemon (``/healthz``, other tenants' heartbeats and polls) is
 served. Issue 12 measured 0.3-0.8 s ``/healthz`` latency under such a flood.
 
