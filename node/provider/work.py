@@ -59,6 +59,11 @@ log = logging.getLogger("mercato.work")
 _NODE_ID = re.compile(r"[a-z2-7]{32}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
+#: A task's new output is answered at most this often (its result at once): a trial
+#: printing without pause would otherwise answer every long poll on arrival, and the
+#: tenant would poll back to back into the per-peer rate limit.
+STATUS_EVERY_S = 0.1
+
 #: How long the last chunk's answer waits for the unpack before saying "not yet".
 UNPACK_WAIT_S = 1.0
 MAX_FAILED_WORKSPACES = 10_000
@@ -107,6 +112,7 @@ class Task:
     result: bytes | None = None  # the sealed TaskResult
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     cancel_reason: str = ""
+    answered_at: float = -1e9  # loop time of the last status with output (STATUS_EVERY_S)
 
     touch_pending: bool = False
 
@@ -666,7 +672,14 @@ class WorkService:
                 break
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(task.changed.wait(), remaining)
+        while task.result is None:  # coalesce output; never hold the result
+            hold = task.answered_at + STATUS_EVERY_S - loop.time()
+            if hold <= 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(task.changed.wait(), hold)
         if len(task.log) > q.log_offset or task.result is None:
+            task.answered_at = loop.time()
             return self._status(task, min(q.log_offset, len(task.log)))
         return task.result
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from node.store.node_store import LeaseRow
 from node.tenant.client import Tenant
-from protocol.errors import BusyError, MercatoError
+from protocol.errors import BusyError, MercatoError, RateLimitedError
 from protocol.messages import (
     Body,
     Cancel,
@@ -26,6 +26,9 @@ from protocol.messages import (
 
 CHUNK = 512 * 1024
 UNPACK_POLL_S = 0.25
+#: First and longest wait after a provider answers a query with 429 (rate_limited).
+RATE_LIMIT_BACKOFF_S = 0.1
+MAX_RATE_LIMIT_BACKOFF_S = 2.0
 
 
 class TaskClientError(MercatoError):
@@ -96,16 +99,24 @@ class TaskClient:
         ``on_status`` sees every status: whether the provider runs the task or still
         queues it (the sweep starts its own clock on a trial when it first runs)."""
         offset = 0
+        backoff = RATE_LIMIT_BACKOFF_S
         while True:
-            body = await self.send(
-                TaskQuery(
-                    lease_id=self.lease.lease_id,
-                    task_id=task_id,
-                    log_offset=offset,
-                    wait_ms=wait_ms,
-                ),
-                timeout_s=wait_ms / 1000 + 10,
-            )
+            try:
+                body = await self.send(
+                    TaskQuery(
+                        lease_id=self.lease.lease_id,
+                        task_id=task_id,
+                        log_offset=offset,
+                        wait_ms=wait_ms,
+                    ),
+                    timeout_s=wait_ms / 1000 + 10,
+                )
+            except RateLimitedError:
+                # 429 asks for "later", and a query is safe to repeat: slow down.
+                await asyncio.sleep(backoff)
+                backoff = min(2 * backoff, MAX_RATE_LIMIT_BACKOFF_S)
+                continue
+            backoff = RATE_LIMIT_BACKOFF_S
             if isinstance(body, TaskResult):
                 if body.task_id != task_id or body.lease_id != self.lease.lease_id:
                     raise TaskClientError("result names another task")

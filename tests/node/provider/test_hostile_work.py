@@ -30,6 +30,7 @@ import pytest
 
 from node.config import NodeConfig, NodeSection, SandboxSection, WorkspacesSection
 from node.daemon import Daemon
+from node.net.ratelimit import RateLimiter
 from node.net.transport import HttpTransport
 from node.provider.executor import (
     MAX_METRIC_RECORDS_PER_S,
@@ -39,7 +40,7 @@ from node.provider.executor import (
 )
 from node.provider.inventory import DeviceDecl
 from node.provider.sandbox import SandboxExecutor, probe_bwrap
-from node.provider.work import WorkService
+from node.provider.work import STATUS_EVERY_S, WorkService
 from node.store.node_store import LeaseRow, Store
 from node.tenant.client import Tenant
 from node.tenant.taskclient import TaskClient
@@ -237,6 +238,47 @@ class TestHostileTrialOutput:
         results = await asyncio.wait_for(asyncio.gather(*follows), 60)
         assert {r.state for r in results} == {"timed_out"}
         assert all(len(r.metrics) == 0 for r in results)
+
+    async def test_a_chatty_trial_does_not_drive_its_tenant_into_the_rate_limit(
+        self, market: Market, tmp_path: Path
+    ) -> None:
+        """New output is coalesced per task: a trial printing without pause gets a
+        status at most every STATUS_EVERY_S, so the tenant's long poll stays far below
+        the provider's per-peer rate limit (it once polled back to back into it)."""
+        buyer = await market.buyer()
+        data, digest = workspace(tmp_path)
+        await buyer.client.upload(data, digest)
+        # A line every millisecond: the tenant keeps up, so every line could answer a poll.
+        code = "import time\nwhile True:\n    print('x' * 100, flush=True); time.sleep(0.001)"
+        await buyer.client.assign(assign(buyer, digest, "chatty", code, timeout_ms=3_000))
+        statuses = 0
+
+        def count(_: object) -> None:
+            nonlocal statuses
+            statuses += 1
+
+        result = await asyncio.wait_for(
+            buyer.client.follow("chatty", wait_ms=1_000, on_status=count), 60
+        )
+        assert result.state == "timed_out"
+        # About 3 s of output at most 10 statuses a second, plus the start.
+        assert statuses <= 3 / STATUS_EVERY_S + 5, statuses
+
+    async def test_a_rate_limited_tenant_slows_down_and_still_gets_its_result(
+        self, market: Market, tmp_path: Path
+    ) -> None:
+        """A 429 on a long poll means "later", not "failed": the query is repeated."""
+        buyer = await market.buyer()
+        data, digest = workspace(tmp_path)
+        await buyer.client.upload(data, digest)
+        code = "import time\nfor i in range(30):\n    print(i, flush=True); time.sleep(0.05)"
+        await buyer.client.assign(assign(buyer, digest, "limited", code))
+        # From now on a provider far stricter than the default.
+        market.daemon.node.limiter = RateLimiter(5.0, 5)
+        logs: list[str] = []
+        result = await asyncio.wait_for(buyer.client.follow("limited", logs.append, 1_000), 60)
+        assert result.state == "succeeded"
+        assert "".join(logs).split() == [str(i) for i in range(30)]
 
     async def test_a_trial_printing_endless_new_keys_is_capped(
         self, market: Market, tmp_path: Path
