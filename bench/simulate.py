@@ -947,6 +947,417 @@ class _Inline:
         return future
 
 
+# --- settlement between strangers (issue 15) --------------------------------------
+
+
+@dataclass
+class SettlementParams:
+    """A small market where some providers and tenants cheat (``--dishonest F``)."""
+
+    providers: int = 30
+    tenants: int = 20
+    dishonest: float = 0.1  # fraction of each side
+    seed: int = 1
+    sim_s: float = 300.0
+    latency_ms: float = 20.0
+    debit_interval_ms: int = 10_000
+    payment_timeout_ms: int = 2_000
+    heartbeat_ms: int = 1_000
+    trial_timeout_ms: int = 40_000
+    task_grace_ms: int = 5_000
+    price: int = 3_600_000  # micro-credits per device-hour: 1 per device-ms
+    devices_per_provider: int = 4
+
+
+@dataclass
+class SettlementResult:
+    """Per run: what liars gained and honest parties lost, in micro-credits."""
+
+    params: dict[str, Any]
+    leases: int = 0
+    leases_honest_both: int = 0
+    overbilled_honest_tenants: int = 0  # paid above what the tenant measured: goal 0
+    overbilled_beyond_tolerance: int = 0  # ... above measured + the stated tolerance: 0
+    refused_bills: int = 0
+    refused_accepts: int = 0
+    provider_loss_max_intervals: float = 0.0  # honest provider, worst lease
+    provider_loss_mean_intervals: float = 0.0  # over leases with a dishonest tenant
+    provider_unpaid_total: int = 0
+    lapsed_leases: int = 0  # ended by the provider for an unpaid note
+    lost_leases: int = 0  # ended by the provider for missing heartbeats
+    leases_by_kind: dict[str, int] = field(default_factory=dict)
+    settlement_msgs: int = 0
+    all_msgs: int = 0
+    settlement_share: float = 0.0
+    trace: str = ""
+
+
+class _TypedNetwork(SimNetwork):
+    """Counts envelopes by message type (requests and replies)."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.by_type: Counter[str] = Counter()
+
+    async def deliver(self, source: str, dest: str, data: bytes, timeout_s: float) -> bytes:
+        self.by_type[_type_of(data)] += 1
+        reply = await super().deliver(source, dest, data, timeout_s)
+        if reply:
+            self.by_type[_type_of(reply)] += 1
+        return reply
+
+
+def _type_of(raw: bytes) -> str:
+    from protocol.codec import decode
+
+    env = decode(raw)
+    return str(env.get("type", "?")) if isinstance(env, dict) else "?"
+
+
+class _Overbiller(ProviderService):
+    """Bills every note and receipt for twice the devices it leased."""
+
+    async def _on_award(self, env: Envelope) -> Any:
+        reply = await super()._on_award(env)
+        award = env.body
+        if isinstance(award, Award) and award.lease_id in self.debits:
+            self.debits[award.lease_id].devices *= 2
+        return reply
+
+    def _receipt(self, lease: Any, now: int) -> bytes:
+        lease.devices = lease.devices * 2  # only its bill: the engine's devices are freed
+        try:
+            return super()._receipt(lease, now)
+        finally:
+            lease.devices = lease.devices[: len(lease.devices) // 2]
+
+
+class _Backdater(ProviderService):
+    """Claims (and bills from) a lease start 30 days before the award arrived."""
+
+    async def _on_award(self, env: Envelope) -> Any:
+        award = env.body
+        assert isinstance(award, Award)
+        result = self.engine.on_award(award, env.sender, env.digest, self.node.clock())
+        if not isinstance(result, Accept):
+            return result
+        lease = self.engine.leases[award.lease_id]
+        lease.start_ms -= 30 * 86_400_000
+        from market.debit import DebitSchedule
+
+        self.debits[lease.lease_id] = DebitSchedule(
+            len(lease.devices),
+            lease.price,
+            lease.start_ms,
+            award.debit_interval_ms,
+            award.payment_timeout_ms,
+        )
+        accept = result.model_copy(update={"start_ms": lease.start_ms})
+        return self.node.seal(accept, to=env.sender)
+
+
+class _NeverPays(Tenant):
+    """Heartbeats, takes the work, and never countersigns a note or a receipt."""
+
+    async def _settle(self, lease: LeaseRow, reply: Envelope) -> None:
+        return None
+
+
+class SettlementSim:
+    """Honest and dishonest providers and tenants trading on virtual time."""
+
+    def __init__(self, p: SettlementParams) -> None:
+        self.p = p
+        self.loop = asyncio.get_running_loop()
+        self.net = _TypedNetwork(seed=p.seed, loss=0.0, latency_s=p.latency_ms / 1000)
+        self.rng = seeded(p.seed, "settlement")
+        self.trace = hashlib.sha256()
+        n_bad_p = round(p.providers * p.dishonest)
+        n_bad_t = round(p.tenants * p.dishonest)
+        # Which ones cheat, and how, is drawn from the seed; behaviours take turns.
+        bad_p = self.rng.sample(range(p.providers), n_bad_p)
+        bad_t = self.rng.sample(range(p.tenants), n_bad_t)
+        kinds_p = ["overbill", "backdate", "stall"]
+        kinds_t = ["vanish", "never_pays"]
+        self.provider_kind = ["honest"] * p.providers
+        for j, i in enumerate(bad_p):
+            self.provider_kind[i] = kinds_p[j % 3]
+        self.tenant_kind = ["honest"] * p.tenants
+        for j, i in enumerate(bad_t):
+            self.tenant_kind[i] = kinds_t[j % 2]
+        self.nodes: list[Node] = []
+        self.services: list[ProviderService] = []
+        self.tenants: list[Tenant] = []
+        self.leases: list[dict[str, Any]] = []  # what each lease was, by the sim's clock
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.by_node: dict[str, int] = {}
+
+    def now_ms(self) -> int:
+        return BASE_MS + int(self.loop.time() * 1000)
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = self.loop.create_task(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def start(self) -> None:
+        p = self.p
+        from market.debit import SettlementPolicy
+
+        policy = SettlementPolicy(min_debit_interval_ms=1_000)
+        for i in range(p.providers):
+            seed = hashlib.sha256(f"mercato-settle-provider:{p.seed}:{i}".encode()).digest()
+            identity = Identity.from_seed(seed)
+            address = f"http://p{i}.sim"
+            nonces = seeded(p.seed, "p-nonce", i)
+            node = Node(
+                identity,
+                NodeSettings(
+                    role="provider",
+                    address=address,
+                    bootstrap=[] if i == 0 else ["http://p0.sim"],
+                    gossip_interval_s=2.0,
+                    request_timeout_s=3.0,
+                ),
+                self.net.transport(address),
+                clock=self.now_ms,
+                rng=seeded(p.seed, "p-rng", i),
+                nonce=lambda n=nonces: n.randbytes(16),  # type: ignore[misc]
+            )
+            # Floors spread +-10 %; liars undercut everyone (that is how they win work).
+            floor = int(p.price * seeded(p.seed, "floor", i).uniform(0.9, 1.1))
+            if self.provider_kind[i] != "honest":
+                floor = int(p.price * 0.85)
+            devices = [
+                Device(f"d{j}", "L4", "gpu", 24 * 10**9, 121 * 10**12, 300 * 10**9, floor)
+                for j in range(p.devices_per_provider)
+            ]
+            engine = BidEngine(
+                identity.node_id,
+                devices,
+                Interconnect(kind="pcie", bandwidth=32 * 10**9, gang_size=len(devices)),
+            )
+            cls = {"overbill": _Overbiller, "backdate": _Backdater}.get(
+                self.provider_kind[i], ProviderService
+            )
+            service = cls(node, engine, Store(":memory:"), policy)
+            self.net.attach(address, node.handle)
+            await node.start()
+            self.nodes.append(node)
+            self.services.append(service)
+            self.by_node[identity.node_id] = i
+        for t in range(p.tenants):
+            seed = hashlib.sha256(f"mercato-settle-tenant:{p.seed}:{t}".encode()).digest()
+            nonces = seeded(p.seed, "t-nonce", t)
+            cls_t: type[Tenant] = _NeverPays if self.tenant_kind[t] == "never_pays" else Tenant
+            tenant = cls_t(
+                Identity.from_seed(seed),
+                Store(":memory:"),
+                self.net.transport(f"http://t{t}.sim"),
+                clock=self.now_ms,
+                request_timeout_s=3.0,
+                nonce=lambda n=nonces: n.randbytes(16),  # type: ignore[misc]
+                debit_interval_ms=p.debit_interval_ms,
+                payment_timeout_ms=p.payment_timeout_ms,
+                task_grace_ms=p.task_grace_ms,
+            )
+            tenant.node.rng = seeded(p.seed, "t-rng", t)
+            self.tenants.append(tenant)
+
+    async def tenant_loop(self, t: int) -> None:
+        tenant, kind = self.tenants[t], self.tenant_kind[t]
+        rng = seeded(self.p.seed, "t-loop", t)
+        await asyncio.sleep(5.0 + rng.uniform(0, 5))
+        while self.loop.time() < self.p.sim_s - 60:
+            try:
+                await tenant.refresh(f"http://p{rng.randrange(self.p.providers)}.sim")
+            except MercatoError:
+                await asyncio.sleep(1.0)
+                continue
+            report = await tenant.auction(
+                Requirement(kind="gpu"),
+                1,
+                10_000_000,
+                job_spec_hash=hashlib.sha256(f"settle:{t}".encode()).hexdigest(),
+                k=3,
+                bid_window_ms=BID_WINDOW_MS,
+                lease_ms=600_000,
+                heartbeat_interval_ms=self.p.heartbeat_ms,
+            )
+            self.refused_accepts += sum(
+                1 for x in report.ignored if x == "accept_start_outside_window"
+            )
+            for lease in report.leases:
+                await self.use(tenant, kind, lease.lease_id, rng)
+            await asyncio.sleep(rng.uniform(0.5, 2.0))
+
+    refused_accepts = 0
+
+    async def use(self, tenant: Tenant, kind: str, lease_id: str, rng: random.Random) -> None:
+        """Hold a lease for one trial: heartbeats, a task, then release (or misbehave)."""
+        p = self.p
+        row = tenant.store.get_lease(lease_id)
+        assert row is not None
+        provider_kind = self.provider_kind[self.by_node[row.provider]]
+        work_ms = int(rng.uniform(5_000, 30_000))
+        tenant.task_assigned(row, "trial", p.trial_timeout_ms)
+        started = self.now_ms()
+        vanish_at = started + int(rng.uniform(0.3, 1.0) * work_ms)
+        # A stalling provider never delivers: the tenant waits until the result is overdue.
+        done_at = started + (
+            p.trial_timeout_ms + p.task_grace_ms if provider_kind == "stall" else work_ms
+        )
+        seq = 0
+        while self.now_ms() < done_at:
+            if kind == "vanish" and self.now_ms() >= vanish_at:
+                self._record(tenant, row, kind, provider_kind, started, None)
+                return  # no heartbeat, no release: gone
+            if not await tenant.heartbeat(row, seq):
+                break
+            seq += 1
+            await asyncio.sleep(p.heartbeat_ms / 1000)
+        if provider_kind != "stall":
+            tenant.task_finished(row, "trial")
+        if kind == "never_pays":
+            with contextlib.suppress(MercatoError):
+                await tenant.node.request(
+                    tenant.peer_of(row),
+                    Release(order_id=row.order_id, lease_id=row.lease_id, reason="done"),
+                )
+        else:
+            with contextlib.suppress(MercatoError):
+                await tenant.release(row)
+        # The tenant's measure ends when the release's answer is in (the provider's
+        # clock stops somewhere before that).
+        self._record(tenant, row, kind, provider_kind, started, self.now_ms())
+
+    def _record(
+        self,
+        tenant: Tenant,
+        row: LeaseRow,
+        kind: str,
+        provider_kind: str,
+        started: int,
+        end: int | None,
+    ) -> None:
+        self.leases.append(
+            {
+                "tenant": tenant,
+                "row": row,
+                "tenant_kind": kind,
+                "provider_kind": provider_kind,
+                "started": started,
+                "end": end,
+            }
+        )
+        self.trace.update(f"{row.lease_id}:{kind}:{provider_kind}:{end}".encode())
+
+    async def run(self) -> SettlementResult:
+        await self.start()
+        for t in range(self.p.tenants):
+            self._spawn(self.tenant_loop(t))
+        await asyncio.sleep(self.p.sim_s)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        result = self.measure()
+        for node in self.nodes:
+            await node.close()
+        for tenant in self.tenants:
+            await tenant.node.close()
+        return result
+
+    def measure(self) -> SettlementResult:
+        from market.settlement import amount_owed
+
+        p = self.p
+        r = SettlementResult(params=asdict(p))
+        losses: list[float] = []
+        for lease in self.leases:
+            row: LeaseRow = lease["row"]
+            tenant: Tenant = lease["tenant"]
+            r.leases += 1
+            honest_t = lease["tenant_kind"] == "honest"
+            honest_p = lease["provider_kind"] == "honest"
+            r.leases_honest_both += honest_t and honest_p
+            if honest_t:
+                # What the tenant measured, by the simulation's clock (which is its own):
+                # from sending the award to the release, stopped at an overdue trial.
+                meter = tenant.meter(row)
+                end = lease["end"] if lease["end"] is not None else self.now_ms()
+                allowed = amount_owed(len(row.devices) * meter.measured_ms(end), row.price)
+                paid = tenant.store.lease_paid(row.lease_id)
+                r.overbilled_honest_tenants += max(0, paid - allowed)
+                ceiling = amount_owed(meter.ceiling_device_ms(end), row.price)
+                r.overbilled_beyond_tolerance += max(0, paid - ceiling)
+            if honest_p:
+                service = self.services[self.by_node[row.provider]]
+                theirs = service.store.get_lease(row.lease_id)
+                if theirs is None:
+                    continue
+                stop = theirs.updated_ms if theirs.state != "active" else self.now_ms()
+                value = amount_owed(len(theirs.devices) * max(0, stop - theirs.start_ms), row.price)
+                unpaid = max(0, value - service.store.lease_paid(row.lease_id))
+                r.provider_unpaid_total += unpaid if not honest_t else 0
+                r.lapsed_leases += "not countersigned" in theirs.end_reason
+                r.lost_leases += theirs.state == "lost"
+                if not honest_t:
+                    # One settlement interval's value of this lease (its price, its devices).
+                    interval = amount_owed(len(theirs.devices) * p.debit_interval_ms, row.price)
+                    losses.append(unpaid / interval)
+        kinds = Counter(f"{x['tenant_kind']}/{x['provider_kind']}" for x in self.leases)
+        r.leases_by_kind = dict(sorted(kinds.items()))
+        for tenant in self.tenants:
+            r.refused_bills += len(tenant.refusals)
+        r.refused_accepts = self.refused_accepts
+        if losses:
+            r.provider_loss_max_intervals = round(max(losses), 3)
+            r.provider_loss_mean_intervals = round(sum(losses) / len(losses), 3)
+        by_type = self.net.by_type
+        r.settlement_msgs = by_type["debit_note"] + by_type["receipt"]
+        r.all_msgs = sum(by_type.values())
+        r.settlement_share = round(r.settlement_msgs / max(1, r.all_msgs), 4)
+        r.trace = self.trace.hexdigest()
+        return r
+
+
+def run_settlement(p: SettlementParams) -> SettlementResult:
+    """One settlement run on a fresh virtual-time loop."""
+
+    async def main() -> SettlementResult:
+        return await SettlementSim(p).run()
+
+    with asyncio.Runner(loop_factory=VirtualTimeLoop) as runner:
+        return runner.run(main())
+
+
+def settlement_main(args: argparse.Namespace) -> int:
+    p = SettlementParams(
+        providers=args.providers or SettlementParams.providers,
+        tenants=args.tenants,
+        dishonest=args.dishonest,
+        seed=args.seed,
+        sim_s=args.settle_s,
+    )
+    r = run_settlement(p)
+    print(json.dumps(asdict(r)), file=sys.stderr)
+    if args.json is not None:
+        args.json.write_text(json.dumps(asdict(r), indent=1))
+    print(
+        f"{r.leases} leases ({r.leases_honest_both} honest on both sides); "
+        f"refused {r.refused_bills} bills and {r.refused_accepts} accepts; "
+        f"{r.lapsed_leases} leases ended for unpaid notes, {r.lost_leases} for silence"
+    )
+    print(
+        f"overbilled_to_honest_tenants={r.overbilled_honest_tenants} "
+        f"(beyond_tolerance={r.overbilled_beyond_tolerance}) "
+        f"honest_provider_loss_max_intervals={r.provider_loss_max_intervals} "
+        f"mean={r.provider_loss_mean_intervals} "
+        f"settlement_share={r.settlement_share:.4f}"
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--nodes", type=int, help="one run of N nodes (default: the table)")
@@ -966,12 +1377,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="N = 200, 500, 1000; short phases")
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--jobs", type=int, default=1, help="runs in parallel processes")
+    ap.add_argument("--dishonest", type=float, metavar="F",
+                    help="settlement run: fraction F of providers and tenants cheat")  # fmt: skip
+    ap.add_argument("--settle-s", type=float, default=SettlementParams.sim_s,
+                    help="settlement run: simulated seconds")  # fmt: skip
     ap.add_argument("--table", type=Path, nargs="+", metavar="JSON",
                     help="print the table of runs saved with --json, simulate nothing")  # fmt: skip
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.table:
         return print_saved(args.table)
+    if args.dishonest is not None:
+        return settlement_main(args)
     sizes = [args.nodes] if args.nodes else list(QUICK_SIZES if args.quick else TABLE_SIZES)
     runs = []
     for n in sizes:

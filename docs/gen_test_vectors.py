@@ -382,6 +382,31 @@ def build() -> list[dict[str, Any]]:
         {"floors": {"H100-SXM": 2_300_000}, "reset": False},
         p,
     )
+    # Pay as you go: the provider's cumulative note answers a heartbeat 20 s into the
+    # lease (3 devices x 20 000 ms); the tenant countersigns it by its envelope hash.
+    note = {
+        "lease_id": "lease-9",
+        "provider": p,
+        "tenant": t,
+        "seq": 1,
+        "device_ms": 60_000,
+        "price": 2_100_000,
+        "amount": -(-60_000 * 2_100_000 // HOUR_MS),
+    }
+    note_hash = add(
+        "provider's cumulative debit note, the reply to a heartbeat",
+        provider,
+        "debit_note",
+        note,
+        t,
+    )
+    add(
+        "tenant countersigns the debit note",
+        tenant,
+        "debit_note",
+        {**note, "countersigns": note_hash},
+        p,
+    )
     return vectors
 
 

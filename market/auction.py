@@ -25,6 +25,11 @@ from enum import Enum
 from fractions import Fraction
 
 from market.catalog import DEFAULT_UTILISATION_PCT
+from market.debit import (
+    DEFAULT_DEBIT_INTERVAL_MS,
+    DEFAULT_PAYMENT_TIMEOUT_MS,
+    accept_start_problem,
+)
 from market.matching import REFERENCE_FLOP
 from market.reputation import NEUTRAL, Reputation
 from market.settlement import expected_cost
@@ -61,6 +66,7 @@ class _Pending:
     award: Award
     bid: Bid
     award_hash: str | None = None
+    sent_ms: int = 0
 
 
 @dataclass
@@ -94,14 +100,22 @@ class Auction:
         reputation: Mapping[str, Reputation] | None = None,
         heartbeat_interval_ms: int = 2_000,
         utilisation_pct: int = DEFAULT_UTILISATION_PCT,
+        debit_interval_ms: int = DEFAULT_DEBIT_INTERVAL_MS,
+        payment_timeout_ms: int = DEFAULT_PAYMENT_TIMEOUT_MS,
     ) -> None:
-        """``flops`` maps (provider, model) to the advertised FP16 FLOP/s per device."""
+        """``flops`` maps (provider, model) to the advertised FP16 FLOP/s per device.
+
+        ``debit_interval_ms`` and ``payment_timeout_ms`` are the settlement terms every
+        award proposes (market.debit); a provider declines terms outside its bounds.
+        """
         self.order = order
         self.asked = frozenset(asked)
         self.flops = flops
         self.reputation = reputation or {}
         self.heartbeat_interval_ms = heartbeat_interval_ms
         self.utilisation_pct = utilisation_pct
+        self.debit_interval_ms = debit_interval_ms
+        self.payment_timeout_ms = payment_timeout_ms
         self.state = AuctionState.OPEN
         self.outcome = AuctionOutcome()
         # Keyed by (provider, bid_id): a provider cannot shadow another provider's bid.
@@ -110,6 +124,9 @@ class Auction:
         self._pending: dict[str, _Pending] = {}  # lease_id ->
         self._used: set[tuple[str, str]] = set()  # bids awarded (pending or leased)
         self._leased_bids: set[tuple[str, str]] = set()
+        #: lease_id -> why its accept was refused (the provider holds a lease we released).
+        self.refused: dict[str, str] = {}
+        self._refused_leases: dict[str, str] = {}  # lease_id -> provider
         self._unusable: dict[tuple[str, str], Bid] = {}  # asked providers' invalid bids
         self.leases: list[TenantLease] = []
         self._lease_seq = 0
@@ -242,6 +259,8 @@ class Auction:
                 price=bid.price,
                 heartbeat_interval_ms=self.heartbeat_interval_ms,
                 lease_end_ms=now_ms + self.order.lease_ms,
+                debit_interval_ms=self.debit_interval_ms,
+                payment_timeout_ms=self.payment_timeout_ms,
             )
             self._used.add((bid.provider, bid.bid_id))
             self._pending[award.lease_id] = _Pending(award, bid)
@@ -249,12 +268,22 @@ class Auction:
             units -= take
         return awards
 
-    def award_sent(self, lease_id: str, award_hash: str) -> None:
-        """The node sealed the award; its envelope hash is what Accept must name."""
-        self._pending[lease_id].award_hash = award_hash
+    def award_sent(self, lease_id: str, award_hash: str, now_ms: int) -> None:
+        """The node sealed the award at ``now_ms``; Accept must name its envelope hash.
 
-    def on_accept(self, sender: str, accept: Accept) -> TenantLease | None:
-        """Both signatures exist: the lease is made. None if the accept does not match."""
+        ``now_ms`` starts the lease for the tenant's bill (market.debit.TenantMeter).
+        """
+        self._pending[lease_id].award_hash = award_hash
+        self._pending[lease_id].sent_ms = now_ms
+
+    def on_accept(self, sender: str, accept: Accept, now_ms: int) -> TenantLease | None:
+        """Both signatures exist: the lease is made. None if the accept does not match.
+
+        An accept whose ``start_ms`` falls outside the award's round trip (plus
+        ``market.debit.ACCEPT_SKEW_MS``) is refused: its reason is in ``refused`` and the
+        lease goes into ``releases()``, so the provider's devices come back. The lease's
+        ``start_ms`` is when the tenant sent the award, never the provider's claim.
+        """
         pending = self._pending.get(accept.lease_id)
         if (
             pending is None
@@ -264,6 +293,12 @@ class Auction:
             or accept.award_hash != pending.award_hash
         ):
             self.outcome.ignored["bad_accept"] += 1
+            return None
+        problem = accept_start_problem(accept.start_ms, pending.sent_ms, now_ms)
+        if problem is not None:
+            self.outcome.ignored["accept_start_outside_window"] += 1
+            self.refused[accept.lease_id] = problem
+            self._refused_leases[accept.lease_id] = pending.award.provider
             return None
         del self._pending[accept.lease_id]
         a, per_unit = pending.award, self.order.requirement.devices_per_unit
@@ -275,7 +310,7 @@ class Auction:
             devices=tuple(pending.bid.devices[: a.units * per_unit]),
             model=pending.bid.model,
             price=a.price,
-            start_ms=accept.start_ms,
+            start_ms=pending.sent_ms,
             end_ms=a.lease_end_ms,
             heartbeat_interval_ms=a.heartbeat_interval_ms,
             award_hash=pending.award_hash,
@@ -330,8 +365,20 @@ class Auction:
         """Once done: (provider, Release) for every bid that did not become a lease."""
         if not self.done:
             return []
-        return [
+        lost = [
             (key[0], Release(order_id=self.order.order_id, bid_id=b.bid_id, reason="auction lost"))
             for key, b in {**self.bids, **self._unusable}.items()
             if key not in self._leased_bids
         ]
+        refused = [
+            (
+                provider,
+                Release(
+                    order_id=self.order.order_id,
+                    lease_id=lease_id,
+                    reason=f"accept refused: {self.refused[lease_id]}"[:1024],
+                ),
+            )
+            for lease_id, provider in self._refused_leases.items()
+        ]
+        return lost + refused

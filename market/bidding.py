@@ -231,6 +231,18 @@ class BidEngine:
 
     # --- orders -----------------------------------------------------------------
 
+    def refuse(self, order: Order, reason: NoBidReason, detail: str) -> NoBid:
+        """A no-bid decided outside the engine (e.g. settlement), counted like the others."""
+        return self._no_bid(order, reason, detail)
+
+    def end(self, lease_id: str) -> ProviderLease | None:
+        """End an active lease for a reason of the node's (a lapsed debit note)."""
+        lease = self.leases.get(lease_id)
+        if lease is None or lease.state is not LeaseState.ACTIVE:
+            return None
+        self._end(lease, LeaseState.ENDED)
+        return lease
+
     def _no_bid(self, order: Order, reason: NoBidReason, detail: str) -> NoBid:
         self.counters.no_bids[reason] = self.counters.no_bids.get(reason, 0) + 1
         return NoBid(order_id=order.order_id, provider=self.provider, reason=reason, detail=detail)

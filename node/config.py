@@ -21,6 +21,7 @@ from pydantic import (
     model_validator,
 )
 
+from market.debit import SettlementPolicy
 from node.provider.inventory import DeviceDecl, InterconnectDecl
 from protocol.errors import MercatoError
 from protocol.messages import Address
@@ -118,6 +119,34 @@ class MarketSection(_Section):
         return self
 
 
+class SettlementSection(_Section):
+    """Pay as you go (market.debit): the debit-note terms this provider accepts, and
+    how much unpaid work it risks per tenant. Awards outside the bounds are declined."""
+
+    min_debit_interval_s: Annotated[float, Field(ge=0.1, le=3600)] = 1.0
+    max_debit_interval_s: Annotated[float, Field(ge=0.1, le=3600)] = 300.0
+    max_payment_timeout_s: Annotated[float, Field(ge=0.1, le=3600)] = 300.0
+    # Micro-credits of work one tenant may hold unpaid over all its leases; 0 = no limit.
+    max_unpaid_per_tenant: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0
+    # How long a tenant whose debit note lapsed gets no bids (no-bid unpaid_notes).
+    lapse_memory_s: Annotated[int, Field(ge=0, le=365 * 86_400)] = 86_400
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SettlementSection:
+        if self.min_debit_interval_s > self.max_debit_interval_s:
+            raise ValueError("min_debit_interval_s is above max_debit_interval_s")
+        return self
+
+    def policy(self) -> SettlementPolicy:
+        return SettlementPolicy(
+            min_debit_interval_ms=round(self.min_debit_interval_s * 1000),
+            max_debit_interval_ms=round(self.max_debit_interval_s * 1000),
+            max_payment_timeout_ms=round(self.max_payment_timeout_s * 1000),
+            max_unpaid_per_tenant=self.max_unpaid_per_tenant,
+            lapse_memory_ms=self.lapse_memory_s * 1000,
+        )
+
+
 class SandboxSection(_Section):
     """How tenant code runs on this provider. Untrusted code is sandboxed by default."""
 
@@ -179,6 +208,7 @@ class NodeConfig(_Section):
     limits: LimitsSection = LimitsSection()
     http: HttpSection = HttpSection()
     market: MarketSection = MarketSection()
+    settlement: SettlementSection = SettlementSection()
     sandbox: SandboxSection = SandboxSection()
     workspaces: WorkspacesSection = WorkspacesSection()
     status: StatusSection = StatusSection()

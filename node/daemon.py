@@ -268,7 +268,7 @@ class Daemon:
             )
             floors = PriceFloors(engine, store)
             floors.restore()  # the operator's floors from `mercato provider prices --set`
-            provider = ProviderService(node, engine, store)
+            provider = ProviderService(node, engine, store, config.settlement.policy())
             sb = config.sandbox
             executor = SandboxExecutor(
                 home.path / "sandbox",

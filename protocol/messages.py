@@ -330,6 +330,7 @@ NoBidReason = Literal[
     "deadline_passed",
     "draining",
     "tenant_limit",
+    "unpaid_notes",
     "other",
 ]
 
@@ -354,6 +355,11 @@ class Award(Body):
     price: MicroCredits
     heartbeat_interval_ms: Annotated[int, Field(ge=100, le=3_600_000)]
     lease_end_ms: TimeMs
+    # Settlement terms (market.debit): a cumulative DebitNote falls due every interval;
+    # one not countersigned within the timeout ends the lease. The provider declines
+    # terms outside its configured bounds.
+    debit_interval_ms: Annotated[int, Field(ge=100, le=3_600_000)] = 10_000
+    payment_timeout_ms: Annotated[int, Field(ge=100, le=3_600_000)] = 10_000
 
 
 class Accept(Body):
@@ -511,6 +517,27 @@ class Receipt(Body):
     countersigns: Sha256Hex | None = None
 
 
+class DebitNote(Body):
+    """The provider's cumulative bill for a lease so far; the tenant countersigns it.
+
+    The provider's note is the reply to a Heartbeat once a note is due (the tenant stays
+    behind NAT). ``device_ms`` and ``amount`` count from the lease's start, so a later
+    note supersedes every earlier one and a lost note loses nothing. ``countersigns`` is
+    nil in the provider's note and holds the SHA-256 of its envelope in the tenant's
+    countersignature, which repeats every other field unchanged.
+    """
+
+    TYPE = "debit_note"
+    lease_id: Ident
+    provider: NodeId
+    tenant: NodeId
+    seq: Seq
+    device_ms: DurationMs  # cumulative since the lease started
+    price: MicroCredits  # per device-hour
+    amount: MicroCredits  # ceil(device_ms * price / 3_600_000), cumulative
+    countersigns: Sha256Hex | None = None
+
+
 class Heartbeat(Body):
     TYPE = "heartbeat"
     lease_id: Ident
@@ -562,6 +589,7 @@ MESSAGE_TYPES: dict[str, type[Body]] = {
         WorkspaceChunk,
         WorkspaceStatus,
         Receipt,
+        DebitNote,
         Heartbeat,
         Cancel,
         PriceUpdate,

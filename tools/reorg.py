@@ -83,6 +83,7 @@ MODULES: dict[str, str] = {
     "node.status_page": "node.operator.status_page",
     # cli/: the local cluster is the developer's tool behind `mercato cluster`
     "node.cluster": "node.cli.localcluster",
+    "node.ledger_cli": "node.cli.ledger",
     # the only code bound into a sandbox
     "node.trial": "mercato_trial",
 }
@@ -200,6 +201,8 @@ TESTS: dict[str, str] = {
     "tests/node/test_operator_cli.py": "tests/node/cli/test_operator_cli.py",
     "tests/node/test_cluster.py": "tests/node/cli/test_cluster.py",
     "tests/node/test_tenant_cli.py": "tests/node/cli/test_tenant_cli.py",
+    "tests/node/test_ledger_cli.py": "tests/node/cli/test_ledger_cli.py",
+    "tests/node/test_billing.py": "tests/node/tenant/test_billing.py",
     # stay in tests/node/: the composition root, config, home, whole-market e2e
     "tests/node/test_daemon.py": "tests/node/test_daemon.py",
     "tests/node/test_config.py": "tests/node/test_config.py",

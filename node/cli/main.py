@@ -275,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     leases.add_argument("--json", action="store_true", help="machine-readable output")
     leases.set_defaults(func=cmd_leases)
 
+    from node.cli.ledger import add_ledger_parser
+
+    add_ledger_parser(sub)
+
     cl = sub.add_parser("cluster", help="a local multi-node test cluster on loopback")
     cl_sub = cl.add_subparsers(dest="cluster_command", required=True, metavar="ACTION")
     cup = cl_sub.add_parser(

@@ -36,6 +36,12 @@ class NodeMetrics:
         self.send_failures = Counter(
             "mercato_send_failures", "Outgoing requests that failed", ["code"], registry=r
         )
+        self.settlement = Counter(
+            "mercato_settlement_events",
+            "Debit notes signed, countersigned and lapsed; bills refused (and why not paid)",
+            ["event"],
+            registry=r,
+        )
         self.metric_values_dropped = Counter(
             "mercato_metric_values_dropped",
             "Metric values trials printed that this provider did not keep, by reason",

@@ -366,10 +366,96 @@ class Store:
             )
         return True
 
-    def list_receipts(self, lease_id: str | None = None) -> list[ReceiptRow]:
-        where, params = ("WHERE lease_id = ?", [lease_id]) if lease_id else ("", [])
+    def list_receipts(
+        self, lease_id: str | None = None, kind: str | None = "receipt"
+    ) -> list[ReceiptRow]:
+        """Receipts (by default; ``kind="debit_note"`` for notes, None for both)."""
+        clauses, params = [], []
+        if lease_id:
+            clauses.append("lease_id = ?")
+            params.append(lease_id)
+        if kind is not None:
+            clauses.append("kind = ?")
+            params.append(kind)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         rows = self._db.query(f"SELECT * FROM receipts {where} ORDER BY created_ms", params)
         return [ReceiptRow(**r) for r in rows]
+
+    def lease_paid(self, lease_id: str) -> int:
+        """Micro-credits already booked for a lease (its notes' and receipts' increments)."""
+        row = self._execute(
+            "SELECT COALESCE(SUM(ABS(amount)), 0) FROM ledger WHERE lease_id = ?", (lease_id,)
+        ).fetchone()
+        return int(row[0])
+
+    def balances(self, me: str) -> list[dict[str, Any]]:
+        """Per counterparty of node ``me``: what is booked, what is billed but unsigned.
+
+        ``booked`` sums the ledger in micro-credits (positive: earned from them, negative:
+        paid to them); ``unsigned`` is, over their leases, the latest provider-signed
+        figure that no countersignature covers yet (owed to us if we provide, disputed or
+        not yet settled if we rent); ``lapsed`` and ``refused`` count their notes that
+        lapsed and the bills we refused to countersign.
+        """
+        out: dict[str, dict[str, Any]] = {}
+
+        def entry(node_id: str) -> dict[str, Any]:
+            return out.setdefault(
+                node_id,
+                {
+                    "counterparty": node_id,
+                    "lines": 0,
+                    "booked": 0,
+                    "unsigned": 0,
+                    "lapsed": 0,
+                    "refused": 0,
+                },
+            )
+
+        for r in self._db.query(
+            "SELECT counterparty, COUNT(*) AS n, SUM(amount) AS booked FROM ledger"
+            " GROUP BY counterparty"
+        ):
+            e = entry(r["counterparty"])
+            e["lines"], e["booked"] = r["n"], r["booked"]
+        for r in self._db.query(
+            "SELECT lease_id, provider, tenant, MAX(amount) AS top FROM receipts GROUP BY lease_id"
+        ):
+            other = r["tenant"] if r["provider"] == me else r["provider"]
+            unsigned = r["top"] - self.lease_paid(r["lease_id"])
+            if unsigned > 0:
+                entry(other)["unsigned"] += unsigned
+        for r in self._db.query("SELECT * FROM counterparties"):
+            e = entry(r["node_id"])
+            e["lapsed"], e["refused"] = r["lapsed"], r["refused"]
+        return sorted(out.values(), key=lambda e: str(e["counterparty"]))
+
+    def record_lapse(self, node_id: str, now_ms: int, detail: str) -> None:
+        """A counterparty let a debit note lapse (the provider ended the lease)."""
+        self._execute(
+            "INSERT INTO counterparties (node_id, lapsed, last_ms, detail) VALUES (?, 1, ?, ?)"
+            " ON CONFLICT (node_id) DO UPDATE SET lapsed = lapsed + 1,"
+            " last_ms = excluded.last_ms, detail = excluded.detail",
+            (node_id, now_ms, detail[:1024]),
+        )
+
+    def record_refusal(self, node_id: str, now_ms: int, detail: str) -> None:
+        """We refused to countersign a counterparty's bill (the tenant side), with why."""
+        self._execute(
+            "INSERT INTO counterparties (node_id, refused, last_ms, detail) VALUES (?, 1, ?, ?)"
+            " ON CONFLICT (node_id) DO UPDATE SET refused = refused + 1,"
+            " last_ms = excluded.last_ms, detail = excluded.detail",
+            (node_id, now_ms, detail[:1024]),
+        )
+
+    def counterparty(self, node_id: str) -> dict[str, Any] | None:
+        rows = list(self._db.query("SELECT * FROM counterparties WHERE node_id = ?", [node_id]))
+        return rows[0] if rows else None
+
+    def set_lease_end_reason(self, lease_id: str, reason: str) -> None:
+        self._execute(
+            "UPDATE leases SET end_reason = ? WHERE lease_id = ?", (reason[:1024], lease_id)
+        )
 
     def ledger_balance(self) -> int:
         """Sum of the ledger in micro-credits (earned minus spent)."""
@@ -422,6 +508,7 @@ class LeaseRow:
     accept: bytes
     updated_ms: int
     job_id: str | None = None  # tenant side: the job the lease serves
+    end_reason: str = ""  # why it ended when that is not plain (e.g. a lapsed debit note)
 
 
 def _lease_row(row: dict[str, Any]) -> LeaseRow:
@@ -443,3 +530,4 @@ class ReceiptRow:
     receipt: bytes
     countersign: bytes | None
     created_ms: int
+    kind: str = "receipt"  # or "debit_note" (cumulative, countersigned during the lease)

@@ -191,6 +191,27 @@ MIGRATIONS: tuple[Migration, ...] = (
         # sweep's pruner judges new trials against the same rungs as before the restart.
         ("ALTER TABLE trials ADD COLUMN intermediate TEXT NOT NULL DEFAULT '[]'",),
     ),
+    Migration(
+        "debit notes, why a lease ended, counterparty records (pay as you go)",
+        (
+            # A cumulative debit note is kept like a receipt (the provider's envelope and
+            # the tenant's countersignature); its ledger line books only the increment.
+            "ALTER TABLE receipts ADD COLUMN kind TEXT NOT NULL DEFAULT 'receipt'"
+            " CHECK (kind IN ('receipt', 'debit_note'))",
+            "ALTER TABLE leases ADD COLUMN end_reason TEXT NOT NULL DEFAULT ''",
+            # What each counterparty did about paying: lapsed notes are why a provider
+            # refuses a tenant's next order (no-bid reason unpaid_notes).
+            """
+            CREATE TABLE counterparties (
+                node_id TEXT NOT NULL PRIMARY KEY,
+                lapsed INTEGER NOT NULL DEFAULT 0 CHECK (lapsed >= 0),
+                refused INTEGER NOT NULL DEFAULT 0 CHECK (refused >= 0),
+                last_ms INTEGER NOT NULL DEFAULT 0,
+                detail TEXT NOT NULL DEFAULT ''
+            ) STRICT
+            """,
+        ),
+    ),
 )
 
 #: The schema version this code writes: the number of migrations it knows.

@@ -15,12 +15,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from market.auction import Auction, AuctionState, TenantLease
+from market.debit import (
+    DEFAULT_DEBIT_INTERVAL_MS,
+    DEFAULT_PAYMENT_TIMEOUT_MS,
+    TASK_GRACE_MS,
+    TenantMeter,
+)
 from market.matching import Candidate, describe, rank
 from market.reputation import Reputation
-from market.settlement import amount_owed, format_credits
+from market.settlement import format_credits
 from node.net.node import Node, NodeSettings, Peer, wall_clock_ms
 from node.net.transport import Transport
 from node.store.node_store import LeaseRow, ReceiptRow, Store
+from protocol.envelope import Envelope
 from protocol.errors import MercatoError
 from protocol.identity import Identity
 from protocol.messages import (
@@ -28,6 +35,7 @@ from protocol.messages import (
     Advert,
     Award,
     Bid,
+    DebitNote,
     Decline,
     Heartbeat,
     NoBid,
@@ -76,8 +84,16 @@ class Tenant:
         clock: Callable[[], int] = wall_clock_ms,
         request_timeout_s: float = 5.0,
         nonce: Callable[[], bytes] | None = None,
+        debit_interval_ms: int = DEFAULT_DEBIT_INTERVAL_MS,
+        payment_timeout_ms: int = DEFAULT_PAYMENT_TIMEOUT_MS,
+        task_grace_ms: int = TASK_GRACE_MS,
     ) -> None:
         self.identity = identity
+        #: How late past its timeout a task's result may come before we stop paying.
+        self.task_grace_ms = task_grace_ms
+        #: The settlement terms this tenant proposes in its awards (market.debit).
+        self.debit_interval_ms = debit_interval_ms
+        self.payment_timeout_ms = payment_timeout_ms
         self.store = store
         self.clock = clock
         self.node = Node(
@@ -89,6 +105,9 @@ class Tenant:
         )
         self._addresses: dict[str, str] = {}  # provider -> address, from adverts and leases
         self._order_seq = 0
+        self._meters: dict[str, TenantMeter] = {}  # lease_id ->
+        #: lease_id -> why we last refused to countersign its provider's bill.
+        self.refusals: dict[str, str] = {}
 
     @property
     def node_id(self) -> str:
@@ -138,6 +157,8 @@ class Tenant:
         bid_window_ms: int = 2_000,
         heartbeat_interval_ms: int = 2_000,
         exclude: Sequence[str] = (),
+        debit_interval_ms: int | None = None,
+        payment_timeout_ms: int | None = None,
     ) -> AuctionReport:
         """Run one reverse auction over the current directory; return the leases made."""
         reputation = self.reputation()
@@ -171,6 +192,8 @@ class Tenant:
             flops=flops,
             reputation=reputation,
             heartbeat_interval_ms=heartbeat_interval_ms,
+            debit_interval_ms=debit_interval_ms or self.debit_interval_ms,
+            payment_timeout_ms=payment_timeout_ms or self.payment_timeout_ms,
         )
         auction.start()
         if not candidates:
@@ -229,17 +252,24 @@ class Tenant:
         peer = self._peer(award.provider)
         raw = self.node.seal(award, to=award.provider)
         award_hash = hashlib.sha256(raw).hexdigest()
-        auction.award_sent(award.lease_id, award_hash)
+        auction.award_sent(award.lease_id, award_hash, self.clock())
         try:
             reply = await self.node.request(peer, award, sealed=raw)
         except MercatoError as e:
             log.info("award to %s failed: %s", award.provider[:8], e)
             return auction.on_award_failed(award.lease_id, self.clock())
         if reply is not None and isinstance(reply.body, Accept):
-            lease = auction.on_accept(reply.sender, reply.body)
+            lease = auction.on_accept(reply.sender, reply.body, self.clock())
             if lease is not None:
                 self.store.put_lease(self._row(auction.order, lease, raw, reply.raw))
-            return []
+                return []
+            why = auction.refused.get(award.lease_id)
+            if why is not None:
+                log.warning(
+                    "refused %s's accept of %s: %s", award.provider[:8], award.lease_id, why
+                )
+                self.store.record_outcome(award.provider, "rejected")
+            return auction.on_award_failed(award.lease_id, self.clock())
         if reply is not None and isinstance(reply.body, Decline):
             self.store.record_outcome(award.provider, "declined")
             return auction.on_decline(reply.sender, reply.body, self.clock())
@@ -281,12 +311,91 @@ class Tenant:
         """Tell the provider we are alive; False if it no longer holds the lease."""
         self._addresses.setdefault(lease.provider, lease.provider_address)
         try:
-            await self.node.request(
+            reply = await self.node.request(
                 self._peer(lease.provider), Heartbeat(lease_id=lease.lease_id, seq=seq)
             )
         except MercatoError:
             return False
+        if reply is not None and isinstance(reply.body, DebitNote):
+            await self._settle(lease, reply)
         return True
+
+    def stop_billing(self, lease: LeaseRow, now_ms: int) -> None:
+        """We no longer want this lease's time (e.g. a trial past its trial_timeout).
+
+        No note or receipt for time after ``now_ms`` will be countersigned; a provider
+        that keeps the devices busy for us anyway is not paid for it.
+        """
+        self.meter(lease).stop(now_ms)
+
+    def task_assigned(self, lease: LeaseRow, task_id: str, timeout_ms: int) -> None:
+        """A task went to the lease's provider: its result is due by its timeout + grace."""
+        deadline = self.clock() + timeout_ms + self.task_grace_ms
+        self.meter(lease).task_due(task_id, deadline)
+
+    def task_queued(self, lease: LeaseRow, task_id: str, timeout_ms: int) -> None:
+        """The provider queues the task behind others of ours: its deadline moves."""
+        allowed = timeout_ms + self.task_grace_ms
+        self.meter(lease).task_queued(task_id, allowed, lease.units, self.clock())
+
+    def task_finished(self, lease: LeaseRow, task_id: str) -> None:
+        self.meter(lease).task_done(task_id, self.clock())
+
+    async def _settle(self, lease: LeaseRow, reply: Envelope) -> None:
+        """Countersign a debit note that our own measurement covers; refuse it otherwise.
+
+        A refused note is kept (evidence) and counted against the provider, with the
+        reason; not countersigning it is what ends the lease at the provider.
+        """
+        note = reply.body
+        assert isinstance(note, DebitNote)
+        now = self.clock()
+        meter = self.meter(lease)
+        # The same note again in a fresh envelope: our countersignature was lost on the
+        # way. Signing it again books nothing more (the ledger books increments).
+        again = (note.seq, note.device_ms, note.amount) == (
+            meter.signed_seq,
+            meter.signed_device_ms,
+            meter.signed_amount,
+        )
+        problem = (
+            None
+            if again
+            else meter.note_problem(note.seq, note.device_ms, note.price, note.amount, now)
+        )
+        if reply.sender != lease.provider or note.provider != lease.provider:
+            problem = "signed by another node"
+        elif note.lease_id != lease.lease_id or note.tenant != self.node_id:
+            problem = "names another lease or tenant"
+        if problem is not None:
+            log.warning("refused debit note %d of lease %s: %s", note.seq, lease.lease_id, problem)
+            self.store.record_refusal(lease.provider, now, problem)
+            self.refusals[lease.lease_id] = problem
+            self.node.metrics.settlement.labels("bill_refused").inc()
+            return
+        self.store.put_receipt(
+            ReceiptRow(
+                receipt_hash=reply.digest,
+                lease_id=lease.lease_id,
+                task_id=None,
+                provider=lease.provider,
+                tenant=self.node_id,
+                device_ms=note.device_ms,
+                price=note.price,
+                amount=note.amount,
+                receipt=reply.raw,
+                countersign=None,
+                created_ms=now,
+                kind="debit_note",
+            )
+        )
+        countersign = note.model_copy(update={"countersigns": reply.digest})
+        raw = self.node.seal(countersign, to=lease.provider)
+        increment = max(0, note.amount - self.store.lease_paid(lease.lease_id))
+        self.store.countersign_receipt(reply.digest, raw, -increment, lease.provider, now)
+        meter.signed(note.seq, note.device_ms, note.amount)
+        with contextlib.suppress(MercatoError):  # the next heartbeat brings a newer note
+            await self.node.request(self._peer(lease.provider), countersign, sealed=raw)
 
     async def release(self, lease: LeaseRow) -> ReceiptRow:
         """End a lease; check the provider's receipt, countersign it, book the ledger."""
@@ -296,14 +405,18 @@ class Tenant:
             peer, Release(order_id=lease.order_id, lease_id=lease.lease_id, reason="done")
         )
         now = self.clock()
+        self.stop_billing(lease, now)
         self.store.set_lease_state(lease.lease_id, "ended", now)
         if reply is None or not isinstance(reply.body, Receipt):
             raise ReceiptRejected(f"{lease.provider[:8]} ended lease {lease.lease_id} unsigned")
         receipt = reply.body
         try:
             self._check_receipt(lease, receipt, reply.sender, now)
-        except ReceiptRejected:
+        except ReceiptRejected as e:
             self.store.record_outcome(lease.provider, "rejected")
+            self.store.record_refusal(lease.provider, now, e.reason)
+            self.refusals[lease.lease_id] = e.reason
+            self.node.metrics.settlement.labels("bill_refused").inc()
             raise
         row = ReceiptRow(
             receipt_hash=reply.digest,
@@ -322,23 +435,34 @@ class Tenant:
         countersign = receipt.model_copy(update={"countersigns": reply.digest})
         raw = self.node.seal(countersign, to=lease.provider)
         await self.node.request(peer, countersign, sealed=raw)
-        self.store.countersign_receipt(reply.digest, raw, -receipt.amount, lease.provider, now)
+        # Notes countersigned during the lease already booked part of the total.
+        increment = max(0, receipt.amount - self.store.lease_paid(lease.lease_id))
+        self.store.countersign_receipt(reply.digest, raw, -increment, lease.provider, now)
         self.store.record_outcome(lease.provider, "completed")
         return row
 
     def _check_receipt(self, lease: LeaseRow, r: Receipt, sender: str, now: int) -> None:
+        """Refuse a receipt that is not for this lease or bills more than we measured.
+
+        The lease's ``start_ms`` on the tenant's side is when the tenant sent the award
+        (market.debit): the provider's word on when it started is never the bill's basis.
+        """
         problems = []
         if sender != lease.provider or r.provider != lease.provider:
             problems.append("signed by another node")
         if r.lease_id != lease.lease_id or r.tenant != self.node_id:
             problems.append("names another lease or tenant")
-        if r.price != lease.price:
-            problems.append(f"price {r.price} is not the leased {lease.price}")
-        if r.amount != amount_owed(r.device_ms, r.price):
-            problems.append(f"amount {r.amount} is not ceil(device_ms x price / 1 h)")
-        # Usage can't exceed devices x the time we held the lease (plus 1 s of skew).
-        ceiling = len(lease.devices) * (max(0, now - lease.start_ms) + 1_000)
-        if r.device_ms > ceiling:
-            problems.append(f"usage {r.device_ms} device-ms exceeds the {ceiling} held")
+        meter = self.meter(lease)
+        bill = meter.bill_problem(r.device_ms, r.price, r.amount, now)
+        if bill is not None:
+            problems.append(bill)
         if problems:
             raise ReceiptRejected("; ".join(problems))
+
+    def meter(self, lease: LeaseRow) -> TenantMeter:
+        """The tenant's own measure of a lease (kept across calls: it holds what we signed)."""
+        meter = self._meters.get(lease.lease_id)
+        if meter is None:
+            meter = TenantMeter(len(lease.devices), lease.price, lease.start_ms)
+            self._meters[lease.lease_id] = meter
+        return meter

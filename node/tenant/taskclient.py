@@ -41,6 +41,7 @@ class TaskClient:
     def __init__(self, tenant: Tenant, lease: LeaseRow) -> None:
         self.tenant = tenant
         self.lease = lease
+        self._timeouts: dict[str, int] = {}  # task_id -> timeout_ms, for queued tasks
 
     async def send(self, body: Body, timeout_s: float | None = None) -> Any:
         """Request/response with the lease's provider; the reply must be signed by it."""
@@ -83,9 +84,13 @@ class TaskClient:
         while True:
             try:
                 await self.send(assign)
-                return
             except BusyError:
                 await asyncio.sleep(0.2)
+            else:
+                # From here the lease is paid only while this task's result can be on time.
+                self.tenant.task_assigned(self.lease, assign.task_id, assign.timeout_ms)
+                self._timeouts[assign.task_id] = assign.timeout_ms
+                return
 
     async def follow(
         self,
@@ -120,9 +125,12 @@ class TaskClient:
             if isinstance(body, TaskResult):
                 if body.task_id != task_id or body.lease_id != self.lease.lease_id:
                     raise TaskClientError("result names another task")
+                self.tenant.task_finished(self.lease, task_id)
                 return body
             if not isinstance(body, TaskStatus):
                 raise TaskClientError(f"unexpected answer to task_query: {type(body).__name__}")
+            if body.state == "queued" and task_id in self._timeouts:
+                self.tenant.task_queued(self.lease, task_id, self._timeouts[task_id])
             if on_status is not None:
                 on_status(body)
             if body.log and on_log is not None:

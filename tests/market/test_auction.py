@@ -110,17 +110,18 @@ def award_hash(award: Award) -> str:
 def accept(au: Auction, award: Award, now: int = T0 + 2_100) -> TenantLease:
     """Send ``award`` (record its hash) and feed the provider's Accept back."""
     h = award_hash(award)
-    au.award_sent(award.lease_id, h)
+    au.award_sent(award.lease_id, h, now - 100)
     lease = au.on_accept(
         award.provider,
         Accept(lease_id=award.lease_id, order_id=award.order_id, award_hash=h, start_ms=now),
+        now,
     )
     assert lease is not None
     return lease
 
 
 def decline(au: Auction, award: Award, now: int = T0 + 2_100) -> list[Award]:
-    au.award_sent(award.lease_id, award_hash(award))
+    au.award_sent(award.lease_id, award_hash(award), now - 100)
     return au.on_decline(
         award.provider,
         Decline(lease_id=award.lease_id, order_id=award.order_id, reason="busy"),
@@ -422,11 +423,11 @@ class TestAwarding:
         au = auction(order(1))
         au.on_bid(A, bid(A), T0)
         [award] = au.close(T0 + 2_000)
-        au.award_sent(award.lease_id, award_hash(award))
+        au.award_sent(award.lease_id, award_hash(award), T0 + 2_000)
         forged = Accept(
             lease_id=award.lease_id, order_id=award.order_id, award_hash="f" * 64, start_ms=T0
         )
-        assert au.on_accept(A, forged) is None
+        assert au.on_accept(A, forged, T0 + 2_100) is None
         assert au.state is AuctionState.AWARDING
         assert au.leases == []
         assert au.outcome.ignored["bad_accept"] == 1
@@ -438,11 +439,43 @@ class TestAwarding:
         au.on_bid(A, bid(A), T0)
         [award] = au.close(T0 + 2_000)
         h = award_hash(award)
-        au.award_sent(award.lease_id, h)
+        au.award_sent(award.lease_id, h, T0 + 2_000)
         ok = Accept(lease_id=award.lease_id, order_id=award.order_id, award_hash=h, start_ms=T0)
-        assert au.on_accept(B, ok) is None
+        assert au.on_accept(B, ok, T0 + 2_100) is None
         assert au.leases == []
-        assert au.on_accept(A, ok) is not None
+        assert au.on_accept(A, ok, T0 + 2_100) is not None
+
+    def test_a_backdated_accept_is_refused_with_the_reason_and_released(self) -> None:
+        au = auction(order(1))
+        au.on_bid(A, bid(A), T0)
+        [award] = au.close(T0 + 2_000)
+        h = award_hash(award)
+        au.award_sent(award.lease_id, h, T0 + 2_000)
+        month = 30 * 86_400_000
+        backdated = Accept(
+            lease_id=award.lease_id, order_id=award.order_id, award_hash=h, start_ms=T0 - month
+        )
+        assert au.on_accept(A, backdated, T0 + 2_100) is None
+        assert au.outcome.ignored["accept_start_outside_window"] == 1
+        assert "before the award was sent" in au.refused[award.lease_id]
+        assert au.on_award_failed(award.lease_id, T0 + 2_100) == []
+        assert [(p, r.lease_id) for p, r in au.releases() if r.lease_id is not None] == [
+            (A, award.lease_id)
+        ]
+
+    def test_the_lease_starts_when_the_tenant_sent_the_award(self) -> None:
+        au = auction(order(1))
+        au.on_bid(A, bid(A), T0)
+        [award] = au.close(T0 + 2_000)
+        h = award_hash(award)
+        au.award_sent(award.lease_id, h, T0 + 2_000)
+        # 20 s early is inside the skew: accepted, but the tenant's start is its own.
+        early = Accept(
+            lease_id=award.lease_id, order_id=award.order_id, award_hash=h, start_ms=T0 - 18_000
+        )
+        lease = au.on_accept(A, early, T0 + 2_100)
+        assert lease is not None
+        assert lease.start_ms == T0 + 2_000
 
     def test_accept_before_the_award_was_sent_is_ignored(self) -> None:
         au = auction(order(1))
@@ -454,7 +487,7 @@ class TestAwarding:
             award_hash=award_hash(award),
             start_ms=T0,
         )
-        assert au.on_accept(A, early) is None
+        assert au.on_accept(A, early, T0 + 2_100) is None
 
     def test_decline_from_the_wrong_provider_is_ignored(self) -> None:
         au = auction(order(1))
@@ -565,10 +598,10 @@ class TestRoundTripWithBidEngines:
         for award in awards:
             now += 50
             h = award_hash(award)
-            au.award_sent(award.lease_id, h)
+            au.award_sent(award.lease_id, h, now)
             answer = engines[award.provider].on_award(award, TENANT, h, now)
             assert isinstance(answer, Accept)
-            assert au.on_accept(award.provider, answer) is not None
+            assert au.on_accept(award.provider, answer, now + 5) is not None
         assert au.state is AuctionState.LEASED
         assert au.units_leased == 6
 
@@ -609,10 +642,10 @@ class TestRoundTripWithBidEngines:
         assert not au.ready(T0 + 14_999)
         [award] = au.close(T0 + 15_000)
         h = award_hash(award)
-        au.award_sent(award.lease_id, h)
+        au.award_sent(award.lease_id, h, T0 + 15_100)
         answer = engines[A].on_award(award, TENANT, h, T0 + 15_200)
         assert isinstance(answer, Accept)
-        assert au.on_accept(A, answer) is not None
+        assert au.on_accept(A, answer, T0 + 15_300) is not None
         assert au.state is AuctionState.LEASED
 
     def test_engines_no_bids_explain_a_failed_auction(self) -> None:

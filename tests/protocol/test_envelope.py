@@ -150,6 +150,15 @@ EXAMPLES: dict[str, Body] = {
         amount=35_584,  # ceil(61_000 * 2_100_000 / 3_600_000)
         result_hash=SHA,
     ),
+    "debit_note": m.DebitNote(
+        lease_id="lease-9",
+        provider=PROVIDER.node_id,
+        tenant=TENANT.node_id,
+        seq=1,
+        device_ms=60_000,
+        price=2_100_000,
+        amount=35_000,  # ceil(60_000 * 2_100_000 / 3_600_000)
+    ),
     "heartbeat": m.Heartbeat(lease_id="lease-9", seq=12, running=["trial-0003"]),
     "cancel": m.Cancel(lease_id="lease-9", task_id="trial-0003", reason="sweep finished"),
     "price_update": m.PriceUpdate(floors={"H100-SXM": 2_400_000, "L4": 380_000}),

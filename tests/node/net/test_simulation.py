@@ -265,3 +265,23 @@ class TestSimulation:
         # Every node got every advert at the start, and again after the heal.
         assert first["converge_all_rounds"] < 30
         assert first["heal_rounds_all"] < 60
+
+
+class TestDishonestParties:
+    def test_liars_gain_nothing_beyond_the_tolerance_and_honest_providers_lose_little(
+        self,
+    ) -> None:
+        """A fifth of each side cheats (overbill, backdate, stall; vanish, never pay)."""
+        sim = load_simulate()
+        p = sim.SettlementParams(providers=15, tenants=10, dishonest=0.2, sim_s=140.0, seed=3)
+        r = sim.run_settlement(p)
+        kinds = set(r.leases_by_kind)
+        assert {k.split("/")[0] for k in kinds} >= {"honest", "vanish", "never_pays"}, kinds
+        assert {k.split("/")[1] for k in kinds} >= {"honest", "overbill", "stall"}, kinds
+        assert r.refused_accepts > 0  # the backdater's leases were refused
+        assert r.refused_bills > 0
+        assert r.overbilled_beyond_tolerance == 0
+        # Interval + timeout, in intervals (the rounding of amounts adds a hair).
+        bound = 1 + p.payment_timeout_ms / p.debit_interval_ms
+        assert 0 < r.provider_loss_max_intervals <= bound + 0.01
+        assert 0 < r.settlement_share < 0.05
