@@ -9,8 +9,13 @@ names are errors, not empty text, so a renamed field cannot vanish from the page
 from __future__ import annotations
 
 from jinja2 import Environment, PackageLoader, StrictUndefined
+from pydantic import JsonValue
 
 from market.settlement import format_credits
+from node.operator.document import Metric, metric_value
+
+#: Metrics shown per task row.
+MAX_ROW_METRICS = 6
 
 ENV = Environment(
     loader=PackageLoader("node.operator", "templates"),
@@ -20,7 +25,6 @@ ENV = Environment(
     lstrip_blocks=True,
     keep_trailing_newline=False,
 )
-ENV.filters["credits"] = format_credits
 
 
 def ago(now_ms: int, then_ms: int | None) -> str:
@@ -40,5 +44,25 @@ def fmt(value: float) -> str:
     return f"{value:.4g}"
 
 
+def params(values: dict[str, JsonValue]) -> str:
+    """A trial's parameters as its command line gave them: ``lr=0.001 layers=3``."""
+    return " ".join(f"{k}={v}" for k, v in sorted(values.items()))
+
+
+def metrics(values: dict[str, Metric]) -> str:
+    """The first few metrics of a task, numbers to four significant digits."""
+    shown = list(values.items())[:MAX_ROW_METRICS]
+    return ", ".join(
+        f"{k}={v if (number := metric_value(v)) is None else fmt(number)}" for k, v in shown
+    )
+
+
+def outcomes(counts: dict[str, int]) -> str:
+    """``3 succeeded, 1 failed``."""
+    return ", ".join(f"{n} {state}" for state, n in counts.items())
+
+
 ENV.globals["ago"] = ago
-ENV.filters["fmt"] = fmt
+ENV.filters.update(
+    credits=format_credits, fmt=fmt, params=params, metrics=metrics, outcomes=outcomes
+)

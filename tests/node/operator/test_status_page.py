@@ -387,7 +387,33 @@ class TestPageEscaping:
             "peers": [],
             "adverts": [],
             "devices": [],
-            "leases": [],
+            "leases": [
+                {
+                    "lease_id": "lease-1",
+                    "tenant": "t" * 32,
+                    "model": evil,
+                    "units": 1,
+                    "devices": ["gpu0"],
+                    "price": 1000,
+                    "state": "ended",
+                    "start_ms": 0,
+                    "end_ms": 1,
+                    "updated_ms": 1,
+                    "accruing": 0,
+                    "tasks": 1,
+                    "outcomes": {evil: 1},
+                    "history": [
+                        {
+                            "task_id": "t<b>1",
+                            "state": evil,
+                            "exit_code": 0,
+                            "wall_ms": 500,
+                            "finished_ms": 1500,
+                        }
+                    ],
+                    "paid": 1000,
+                }
+            ],
             "earnings": None,
             "tasks": [
                 task(
@@ -409,6 +435,10 @@ class TestPageEscaping:
         (row,) = d.rows["tasks"]
         assert row["cells"][0] == "t<b>1"  # shown as text, exactly
         assert d.plots[0]["metric"] == evil
+        (lease,) = d.rows["leases"]
+        assert f"1x {evil}" in lease["cells"]
+        assert lease["cells"][6].startswith(f"1 task: 1 {evil}")
+        assert f"t<b>1 {evil}, exit 0, 0.5 s" in lease["cells"][6]
 
 
 class TestPriceFloors:
