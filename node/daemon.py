@@ -41,7 +41,10 @@ from node.net.edge import ConnectionGate, EdgeLimits
 from node.net.metrics import CONTENT_TYPE, NodeMetrics
 from node.net.node import Node, NodeSettings, Peer, wall_clock_ms
 from node.net.transport import ENVELOPE_CONTENT_TYPE, P2P_PATH, HttpTransport
-from node.operator.status_page import PriceFloors, StatusSource, add_routes, local_url
+from node.operator.client import local_url
+from node.operator.document import StatusSource
+from node.operator.prices import PriceFloors
+from node.operator.status_page import add_routes
 from node.provider.executor import ResourceLimits
 from node.provider.inventory import Inventory, build_inventory
 from node.provider.sandbox import NVIDIA_CONTROL_NODES, SandboxExecutor

@@ -44,28 +44,27 @@ def _operator_target(args: argparse.Namespace) -> tuple[Path, Any]:
 
 
 def cmd_provider_status(args: argparse.Namespace) -> int:
-    from node.operator import status_page
+    from node.operator import client, console
 
     home, config = _operator_target(args)
-    doc = status_page.read_status(home, config)
+    doc = client.read_status(home, config)
     if args.json:
-        print(json.dumps(doc, indent=2))
+        print(json.dumps(doc.json_body(), indent=2))
     else:
-        status_page.print_status(doc, Console())
+        console.print_status(doc, Console())
     return EXIT_OK
 
 
 def cmd_provider_prices(args: argparse.Namespace) -> int:
-    from node.operator import status_page
+    from node.operator import client, console
 
     home, config = _operator_target(args)
     if args.set or args.reset:
-        answer = status_page.send_price_update(home, dict(args.set or []), reset=args.reset)
-        rows = answer["prices"]
+        rows = client.send_price_update(home, dict(args.set or []), reset=args.reset).prices
     else:
-        rows = status_page.read_status(home, config)["prices"]
+        rows = client.read_status(home, config).prices
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps([r.model_dump(mode="json") for r in rows], indent=2))
     else:
-        status_page.print_prices(rows, Console())
+        console.print_prices(rows, Console())
     return EXIT_OK

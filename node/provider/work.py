@@ -15,8 +15,9 @@ import hashlib
 import logging
 import re
 import shutil
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from market.bidding import LeaseState, ProviderLease
@@ -67,6 +68,8 @@ STATUS_EVERY_S = 0.1
 #: How long the last chunk's answer waits for the unpack before saying "not yet".
 UNPACK_WAIT_S = 1.0
 MAX_FAILED_WORKSPACES = 10_000
+#: Finished tasks of ended leases kept (without their logs) for the operator's view.
+MAX_FINISHED_KEPT = 1000
 
 
 LOG_CHUNK = 60_000  # bytes of log per task_status (its ``log`` field holds 65 536 bytes)
@@ -195,6 +198,9 @@ class WorkService:
         self._failed: dict[tuple[str, str], tuple[str, int]] = {}
         self._forget_stale_workspaces()
         self.tasks: dict[tuple[str, str], Task] = {}
+        # Tasks of ended leases, newest last, their logs dropped: what ran under a lease
+        # and how it ended stays on the operator's page after the lease (node.operator).
+        self.finished: deque[Task] = deque(maxlen=MAX_FINISHED_KEPT)
         self._busy: dict[str, set[str]] = {}  # lease_id -> device ids running a task
         node.handlers.update(
             {
@@ -222,10 +228,18 @@ class WorkService:
                 self._cancel(task, f"lease {lease.state.value}")
         # Forget the lease's finished tasks (running ones when they finish): each holds
         # its log, up to max_output_bytes, which a long-lived provider must not keep.
-        for key, task in list(self.tasks.items()):
+        for task in list(self.tasks.values()):
             if task.assign.lease_id == lease.lease_id and task.result is not None:
-                del self.tasks[key]
+                self._forget(task)
         self._busy.pop(lease.lease_id, None)
+
+    def _forget(self, task: Task) -> None:
+        """Drop a finished task of an ended lease: nobody asks for it any more."""
+        if self.tasks.get(task.key) is task:
+            del self.tasks[task.key]
+            # A copy without the log (up to max_output_bytes each); a poll still
+            # waiting on the task reads the original.
+            self.finished.append(replace(task, log=bytearray()))
 
     # --- workspaces -------------------------------------------------------------
     #
@@ -598,7 +612,7 @@ class WorkService:
             if current is not None and current.state is LeaseState.ACTIVE:
                 self._schedule(current)
             else:  # the lease ended while it ran: nobody will ask for it (see _lease_ended)
-                self.tasks.pop(task.key, None)
+                self._forget(task)
             # The log is in memory; the directory can go, last and off the event loop:
             # removing it takes milliseconds of file-system work (rmdir of dirs the
             # sandbox mounted) that held up the next task's start and every long poll.

@@ -225,6 +225,7 @@ class TestProviderStatus:
         assert "not running" in doc["daemon"]
         assert doc["node_id"] == info["node_id"]
         assert [x["lease_id"] for x in doc["leases"]] == [lease["lease_id"]]
+        assert doc["leases"][0]["paid"] == paid  # from the receipts it keeps
         assert doc["earnings"]["earned"] == paid
         code, text, _ = cli(capsys, "provider", "status", "--home", home)
         assert code == 0

@@ -24,20 +24,18 @@ from typing import Any
 import pytest
 
 from market.bidding import BidEngine, devices_from_groups
+from market.settlement import format_credits
 from node.cli import localcluster as cluster
-from node.operator.status_page import (
-    Point,
-    PriceFloors,
-    parse_params,
-    render_page,
-    svg_plot,
-    sweeps,
-)
+from node.operator.document import StatusDocument, TaskView, parse_params, sweeps
+from node.operator.page import render_page
+from node.operator.plots import Point, svg_plot, sweep_plots
+from node.operator.prices import PriceFloors
 from node.provider.inventory import DeviceDecl, build_inventory
 from node.store.node_store import Store
 from protocol.errors import NotFoundError
 
 JOB = Path(__file__).parents[1] / "jobs" / "status" / "sweep.yaml"
+PAID_JOB = JOB.with_name("paid.yaml")
 CHROMIUM = next(
     (p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p),
     None,
@@ -235,6 +233,73 @@ class TestStatusPageInChromium:
             cluster.down(home)
 
 
+@pytest.mark.cluster
+class TestLeaseHistory:
+    def test_a_paid_lease_still_shows_the_trials_it_ran(self, tmp_path: Path) -> None:
+        """After the sweep, its lease is ended and paid: the page keeps what ran under it."""
+        home = tmp_path / "home"
+        env = {k: v for k, v in os.environ.items() if k != "MERCATO_PEER"}
+        env["MERCATO_HOME"] = str(home)
+        try:
+            up = subprocess.run(
+                [sys.executable, "-m", "node.cli", "cluster", "up", "--providers", "1"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=90,
+            )
+            assert up.returncode == 0, up.stderr + up.stdout
+            rows = {r["name"]: r for r in cluster.status(home)}
+            boot, prov = (SimpleNamespace(**rows[n]) for n in ("bootstrap", "provider-1"))
+            submit = subprocess.run(
+                [
+                    *(sys.executable, "-m", "node.cli", "submit", str(PAID_JOB)),
+                    *("--peer", boot.address, "--quiet"),
+                ],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert submit.returncode == 0, submit.stderr + submit.stdout
+
+            def settled() -> Any:
+                doc = http_json(prov.address + "/status.json")
+                done = doc["leases"] and all(x["state"] == "ended" for x in doc["leases"])
+                paid = doc["earnings"]["receipts"] == doc["earnings"]["countersigned"] > 0
+                return doc if done and paid else None
+
+            deadline = time.monotonic() + 30
+            while (doc := settled()) is None:
+                assert time.monotonic() < deadline, "the lease was not released and paid"
+                time.sleep(0.2)
+
+            # JSON: per lease, the trials that ran, how each ended, what was paid.
+            (lease,) = doc["leases"]
+            assert lease["tasks"] == 3
+            assert lease["outcomes"] == {"succeeded": 3}
+            assert sorted(t["state"] for t in lease["history"]) == ["succeeded"] * 3
+            assert all(t["exit_code"] == 0 for t in lease["history"])
+            assert lease["paid"] == doc["earnings"]["earned"] > 0
+            assert lease["awaiting"] == 0
+            assert len(doc["tasks"]) == 3  # and the task table keeps them
+
+            # The page: the lease row says the same to a person.
+            with urllib.request.urlopen(prov.address + "/", timeout=10) as resp:
+                d = dom(resp.read().decode())
+            (row,) = d.rows["leases"]
+            assert row["state"] == "ended"
+            tasks_cell, paid_cell = row["cells"][6], row["cells"][7]
+            assert tasks_cell.startswith("3 tasks: 3 succeeded"), tasks_cell
+            for t in lease["history"]:
+                assert t["task_id"] in tasks_cell
+            assert paid_cell == f"{format_credits(lease['paid'])} paid"
+            assert "tasks-empty" not in d.text_by_id
+            assert sorted(t["state"] for t in d.rows["tasks"]) == ["succeeded"] * 3
+        finally:
+            cluster.down(home)
+
+
 # --- logic (no daemon) ---------------------------------------------------------------
 
 
@@ -253,7 +318,7 @@ class TestParams:
         assert parse_params(["p", "--a=nan", "--b=inf"]) == {"a": "nan", "b": "inf"}
 
 
-def task(n: int, x: float, loss: float, job: str = "j" * 64, **extra: Any) -> dict[str, Any]:
+def task(n: int, x: float, loss: float, job: str = "j" * 64, **extra: Any) -> TaskView:
     row: dict[str, Any] = {
         "task_id": f"t{n}",
         "lease_id": "lease-1",
@@ -271,15 +336,15 @@ def task(n: int, x: float, loss: float, job: str = "j" * 64, **extra: Any) -> di
         "wall_ms": 500,
     }
     row.update(extra)
-    return row
+    return TaskView.model_validate(row)
 
 
 class TestPlots:
     def test_one_point_per_trial_in_finish_order(self) -> None:
         tasks = [task(3, 4.0, 1.0), task(1, 0.5, 4.0), task(2, 2.0, 0.0)]
         (sweep,) = sweeps(tasks)
-        assert [t["task_id"] for t in sweep.trials] == ["t1", "t2", "t3"]
-        plots = [dom(p).plots[0] for p in sweep.plots()]
+        assert sweep.trials == ["t1", "t2", "t3"]
+        plots = [dom(p).plots[0] for p in sweep_plots(sweep, {t.task_id: t for t in tasks})]
         assert [(p["metric"], p["x"], len(p["points"])) for p in plots] == [
             ("loss", "order", 3),
             ("loss", "x", 3),
@@ -291,12 +356,13 @@ class TestPlots:
             task(2, 1.0, 1.0, job="b" * 64),
             task(3, 1.0, 1.0, job="b" * 64, state="running", finished_ms=None),
         ]
-        assert sorted((s.job[0], len(s.trials)) for s in sweeps(tasks)) == [("a", 1), ("b", 1)]
+        groups = sorted((s.job[0], len(s.trials), s.running) for s in sweeps(tasks))
+        assert groups == [("a", 1, 0), ("b", 1, 1)]
 
     def test_a_long_sweep_draws_every_point_but_only_recent_rows(self) -> None:
         tasks = [task(n, float(n), float(n % 7)) for n in range(1, 251)]
         doc = {"node_id": "n" * 32, "role": "provider", "now_ms": 10**6, "tasks": tasks}
-        d = dom(render_page(doc))
+        d = dom(render_page(StatusDocument.model_validate({**doc, "sweeps": sweeps(tasks)})))
         assert len(d.rows["tasks"]) == 200
         assert [len(p["points"]) for p in d.plots] == [250, 250]
 
@@ -321,7 +387,33 @@ class TestPageEscaping:
             "peers": [],
             "adverts": [],
             "devices": [],
-            "leases": [],
+            "leases": [
+                {
+                    "lease_id": "lease-1",
+                    "tenant": "t" * 32,
+                    "model": evil,
+                    "units": 1,
+                    "devices": ["gpu0"],
+                    "price": 1000,
+                    "state": "ended",
+                    "start_ms": 0,
+                    "end_ms": 1,
+                    "updated_ms": 1,
+                    "accruing": 0,
+                    "tasks": 1,
+                    "outcomes": {evil: 1},
+                    "history": [
+                        {
+                            "task_id": "t<b>1",
+                            "state": evil,
+                            "exit_code": 0,
+                            "wall_ms": 500,
+                            "finished_ms": 1500,
+                        }
+                    ],
+                    "paid": 1000,
+                }
+            ],
             "earnings": None,
             "tasks": [
                 task(
@@ -336,13 +428,17 @@ class TestPageEscaping:
                 )
             ],
         }
-        page = render_page(doc)
+        page = render_page(StatusDocument.model_validate({**doc, "sweeps": sweeps(doc["tasks"])}))
         assert "<script" not in page
         assert "&lt;script&gt;" in page
         d = dom(page)
         (row,) = d.rows["tasks"]
         assert row["cells"][0] == "t<b>1"  # shown as text, exactly
         assert d.plots[0]["metric"] == evil
+        (lease,) = d.rows["leases"]
+        assert f"1x {evil}" in lease["cells"]
+        assert lease["cells"][6].startswith(f"1 task: 1 {evil}")
+        assert f"t<b>1 {evil}, exit 0, 0.5 s" in lease["cells"][6]
 
 
 class TestPriceFloors:
@@ -374,7 +470,7 @@ class TestPriceFloors:
             f = PriceFloors(edited, store)
             f.restore()
             assert {d.price_floor for d in edited.devices.values()} == {400_000}
-            assert f.rows() == [
+            assert [r.model_dump() for r in f.rows()] == [
                 {"model": "RTX-4090", "floor": 400_000, "config_floor": 400_000, "override": False}
             ]
             f.update({"RTX-4090": 450_000})

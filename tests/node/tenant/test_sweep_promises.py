@@ -374,6 +374,10 @@ class TestStallingProvider:
                 await asyncio.sleep(0.1)
             assert not trial_processes("stall")
             assert work.tasks == {}
+            # Its outcome stays for the operator's page, without the log it held.
+            (kept,) = work.finished
+            assert kept.state in ("cancelled", "timed_out")
+            assert kept.log == b""
         finally:
             await transport.close()
             store.close()
