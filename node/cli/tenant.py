@@ -508,7 +508,9 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         return EXIT_OK
     table = Table(title="Jobs")
     for col in ("job", "name", "state", "trials", "best", "spend (cr)"):
-        table.add_column(col)
+        # Rich splits a word only when its column is narrower than the word: the state
+        # column always holds "interrupted:" whole, however the others are sized.
+        table.add_column(col, min_width=len("interrupted:") if col == "state" else None)
     for r in rows:
         counts = ", ".join(f"{n} {s}" for s, n in sorted(r["trials"].items()))
         best = r["best"]

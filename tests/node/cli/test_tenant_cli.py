@@ -218,6 +218,13 @@ class TestStatusTable:
         assert sum(x.split()[1:2] == ["queued"] for x in lines) == 3
         assert any("optimizer.lr=" in x for x in lines)
 
+    @pytest.mark.parametrize("columns", [50, 60, 80])
+    def test_jobs_says_interrupted_in_one_word_at_any_width(self, home: Path, columns: int) -> None:
+        # The job's tenant process is gone (no runner lock): `jobs` must say so legibly.
+        proc = mercato(home, "jobs", columns=columns)
+        assert proc.returncode == 0, proc.stderr
+        assert "interrupted:" in proc.stdout, proc.stdout
+
     def test_running_does_not_count_queued_trials(self, home: Path) -> None:
         # The three unfinished trials were assigned but no provider has started them.
         proc = mercato(home, "status", JOB, "--json")
