@@ -60,7 +60,7 @@ class TestTokens:
         payload = msgpack.packb(dict(reversed(list(cap.items()))), use_bin_type=True)
         assert payload != encode(cap)
         sig = TENANT.sign(b"mercato/capability/v1\n" + payload)
-        with pytest.raises(BadCapabilityError, match="canonical|sorted"):
+        with pytest.raises(BadCapabilityError, match=r"canonical|sorted"):
             decode_token(f"mct1.{_b64(payload)}.{_b64(sig)}")
 
     @pytest.mark.parametrize(
