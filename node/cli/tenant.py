@@ -570,13 +570,12 @@ def serve_table(served: dict[str, Any]) -> Table:
         f"{served.get('replicas_wanted', 0)} ready, {served.get('requests', 0)} requests, "
         f"{served.get('retries', 0)} retried, {served.get('failed', 0)} failed"
     )
-    for col in ("replica", "provider", "lease", "state", "requests", "errors", "p50 ms", "p99 ms"):
-        table.add_column(col)
+    for col in ("replica", "provider", "state", "requests", "errors", "p50 ms", "p99 ms"):
+        table.add_column(col, no_wrap=True)
     for r in served.get("replicas", []):
         table.add_row(
             f"{r['replica']}.{r['generation']}",
-            str(r["provider"])[:12],
-            str(r["lease_id"]),
+            str(r["provider"])[:8],
             r["state"] + (f" ({r['why']})" if r.get("why") else ""),
             str(r["requests"]),
             f"{r['errors']} ({100 * r['error_rate']:.1f}%)",

@@ -343,10 +343,11 @@ class ServeRunner:
                     with contextlib.suppress(MercatoError):
                         await client.cancel(task_id, "stopped by the tenant")
                 elif follow in done:
-                    why = "the service exited"
-                    with contextlib.suppress(MercatoError):
+                    try:
                         result = follow.result()
                         why = f"the service {result.state} (exit {result.exit_code})"
+                    except MercatoError as e:
+                        why = f"lost contact with the provider ({e.code})"
                     replica.health.lost(now, why)
                 elif beat in done:
                     replica.health.lost(now, "the provider stopped answering heartbeats")
@@ -404,7 +405,10 @@ class ServeRunner:
             await self.tenant.release(row)
         except MercatoError as e:
             log.info("release of %s failed: %s", row.lease_id, e)
-            self.store.set_lease_state(row.lease_id, "ended", self.tenant.clock())
+            lost = replica.health.state is ReplicaState.LOST
+            self.store.set_lease_state(
+                row.lease_id, "lost" if lost else "ended", self.tenant.clock()
+            )
 
     # --- the gateway ----------------------------------------------------------------
 
