@@ -23,7 +23,13 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from protocol.codec import Limits, decode, encode
-from protocol.errors import BadSignatureError, MercatoError, RemoteProtocolError
+from protocol.errors import (
+    BadCapabilityError,
+    BadSignatureError,
+    CapabilityExpiredError,
+    CapabilityScopeError,
+    MercatoError,
+)
 from protocol.identity import PUBLIC_KEY_SIZE, Identity, verify
 
 CAPABILITY_DOMAIN = b"mercato/capability/v1\n"
@@ -33,27 +39,17 @@ MAX_TOKEN_CHARS = 2048
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 _LIMITS = Limits(max_size=1536, max_depth=4, max_container=64, max_str=512, max_bin=64)
 
+__all__ = [
+    "BadCapabilityError",
+    "Capability",
+    "CapabilityExpiredError",
+    "CapabilityScopeError",
+    "decode_token",
+    "from_header",
+    "issue",
+]
+
 Method = Annotated[str, StringConstraints(pattern=r"^(GET|HEAD|POST|PUT|PATCH|DELETE|OPTIONS)$")]
-
-
-class BadCapabilityError(RemoteProtocolError):
-    """No token, or one that is malformed or not signed by the key it names (HTTP 401)."""
-
-    code = "bad_capability"
-    http_status = 401
-
-
-class CapabilityExpiredError(BadCapabilityError):
-    """The token was valid until its ``exp``, which has passed on the provider's clock."""
-
-    code = "capability_expired"
-
-
-class CapabilityScopeError(RemoteProtocolError):
-    """A valid token that does not allow this request: another lease, key, method or path."""
-
-    code = "capability_scope"
-    http_status = 403
 
 
 class Capability(BaseModel):
