@@ -30,6 +30,7 @@ from node.cli.tenant import (
     cmd_serve,
     cmd_status,
     cmd_submit,
+    cmd_token,
 )
 from protocol.errors import MercatoError
 
@@ -174,6 +175,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve_p.add_argument("--peer", help="a node's URL (default: $MERCATO_PEER or local cluster)")
     serve_p.add_argument("--json", action="store_true", help="print the gateway as a JSON line")
     serve_p.set_defaults(func=cmd_serve)
+
+    token_p = sub.add_parser(
+        "token",
+        help="authorise someone to call a served job's replicas directly",
+        description="Print, for each live replica of a served job, its provider URL and a "
+        "capability token signed by this tenant: whoever holds it may call that replica "
+        "until it expires, for the given methods under the given path.",
+    )
+    token_p.add_argument("job", help="job id (or a unique prefix) of a `mercato serve` job")
+    token_p.add_argument("--ttl", type=float, default=3600.0, help="seconds (default 3600)")
+    token_p.add_argument("--methods", default="GET,POST", help="comma-separated (GET,POST)")
+    token_p.add_argument("--path", default="/", help="allowed path prefix (default /)")
+    token_p.add_argument("--sub", default="", help="a label for the holder (logs only)")
+    token_p.add_argument("--json", action="store_true")
+    token_p.set_defaults(func=cmd_token)
 
     plan_p = sub.add_parser(
         "plan",

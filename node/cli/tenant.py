@@ -331,6 +331,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK if state == "cancelled" else EXIT_ERROR
 
 
+def cmd_token(args: argparse.Namespace) -> int:
+    from node.net.node import wall_clock_ms
+    from node.tenant import jobs
+    from node.tenant.serve import issue_tokens
+
+    home = jobs.tenant_home()
+    with _open_tenant_store() as store:
+        job = jobs.find(store, args.job)
+    methods = tuple(m.strip().upper() for m in args.methods.split(",") if m.strip())
+    try:
+        tokens = issue_tokens(
+            jobs.job_dir(home, job.job_id),
+            home.load_or_create_identity(),
+            ttl_ms=int(args.ttl * 1000),
+            methods=methods,
+            path=args.path,
+            sub=args.sub,
+            now_ms=wall_clock_ms(),
+        )
+    except ValueError as e:  # pydantic: a method or path the token format refuses
+        raise MercatoError(f"cannot issue that token: {e}") from None
+    if args.json:
+        print(json.dumps(tokens, indent=2))
+        return EXIT_OK
+    for t in tokens:
+        print(f"replica {t['replica']}: curl -H 'Authorization: Mercato {t['token']}' {t['url']}/")
+    return EXIT_OK
+
+
 def cmd_resume(args: argparse.Namespace) -> int:
     from node.tenant import jobs
 
@@ -572,7 +601,7 @@ def serve_table(served: dict[str, Any]) -> Table:
     )
     for col in ("replica", "provider", "state", "requests", "errors", "p50 ms", "p99 ms"):
         table.add_column(col, no_wrap=True)
-    for r in served.get("replicas", []):
+    for r in [*served.get("replaced", []), *served.get("replicas", [])]:
         table.add_row(
             f"{r['replica']}.{r['generation']}",
             str(r["provider"])[:8],

@@ -162,6 +162,7 @@ class ServeRunner:
         self.heartbeat_interval_ms = heartbeat_interval_ms
         self.probe_interval_s = probe_interval_s
         self.replicas: dict[int, Replica] = {}
+        self.replaced: list[dict[str, Any]] = []  # views of replicas lost and replaced
         self.failed_providers: list[str] = []
         self.restarts: dict[int, int] = {}
         self.gateway_url = ""
@@ -255,6 +256,7 @@ class ServeRunner:
                     health.stop(self.tenant.clock())
                 await self._release(replica)
             if health.state is ReplicaState.LOST:
+                self.replaced.append(replica.view())
                 self.failed_providers.append(lease.provider)
                 self.store.record_outcome(lease.provider, "failed")
                 self.on_event(
@@ -498,6 +500,7 @@ class ServeRunner:
             "replicas_wanted": self.service.replicas,
             "ready": sum(1 for r in self.replicas.values() if r.health.state is ReplicaState.READY),
             "replicas": [self.replicas[i].view() for i in sorted(self.replicas)],
+            "replaced": list(self.replaced),
             "failed_providers": list(self.failed_providers),
             "updated_ms": wall_clock_ms(),
             **self.totals,
@@ -642,3 +645,32 @@ def serve_view(job_dir: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data
+
+
+def issue_tokens(
+    job_dir: Path,
+    identity: Any,
+    *,
+    ttl_ms: int,
+    methods: tuple[str, ...],
+    path: str,
+    sub: str,
+    now_ms: int,
+) -> list[dict[str, Any]]:
+    """Tokens for someone the tenant authorises: one per live replica of a served job.
+
+    Each opens one replica's ``/svc/<lease_id>/`` on its provider, for ``methods``
+    under ``path``, until ``now_ms + ttl_ms``; a replacement replica needs a new one.
+    """
+    view = serve_view(job_dir)
+    if view is None:
+        raise MercatoError(f"{job_dir.name} is not a served job (no serve.json)")
+    out = []
+    for r in view["replicas"]:
+        if r["state"] in ("lost", "stopped"):
+            continue
+        token = capability.issue(
+            identity, r["lease_id"], now_ms + ttl_ms, methods=methods, path=path, sub=sub
+        )
+        out.append({"replica": r["replica"], "url": r["url"], "token": token})
+    return out

@@ -106,6 +106,21 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         cluster.down(home=home)
 
 
+def mercato(served: Served, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "MERCATO_HOME": str(served.home)}
+    env.pop("MERCATO_PEER", None)
+    out = subprocess.run(
+        [sys.executable, "-m", "node.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out
+
+
 def lease_of(served: Served, replica: int) -> dict[str, Any]:
     return next(r for r in served.view()["replicas"] if r["replica"] == replica)
 
@@ -154,10 +169,21 @@ class TestServe:
         # GET-only token: POST refused before the service sees it.
         get_only = issue(tenant, r0["lease_id"], far, methods=("GET",))
         assert http(r0["url"] + "/echo", method="POST", data=b"x", token=get_only)[0] == 403
+        # `mercato token` authorises someone else: GET only, for a minute.
+        issued = mercato(
+            served, "token", served.job_id, "--methods", "GET", "--ttl", "60", "--json"
+        )
+        tokens = {t["replica"]: t for t in json.loads(issued.stdout)}
+        assert tokens[0]["url"] == r0["url"]
+        assert http(url, token=tokens[0]["token"])[0] == 200
+        assert (
+            http(r0["url"] + "/echo", method="POST", data=b"x", token=tokens[0]["token"])[0] == 403
+        )
+        assert http(url, token=tokens[1]["token"])[0] == 403  # replica 1's lease, not this one
         provider = r0["url"].split("/svc/")[0]
         metrics = http(provider + "/metrics")[1].decode()
         assert 'mercato_rejections_total{code="bad_capability"} 2.0' in metrics
-        assert 'mercato_rejections_total{code="capability_scope"} 3.0' in metrics
+        assert 'mercato_rejections_total{code="capability_scope"} 5.0' in metrics
         assert 'mercato_rejections_total{code="capability_expired"} 1.0' in metrics
 
     def test_a_killed_provider_is_replaced_while_requests_continue(self, served: Served) -> None:
@@ -177,19 +203,18 @@ class TestServe:
             lambda: (r := lease_of(served, 0))["generation"] == 2 and r["state"] == "ready" and r,
         )
         assert replaced["provider"] not in (victim["provider"], lease_of(served, 1)["provider"])
-        assert served.view()["failed_providers"] == [victim["provider"]]
+        view = served.view()
+        assert view["failed_providers"] == [victim["provider"]]
+        assert [(r["replica"], r["lease_id"], r["state"]) for r in view["replaced"]] == [
+            (0, victim["lease_id"], "lost")
+        ]
+        status = mercato(served, "status", served.job_id)
+        assert "lost" in status.stdout
+        assert "ready" in status.stdout
         assert http(served.gateway + "/whoami")[0] == 200
 
     def test_cancel_releases_every_lease(self, served: Served) -> None:
-        env = {**os.environ, "MERCATO_HOME": str(served.home)}
-        out = subprocess.run(
-            [sys.executable, "-m", "node.cli", "cancel", served.job_id],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        out = mercato(served, "cancel", served.job_id)
         assert out.returncode == 0, out.stderr
         assert served.proc.wait(60) == 0
         with Store(NodeHome(served.home / "tenant").store_path) as store:
