@@ -918,11 +918,72 @@ class TrainingConfig(_Model):
         return self.batch_size * self.sequence_length
 
 
+#: A service's socket: a plain relative name in its work directory (``$MERCATO_SERVICE_SOCKET``).
+SOCKET_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+#: A health path the provider probes: absolute, printable, no query tricks.
+HEALTH_PATH = re.compile(r"^/[A-Za-z0-9_./~-]{0,255}$")
+MAX_REPLICAS = 16
+
+
+def _socket_name(value: object) -> object:
+    if not isinstance(value, str) or not SOCKET_NAME.fullmatch(value) or value in (".", ".."):
+        raise ValueError(
+            "a file name in the work directory (letters, digits, _ . -, at most 64), "
+            "not a path: the service listens there, inside its sandbox"
+        )
+    return value
+
+
+def _health_path(value: object) -> object:
+    if not isinstance(value, str) or not HEALTH_PATH.fullmatch(value) or ".." in value:
+        raise ValueError("an absolute URL path such as /healthz (letters, digits, _ . / ~ -)")
+    return value
+
+
+class ListenConfig(_Model):
+    """Where the service listens inside its sandbox.
+
+    The sandbox has no network (not even one shared with the provider), so a service
+    listens on a Unix socket in its work directory, which the provider's daemon
+    reaches from outside and publishes under the lease (docs/protocol.md, section
+    "Service endpoints"). A TCP port would live in the sandbox's own network
+    namespace, out of the daemon's reach: ``port`` is refused with that reason.
+    """
+
+    socket: Annotated[str, BeforeValidator(_socket_name)] = "service.sock"
+    port: int | None = None
+
+    @model_validator(mode="after")
+    def _no_port(self) -> ListenConfig:
+        if self.port is not None:
+            raise _problems(
+                (
+                    ("port",),
+                    "a sandboxed service has no network, so a port cannot be reached; "
+                    "listen on the Unix socket $MERCATO_SERVICE_SOCKET (listen.socket)",
+                )
+            )
+        return self
+
+
 class ServiceConfig(_Model):
-    """A long-running process (inference): kept up, restarted when it dies."""
+    """A long-running process (inference): kept up, restarted when it dies.
+
+    ``listen`` and ``health`` make it reachable: the provider publishes its socket at
+    ``/svc/<lease_id>/`` and ``mercato serve`` probes ``health`` through it (a 2xx
+    answer is ready). ``replicas`` leases that many providers (distinct by default:
+    ``spread``), each restarted up to ``restarts`` times in all.
+    """
 
     command: Argv
     restarts: Annotated[int, Field(ge=0, le=1000)] = 5
+    listen: ListenConfig = ListenConfig()
+    health: Annotated[str, BeforeValidator(_health_path)] = "/healthz"
+    replicas: Annotated[int, Field(ge=1, le=MAX_REPLICAS)] = 1
+    spread: bool = True  # replicas on distinct providers
+    ready_timeout_ms: Annotated[
+        int, BeforeValidator(_none_or(parse_duration_ms)), Field(ge=1_000, le=3_600_000)
+    ] = Field(default=120_000, validation_alias="ready_timeout")
 
 
 class JobSpec(_Model):

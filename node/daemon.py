@@ -11,6 +11,8 @@ Every connection passes node.net.edge's gate first (per-address and total caps),
 whose request head does not arrive within ``[http] header_timeout_s`` is closed.
 * ``GET /healthz``: JSON with the node id, role, address, peers, adverts, devices.
 * ``GET /metrics``: Prometheus text format.
+* ``/svc/<lease_id>/...`` (providers): a lease's service, for holders of the tenant's
+  capability token (node.provider.endpoint).
 * ``GET /``, ``GET /status.json``, ``POST /control/prices``: the operator's status
   page, its data, and price floors (node.operator.status_page; loopback unless configured).
 """
@@ -45,9 +47,10 @@ from node.operator.client import local_url
 from node.operator.document import StatusSource
 from node.operator.prices import PriceFloors
 from node.operator.status_page import add_routes
+from node.provider.endpoint import EndpointService
 from node.provider.executor import ResourceLimits
 from node.provider.inventory import Inventory, build_inventory
-from node.provider.sandbox import NVIDIA_CONTROL_NODES, SandboxExecutor
+from node.provider.sandbox import NVIDIA_CONTROL_NODES, WORK_DIR, SandboxExecutor
 from node.provider.service import ProviderService
 from node.provider.work import WorkService
 from node.store.node_store import Store
@@ -214,6 +217,7 @@ class Daemon:
     gate: ConnectionGate
     provider: ProviderService | None = None  # None for a bootstrap node
     work: WorkService | None = None  # None for a bootstrap node
+    endpoint: EndpointService | None = None  # services published at /svc/<lease_id>/
 
     @classmethod
     async def start(cls, config: NodeConfig, home: NodeHome | None = None) -> Daemon:
@@ -254,6 +258,7 @@ class Daemon:
         )
         provider: ProviderService | None = None
         work: WorkService | None = None
+        endpoint: EndpointService | None = None
         floors: PriceFloors | None = None
         if inventory is not None:
             all_ids = set(inventory.ids)
@@ -310,6 +315,14 @@ class Daemon:
                 allow_network=sb.allow_network,
                 workspaces=config.workspaces,
             )
+            sandbox_root = executor.root_dir
+            endpoint = EndpointService(
+                node,
+                provider,
+                work,
+                lambda run_id: sandbox_root / run_id / WORK_DIR,
+                body_timeout_s=config.http.body_timeout_s,
+            )
         info: dict[str, Any] = {"node_id": identity.node_id, "role": config.node.role}
         status = StatusSource(
             node=node,
@@ -323,6 +336,8 @@ class Daemon:
         )
         http = config.http
         app = build_app(node, info, status, body_timeout_s=http.body_timeout_s)
+        if endpoint is not None:
+            endpoint.add_routes(app)
         runner = web.AppRunner(
             app,
             access_log=None,
@@ -353,7 +368,9 @@ class Daemon:
         tmp.write_text(json.dumps(info))
         tmp.replace(home.path / READY_FILE)
         log.info("%s %s listening on %s", config.node.role, identity.node_id, address)
-        return cls(node, runner, store, home, address, transport, listener, gate, provider, work)
+        return cls(
+            node, runner, store, home, address, transport, listener, gate, provider, work, endpoint
+        )
 
     async def close(self) -> None:
         """Stop serving, stop every task, close the store. Idempotent."""

@@ -260,6 +260,29 @@ class AddressRefusedError(PeerUnavailableError):
     code = "address_refused"
 
 
+class BadCapabilityError(MercatoError):
+    """A service request without a capability token, or with a malformed or forged one.
+
+    docs/protocol.md section 9, "Service endpoints"; HTTP 401.
+    """
+
+    code = "bad_capability"
+    http_status = 401
+
+
+class CapabilityExpiredError(BadCapabilityError):
+    """The token was valid until its ``exp``, which has passed on the provider's clock."""
+
+    code = "capability_expired"
+
+
+class CapabilityScopeError(MercatoError):
+    """A valid token that does not allow this request: another lease, key, method or path."""
+
+    code = "capability_scope"
+    http_status = 403
+
+
 def _all_subclasses(cls: type[MercatoError]) -> list[type[MercatoError]]:
     out: list[type[MercatoError]] = []
     for sub in cls.__subclasses__():

@@ -27,8 +27,10 @@ from node.cli.tenant import (
     cmd_plan,
     cmd_results,
     cmd_resume,
+    cmd_serve,
     cmd_status,
     cmd_submit,
+    cmd_token,
 )
 from protocol.errors import MercatoError
 
@@ -157,6 +159,37 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--json", action="store_true", help="print the summary as JSON")
     _wait_options(submit)
     submit.set_defaults(func=cmd_submit)
+
+    serve_p = sub.add_parser(
+        "serve",
+        help="serve a kind: service job: replicas on providers behind one local gateway",
+        description="Lease service.replicas providers (distinct by default), start the "
+        "service on each, wait until its health path answers through the provider, and "
+        "serve them all at one local address, retrying idempotent requests on another "
+        "replica and replacing a replica whose provider dies. Runs until "
+        "`mercato cancel JOB` or Ctrl-C, then releases every lease.",
+    )
+    serve_p.add_argument("job", help="path to the job YAML (its directory is the workspace)")
+    serve_p.add_argument("--host", default="127.0.0.1", help="gateway address (default loopback)")
+    serve_p.add_argument("--port", type=int, default=0, help="gateway port (default: any free)")
+    serve_p.add_argument("--peer", help="a node's URL (default: $MERCATO_PEER or local cluster)")
+    serve_p.add_argument("--json", action="store_true", help="print the gateway as a JSON line")
+    serve_p.set_defaults(func=cmd_serve)
+
+    token_p = sub.add_parser(
+        "token",
+        help="authorise someone to call a served job's replicas directly",
+        description="Print, for each live replica of a served job, its provider URL and a "
+        "capability token signed by this tenant: whoever holds it may call that replica "
+        "until it expires, for the given methods under the given path.",
+    )
+    token_p.add_argument("job", help="job id (or a unique prefix) of a `mercato serve` job")
+    token_p.add_argument("--ttl", type=float, default=3600.0, help="seconds (default 3600)")
+    token_p.add_argument("--methods", default="GET,POST", help="comma-separated (GET,POST)")
+    token_p.add_argument("--path", default="/", help="allowed path prefix (default /)")
+    token_p.add_argument("--sub", default="", help="a label for the holder (logs only)")
+    token_p.add_argument("--json", action="store_true")
+    token_p.set_defaults(func=cmd_token)
 
     plan_p = sub.add_parser(
         "plan",

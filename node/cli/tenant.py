@@ -318,6 +318,48 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return EXIT_OK if summary.job.state == "done" else EXIT_ERROR
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from node.tenant import serve
+
+    state = serve.serve(
+        Path(args.job),
+        peer=resolve_peer(args.peer),
+        host=args.host,
+        port=args.port,
+        as_json=args.json,
+    )
+    return EXIT_OK if state == "cancelled" else EXIT_ERROR
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from node.net.node import wall_clock_ms
+    from node.tenant import jobs
+    from node.tenant.serve import issue_tokens
+
+    home = jobs.tenant_home()
+    with _open_tenant_store() as store:
+        job = jobs.find(store, args.job)
+    methods = tuple(m.strip().upper() for m in args.methods.split(",") if m.strip())
+    try:
+        tokens = issue_tokens(
+            jobs.job_dir(home, job.job_id),
+            home.load_or_create_identity(),
+            ttl_ms=int(args.ttl * 1000),
+            methods=methods,
+            path=args.path,
+            sub=args.sub,
+            now_ms=wall_clock_ms(),
+        )
+    except ValueError as e:  # pydantic: a method or path the token format refuses
+        raise MercatoError(f"cannot issue that token: {e}") from None
+    if args.json:
+        print(json.dumps(tokens, indent=2))
+        return EXIT_OK
+    for t in tokens:
+        print(f"replica {t['replica']}: curl -H 'Authorization: Mercato {t['token']}' {t['url']}/")
+    return EXIT_OK
+
+
 def cmd_resume(args: argparse.Namespace) -> int:
     from node.tenant import jobs
 
@@ -531,18 +573,47 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from node.tenant import jobs
+    from node.tenant.serve import serve_view
 
     with _open_tenant_store() as store:
         summary = jobs.summarize(store, jobs.find(store, args.job))
+    served = serve_view(jobs.job_dir(jobs.tenant_home(), summary.job.job_id))
     if args.json:
         data = summary.to_json()
         data["trial_list"] = [jobs.trial_json(t) for t in summary.trials]
+        if served is not None:
+            data["serve"] = served
         print(json.dumps(data, indent=2))
         return EXIT_OK
     console = Console()
     _print_summary(summary, False, console)
-    console.print(status_table(summary.trials))
+    if served is not None:
+        console.print(serve_table(served))
+    else:
+        console.print(status_table(summary.trials))
     return EXIT_OK
+
+
+def serve_table(served: dict[str, Any]) -> Table:
+    """A served job's replicas: where, readiness, requests, error rate, latency."""
+    table = Table(
+        title=f"gateway {served.get('gateway') or '-'}: {served.get('ready', 0)}/"
+        f"{served.get('replicas_wanted', 0)} ready, {served.get('requests', 0)} requests, "
+        f"{served.get('retries', 0)} retried, {served.get('failed', 0)} failed"
+    )
+    for col in ("replica", "provider", "state", "requests", "errors", "p50 ms", "p99 ms"):
+        table.add_column(col, no_wrap=True)
+    for r in [*served.get("replaced", []), *served.get("replicas", [])]:
+        table.add_row(
+            f"{r['replica']}.{r['generation']}",
+            str(r["provider"])[:8],
+            r["state"] + (f" ({r['why']})" if r.get("why") else ""),
+            str(r["requests"]),
+            f"{r['errors']} ({100 * r['error_rate']:.1f}%)",
+            "-" if r["p50_ms"] is None else f"{r['p50_ms']:.1f}",
+            "-" if r["p99_ms"] is None else f"{r['p99_ms']:.1f}",
+        )
+    return table
 
 
 def _params_text(params: dict[str, Any]) -> str:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from market.bidding import LeaseState, ProviderLease
+from market.jobspec import SOCKET_NAME
 from node.config import WorkspacesSection
 from node.net.node import Node
 from node.provider.executor import (
@@ -36,6 +37,7 @@ from node.workspace import WorkspaceError, unpack_file
 from protocol.envelope import Envelope
 from protocol.errors import (
     BusyError,
+    InvalidFieldError,
     NotFoundError,
     SpecMismatchError,
     TooLargeError,
@@ -70,6 +72,25 @@ UNPACK_WAIT_S = 1.0
 MAX_FAILED_WORKSPACES = 10_000
 #: Finished tasks of ended leases kept (without their logs) for the operator's view.
 MAX_FINISHED_KEPT = 1000
+
+
+#: The environment variable naming a task's socket; its presence makes the task a service
+#: that node.provider.endpoint publishes at ``/svc/<lease_id>/``.
+SOCKET_ENV = "MERCATO_SERVICE_SOCKET"
+
+
+def service_socket(env: dict[str, str]) -> str | None:
+    """The socket name a task's environment publishes, or None for a plain task.
+
+    Raises InvalidFieldError for a name that is not a plain file name: the provider
+    opens it under the task's work directory and nowhere else.
+    """
+    name = env.get(SOCKET_ENV)
+    if name is None:
+        return None
+    if not SOCKET_NAME.fullmatch(name) or name in (".", ".."):
+        raise InvalidFieldError(f"{SOCKET_ENV} must be a plain file name in the work directory")
+    return name
 
 
 LOG_CHUNK = 60_000  # bytes of log per task_status (its ``log`` field holds 65 536 bytes)
@@ -488,6 +509,7 @@ class WorkService:
             raise NotFoundError(f"workspace {assign.workspace_hash[:12]} was not uploaded")
         ws.used_ms = self.node.clock()
         ws.leases.add(lease.lease_id)
+        service_socket(dict(assign.env))  # a bad socket name is refused here, not at a request
         if assign.network and not self.allow_network:
             raise UnexpectedMessageError("this provider does not give tasks network access")
         mine = [t for t in self.tasks.values() if t.assign.lease_id == lease.lease_id]

@@ -580,3 +580,46 @@ class TestRenderCommand:
         spec = parse_job(sweep_file("  a: {values: [1]}\n"))
         argv = render_command(spec, {"opt": {"lr": 0.1}}, "python")
         assert argv[-1] == "--opt={'lr': 0.1}"
+
+
+class TestServiceEndpointSection:
+    """What a service serves: its socket, health path, replicas (issue 20)."""
+
+    def test_defaults_make_a_reachable_service(self) -> None:
+        spec = parse_job("kind: service\nservice:\n  command: [serve.py]\n")
+        assert spec.service is not None
+        assert spec.service.listen.socket == "service.sock"
+        assert spec.service.health == "/healthz"
+        assert spec.service.replicas == 1
+
+    def test_declared_endpoint(self) -> None:
+        spec = parse_job(
+            "kind: service\nservice:\n  command: [serve.py]\n  listen: {socket: api.sock}\n"
+            "  health: /ready\n  replicas: 3\n  ready_timeout: 30s\n"
+        )
+        assert spec.service is not None
+        s = spec.service
+        assert (s.listen.socket, s.health, s.replicas, s.ready_timeout_ms) == (
+            "api.sock",
+            "/ready",
+            3,
+            30_000,
+        )
+
+    def test_a_port_is_refused_with_the_reason(self) -> None:
+        found = problems("kind: service\nservice:\n  command: [s.py]\n  listen: {port: 8000}\n")
+        assert "no network" in found["service.listen.port"]
+
+    @pytest.mark.parametrize("name", ["../x", "/tmp/s.sock", "a/b", "..", "", "x" * 65])
+    def test_a_socket_outside_the_work_dir_is_refused(self, name: str) -> None:
+        found = problems(
+            f"kind: service\nservice:\n  command: [s.py]\n  listen: {{socket: '{name}'}}\n"
+        )
+        assert "work directory" in found["service.listen.socket"]
+
+    def test_bad_health_and_replicas(self) -> None:
+        found = problems(
+            "kind: service\nservice:\n  command: [s.py]\n  health: healthz\n  replicas: 0\n"
+        )
+        assert "absolute URL path" in found["service.health"]
+        assert "service.replicas" in found
