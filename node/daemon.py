@@ -330,6 +330,7 @@ class Daemon:
             store=store,
             provider=provider,
             work=work,
+            endpoint=endpoint,
             floors=floors,
             allow_from=tuple(config.status.allow_from),
             refresh_s=config.status.refresh_s,

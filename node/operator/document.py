@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from node.config import NodeConfig
     from node.net.node import Node
     from node.operator.prices import PriceFloors
+    from node.provider.endpoint import EndpointService
     from node.provider.service import ProviderService
     from node.provider.work import Task, WorkService
     from node.store.node_store import ReceiptRow, Store
@@ -202,6 +203,19 @@ class SweepView(View):
     params: list[str]
 
 
+class ServiceView(View):
+    """A service published at ``/svc/<lease_id>/`` (node.provider.endpoint)."""
+
+    lease_id: str
+    requests: int
+    errors: int
+    refused: int
+    error_rate: float
+    p50_ms: float | None
+    p99_ms: float | None
+    live: bool
+
+
 class StatusDocument(View):
     """``/status.json``: the node, and on a provider its devices, leases and tasks."""
 
@@ -222,6 +236,7 @@ class StatusDocument(View):
     earnings: Earnings | None = None
     executor: ExecutorView | None = None
     sweeps: list[SweepView] = []
+    services: list[ServiceView] = []
 
     def json_body(self) -> dict[str, JsonValue]:
         """The document as ``/status.json`` serves it."""
@@ -240,6 +255,7 @@ class StatusSource:
     store: Store | None = None
     provider: ProviderService | None = None
     work: WorkService | None = None
+    endpoint: EndpointService | None = None
     floors: PriceFloors | None = None
     allow_from: Sequence[Network] = LOOPBACK
     refresh_s: int = 5
@@ -301,6 +317,10 @@ def collect(source: StatusSource) -> StatusDocument:
         earnings=earnings,
         executor=_executor(source.work) if source.work is not None else None,
         sweeps=sweeps(tasks[:MAX_TASKS]),
+        services=[
+            ServiceView(**dataclasses.asdict(x))
+            for x in (source.endpoint.snapshot() if source.endpoint is not None else [])
+        ],
     )
 
 

@@ -29,7 +29,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -128,6 +127,20 @@ def _open_socket(work_dir: Path, name: str) -> int:
     return fd
 
 
+@dataclass(frozen=True)
+class ServiceSnapshot:
+    """One lease's service as the operator sees it: requests, failures, latency."""
+
+    lease_id: str
+    requests: int
+    errors: int  # the service failed or answered 5xx
+    refused: int  # no or bad token, not allowed
+    error_rate: float
+    p50_ms: float | None
+    p99_ms: float | None
+    live: bool  # its task still runs here
+
+
 @dataclass
 class ServiceStats:
     """Request counts and latency of one lease's service, for the operator's view."""
@@ -189,22 +202,22 @@ class EndpointService:
         for lease_id in list(self._upstreams):
             await self._drop(lease_id)
 
-    def snapshot(self) -> list[dict[str, Any]]:
-        """Per-lease request counts, error rate and latency (for the status page to hook in)."""
+    def snapshot(self) -> list[ServiceSnapshot]:
+        """Per-lease request counts, error rate and latency (the operator's view)."""
         out = []
         for s in self.stats.values():
             lat = sorted(s.latency_ms)
             out.append(
-                {
-                    "lease_id": s.lease_id,
-                    "requests": s.requests,
-                    "errors": s.errors,
-                    "refused": s.refused,
-                    "error_rate": s.errors / s.requests if s.requests else 0.0,
-                    "p50_ms": lat[len(lat) // 2] if lat else None,
-                    "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else None,
-                    "live": s.lease_id in self._upstreams,
-                }
+                ServiceSnapshot(
+                    lease_id=s.lease_id,
+                    requests=s.requests,
+                    errors=s.errors,
+                    refused=s.refused,
+                    error_rate=s.errors / s.requests if s.requests else 0.0,
+                    p50_ms=lat[len(lat) // 2] if lat else None,
+                    p99_ms=lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else None,
+                    live=s.lease_id in self._upstreams,
+                )
             )
         return out
 

@@ -163,8 +163,18 @@ class TestServiceEndpoint:
         assert counts["capability_expired"] == 1
         assert counts["capability_scope"] == 4
         snapshot = served.daemon.endpoint.snapshot() if served.daemon.endpoint else []
-        assert snapshot[0]["lease_id"] == served.lease.lease_id
-        assert snapshot[0]["refused"] == 6
+        assert snapshot[0].lease_id == served.lease.lease_id
+        assert snapshot[0].refused == 6
+        # The operator sees the same on the status page and in /status.json.
+        async with aiohttp.ClientSession() as s:
+            async with s.get(served.daemon.address + "/status.json") as r:
+                services = (await r.json())["services"]
+            async with s.get(served.daemon.address + "/") as r:
+                page = await r.text()
+        (row,) = [x for x in services if x["lease_id"] == served.lease.lease_id]
+        assert (row["refused"], row["live"]) == (6, True)
+        assert row["requests"] >= 2 and row["p50_ms"] is not None
+        assert 'id="services"' in page and served.lease.lease_id in page
 
     async def test_a_socket_swapped_for_a_link_to_a_host_socket_is_not_followed(
         self, served: Served, tmp_path: Path
