@@ -276,7 +276,7 @@ DOC_TYPES = {
     "hello", "peer_list", "advert", "directory_request", "directory", "order", "bid",
     "no_bid", "award", "accept", "decline", "release", "task_assign", "task_status",
     "task_query", "task_result", "workspace_chunk", "workspace_status", "receipt",
-    "heartbeat", "cancel", "price_update",
+    "heartbeat", "cancel", "price_update", "sync_query", "sync_chunk", "sync_status",
 }  # fmt: skip
 DOC_SIGNER_FIELDS = {
     "advert": "provider",
