@@ -184,17 +184,19 @@ class OuterOptimizer:
 class OuterTraffic:
     """Bytes and time of one outer step, against DDP's all-reduces over the same steps.
 
-    Pseudo-gradients go worker -> provider -> tenant and parameters come back, so each
-    worker sends P x b and receives P x b per outer step (b bytes per value on the wire),
-    and the tenant's link carries W times that in each direction: the tenant's link is
-    the bottleneck, so the time is W P b / B + 2 L (up, then down). DDP over the same
-    devices sends 2 (N-1)/N P g per device every step, H times per outer step.
+    Pseudo-gradients go worker -> provider -> tenant (P x b bytes each, b bytes per value
+    of the chosen compression) and the new global parameters come back in fp32 (P x 4:
+    parameters, unlike their changes, are not quantised). The tenant's link carries W
+    times that, each direction over its own half of the link, so it is the bottleneck:
+    time = W P max(b, 4) / B + 2 L (up, then down). DDP over the same devices sends
+    2 (N-1)/N P g per device every step, H times per outer step.
     """
 
     workers: int
     inner_steps: int
-    bytes_per_worker: int  # sent (and as many received) per worker per outer step
-    tenant_bytes: int  # received (and as many sent) by the tenant per outer step
+    bytes_per_worker: int  # sent per worker per outer step (its pseudo-gradient)
+    bytes_down_per_worker: int  # received per worker per outer step (global parameters)
+    tenant_bytes: int  # received by the tenant per outer step
     time_s: float  # over the link, tenant-bound
     ddp_bytes_per_step: int  # per device, one DDP all-reduce
     ddp_bytes_per_outer_step: int  # per device, H DDP all-reduces
@@ -208,8 +210,9 @@ class OuterTraffic:
     def summary(self) -> str:
         return (
             f"each outer step (every {self.inner_steps} steps) a worker sends "
-            f"{_size(self.bytes_per_worker)} and receives as much; the tenant relays "
-            f"{_size(self.tenant_bytes)} each way, {self.time_s:.3g} s over the {self.link}. "
+            f"{_size(self.bytes_per_worker)} and receives {_size(self.bytes_down_per_worker)}; "
+            f"the tenant takes in {_size(self.tenant_bytes)}, {self.time_s:.3g} s both ways "
+            f"over the {self.link}. "
             f"DDP would send {_size(self.ddp_bytes_per_step)} per device every step, "
             f"{_size(self.ddp_bytes_per_outer_step)} over the same {self.inner_steps} "
             f"steps: {self.reduction:.3g}x less"
@@ -234,18 +237,105 @@ def outer_traffic(
 ) -> OuterTraffic:
     """The figures of :class:`OuterTraffic` for one job."""
     per_worker = parameters * WIRE_BYTES[compression] + HEADER_BYTES
+    down = parameters * WIRE_BYTES["fp32"] + HEADER_BYTES
     tenant = per_worker * workers
     ddp = sync_bytes(TrainingShape(world_size, parameters, gradient_bytes, 1))
     return OuterTraffic(
         workers=workers,
         inner_steps=inner_steps,
         bytes_per_worker=per_worker,
+        bytes_down_per_worker=down,
         tenant_bytes=tenant,
-        time_s=tenant / link.bandwidth + 2 * link.latency_s,
+        time_s=(tenant + down * workers) / link.bandwidth + 2 * link.latency_s,
         ddp_bytes_per_step=ddp,
         ddp_bytes_per_outer_step=ddp * inner_steps,
         link=link.name,
     )
+
+
+# --- the outer loop, at the tenant -------------------------------------------------------
+
+
+@dataclass
+class OuterLoop:
+    """The tenant's side of DiLoCo as a state machine: joins, reports, outer steps.
+
+    A worker joins with its starting parameters (the first join sets the global ones;
+    a later one, e.g. a replacement, gets the current global parameters). It then
+    reports one pseudo-gradient per round. A round's outer step is taken when every
+    live worker has reported, or ``round_timeout_ms`` after the first report with
+    whoever reported by then (a worker lost mid-round does not stop the job; a late
+    pseudo-gradient counts in the next round). ``now_ms`` is passed in; nothing sleeps.
+    """
+
+    total_steps: int
+    round_timeout_ms: int
+    lr: float = OUTER_LR
+    momentum: float = OUTER_MOMENTUM
+    optimizer: OuterOptimizer | None = None
+    pending: dict[str, array[float]] = field(default_factory=dict)
+    round_started_ms: int | None = None
+    history: list[tuple[int, int]] = field(default_factory=list)  # (outer step, reporters)
+
+    @property
+    def outer_step(self) -> int:
+        return 0 if self.optimizer is None else self.optimizer.steps
+
+    @property
+    def done(self) -> bool:
+        return self.outer_step >= self.total_steps
+
+    def join(self, params: Sequence[float] | array[float]) -> bytes:
+        """A worker's starting parameters in; the current global parameters out."""
+        if self.optimizer is None:
+            self.optimizer = OuterOptimizer(array("f", params), self.lr, self.momentum)
+        elif len(params) != len(self.optimizer.params):
+            raise BlobError(
+                f"a worker joined with {len(params)} parameters, the job has "
+                f"{len(self.optimizer.params)}"
+            )
+        return self.answer()
+
+    def answer(self) -> bytes:
+        """The global parameters as a worker receives them (fp32, with the step and done)."""
+        assert self.optimizer is not None
+        return encode_blob(self.optimizer.params, outer_step=self.outer_step, done=self.done)
+
+    def report(self, worker: str, pseudo_gradient: array[float], now_ms: int) -> None:
+        """A worker's pseudo-gradient for the current round (a second one replaces it)."""
+        assert self.optimizer is not None, "a worker reports only after joining"
+        if len(pseudo_gradient) != len(self.optimizer.params):
+            raise BlobError(
+                f"a pseudo-gradient of {len(pseudo_gradient)} values for "
+                f"{len(self.optimizer.params)} parameters"
+            )
+        if self.round_started_ms is None:
+            self.round_started_ms = now_ms
+        self.pending[worker] = pseudo_gradient
+
+    def deadline_ms(self) -> int | None:
+        """When the current round steps without the workers still missing."""
+        if self.round_started_ms is None:
+            return None
+        return self.round_started_ms + self.round_timeout_ms
+
+    def ready(self, live: Iterable[str], now_ms: int) -> bool:
+        """Whether to take the outer step now."""
+        if not self.pending or self.done:
+            return False
+        missing = set(live) - set(self.pending)
+        deadline = self.deadline_ms()
+        return not missing or (deadline is not None and now_ms >= deadline)
+
+    def step(self) -> list[str]:
+        """Average the pending pseudo-gradients, apply Nesterov; the workers answered."""
+        assert self.optimizer is not None
+        reporters = sorted(self.pending)
+        self.optimizer.step([self.pending[w] for w in reporters])
+        self.history.append((self.outer_step, len(reporters)))
+        self.pending.clear()
+        self.round_started_ms = None
+        return reporters
 
 
 # --- the split ----------------------------------------------------------------------

@@ -46,6 +46,7 @@ from node.provider.executor import ResourceLimits
 from node.provider.inventory import Inventory, build_inventory
 from node.provider.sandbox import NVIDIA_CONTROL_NODES, SandboxExecutor
 from node.provider.service import ProviderService
+from node.provider.sync import SyncService
 from node.provider.work import WorkService
 from node.store.node_store import Store
 from protocol.errors import MercatoError, RequestTimeoutError, TooLargeError, http_status
@@ -307,6 +308,7 @@ class Daemon:
                 allow_network=sb.allow_network,
                 workspaces=config.workspaces,
             )
+            SyncService(node, work, executor)
         info: dict[str, Any] = {"node_id": identity.node_id, "role": config.node.role}
         status = StatusSource(
             node=node,

@@ -15,6 +15,7 @@ from market.diloco import (
     OUTER_LR,
     OUTER_MOMENTUM,
     BlobError,
+    OuterLoop,
     OuterOptimizer,
     decode_blob,
     encode_blob,
@@ -112,7 +113,9 @@ class TestTraffic:
         assert t.bytes_per_worker == 4 * 10**9 + HEADER_BYTES
         assert t.reduction > 500  # 500 x 5/3
         assert t.tenant_bytes == 3 * t.bytes_per_worker
-        assert t.time_s == pytest.approx(t.tenant_bytes / WAN.bandwidth + 2 * WAN.latency_s)
+        assert t.bytes_down_per_worker == 4 * 10**9 + HEADER_BYTES
+        both = t.tenant_bytes + 3 * t.bytes_down_per_worker
+        assert t.time_s == pytest.approx(both / WAN.bandwidth + 2 * WAN.latency_s)
 
     def test_int8_sends_a_quarter_of_fp32(self) -> None:
         f = outer_traffic(10**6, 3, 100, 3, 4, "fp32")
@@ -184,3 +187,46 @@ class TestOuterOptimizer:
     def test_a_wrong_length_is_refused(self) -> None:
         with pytest.raises(ValueError, match="values for"):
             OuterOptimizer(array("f", [0.0, 1.0])).step([[1.0]])
+
+
+class TestOuterLoop:
+    def test_the_first_join_sets_the_global_parameters_a_later_one_gets_them(self) -> None:
+        loop = OuterLoop(total_steps=3, round_timeout_ms=1000)
+        assert list(decode_blob(loop.join([1.0, 2.0])).values) == [1.0, 2.0]
+        # A replacement with other starting parameters starts from the global ones.
+        assert list(decode_blob(loop.join([9.0, 9.0])).values) == [1.0, 2.0]
+
+    def test_steps_when_every_live_worker_reported(self) -> None:
+        loop = OuterLoop(total_steps=3, round_timeout_ms=1000)
+        loop.join([0.0])
+        loop.report("a", array("f", [1.0]), now_ms=0)
+        assert not loop.ready({"a", "b"}, now_ms=10)
+        loop.report("b", array("f", [3.0]), now_ms=20)
+        assert loop.ready({"a", "b"}, now_ms=20)
+        assert loop.step() == ["a", "b"]
+        assert loop.outer_step == 1
+        assert decode_blob(loop.answer()).outer_step == 1
+
+    def test_a_lost_worker_does_not_stop_the_round_after_the_deadline(self) -> None:
+        loop = OuterLoop(total_steps=3, round_timeout_ms=1000)
+        loop.join([0.0])
+        loop.report("a", array("f", [1.0]), now_ms=5000)
+        assert not loop.ready({"a", "b"}, now_ms=5999)
+        assert loop.ready({"a", "b"}, now_ms=6000)
+        assert loop.step() == ["a"]
+        assert loop.history == [(1, 1)]
+
+    def test_the_last_answer_says_done(self) -> None:
+        loop = OuterLoop(total_steps=1, round_timeout_ms=1000)
+        loop.join([0.0])
+        loop.report("a", array("f", [1.0]), now_ms=0)
+        loop.step()
+        assert loop.done
+        assert decode_blob(loop.answer()).done
+        assert not loop.ready({"a"}, now_ms=0)
+
+    def test_a_pseudo_gradient_of_the_wrong_size_is_refused(self) -> None:
+        loop = OuterLoop(total_steps=1, round_timeout_ms=1000)
+        loop.join([0.0, 0.0])
+        with pytest.raises(BlobError, match="parameters"):
+            loop.report("a", array("f", [1.0]), now_ms=0)
