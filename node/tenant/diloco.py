@@ -117,7 +117,7 @@ class DilocoRunner:
         self._cancelled = asyncio.Event()
         self._changed = asyncio.Event()
         self._uploaded: set[str] = set()
-        self._spawn: Callable[[Worker], None] | None = None
+        self._plan: Plan | None = None
 
     def cancel(self) -> None:
         self._cancelled.set()
@@ -368,8 +368,10 @@ class DilocoRunner:
             return
         while self.replacements_left > 0 and not self.loop.done and not self._cancelled.is_set():
             self.replacements_left -= 1
-            p = await self.plan()
-            rows = await self._lease(p, 1)
+            # One more unit of the planned worker size (not a new plan of the whole job).
+            assert self._plan is not None
+            await self.tenant.refresh(self.peer)
+            rows = await self._lease(self._plan, 1)
             if rows:
                 for nw in self._new_workers(rows):
                     self.on_event(f"replacement {nw.name} for {w.name}")
@@ -429,6 +431,7 @@ class DilocoRunner:
             self.on_event(report.message)
             return report
         self.on_event(p.split.describe())
+        self._plan = p
         rows = await self._lease(p, p.units)
         if sum(r.units for r in rows) < p.units:
             more = await self._lease(p, p.units - sum(r.units for r in rows))

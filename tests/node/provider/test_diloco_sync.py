@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,8 @@ from tests.node.provider.test_hostile_work import (
     Buyer,
     Market,
     assign,
-    market,  # noqa: F401  (the fixture)
+    start_market,
+    stop_market,
     workspace,
 )
 
@@ -31,6 +33,16 @@ pytestmark = pytest.mark.skipif(
     not __import__("node.provider.sandbox", fromlist=["probe_bwrap"]).probe_bwrap().ok,
     reason="needs bubblewrap",
 )
+
+
+@pytest.fixture
+async def market(tmp_path: Path) -> AsyncIterator[Market]:
+    m = await start_market(tmp_path)
+    try:
+        yield m
+    finally:
+        await stop_market(m)
+
 
 WORKER = """
 from mercato_trial.diloco import exchange, decode
@@ -119,10 +131,14 @@ class TestHostileWorker:
             "time.sleep(30)\n"
         )
         await start_worker(buyer, tmp_path, "w0", code)
-        with pytest.raises(BadBlobError, match="not a regular file"):
+
+        async def until_refused() -> None:
             for _ in range(20):
                 body = await query(buyer, "w0")
                 assert not isinstance(body, SyncChunk), "the provider's file was sent"
+
+        with pytest.raises(BadBlobError, match="not a regular file"):
+            await until_refused()
         await buyer.client.cancel("w0", "done")
 
     async def test_a_blob_that_fails_its_hash_never_reaches_the_worker(

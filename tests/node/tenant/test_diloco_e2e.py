@@ -198,8 +198,8 @@ class TestElastic:
         text = "".join(err)
         summary = json.loads(stdout)
         assert summary["state"] == "done", text
-        assert "lost" in text
-        assert "replacement" in text
+        assert "lost" in text, text
+        assert "replacement" in text, text
         assert "outer step 8/8" in text
         with Store(home / "tenant" / "node.sqlite") as store:
             mine = [x for x in store.list_leases() if x.job_id == summary["job_id"]]
