@@ -402,9 +402,11 @@ class DilocoRunner:
     async def _rounds(self) -> None:
         """Take each outer step when every live worker reported or the round timed out."""
         while not self.loop.done and not self._cancelled.is_set():
-            live = {w.name for w in self.workers if w.alive}
-            if not live and self.replacements_left <= 0:
+            if not any(w.alive for w in self.workers) and self.replacements_left <= 0:
                 return
+            # Waited for: the live workers that have joined. A replacement still starting
+            # (upload, imports, its first H steps) must not hold up the others' rounds.
+            live = {w.name for w in self.workers if w.alive and w.seq > 0}
             if self.loop.ready(live, self.tenant.clock()):
                 began = time.monotonic()
                 reporters = self.loop.step()
