@@ -86,6 +86,16 @@ class SyncService:
         self._out: dict[tuple[str, str, int], _Outgoing] = {}
         self._in: dict[tuple[str, str, int], _Incoming] = {}
         node.handlers.update({SyncQuery.TYPE: self._on_query, SyncChunk.TYPE: self._on_chunk})
+        work.provider.on_lease_end.append(self._lease_ended)
+
+    def _lease_ended(self, lease: object) -> None:
+        """Drop the blobs of tasks that are gone or under the lease that ended."""
+        lease_id = getattr(lease, "lease_id", None)
+        for d in (self._out, self._in):
+            for key in list(d):
+                task = self.work.tasks.get(key[:2])
+                if task is None or task.assign.lease_id == lease_id:
+                    del d[key]
 
     def _task(self, tenant: str, lease_id: str, task_id: str) -> Task:
         self.work._lease(lease_id, tenant)  # not found / not active, as for tasks

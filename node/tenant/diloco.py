@@ -59,6 +59,7 @@ class Worker:
     client: TaskClient
     seq: int = 0
     alive: bool = True
+    replacement: bool = False
     result: TaskResult | None = None
     answered: asyncio.Event = field(default_factory=asyncio.Event)
     bytes_up: int = 0
@@ -223,6 +224,7 @@ class DilocoRunner:
         while True:
             if not w.alive or self._cancelled.is_set():
                 return None
+            asked = time.monotonic()
             try:
                 body = await w.client.send(
                     SyncQuery(
@@ -244,6 +246,8 @@ class DilocoRunner:
             if isinstance(body, SyncStatus):
                 if w.result is not None:
                     return None
+                if time.monotonic() - asked < 0.1:  # answered at once: the task has ended
+                    await asyncio.sleep(0.2)  # and its result is on its way to _follow
                 continue
             if not isinstance(body, SyncChunk) or body.task_id != w.task_id or body.seq != w.seq:
                 raise WorkerLost(f"{w.name}: unexpected answer to sync_query")
@@ -374,6 +378,7 @@ class DilocoRunner:
             rows = await self._lease(self._plan, 1)
             if rows:
                 for nw in self._new_workers(rows):
+                    nw.replacement = True
                     self.on_event(f"replacement {nw.name} for {w.name}")
                     tg.create_task(self._guard(nw, tg))
                 return
@@ -404,9 +409,9 @@ class DilocoRunner:
         while not self.loop.done and not self._cancelled.is_set():
             if not any(w.alive for w in self.workers) and self.replacements_left <= 0:
                 return
-            # Waited for: the live workers that have joined. A replacement still starting
-            # (upload, imports, its first H steps) must not hold up the others' rounds.
-            live = {w.name for w in self.workers if w.alive and w.seq > 0}
+            # Waited for: the live workers of the first lease, and replacements once they
+            # have joined: one still starting (upload, imports) must not hold up a round.
+            live = {w.name for w in self.workers if w.alive and (w.seq > 0 or not w.replacement)}
             if self.loop.ready(live, self.tenant.clock()):
                 began = time.monotonic()
                 reporters = self.loop.step()
