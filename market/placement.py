@@ -188,7 +188,10 @@ def _plan_training(
     c = classify_training(shape, ref_flops, utilisation_pct=util)
     n = shape.world_size
     base = spec.requirement()
-    if c.workload is WorkloadClass.LOOSELY_COUPLED and shape.sync_method == "diloco":
+    if shape.sync_method == "diloco" and n > 1:
+        # A DiLoCo trainer waits for its outer steps, so it always runs under the
+        # tenant's coordinator: across providers when loosely coupled, else as one
+        # worker on one fast fabric (never split).
         return _plan_diloco(spec, shape, c, live, reputation, util)
     gang = c.workload is WorkloadClass.BANDWIDTH_BOUND or n > 1
     req = Requirement(
@@ -281,6 +284,8 @@ def _plan_diloco(
     t = spec.training
     assert t is not None
     base = spec.requirement()
+    bound = c.workload is WorkloadClass.BANDWIDTH_BOUND
+    need = c.required_bandwidth or 0
     offers: list[Offer] = []
     candidates: list[Candidate] = []
     for a in live:
@@ -290,7 +295,8 @@ def _plan_diloco(
         g = max(groups, key=lambda g: len(g.free))
         ic = a.interconnect
         over = spec.budget.max_price is not None and g.price_floor > spec.budget.max_price
-        if not over and g.free:
+        slow = bound and ic.bandwidth < need
+        if not over and not slow and g.free:
             offers.append(
                 Offer(
                     a.provider,
@@ -304,7 +310,13 @@ def _plan_diloco(
                 )
             )
         rep = reputation.get(a.provider, NEUTRAL)
-        why = "floor above the budget's max price" if over else ("" if g.free else "no free device")
+        why = (
+            "floor above the budget's max price"
+            if over
+            else f"{ic.kind} gives {ic.bandwidth / 1e9:.3g} GB/s, needs {need / 1e9:.3g}"
+            if slow
+            else ("" if g.free else "no free device")
+        )
         candidates.append(
             Candidate(
                 a.provider,
@@ -325,7 +337,7 @@ def _plan_diloco(
         offers,
         steps=t.steps,
         util=util,
-        workers=t.sync.workers,
+        workers=1 if bound else t.sync.workers,
         compression=t.sync.compression,
     )
     k = split.devices_per_worker if split is not None else shape.world_size // (t.sync.workers or 1)
@@ -336,6 +348,7 @@ def _plan_diloco(
         min_memory_bytes=base.min_memory_bytes,
         min_fp16_flops=base.min_fp16_flops,
         devices_per_unit=max(1, k),
+        min_interconnect=need if bound else 0,
         gang=False,
     )
     out = Plan("training", c, req, units=units, split=split)

@@ -23,7 +23,8 @@ from market.diloco import (
 )
 from market.jobspec import parse_job
 from market.placement import plan
-from tests.market.test_matching import PCIE, advert, group, node
+from protocol.messages import Interconnect
+from tests.market.test_matching import GB, PCIE, advert, group, node
 
 DILOCO_JOB = """
 name: diloco
@@ -89,6 +90,18 @@ class TestSplitAcrossProviders:
         assert p.split is not None
         assert len(p.split.workers) == 6
         assert p.split.devices_per_worker == 1
+
+    def test_a_bandwidth_bound_diloco_job_stays_one_worker_on_one_fast_fabric(self) -> None:
+        job = DILOCO_JOB.replace("inner_steps: 500", "inner_steps: 5")
+        nvlink = Interconnect(kind="nvlink", bandwidth=450 * GB, gang_size=8)
+        box = advert(node("z"), group(n=6, price=900_000), interconnect=nvlink)
+        p = plan(parse_job(job), [*small_providers(3, 2), box])
+        assert p.classification.workload.value == "bandwidth_bound"
+        assert p.split is not None
+        assert [w.provider for w in p.split.workers] == [node("z")]
+        assert p.requirement.devices_per_unit == 6
+        assert p.requirement.min_interconnect > 0
+        assert not plan(parse_job(job), small_providers(3, 2)).placeable
 
     def test_not_enough_free_devices_says_so(self) -> None:
         p = plan(parse_job(DILOCO_JOB), small_providers(2, 2))
