@@ -407,6 +407,38 @@ def build() -> list[dict[str, Any]]:
         {**note, "countersigns": note_hash},
         p,
     )
+    # DiLoCo: a worker's pseudo-gradient (a 20-byte header and two fp32 values).
+    blob = b"MDL1" + bytes(4) + (2).to_bytes(4, "little") + (3).to_bytes(4, "little")
+    blob += bytes(4) + struct.pack("<2f", 0.5, -0.25)
+    add(
+        "tenant long-polls worker w0 for its pseudo-gradient of outer step 3",
+        tenant,
+        "sync_query",
+        {"lease_id": "lease-9", "task_id": "w0", "seq": 3, "offset": 0, "wait_ms": 10_000},
+        p,
+    )
+    add(
+        "provider hands over the worker's whole pseudo-gradient in one chunk",
+        provider,
+        "sync_chunk",
+        {
+            "lease_id": "lease-9",
+            "task_id": "w0",
+            "seq": 3,
+            "blob_hash": hashlib.sha256(blob).hexdigest(),
+            "offset": 0,
+            "total_size": len(blob),
+            "data": blob,
+        },
+        t,
+    )
+    add(
+        "provider holds the new global parameters for w0, hash verified",
+        provider,
+        "sync_status",
+        {"lease_id": "lease-9", "task_id": "w0", "seq": 3, "received": len(blob), "complete": True},
+        t,
+    )
     return vectors
 
 

@@ -878,11 +878,23 @@ class SyncConfig(_Model):
 
     method: Literal["ddp", "diloco"] = "ddp"
     inner_steps: Annotated[int, Field(ge=1, le=1_000_000)] = 1
+    #: DiLoCo only: how many workers (None: the planner picks the cheapest split).
+    workers: Annotated[int, Field(ge=1, le=1024)] | None = None
+    #: DiLoCo only: how the outer step's blobs travel (market/diloco.py).
+    compression: Literal["fp32", "fp16", "int8"] = "fp32"
+    #: DiLoCo only: how long an outer step waits for late workers once one reported.
+    round_timeout_ms: Annotated[
+        int, BeforeValidator(_none_or(parse_duration_ms)), Field(ge=1, le=24 * 3_600_000)
+    ] = Field(default=120_000, validation_alias="round_timeout")
+    #: DiLoCo only: workers replaced after their provider is lost.
+    replacements: Annotated[int, Field(ge=0, le=100)] = 2
 
     @model_validator(mode="after")
     def _ddp_syncs_every_step(self) -> SyncConfig:
         if self.method == "ddp" and self.inner_steps != 1:
             raise ValueError("ddp synchronises every step: inner_steps belongs to diloco")
+        if self.method == "ddp" and (self.workers is not None or self.compression != "fp32"):
+            raise ValueError("workers and compression belong to diloco")
         return self
 
 

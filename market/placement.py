@@ -8,7 +8,7 @@ use the same plan to build their orders, so what is planned is what is ordered.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from market.catalog import DEFAULT_UTILISATION_PCT, lookup
 from market.classify import (
@@ -24,6 +24,7 @@ from market.classify import (
     required_bandwidth,
     sync_time_s,
 )
+from market.diloco import Offer, Split, choose_split
 from market.jobspec import JobSpec
 from market.matching import describe, matching_groups
 from market.reputation import NEUTRAL, Reputation
@@ -61,6 +62,8 @@ class Plan:
     units: int
     candidates: list[Candidate] = field(default_factory=list)
     missing: str | None = None
+    #: Loosely coupled DiLoCo jobs: the workers, each a gang on one provider.
+    split: Split | None = None
 
     @property
     def placeable(self) -> bool:
@@ -185,6 +188,11 @@ def _plan_training(
     c = classify_training(shape, ref_flops, utilisation_pct=util)
     n = shape.world_size
     base = spec.requirement()
+    if shape.sync_method == "diloco" and n > 1:
+        # A DiLoCo trainer waits for its outer steps, so it always runs under the
+        # tenant's coordinator: across providers when loosely coupled, else as one
+        # worker on one fast fabric (never split).
+        return _plan_diloco(spec, shape, c, live, reputation, util)
     gang = c.workload is WorkloadClass.BANDWIDTH_BOUND or n > 1
     req = Requirement(
         kind=base.kind,
@@ -256,5 +264,107 @@ def _plan_training(
         out.missing = (
             f"no provider advertises {n} free {describe(base)} devices{fabric}"
             f"{_budget(spec)} (classified with {ref_name} figures)"
+        )
+    return out
+
+
+def _plan_diloco(
+    spec: JobSpec,
+    shape: TrainingShape,
+    c: Classification,
+    live: list[Advert],
+    reputation: Mapping[str, Reputation],
+    util: int,
+) -> Plan:
+    """A loosely coupled job as W workers (each a gang on one provider), cheapest split.
+
+    The order asks for W units of k devices without ``gang``: the auction may split
+    the units over providers, as a sweep's, while each unit stays on one fabric.
+    """
+    t = spec.training
+    assert t is not None
+    base = spec.requirement()
+    bound = c.workload is WorkloadClass.BANDWIDTH_BOUND
+    need = c.required_bandwidth or 0
+    offers: list[Offer] = []
+    candidates: list[Candidate] = []
+    for a in live:
+        groups = matching_groups(base, a)
+        if not groups:
+            continue
+        g = max(groups, key=lambda g: len(g.free))
+        ic = a.interconnect
+        over = spec.budget.max_price is not None and g.price_floor > spec.budget.max_price
+        slow = bound and ic.bandwidth < need
+        if not over and not slow and g.free:
+            offers.append(
+                Offer(
+                    a.provider,
+                    a.address,
+                    g.model,
+                    len(g.free),
+                    ic.gang_size,
+                    ic.bandwidth,
+                    g.fp16_flops,
+                    g.price_floor,
+                )
+            )
+        rep = reputation.get(a.provider, NEUTRAL)
+        why = (
+            "floor above the budget's max price"
+            if over
+            else f"{ic.kind} gives {ic.bandwidth / 1e9:.3g} GB/s, needs {need / 1e9:.3g}"
+            if slow
+            else ("" if g.free else "no free device")
+        )
+        candidates.append(
+            Candidate(
+                a.provider,
+                a.address,
+                g.model,
+                len(g.free),
+                ic.kind,
+                ic.bandwidth,
+                ic.gang_size,
+                g.price_floor,
+                float(rep.success()),
+                not why,
+                why,
+            )
+        )
+    split = choose_split(
+        shape,
+        offers,
+        steps=t.steps,
+        util=util,
+        workers=1 if bound else t.sync.workers,
+        compression=t.sync.compression,
+    )
+    k = split.devices_per_worker if split is not None else shape.world_size // (t.sync.workers or 1)
+    units = shape.world_size // max(1, k)
+    req = Requirement(
+        kind=base.kind,
+        model=base.model,
+        min_memory_bytes=base.min_memory_bytes,
+        min_fp16_flops=base.min_fp16_flops,
+        devices_per_unit=max(1, k),
+        min_interconnect=need if bound else 0,
+        gang=False,
+    )
+    out = Plan("training", c, req, units=units, split=split)
+    if split is not None:
+        chosen = {w.provider for w in split.workers}
+        candidates.sort(key=lambda x: (not x.fits, x.provider not in chosen, x.price, x.provider))
+        for i, x in enumerate(candidates):
+            if x.provider in chosen and split.runtime_s is not None:
+                mine = sum(1 for w in split.workers if w.provider == x.provider)
+                cost = -(-int(x.price * k * mine * split.runtime_s * 1000) // 3_600_000)
+                candidates[i] = replace(x, runtime_s=split.runtime_s, cost=cost)
+    out.candidates = candidates
+    if split is None:
+        fixed = f"{t.sync.workers} workers" if t.sync.workers else "any split"
+        out.missing = (
+            f"no {fixed} of {shape.world_size} {describe(base)} devices into DiLoCo workers "
+            f"(each a gang on one provider) fits the free devices now{_budget(spec)}"
         )
     return out

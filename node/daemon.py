@@ -52,6 +52,7 @@ from node.provider.executor import ResourceLimits
 from node.provider.inventory import Inventory, build_inventory
 from node.provider.sandbox import NVIDIA_CONTROL_NODES, WORK_DIR, SandboxExecutor
 from node.provider.service import ProviderService
+from node.provider.sync import SyncService
 from node.provider.work import WorkService
 from node.store.node_store import Store
 from protocol.errors import MercatoError, RequestTimeoutError, TooLargeError, http_status
@@ -323,6 +324,7 @@ class Daemon:
                 lambda run_id: sandbox_root / run_id / WORK_DIR,
                 body_timeout_s=config.http.body_timeout_s,
             )
+            SyncService(node, work, executor)
         info: dict[str, Any] = {"node_id": identity.node_id, "role": config.node.role}
         status = StatusSource(
             node=node,

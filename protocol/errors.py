@@ -229,6 +229,13 @@ class BadWorkspaceError(MercatoError):
     http_status = 400
 
 
+class BadBlobError(RemoteProtocolError):
+    """A DiLoCo outer-step blob fails its hash, or is not a regular file of the worker's."""
+
+    code = "bad_blob"
+    http_status = 400
+
+
 class ForbiddenError(MercatoError):
     """The client's address may not use this endpoint (operator endpoints, ``allow_from``)."""
 

@@ -552,6 +552,66 @@ class Cancel(Body):
     reason: Text = ""
 
 
+# --- DiLoCo outer steps --------------------------------------------------------------
+
+#: Largest blob (a worker's pseudo-gradient or the global parameters) one outer step may
+#: carry: 2^32 bytes, a billion fp32 parameters. Providers may cap it lower.
+MAX_SYNC_BLOB = 1 << 32
+SyncSeq = Annotated[int, Field(ge=0, le=1_000_000)]
+
+
+class SyncQuery(Body):
+    """Tenant asks for the blob a DiLoCo worker handed its provider's daemon (from ``offset``).
+
+    ``seq`` counts the worker's hand-overs: 0 is its starting parameters (it joins), then
+    one pseudo-gradient per outer step. The provider may hold the answer ``wait_ms``;
+    the answer is a ``sync_chunk`` or, if the worker has not handed ``seq`` over yet, a
+    ``sync_status`` with ``received`` 0.
+    """
+
+    TYPE = "sync_query"
+    lease_id: Ident
+    task_id: Ident
+    seq: SyncSeq
+    offset: Bytes_ = 0
+    wait_ms: Annotated[int, Field(ge=0, le=30_000)] = 0
+
+
+class SyncChunk(Body):
+    """One piece of an outer-step blob: worker -> tenant as the reply to ``sync_query``,
+    tenant -> worker (the new global parameters) as a request, in order.
+
+    ``blob_hash`` is the SHA-256 of the whole blob: the receiver refuses a blob whose
+    bytes do not hash to it.
+    """
+
+    TYPE = "sync_chunk"
+    lease_id: Ident
+    task_id: Ident
+    seq: SyncSeq
+    blob_hash: Sha256Hex
+    offset: Bytes_
+    total_size: Annotated[int, Field(ge=1, le=MAX_SYNC_BLOB)]
+    data: Annotated[bytes, Field(max_length=512 * 1024)]
+
+    @model_validator(mode="after")
+    def _inside(self) -> SyncChunk:
+        if self.offset + len(self.data) > self.total_size:
+            raise ValueError("data runs past total_size")
+        return self
+
+
+class SyncStatus(Body):
+    """How much of an outer-step blob the receiver holds; ``complete`` once hash-verified."""
+
+    TYPE = "sync_status"
+    lease_id: Ident
+    task_id: Ident
+    seq: SyncSeq
+    received: Bytes_
+    complete: bool
+
+
 # --- operator -------------------------------------------------------------------
 
 
@@ -593,6 +653,9 @@ MESSAGE_TYPES: dict[str, type[Body]] = {
         Heartbeat,
         Cancel,
         PriceUpdate,
+        SyncQuery,
+        SyncChunk,
+        SyncStatus,
     )
 }
 

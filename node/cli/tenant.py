@@ -441,6 +441,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     }
     if estimate is not None:
         data["estimate"] = estimate
+    if p.split is not None:
+        data["split"] = _split_data(p.split)
     if args.json:
         print(json.dumps(data, indent=2))
         return EXIT_OK if p.placeable else EXIT_ERROR
@@ -471,11 +473,40 @@ def cmd_plan(args: argparse.Namespace) -> int:
             "-" if cost is None else _credits(cost),
         )
     Console().print(table)
+    if p.split is not None:
+        print(f"split: {p.split.describe()}")
+        print(f"  outer step traffic: {p.split.traffic.summary()}")
+        for line in p.split.considered:
+            print(f"  considered {line}")
     if estimate is not None:
         print(estimate["text"])
     if p.missing:
         print(f"cannot place it now: {p.missing}")
     return EXIT_OK if p.placeable else EXIT_ERROR
+
+
+def _split_data(split: Any) -> dict[str, Any]:
+    """A DiLoCo split as JSON: the workers and the traffic per outer step against DDP."""
+    t = split.traffic
+    return {
+        "devices_per_worker": split.devices_per_worker,
+        "workers": [
+            {"provider": w.provider, "model": w.model, "devices": w.devices, "price": w.price}
+            for w in split.workers
+        ],
+        "expected_runtime_s": split.runtime_s,
+        "expected_cost_micro_credits": split.cost,
+        "outer_step": {
+            "inner_steps": t.inner_steps,
+            "bytes_per_worker": t.bytes_per_worker,
+            "tenant_bytes": t.tenant_bytes,
+            "time_s_over_wan": t.time_s,
+            "ddp_bytes_per_step": t.ddp_bytes_per_step,
+            "ddp_bytes_per_outer_step": t.ddp_bytes_per_outer_step,
+            "reduction": t.reduction,
+        },
+        "considered": list(split.considered),
+    }
 
 
 def _sweep_estimate(spec: Any, p: Any, parallel: int) -> dict[str, Any] | None:

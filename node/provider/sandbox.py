@@ -424,6 +424,10 @@ class SandboxExecutor:
             raise TrialAlreadyRunningError(f"trial {task_id} is still running")
         _remove_tree(self.root_dir / task_id)
 
+    def work_dir(self, task_id: str) -> Path:
+        """Where a trial works: its DiLoCo mailbox (node/provider/sync.py) lives there."""
+        return self.root_dir / task_id / WORK_DIR
+
     def _prepare(self, spec: TrialSpec) -> Path:
         trial_dir = self.root_dir / spec.task_id
         _remove_tree(trial_dir)

@@ -371,22 +371,38 @@ async def drive_gang(
     job: JobRow, spec: JobSpec, workspace: bytes, *, peer: str, store: Store, home: NodeHome
 ) -> None:
     """Run a training or service job on one gang; its run is stored as trial 0."""
+    from node.tenant.diloco import DilocoRunner
     from node.tenant.gang import GangRunner
 
     transport = tenant_transport(peer)
     tenant = Tenant(home.load_or_create_identity(), store, transport)
     jobs = JobStore(store)
-    runner = GangRunner(
-        tenant,
-        store,
-        spec,
-        workspace,
-        job.workspace_hash,
-        peer=peer,
-        log_path=job_dir(home, job.job_id) / "logs" / "0.log",
-        on_event=lambda m: print(f"[{job.job_id}] {m}", file=sys.stderr, flush=True),
-        job_id=job.job_id,
-    )
+    runner: GangRunner | DilocoRunner
+    if spec.training is not None and spec.training.sync.method == "diloco":
+        # Loosely coupled or not, a DiLoCo job's workers talk only through the tenant.
+        runner = DilocoRunner(
+            tenant,
+            store,
+            spec,
+            workspace,
+            job.workspace_hash,
+            peer=peer,
+            log_dir=job_dir(home, job.job_id) / "logs" / "diloco",
+            on_event=lambda m: print(f"[{job.job_id}] {m}", file=sys.stderr, flush=True),
+            job_id=job.job_id,
+        )
+    else:
+        runner = GangRunner(
+            tenant,
+            store,
+            spec,
+            workspace,
+            job.workspace_hash,
+            peer=peer,
+            log_path=job_dir(home, job.job_id) / "logs" / "0.log",
+            on_event=lambda m: print(f"[{job.job_id}] {m}", file=sys.stderr, flush=True),
+            job_id=job.job_id,
+        )
 
     async def watch_cancel() -> None:
         while True:

@@ -162,6 +162,11 @@ EXAMPLES: dict[str, Body] = {
     "heartbeat": m.Heartbeat(lease_id="lease-9", seq=12, running=["trial-0003"]),
     "cancel": m.Cancel(lease_id="lease-9", task_id="trial-0003", reason="sweep finished"),
     "price_update": m.PriceUpdate(floors={"H100-SXM": 2_400_000, "L4": 380_000}),
+    "sync_query": m.SyncQuery(lease_id="lease-9", task_id="w0", seq=3, wait_ms=10_000),
+    "sync_chunk": m.SyncChunk(
+        lease_id="lease-9", task_id="w0", seq=3, blob_hash=SHA, offset=0, total_size=4, data=b"MDL1"
+    ),
+    "sync_status": m.SyncStatus(lease_id="lease-9", task_id="w0", seq=3, received=4, complete=True),
 }
 
 #: Who sends each type; open_envelope insists that signer and named party agree.
@@ -178,6 +183,7 @@ SENDER = {
         "task_result",
         "receipt",
         "workspace_status",
+        "sync_status",
     }
     else TENANT
     for name in EXAMPLES

@@ -37,6 +37,7 @@ NODE_CODES = {
     "unexpected_message",
     "spec_mismatch",
     "not_found",
+    "bad_blob",
 }
 
 #: docs/protocol.md section 3: weak keys, by the y of their encoding.
@@ -276,7 +277,8 @@ DOC_TYPES = {
     "hello", "peer_list", "advert", "directory_request", "directory", "order", "bid",
     "no_bid", "award", "accept", "decline", "release", "task_assign", "task_status",
     "task_query", "task_result", "workspace_chunk", "workspace_status", "receipt",
-    "heartbeat", "cancel", "price_update", "debit_note",
+    "heartbeat", "cancel", "price_update", "debit_note", "sync_query", "sync_chunk",
+    "sync_status",
 }  # fmt: skip
 DOC_SIGNER_FIELDS = {
     "advert": "provider",

@@ -1,0 +1,209 @@
+"""Issue 17 end to end: DiLoCo across providers, outer steps through the market.
+
+A real local cluster of small providers (1-2 devices each) and the real bubblewrap
+sandbox: examples/diloco is planned as several workers on different providers, its
+outer steps travel through the provider daemons (the trials have no network) to the
+tenant and back, the loss goes down and every outer step completes. Then a provider
+is SIGKILLed mid-run: the job carries on with the others and a replacement.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from node.cli import localcluster as cluster
+from node.cli.localcluster import Template
+from node.store.node_store import Store
+
+pytestmark = pytest.mark.cluster
+
+ROOT = Path(__file__).resolve().parents[3]
+JOB = """
+name: diloco-e2e
+kind: training
+training:
+  world_size: {world}
+  model: {{parameters: 1e9, gradient_bytes: 2}}
+  tokens_per_step: 8192
+  sync: {{method: diloco, inner_steps: 500, round_timeout: 20s, compression: {compression}}}
+  steps: {steps}
+  command: [train.py]
+  metric: {{name: loss, goal: minimize}}
+resources:
+  accelerator: gpu
+budget:
+  max_price: 5 credits
+limits:
+  trial_timeout: 5m
+"""
+# Three small providers (2 + 1 + 1 devices) and a dearer spare one.
+TEMPLATES = (
+    Template("sim-gpu-small", 2, 100_000, "pcie"),
+    Template("sim-gpu-small", 1, 110_000, "none"),
+    Template("sim-gpu-small", 1, 120_000, "none"),
+    Template("sim-gpu-small", 1, 300_000, "none"),
+)
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    pytest.importorskip("torch", reason="the DiLoCo example needs torch (pip install torch)")
+    h = tmp_path_factory.mktemp("diloco")
+    nodes = cluster.up(4, home=h, templates=TEMPLATES)
+    assert len(nodes) == 5
+    try:
+        yield h
+    finally:
+        cluster.down(home=h)
+
+
+def job_file(home: Path, name: str, *, world: int, steps: int, compression: str = "fp32") -> Path:
+    """examples/diloco with a job file of this test's size."""
+    d = home / name
+    d.mkdir(exist_ok=True)
+    (d / "train.py").write_text((ROOT / "examples" / "diloco" / "train.py").read_text())
+    (d / "job.yaml").write_text(JOB.format(world=world, steps=steps, compression=compression))
+    return d / "job.yaml"
+
+
+def env(home: Path) -> dict[str, str]:
+    e = {**os.environ, "MERCATO_HOME": str(home)}
+    e.pop("MERCATO_PEER", None)
+    return e
+
+
+def mercato(home: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "node.cli", *args],
+        env=env(home),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def records(home: Path) -> dict[str, cluster.NodeRecord]:
+    return {n.node_id: n for n in cluster.load_state(cluster.cluster_root(home))}
+
+
+def worker_lines(home: Path, job_id: str) -> dict[str, list[dict[str, float]]]:
+    logs = home / "tenant" / "jobs" / job_id / "logs" / "diloco"
+    out = {}
+    for path in sorted(logs.glob("w*.log")):
+        out[path.stem] = [
+            json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")
+        ]
+    return out
+
+
+class TestDilocoAcrossProviders:
+    def test_plan_splits_the_job_over_three_providers(self, home: Path) -> None:
+        out = mercato(home, "plan", str(job_file(home, "plan", world=4, steps=2000)), "--json")
+        assert out.returncode == 0, out.stdout + out.stderr
+        plan = json.loads(out.stdout)
+        assert plan["class"] == "loosely_coupled"
+        split = plan["split"]
+        assert len(split["workers"]) == 4
+        assert split["devices_per_worker"] == 1
+        assert len({w["provider"] for w in split["workers"]}) == 3
+        # fp32 pseudo-gradients vs bf16 all-reduces: 500 x 2(N-1)/N x 2/4 = 375x fewer bytes
+        assert split["outer_step"]["reduction"] == pytest.approx(375, rel=1e-3)
+        assert plan["order"]["gang"] is False
+        assert plan["order"]["devices_per_unit"] == 1
+
+    def test_the_loss_goes_down_and_every_outer_step_completes(self, home: Path) -> None:
+        job = job_file(home, "run", world=4, steps=2000)  # 4 outer steps
+        out = mercato(home, "submit", str(job), "--json")
+        assert out.returncode == 0, out.stdout + out.stderr
+        summary = json.loads(out.stdout)
+        assert summary["state"] == "done", out.stderr
+        assert "outer step 4/4: 4 of 4 live worker(s)" in out.stderr
+        lines = worker_lines(home, summary["job_id"])
+        assert len(lines) == 4
+        for name, records_ in lines.items():
+            steps = [r["outer_step"] for r in records_ if "worker" in r]
+            assert steps == [1, 2, 3, 4], name
+            losses = [r["loss"] for r in records_ if "worker" in r]
+            assert losses[-1] < losses[0], name
+        # Every worker ends on the same global parameters, so the same held-out loss.
+        finals = {round(r[-1]["loss"], 6) for r in lines.values()}
+        assert len(finals) == 1
+        # The workers ran on three providers, and each was paid for its lease.
+        ids = {w for w in records(home) if records(home)[w].role == "provider"}
+        with Store(home / "tenant" / "node.sqlite") as store:
+            mine = [x for x in store.list_leases() if x.job_id == summary["job_id"]]
+        assert len({x.provider for x in mine}) == 3
+        assert {x.provider for x in mine} <= ids
+        assert all(x.state == "ended" for x in mine)
+
+    def test_int8_pseudo_gradients_also_train(self, home: Path) -> None:
+        job = job_file(home, "int8", world=3, steps=1500, compression="int8")
+        out = mercato(home, "submit", str(job), "--json")
+        summary = json.loads(out.stdout)
+        assert summary["state"] == "done", out.stderr
+        lines = worker_lines(home, summary["job_id"])
+        for records_ in lines.values():
+            losses = [r["loss"] for r in records_ if "worker" in r]
+            assert losses[-1] < losses[0]
+
+
+class TestElastic:
+    def test_a_killed_provider_does_not_stop_the_job(self, home: Path) -> None:
+        job = job_file(home, "elastic", world=3, steps=4000)  # 8 outer steps
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "node.cli", "submit", str(job), "--json"],
+            env=env(home),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        err: list[str] = []
+
+        def read() -> None:
+            assert proc.stderr is not None
+            for line in proc.stderr:
+                err.append(line)
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        killed = None
+        try:
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline and killed is None:
+                started = [x for x in err if "started on" in x]
+                if any("outer step 2/" in x for x in err) and started:
+                    prefix = started[-1].split("started on ")[1].split()[0]
+                    for node_id, rec in records(home).items():
+                        if node_id.startswith(prefix) and rec.role == "provider":
+                            os.kill(rec.pid, signal.SIGKILL)
+                            killed = node_id
+                time.sleep(0.2)
+            assert killed is not None, "".join(err)
+            stdout, _ = proc.communicate(timeout=240)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        reader.join(5)
+        text = "".join(err)
+        summary = json.loads(stdout)
+        assert summary["state"] == "done", text
+        assert "lost" in text, text
+        assert "replacement" in text, text
+        assert "outer step 8/8" in text
+        with Store(home / "tenant" / "node.sqlite") as store:
+            mine = [x for x in store.list_leases() if x.job_id == summary["job_id"]]
+        # The replacement ran on another provider than the one killed.
+        used = {x.provider for x in mine}
+        assert killed in used
+        assert len(used) >= 3
