@@ -14,6 +14,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from market.lifecycle import JobState
 from node.cli.common import EXIT_ERROR, EXIT_OK
 from protocol.errors import MercatoError
 
@@ -289,7 +290,7 @@ def _print_summary(summary: Any, as_json: bool, console: Console | None = None) 
     out = console or Console()
     counts = ", ".join(f"{n} {s}" for s, n in sorted(data["trials"].items())) or "no trials"
     out.print(f"job {data['job_id']} ({data['name']}): {data['state']}; {counts}", markup=False)
-    if data["state"] not in ("done", "running") and data["detail"]:
+    if data["state"] not in (JobState.DONE, JobState.RUNNING) and data["detail"]:
         out.print(f"why: {data['detail']}", markup=False)
     best = data["best"]
     if best is not None:
@@ -315,7 +316,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         max_wait_s=_max_wait(args),
     )
     _print_summary(summary, args.json)
-    return EXIT_OK if summary.job.state == "done" else EXIT_ERROR
+    return EXIT_OK if summary.job.state is JobState.DONE else EXIT_ERROR
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -329,7 +330,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         max_wait_s=_max_wait(args),
     )
     _print_summary(summary, args.json)
-    return EXIT_OK if summary.job.state == "done" else EXIT_ERROR
+    return EXIT_OK if summary.job.state is JobState.DONE else EXIT_ERROR
 
 
 async def _plan(args: argparse.Namespace) -> Any:
@@ -554,7 +555,7 @@ def _params_text(params: dict[str, Any]) -> str:
 def status_table(trials: list[Any]) -> Table:
     """A job's trials, readable at 80 columns: the short columns never wrap, parameters
     and detail take what is left and wrap between words."""
-    from node.tenant.sweep import QUEUED_DETAIL
+    from node.tenant.sweep import queued
 
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, expand=False)
     table.add_column("#", justify="right", no_wrap=True)
@@ -565,15 +566,14 @@ def status_table(trials: list[Any]) -> Table:
     table.add_column("params", ratio=3, overflow="fold", min_width=16)
     table.add_column("detail", ratio=1, overflow="fold")
     for t in trials:
-        queued = t.state == "running" and t.detail == QUEUED_DETAIL
         table.add_row(
             str(t.number),
-            "queued" if queued else t.state,
+            "queued" if queued(t) else t.state.value,
             "" if t.value is None else f"{t.value:.4g}",
             str(t.attempts),
             (t.provider or "")[:8],
             _params_text(t.params),
-            "" if queued else t.detail,
+            "" if queued(t) else t.detail,
         )
     return table
 

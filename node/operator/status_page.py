@@ -46,6 +46,9 @@ from aiohttp import web
 
 from market.bidding import BidEngine, LeaseState
 from market.settlement import amount_owed, format_credits
+from node.home import READY_FILE
+from node.net.http import error_response as _error
+from node.net.http import read_capped as _read_capped
 from protocol import codec
 from protocol.envelope import open_envelope, seal
 from protocol.errors import (
@@ -53,7 +56,6 @@ from protocol.errors import (
     MercatoError,
     NotFoundError,
     SenderMismatchError,
-    TooLargeError,
     UnexpectedMessageError,
     error_from_code,
     http_status,
@@ -78,7 +80,6 @@ LOOPBACK: tuple[Network, ...] = (
 )
 STATUS_PATH = "/status.json"
 PRICES_PATH = "/control/prices"
-READY_FILE = "daemon.json"  # node.daemon.READY_FILE (not imported: daemon imports us)
 FLOORS_META_KEY = "price_floors"
 #: A price update is a few hundred bytes; nothing bigger is read.
 MAX_CONTROL_BYTES = 64 * 1024
@@ -654,12 +655,6 @@ def send_price_update(home: Path, floors: Mapping[str, int], reset: bool = False
 STATUS_KEY: web.AppKey[StatusSource] = web.AppKey("status", StatusSource)
 
 
-def _error(error: MercatoError) -> web.Response:
-    return web.json_response(
-        {"error": {"code": error.code, "reason": error.reason}}, status=http_status(error)
-    )
-
-
 def _check_allowed(source: StatusSource, request: web.Request) -> None:
     try:
         ip = ipaddress.ip_address((request.remote or "").split("%")[0])
@@ -678,7 +673,7 @@ async def handle_page(request: web.Request) -> web.Response:
     try:
         _check_allowed(source, request)
     except ForbiddenError as e:
-        return web.Response(status=403, text=e.reason + "\n")
+        return web.Response(status=http_status(e), text=e.reason + "\n")
     # Drawing a page of a thousand trials takes a while: not on the event loop.
     body = await asyncio.to_thread(render_page, collect(source), refresh_s=source.refresh_s)
     return web.Response(
@@ -701,17 +696,6 @@ async def handle_status_json(request: web.Request) -> web.Response:
     except ForbiddenError as e:
         return _error(e)
     return web.json_response(collect(source), headers={"Cache-Control": "no-store"})
-
-
-async def _read_capped(request: web.Request, cap: int) -> bytes:
-    if request.content_length is not None and request.content_length > cap:
-        raise TooLargeError(f"Content-Length {request.content_length} exceeds {cap}")
-    data = bytearray()
-    while chunk := await request.content.read(16 * 1024):
-        data += chunk
-        if len(data) > cap:
-            raise TooLargeError(f"body exceeds {cap} bytes")
-    return bytes(data)
 
 
 async def handle_prices(request: web.Request) -> web.Response:

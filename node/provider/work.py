@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from market.bidding import LeaseState, ProviderLease
+from market.lifecycle import TrialState
 from node.config import WorkspacesSection
 from node.net.node import Node
 from node.provider.executor import (
@@ -55,6 +56,14 @@ from protocol.messages import (
 )
 
 log = logging.getLogger("mercato.work")
+
+#: How a run ended (the executor's word) -> the task state the wire reports.
+_TASK_STATE: dict[TrialState, TaskState] = {
+    TrialState.SUCCEEDED: "succeeded",
+    TrialState.FAILED: "failed",
+    TrialState.TIMED_OUT: "timed_out",
+    TrialState.CANCELLED: "cancelled",
+}
 
 _NODE_ID = re.compile(r"[a-z2-7]{32}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -548,7 +557,7 @@ class WorkService:
                     limits=self.limits,
                 )
                 outcome = await self.executor.run(spec, on_output, on_metrics)
-                state = outcome.state.value
+                state = _TASK_STATE[outcome.state]
                 if task.cancel_reason:
                     state = "cancelled"
             except Exception as e:  # the executor failed, not the task: report, never crash
