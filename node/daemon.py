@@ -49,6 +49,7 @@ from node.provider.sandbox import NVIDIA_CONTROL_NODES, SandboxExecutor
 from node.provider.service import ProviderService
 from node.provider.work import WorkService
 from node.store.node_store import Store
+from node.views import advert_summary
 from protocol.errors import MercatoError, RequestTimeoutError, TooLargeError
 
 log = logging.getLogger("mercato.daemon")
@@ -115,16 +116,7 @@ async def handle_directory(request: web.Request) -> web.Response:
     return web.json_response(
         {
             "providers": [e.provider for e in entries],
-            "adverts": [
-                {
-                    "provider": e.provider,
-                    "address": e.advert.address,
-                    "seq": e.seq,
-                    "free_units": e.advert.free_units,
-                    "expires_in_ms": e.advert.expires_ms - now,
-                }
-                for e in entries
-            ],
+            "adverts": [advert_summary(e.advert, now) for e in entries],
         }
     )
 
@@ -309,6 +301,7 @@ class Daemon:
                 allow_network=sb.allow_network,
                 workspaces=config.workspaces,
             )
+            work.start()  # scans its workspaces; takes the work messages
         info: dict[str, Any] = {"node_id": identity.node_id, "role": config.node.role}
         status = StatusSource(
             node=node,

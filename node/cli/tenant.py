@@ -49,6 +49,7 @@ async def fetch_market(peer: str) -> list[dict[str, Any]]:
     from node.home import NodeHome, resolve_home
     from node.net.node import Node, NodeSettings, Peer
     from node.net.transport import tenant_transport
+    from node.views import advert_summary
 
     identity = NodeHome(resolve_home() / "tenant").load_or_create_identity()
     transport = tenant_transport(peer)
@@ -63,8 +64,7 @@ async def fetch_market(peer: str) -> list[dict[str, Any]]:
         a = e.advert
         rows.append(
             {
-                "provider": a.provider,
-                "address": a.address,
+                **advert_summary(a, now),
                 "devices": [
                     {
                         "model": g.model,
@@ -79,9 +79,6 @@ async def fetch_market(peer: str) -> list[dict[str, Any]]:
                     for g in a.devices
                 ],
                 "interconnect": a.interconnect.model_dump(),
-                "free_units": a.free_units,
-                "seq": a.seq,
-                "expires_in_ms": a.expires_ms - now,
             }
         )
     return rows
@@ -217,6 +214,7 @@ def cmd_order(args: argparse.Namespace) -> int:
 
 def cmd_leases(args: argparse.Namespace) -> int:
     from node.store.node_store import ReceiptRow, Store
+    from node.views import lease_summary
 
     home = Path(args.home) if args.home else _tenant_home()
     path = home / "node.sqlite"
@@ -230,18 +228,11 @@ def cmd_leases(args: argparse.Namespace) -> int:
         balance = store.ledger_balance()
     rows: list[dict[str, Any]] = [
         {
-            "lease_id": x.lease_id,
+            **lease_summary(x),
             "side": x.side,
             "order_id": x.order_id,
-            "tenant": x.tenant,
             "provider": x.provider,
-            "model": x.model,
-            "units": x.units,
-            "devices": list(x.devices),
             "price_micro_credits_per_device_hour": x.price,
-            "state": x.state,
-            "start_ms": x.start_ms,
-            "end_ms": x.end_ms,
             "award_hash": x.award_hash,
             "receipts": [
                 {

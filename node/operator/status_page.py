@@ -49,6 +49,7 @@ from market.settlement import amount_owed, format_credits
 from node.home import READY_FILE
 from node.net.http import error_response as _error
 from node.net.http import read_capped as _read_capped
+from node.views import advert_summary, lease_summary
 from protocol import codec
 from protocol.envelope import open_envelope, seal
 from protocol.errors import (
@@ -368,15 +369,8 @@ def _lease_rows(store: Store, node_id: str, now_ms: int) -> list[dict[str, Any]]
             continue
         rows.append(
             {
-                "lease_id": x.lease_id,
-                "tenant": x.tenant,
-                "model": x.model,
-                "units": x.units,
-                "devices": list(x.devices),
+                **lease_summary(x),
                 "price": x.price,
-                "state": x.state,
-                "start_ms": x.start_ms,
-                "end_ms": x.end_ms,
                 "updated_ms": x.updated_ms,
                 "accruing": amount_owed(len(x.devices) * max(0, now_ms - x.start_ms), x.price)
                 if x.state == "active"
@@ -423,11 +417,7 @@ def collect(source: StatusSource) -> dict[str, Any]:
         ],
         "adverts": [
             {
-                "provider": e.provider,
-                "address": e.advert.address,
-                "seq": e.seq,
-                "free_units": e.advert.free_units,
-                "expires_in_ms": e.advert.expires_ms - now,
+                **advert_summary(e.advert, now),
                 "devices": [
                     {
                         "model": g.model,

@@ -184,8 +184,6 @@ class WorkService:
         self.root = root
         self.workspaces = root / "workspaces"
         self.staging = root / "staging"
-        self.workspaces.mkdir(parents=True, exist_ok=True)
-        self.staging.mkdir(parents=True, exist_ok=True)
         self.device_env = device_env or (lambda ids: {"MERCATO_DEVICES": ",".join(ids)})
         self.device_nodes = device_nodes or (lambda ids: [])
         self.limits = limits or ResourceLimits()
@@ -196,10 +194,24 @@ class WorkService:
         # Refused uploads, remembered for partial_ttl_s: a tenant that retries gets the
         # reason at once instead of uploading the same bad archive again.
         self._failed: dict[tuple[str, str], tuple[str, int]] = {}
-        self._forget_stale_workspaces()
         self.tasks: dict[tuple[str, str], Task] = {}
         self._busy: dict[str, set[str]] = {}  # lease_id -> device ids running a task
-        node.handlers.update(
+        self._started = False
+
+    def start(self) -> None:
+        """Make its directories, forget unfinished uploads, then take the work messages.
+
+        A step of the daemon's start (after ``ProviderService.start``, before the node
+        serves); the constructor only holds its parts. Trials run in the node's
+        TaskGroup (``Node.spawn``), so closing the node ends them. Twice is a no-op.
+        """
+        if self._started:
+            return
+        self._started = True
+        self.workspaces.mkdir(parents=True, exist_ok=True)
+        self.staging.mkdir(parents=True, exist_ok=True)
+        self._forget_stale_workspaces()
+        self.node.handlers.update(
             {
                 WorkspaceChunk.TYPE: self._on_chunk,
                 TaskAssign.TYPE: self._on_assign,
@@ -207,7 +219,7 @@ class WorkService:
                 Cancel.TYPE: self._on_cancel,
             }
         )
-        provider.on_lease_end.append(self._lease_ended)
+        self.provider.on_lease_end.append(self._lease_ended)
 
     # --- leases -----------------------------------------------------------------
 
