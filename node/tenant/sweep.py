@@ -103,6 +103,7 @@ class Slot:
     failures: int = 0
     lost: bool = False
     workspace_ready: bool = False
+    releasing: bool = False  # a release was started and has not been answered
     # One upload per lease: the trials assigned at once would each send the workspace.
     upload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -323,8 +324,12 @@ class SweepRunner:
                 await self._acquire(need)
             self._check_stuck()
             await self._release_idle()
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a cancel that
+            # arrives as the wake is set (a trial task failing does both at once), and
+            # the TaskGroup's cancel is how a failed trial task ends the run.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+                async with asyncio.timeout(1.0):
+                    await self._wake.wait()
 
     def _lease_uses(self) -> tuple[list[Slot], list[LeaseUse]]:
         live = [s for s in self.slots.values() if not s.lost]
@@ -531,15 +536,17 @@ class SweepRunner:
 
     async def _release(self, slot: Slot) -> None:
         slot.lost = True  # no new work
+        slot.releasing = True  # until the provider answered: _release_all tries again
         with contextlib.suppress(MercatoError):
             receipt = await self.tenant.release(slot.lease)
             self._spent_before += receipt.amount
+        slot.releasing = False
         self.slots.pop(slot.lease.lease_id, None)
 
     async def _release_all(self) -> None:
         for slot in list(self.slots.values()):
-            if slot.lost:
-                continue
+            if slot.lost and not slot.releasing:
+                continue  # its provider is gone
             if self._cancelled:
                 with contextlib.suppress(MercatoError):
                     await self._send(
