@@ -131,11 +131,13 @@ class JobStore:
         """
         if not fields:
             return
+        if "state" not in fields:  # one statement: no read, no transaction needed
+            self._write_trial(job_id, number, fields)
+            return
         with self.store._transaction():
-            if "state" in fields:
-                held = self._held_trial_state(job_id, number)
-                if held is not None:
-                    fields["state"] = TRIAL.check(held, TrialState(fields["state"])).value
+            held = self._held_trial_state(job_id, number)
+            if held is not None:
+                fields["state"] = TRIAL.check(held, TrialState(fields["state"])).value
             self._write_trial(job_id, number, fields)
 
     def finish_trial(self, job_id: str, number: int, *, state: TrialState, **fields: Any) -> bool:
