@@ -188,7 +188,7 @@ def provider_node(
         devices_from_groups(inventory.device_groups(free=set(inventory.ids))),
         inventory.interconnect_message(),
     )
-    ProviderService(node, engine, store)
+    ProviderService(node, engine, store).start()
     net.attach(address, node.handle)
     return node, store
 

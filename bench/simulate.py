@@ -371,7 +371,7 @@ class Simulation:
                 m.devices,
                 Interconnect(kind="pcie", bandwidth=32 * 10**9, gang_size=len(m.devices)),
             )
-            ProviderService(node, engine, m.store)
+            ProviderService(node, engine, m.store).start()
             m.engine = engine
             for t in (Order.TYPE, Award.TYPE, Release.TYPE):
                 node.handlers[t] = self._checked(m, node.handlers[t])
@@ -489,7 +489,10 @@ class Simulation:
         if m.store is not None:
             # What it signed, not what it remembers: this is what a crash used to break.
             check_signed_leases(
-                m.store.list_leases("active"), m.devices, self.now_ms(), f"provider {m.index}"
+                m.store.list_leases(LeaseState.ACTIVE),
+                m.devices,
+                self.now_ms(),
+                f"provider {m.index}",
             )
 
     def check_candidates(self, tenant: SimTenant, report: AuctionReport) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Protocol
 
 from market.matching import describe, group_matches
@@ -71,7 +71,9 @@ class FloorPlusUtilisation:
         return -((-floor * (10_000 + self.surge_pct * utilisation_pct)) // 10_000)
 
 
-class LeaseState(Enum):
+class LeaseState(StrEnum):
+    """A lease's state; its moves are market.lifecycle.LEASE (the stored words)."""
+
     ACTIVE = "active"
     ENDED = "ended"  # released by the tenant or ran to its end
     LOST = "lost"  # the tenant stopped sending heartbeats

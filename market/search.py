@@ -60,7 +60,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from statistics import NormalDist
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import optuna
 from optuna.distributions import (
@@ -72,12 +72,11 @@ from optuna.distributions import (
 from optuna.trial import TrialState as _OptunaState
 
 from market.jobspec import JobSpec, Method, Parameter
+from market.lifecycle import SEARCH_OUTCOMES, TrialState
 from protocol.errors import MercatoError
 
 # Optuna logs every finished trial at INFO; the tenant has its own log.
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-TrialState = Literal["completed", "failed", "pruned"]
 
 _STUDY_NAME = "mercato-sweep"
 # Keeps u away from 0 and 1, where the inverse normal CDF is infinite.
@@ -438,15 +437,17 @@ class Search:
         self._issued += 1
         return Trial(number, params)
 
-    def tell(self, number: int, value: float | None, state: TrialState = "completed") -> None:
+    def tell(
+        self, number: int, value: float | None, state: TrialState = TrialState.SUCCEEDED
+    ) -> None:
         """Record how trial ``number`` ended.
 
-        A completed trial without a finite value (it never printed the metric, or the
+        A succeeded trial without a finite value (it never printed the metric, or the
         sweep has no metric) teaches the search nothing and is recorded as failed. A
         pruned trial keeps its last reported value, as in Optuna.
         """
-        if state not in ("completed", "failed", "pruned"):
-            raise SearchError(f"unknown trial state {state!r}")
+        if state not in SEARCH_OUTCOMES:
+            raise SearchError(f"unknown trial state {state!r} (not an outcome a search is told)")
         trial = self._running.pop(number, None)
         if trial is None:
             if number in self._finished:
@@ -454,11 +455,11 @@ class Search:
             raise SearchError(f"trial {number} was never asked")
         self._decisions.pop(number, None)
         self._finished.add(number)
-        if state == "completed" and _finite(value) and self._metric is not None:
+        if state is TrialState.SUCCEEDED and _finite(value) and self._metric is not None:
             assert value is not None
             self._study.tell(trial, float(value))
             self._check_target(float(value))
-        elif state == "pruned":
+        elif state is TrialState.PRUNED:
             self._study.tell(trial, state=_OptunaState.PRUNED)
         else:
             self._study.tell(trial, state=_OptunaState.FAIL)
@@ -568,7 +569,7 @@ class Search:
             self._finished.add(ft.number)
             self._restored_point(internal)
             highest = max(highest, ft.number)
-            if ft.state == "completed" and _finite(ft.value) and self._metric is not None:
+            if ft.state == TrialState.SUCCEEDED and _finite(ft.value) and self._metric is not None:
                 assert ft.value is not None
                 self._check_target(float(ft.value))
         for t in running:
@@ -654,13 +655,13 @@ class Search:
                 raise SearchError(f"trial {ft.number}, step {step}: {v!r} is not a number")
             steps[step] = float(v)
         state, value = _OptunaState.FAIL, None
-        if ft.state == "completed" and _finite(ft.value) and self._metric is not None:
+        if ft.state == TrialState.SUCCEEDED and _finite(ft.value) and self._metric is not None:
             state, value = _OptunaState.COMPLETE, float(ft.value)  # type: ignore[arg-type]
-        elif ft.state == "pruned":
+        elif ft.state == TrialState.PRUNED:
             state = _OptunaState.PRUNED
             last = steps[max(steps)] if steps else None
             value = last if _finite(last) else None  # Optuna keeps the last reported value
-        elif ft.state not in ("completed", "failed"):
+        elif ft.state not in SEARCH_OUTCOMES:
             raise SearchError(f"trial {ft.number}: unknown state {ft.state!r}")
         return optuna.trial.create_trial(
             state=state,

@@ -28,7 +28,7 @@ import resource
 import signal
 import socket
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +37,10 @@ from aiohttp import web
 from market.bidding import BidEngine, FloorPlusUtilisation, devices_from_groups
 from market.directory import Entry
 from node.config import NodeConfig
-from node.home import NodeHome, resolve_home
+from node.home import READY_FILE, NodeHome, resolve_home
 from node.net.addresses import AddressPolicy
 from node.net.edge import ConnectionGate, EdgeLimits
+from node.net.http import error_response, read_capped
 from node.net.metrics import CONTENT_TYPE, NodeMetrics
 from node.net.node import Node, NodeSettings, Peer, wall_clock_ms
 from node.net.transport import ENVELOPE_CONTENT_TYPE, P2P_PATH, HttpTransport
@@ -55,14 +56,14 @@ from node.provider.service import ProviderService
 from node.provider.sync import SyncService
 from node.provider.work import WorkService
 from node.store.node_store import Store
-from protocol.errors import MercatoError, RequestTimeoutError, TooLargeError, http_status
+from node.views import advert_summary
+from protocol.errors import MercatoError, RequestTimeoutError, TooLargeError
 
 log = logging.getLogger("mercato.daemon")
 
 NODE_KEY: web.AppKey[Node] = web.AppKey("node", Node)
 INFO_KEY: web.AppKey[dict[str, Any]] = web.AppKey("info")
 BODY_TIMEOUT_KEY: web.AppKey[float] = web.AppKey("body_timeout_s", float)
-READY_FILE = "daemon.json"
 
 
 class DaemonError(MercatoError):
@@ -71,36 +72,13 @@ class DaemonError(MercatoError):
     code = "daemon_error"
 
 
-def error_response(error: MercatoError) -> web.Response:
-    """The one place a MercatoError becomes an HTTP answer."""
-    return web.json_response(
-        {"error": {"code": error.code, "reason": error.reason}}, status=http_status(error)
-    )
-
-
-async def _read_capped(request: web.Request, cap: int) -> bytes:
-    """Read the body, refusing it as soon as it passes ``cap`` (before buffering more)."""
-    if request.content_length is not None and request.content_length > cap:
-        raise TooLargeError(f"Content-Length {request.content_length} exceeds {cap}")
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        chunk = await request.content.read(64 * 1024)
-        if not chunk:
-            return b"".join(chunks)
-        size += len(chunk)
-        if size > cap:
-            raise TooLargeError(f"body exceeds {cap} bytes")
-        chunks.append(chunk)
-
-
 async def handle_p2p(request: web.Request) -> web.StreamResponse:
     node = request.app[NODE_KEY]
     try:
         try:
             # A sender that stops half-way would otherwise hold this handler forever.
             async with asyncio.timeout(request.app[BODY_TIMEOUT_KEY]):
-                data = await _read_capped(request, node.limits.max_size)
+                data = await read_capped(request, node.limits.max_size)
         except TimeoutError:
             raise RequestTimeoutError(
                 f"the request body did not arrive within {request.app[BODY_TIMEOUT_KEY]} s"
@@ -145,16 +123,7 @@ async def handle_directory(request: web.Request) -> web.Response:
     return web.json_response(
         {
             "providers": [e.provider for e in entries],
-            "adverts": [
-                {
-                    "provider": e.provider,
-                    "address": e.advert.address,
-                    "seq": e.seq,
-                    "free_units": e.advert.free_units,
-                    "expires_in_ms": e.advert.expires_ms - now,
-                }
-                for e in entries
-            ],
+            "adverts": [advert_summary(e.advert, now) for e in entries],
         }
     )
 
@@ -220,11 +189,31 @@ class Daemon:
     work: WorkService | None = None  # None for a bootstrap node
     endpoint: EndpointService | None = None  # services published at /svc/<lease_id>/
 
+    #: Undoes every step of ``start`` in reverse order (``close`` runs it).
+    _steps: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
+
     @classmethod
     async def start(cls, config: NodeConfig, home: NodeHome | None = None) -> Daemon:
+        """Open the store, bind, build the services and serve, one undoable step at a time.
+
+        Each step that holds something (the store, the socket, the transport, the node,
+        the HTTP runner, the listener, the ready file) registers its undo on an
+        AsyncExitStack as it succeeds: a failure in any later step undoes the earlier
+        ones, so a daemon that failed to start leaves its port free and its store closed.
+        """
+        async with contextlib.AsyncExitStack() as steps:
+            daemon = await cls._start(config, home, steps)
+            daemon._steps = steps.pop_all()  # started: now close() owns the undo
+        return daemon
+
+    @classmethod
+    async def _start(
+        cls, config: NodeConfig, home: NodeHome | None, steps: contextlib.AsyncExitStack
+    ) -> Daemon:
         home = home or NodeHome(config.node.home or resolve_home())
         identity = home.load_or_create_identity()
         store = Store(home.store_path)
+        steps.callback(store.close)
         inventory: Inventory | None = None
         if config.node.role == "provider":
             inventory = build_inventory(
@@ -233,11 +222,11 @@ class Daemon:
         metrics = NodeMetrics()
         # Bind first (port 0 picks a free port), then tell the node its real address.
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        steps.callback(sock.close)  # also closed by the listener; twice is harmless
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((config.node.listen_host, config.node.listen_port))
         except OSError as e:
-            sock.close()
             raise DaemonError(
                 f"cannot listen on {config.node.listen_host}:{config.node.listen_port}: "
                 f"{e.strerror}"
@@ -249,6 +238,7 @@ class Daemon:
             address, config.node.allow_loopback_peers, config.node.allow_private_peers
         )
         transport = HttpTransport(max_reply_bytes=config.limits.max_message_bytes, policy=policy)
+        steps.push_async_callback(transport.close)
         node = Node(
             identity,
             settings_from_config(config, address),
@@ -257,6 +247,9 @@ class Daemon:
             on_advert=lambda e: _persist_advert(store, e),
             on_peer=lambda p: _persist_peer(store, p, wall_clock_ms()),
         )
+        # Registered before the node starts (closing an unstarted node is a no-op), so
+        # the undo runs after the listener's: no request reaches a stopped node.
+        steps.push_async_callback(node.close)
         provider: ProviderService | None = None
         work: WorkService | None = None
         endpoint: EndpointService | None = None
@@ -278,6 +271,7 @@ class Daemon:
             floors = PriceFloors(engine, store)
             floors.restore()  # the operator's floors from `mercato provider prices --set`
             provider = ProviderService(node, engine, store, config.settlement.policy())
+            provider.start()  # reads the store's leases; takes the sell-side messages
             sb = config.sandbox
             executor = SandboxExecutor(
                 home.path / "sandbox",
@@ -316,6 +310,7 @@ class Daemon:
                 allow_network=sb.allow_network,
                 workspaces=config.workspaces,
             )
+            work.start()  # scans its workspaces; takes the work messages
             sandbox_root = executor.root_dir
             endpoint = EndpointService(
                 node,
@@ -350,6 +345,7 @@ class Daemon:
             keepalive_timeout=http.header_timeout_s,
         )
         await runner.setup()
+        steps.push_async_callback(runner.cleanup)
         gate = ConnectionGate(
             EdgeLimits(
                 max_total=_connection_cap(http.max_connections),
@@ -361,29 +357,37 @@ class Daemon:
         listener = await asyncio.get_running_loop().create_server(
             gate.protocol_factory(runner.server), sock=sock, backlog=128
         )
+        steps.callback(listener.close)  # accept no more; the runner closes open connections
         # The operator's CLI talks to this node over loopback whatever address it advertises.
         control = local_url(config.node.listen_host, port)
         info.update(address=address, pid=os.getpid(), control_url=control)
         _restore(node, store)
         await node.start()
         # Atomic: whoever polls for this file never reads it half-written.
+        ready = home.path / READY_FILE
+        steps.callback(_remove_ready, ready)
         tmp = home.path / (READY_FILE + ".tmp")
-        tmp.write_text(json.dumps(info))
-        tmp.replace(home.path / READY_FILE)
+        try:
+            tmp.write_text(json.dumps(info))
+            tmp.replace(ready)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise DaemonError(f"cannot write {ready}: {e.strerror or e}") from e
         log.info("%s %s listening on %s", config.node.role, identity.node_id, address)
         return cls(
             node, runner, store, home, address, transport, listener, gate, provider, work, endpoint
         )
 
     async def close(self) -> None:
-        """Stop serving, stop every task, close the store. Idempotent."""
-        with contextlib.suppress(FileNotFoundError):
-            (self.home.path / READY_FILE).unlink()
-        self.listener.close()  # accept no more; the runner closes open connections
-        await self.runner.cleanup()
-        await self.node.close()
-        await self.transport.close()
-        self.store.close()
+        """Stop serving, stop every task, close the store: ``start``'s steps undone in
+        reverse order. Idempotent."""
+        await self._steps.aclose()
+
+
+def _remove_ready(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
 
 
 #: Descriptors kept free for everything else (store, trials' pipes, outgoing requests).

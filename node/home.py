@@ -24,6 +24,10 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from protocol.errors import LocalProtocolError, MercatoError
 from protocol.identity import Identity
 
+#: In a node's home while its daemon runs (node.daemon writes it atomically once it
+#: serves, removes it on close): the daemon's address, pid and control URL, as JSON.
+READY_FILE = "daemon.json"
+
 HOME_ENV = "MERCATO_HOME"
 DEFAULT_HOME_NAME = ".mercato"
 KEY_FILE = "identity.pem"

@@ -21,11 +21,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from node.home import resolve_home
+from node.home import READY_FILE, resolve_home
 from protocol.errors import MercatoError
 
 STATE_FILE = "cluster.json"
-READY_FILE = "daemon.json"
 
 
 class ClusterError(MercatoError):

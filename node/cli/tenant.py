@@ -14,6 +14,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from market.lifecycle import JobState
 from node.cli.common import EXIT_ERROR, EXIT_OK
 from protocol.errors import MercatoError
 
@@ -48,6 +49,7 @@ async def fetch_market(peer: str) -> list[dict[str, Any]]:
     from node.home import NodeHome, resolve_home
     from node.net.node import Node, NodeSettings, Peer
     from node.net.transport import tenant_transport
+    from node.views import advert_summary
 
     identity = NodeHome(resolve_home() / "tenant").load_or_create_identity()
     transport = tenant_transport(peer)
@@ -62,8 +64,7 @@ async def fetch_market(peer: str) -> list[dict[str, Any]]:
         a = e.advert
         rows.append(
             {
-                "provider": a.provider,
-                "address": a.address,
+                **advert_summary(a, now),
                 "devices": [
                     {
                         "model": g.model,
@@ -78,9 +79,6 @@ async def fetch_market(peer: str) -> list[dict[str, Any]]:
                     for g in a.devices
                 ],
                 "interconnect": a.interconnect.model_dump(),
-                "free_units": a.free_units,
-                "seq": a.seq,
-                "expires_in_ms": a.expires_ms - now,
             }
         )
     return rows
@@ -216,6 +214,7 @@ def cmd_order(args: argparse.Namespace) -> int:
 
 def cmd_leases(args: argparse.Namespace) -> int:
     from node.store.node_store import ReceiptRow, Store
+    from node.views import lease_summary
 
     home = Path(args.home) if args.home else _tenant_home()
     path = home / "node.sqlite"
@@ -229,18 +228,11 @@ def cmd_leases(args: argparse.Namespace) -> int:
         balance = store.ledger_balance()
     rows: list[dict[str, Any]] = [
         {
-            "lease_id": x.lease_id,
+            **lease_summary(x),
             "side": x.side,
             "order_id": x.order_id,
-            "tenant": x.tenant,
             "provider": x.provider,
-            "model": x.model,
-            "units": x.units,
-            "devices": list(x.devices),
             "price_micro_credits_per_device_hour": x.price,
-            "state": x.state,
-            "start_ms": x.start_ms,
-            "end_ms": x.end_ms,
             "award_hash": x.award_hash,
             "receipts": [
                 {
@@ -289,7 +281,7 @@ def _print_summary(summary: Any, as_json: bool, console: Console | None = None) 
     out = console or Console()
     counts = ", ".join(f"{n} {s}" for s, n in sorted(data["trials"].items())) or "no trials"
     out.print(f"job {data['job_id']} ({data['name']}): {data['state']}; {counts}", markup=False)
-    if data["state"] not in ("done", "running") and data["detail"]:
+    if data["state"] not in (JobState.DONE, JobState.RUNNING) and data["detail"]:
         out.print(f"why: {data['detail']}", markup=False)
     best = data["best"]
     if best is not None:
@@ -315,7 +307,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         max_wait_s=_max_wait(args),
     )
     _print_summary(summary, args.json)
-    return EXIT_OK if summary.job.state == "done" else EXIT_ERROR
+    return EXIT_OK if summary.job.state is JobState.DONE else EXIT_ERROR
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -371,7 +363,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         max_wait_s=_max_wait(args),
     )
     _print_summary(summary, args.json)
-    return EXIT_OK if summary.job.state == "done" else EXIT_ERROR
+    return EXIT_OK if summary.job.state is JobState.DONE else EXIT_ERROR
 
 
 async def _plan(args: argparse.Namespace) -> Any:
@@ -658,7 +650,7 @@ def _params_text(params: dict[str, Any]) -> str:
 def status_table(trials: list[Any]) -> Table:
     """A job's trials, readable at 80 columns: the short columns never wrap, parameters
     and detail take what is left and wrap between words."""
-    from node.tenant.sweep import QUEUED_DETAIL
+    from node.tenant.sweep import queued
 
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, expand=False)
     table.add_column("#", justify="right", no_wrap=True)
@@ -669,15 +661,14 @@ def status_table(trials: list[Any]) -> Table:
     table.add_column("params", ratio=3, overflow="fold", min_width=16)
     table.add_column("detail", ratio=1, overflow="fold")
     for t in trials:
-        queued = t.state == "running" and t.detail == QUEUED_DETAIL
         table.add_row(
             str(t.number),
-            "queued" if queued else t.state,
+            "queued" if queued(t) else t.state.value,
             "" if t.value is None else f"{t.value:.4g}",
             str(t.attempts),
             (t.provider or "")[:8],
             _params_text(t.params),
-            "" if queued else t.detail,
+            "" if queued(t) else t.detail,
         )
     return table
 

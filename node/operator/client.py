@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING
 
 from pydantic import JsonValue, ValidationError
 
-from node.operator.document import READY_FILE, StatusDocument, offline_status, ready_info
+from node.home import READY_FILE
+from node.operator.document import StatusDocument, offline_status, ready_info
 from node.operator.page import STATUS_PATH
 from node.operator.prices import PRICES_PATH, PricesAnswer
 from protocol.envelope import seal

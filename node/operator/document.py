@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, JsonValue
 
 from market.bidding import BidEngine, LeaseState
 from market.settlement import amount_owed
+from node.home import READY_FILE
 from protocol import codec
 from protocol.errors import MercatoError
 from protocol.messages import TaskResult
@@ -51,7 +52,6 @@ LOOPBACK: tuple[Network, ...] = (
     ipaddress.IPv6Network("::1/128"),
 )
 
-READY_FILE = "daemon.json"  # node.daemon.READY_FILE (not imported: daemon imports us)
 #: Task rows kept in the document; plots use every finished task listed.
 MAX_TASKS = 1000
 MAX_LEASES = 200

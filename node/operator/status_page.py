@@ -22,10 +22,12 @@ import logging
 
 from aiohttp import web
 
+from node.net.http import error_response as _error
+from node.net.http import read_capped as _read_capped
 from node.operator.document import StatusSource, collect
 from node.operator.page import STATUS_PATH, render_page
 from node.operator.prices import MAX_CONTROL_BYTES, PRICES_PATH, apply_price_update
-from protocol.errors import ForbiddenError, MercatoError, TooLargeError, http_status
+from protocol.errors import ForbiddenError, MercatoError, http_status
 
 log = logging.getLogger("mercato.status")
 
@@ -35,12 +37,6 @@ CSP = (
     "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
 STATUS_KEY: web.AppKey[StatusSource] = web.AppKey("status", StatusSource)
-
-
-def _error(error: MercatoError) -> web.Response:
-    return web.json_response(
-        {"error": {"code": error.code, "reason": error.reason}}, status=http_status(error)
-    )
 
 
 def _check_allowed(source: StatusSource, request: web.Request) -> None:
@@ -61,7 +57,7 @@ async def handle_page(request: web.Request) -> web.Response:
     try:
         _check_allowed(source, request)
     except ForbiddenError as e:
-        return web.Response(status=403, text=e.reason + "\n")
+        return web.Response(status=http_status(e), text=e.reason + "\n")
     # Drawing a page of a thousand trials takes a while: not on the event loop.
     body = await asyncio.to_thread(render_page, collect(source), refresh_s=source.refresh_s)
     return web.Response(
@@ -84,17 +80,6 @@ async def handle_status_json(request: web.Request) -> web.Response:
     except ForbiddenError as e:
         return _error(e)
     return web.json_response(collect(source).json_body(), headers={"Cache-Control": "no-store"})
-
-
-async def _read_capped(request: web.Request, cap: int) -> bytes:
-    if request.content_length is not None and request.content_length > cap:
-        raise TooLargeError(f"Content-Length {request.content_length} exceeds {cap}")
-    data = bytearray()
-    while chunk := await request.content.read(16 * 1024):
-        data += chunk
-        if len(data) > cap:
-            raise TooLargeError(f"body exceeds {cap} bytes")
-    return bytes(data)
 
 
 async def handle_prices(request: web.Request) -> web.Response:

@@ -87,6 +87,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol, runtime_checkable
 
+from market.lifecycle import EXECUTOR_OUTCOMES, TrialState
 from protocol.errors import MercatoError
 
 logger = logging.getLogger(__name__)
@@ -143,15 +144,6 @@ class NetworkNotAllowedError(ExecutorError):
 
     code = "network_not_allowed"
     http_status = 403
-
-
-class TrialState(enum.StrEnum):
-    """How a trial ended."""
-
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    TIMED_OUT = "timed_out"
-    CANCELLED = "cancelled"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -296,6 +288,11 @@ class TrialOutcome:
     log_path: Path
     #: Metric values the trial printed that were not kept, by :class:`MetricDrop` reason.
     metrics_dropped: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # A pending or pruned trial is the tenant's word, never how a run ends.
+        if self.state not in EXECUTOR_OUTCOMES:
+            raise ValueError(f"{self.state} is not how a run of a trial ends")
 
 
 @runtime_checkable

@@ -133,6 +133,7 @@ from pathlib import Path
 from typing import Any
 
 import mercato_trial
+from market.lifecycle import TrialState
 from node.home import resolve_home
 from node.provider import seccomp, supervisor
 from node.provider.executor import (
@@ -144,7 +145,6 @@ from node.provider.executor import (
     TrialAlreadyRunningError,
     TrialOutcome,
     TrialSpec,
-    TrialState,
 )
 from protocol.errors import MercatoError
 
@@ -816,7 +816,7 @@ class _Process:
         self, timeout_s: float, cancel: asyncio.Event, grace_s: float
     ) -> TrialState | None:
         """Wait for exit, the timeout or a cancel; ``None`` when the trial ended itself."""
-        cancel_wait = asyncio.ensure_future(cancel.wait())
+        cancel_wait = asyncio.create_task(cancel.wait())  # ended in the finally below
         waiters: list[asyncio.Future[Any]] = [self._exited, cancel_wait]
         try:
             await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)

@@ -46,6 +46,7 @@ class ProviderService:
         store: Store,
         settlement: SettlementPolicy | None = None,
     ) -> None:
+        """Only holds its parts: nothing is read or changed until ``start``."""
         self.node = node
         self.engine = engine
         self.store = store
@@ -56,6 +57,24 @@ class ProviderService:
         self._delivered: set[str] = set()  # leases whose latest note envelope went out
         self.counters = {"notes_signed": 0, "notes_countersigned": 0, "notes_lapsed": 0}
         self._models = {d.id: d.model for d in engine.devices.values()}
+        #: Called when a lease stops being active (released, expired, lost).
+        self.on_lease_end: list[Callable[[ProviderLease], None]] = []
+        #: Leases held again from the store by ``start``.
+        self.restored = 0
+        self._started = False
+
+    def start(self) -> None:
+        """Hold again the store's active leases, then take the node's sell-side messages.
+
+        A step of the daemon's start, after the store opened and before the node serves
+        or starts its loops (the expiry timer runs in the node's TaskGroup). Twice is a
+        no-op.
+        """
+        if self._started:
+            return
+        self._started = True
+        self.restored = self._restore_leases()
+        node = self.node
         node.capacity = self.capacity
         node.handlers.update(
             {
@@ -68,9 +87,6 @@ class ProviderService:
             }
         )
         node.services.append(self._timer)
-        #: Called when a lease stops being active (released, expired, lost).
-        self.on_lease_end: list[Callable[[ProviderLease], None]] = []
-        self.restored = self._restore_leases()
 
     def _restore_leases(self) -> int:
         """After a restart, hold again the leases the store says are active.
@@ -81,7 +97,7 @@ class ProviderService:
         """
         now = self.node.clock()
         restored = 0
-        for row in self.store.list_leases("active"):
+        for row in self.store.list_leases(LeaseState.ACTIVE):
             if row.side != "provider" or row.provider != self.node.node_id:
                 continue
             lease = ProviderLease(
@@ -102,7 +118,7 @@ class ProviderService:
                 restored += 1
                 continue
             state = LeaseState.ENDED if now >= row.end_ms else LeaseState.LOST
-            self.store.set_lease_state(row.lease_id, state.value, now)
+            self.store.set_lease_state(row.lease_id, state, now)
             log.warning("lease %s from before the restart is %s", row.lease_id, state.value)
         if restored:
             log.info("holding %d active leases from before the restart", restored)
@@ -212,7 +228,7 @@ class ProviderService:
             start_ms=lease.start_ms,
             end_ms=lease.end_ms,
             heartbeat_interval_ms=lease.heartbeat_interval_ms,
-            state=lease.state.value,
+            state=lease.state,
             award_hash=award_hash,
             award=award,
             accept=accept,
@@ -229,7 +245,7 @@ class ProviderService:
             self.node.capacity_changed()  # a lease ended; a released bid is no news
         if lease is None or not was_active or lease.state is not LeaseState.ENDED:
             return None
-        self.store.set_lease_state(lease.lease_id, lease.state.value, now)
+        self.store.set_lease_state(lease.lease_id, lease.state, now)
         self._ended(lease)
         log.info("lease %s released by its tenant", lease.lease_id)
         return self._receipt(lease, now)
@@ -246,21 +262,7 @@ class ProviderService:
             amount=amount_owed(device_ms, lease.price),
         )
         raw = self.node.seal(receipt, to=lease.tenant)
-        self.store.put_receipt(
-            ReceiptRow(
-                receipt_hash=hashlib.sha256(raw).hexdigest(),
-                lease_id=lease.lease_id,
-                task_id=None,
-                provider=self.node.node_id,
-                tenant=lease.tenant,
-                device_ms=device_ms,
-                price=lease.price,
-                amount=receipt.amount,
-                receipt=raw,
-                countersign=None,
-                created_ms=now,
-            )
-        )
+        self.store.put_receipt(ReceiptRow.signed(receipt, raw, now))
         return raw
 
     async def _on_heartbeat(self, env: Envelope) -> Body | bytes | None:
@@ -370,7 +372,7 @@ class ProviderService:
                 f"{schedule.timeout_ms} ms of falling due: work stopped, "
                 f"{schedule.unpaid_amount(now)} micro-credits unpaid"
             )
-            self.store.set_lease_state(lease_id, lease.state.value, now)
+            self.store.set_lease_state(lease_id, lease.state, now)
             self.store.set_lease_end_reason(lease_id, why)
             self.store.record_lapse(lease.tenant, now, why)
             self.counters["notes_lapsed"] += 1
@@ -416,7 +418,7 @@ class ProviderService:
             for key in changed:
                 lease = self.engine.leases.get(key)
                 if lease is not None:
-                    self.store.set_lease_state(key, lease.state.value, now)
+                    self.store.set_lease_state(key, lease.state, now)
                     log.info("lease %s %s", key, lease.state.value)
                     self._ended(lease)
             if any(key in self.engine.leases for key in changed):

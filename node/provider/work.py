@@ -22,6 +22,7 @@ from pathlib import Path
 
 from market.bidding import LeaseState, ProviderLease
 from market.jobspec import SOCKET_NAME
+from market.lifecycle import TrialState
 from node.config import WorkspacesSection
 from node.net.node import Node
 from node.provider.executor import (
@@ -58,6 +59,14 @@ from protocol.messages import (
 )
 
 log = logging.getLogger("mercato.work")
+
+#: How a run ended (the executor's word) -> the task state the wire reports.
+_TASK_STATE: dict[TrialState, TaskState] = {
+    TrialState.SUCCEEDED: "succeeded",
+    TrialState.FAILED: "failed",
+    TrialState.TIMED_OUT: "timed_out",
+    TrialState.CANCELLED: "cancelled",
+}
 
 _NODE_ID = re.compile(r"[a-z2-7]{32}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -205,8 +214,6 @@ class WorkService:
         self.root = root
         self.workspaces = root / "workspaces"
         self.staging = root / "staging"
-        self.workspaces.mkdir(parents=True, exist_ok=True)
-        self.staging.mkdir(parents=True, exist_ok=True)
         self.device_env = device_env or (lambda ids: {"MERCATO_DEVICES": ",".join(ids)})
         self.device_nodes = device_nodes or (lambda ids: [])
         self.limits = limits or ResourceLimits()
@@ -217,13 +224,27 @@ class WorkService:
         # Refused uploads, remembered for partial_ttl_s: a tenant that retries gets the
         # reason at once instead of uploading the same bad archive again.
         self._failed: dict[tuple[str, str], tuple[str, int]] = {}
-        self._forget_stale_workspaces()
         self.tasks: dict[tuple[str, str], Task] = {}
         # Tasks of ended leases, newest last, their logs dropped: what ran under a lease
         # and how it ended stays on the operator's page after the lease (node.operator).
         self.finished: deque[Task] = deque(maxlen=MAX_FINISHED_KEPT)
         self._busy: dict[str, set[str]] = {}  # lease_id -> device ids running a task
-        node.handlers.update(
+        self._started = False
+
+    def start(self) -> None:
+        """Make its directories, forget unfinished uploads, then take the work messages.
+
+        A step of the daemon's start (after ``ProviderService.start``, before the node
+        serves); the constructor only holds its parts. Trials run in the node's
+        TaskGroup (``Node.spawn``), so closing the node ends them. Twice is a no-op.
+        """
+        if self._started:
+            return
+        self._started = True
+        self.workspaces.mkdir(parents=True, exist_ok=True)
+        self.staging.mkdir(parents=True, exist_ok=True)
+        self._forget_stale_workspaces()
+        self.node.handlers.update(
             {
                 WorkspaceChunk.TYPE: self._on_chunk,
                 TaskAssign.TYPE: self._on_assign,
@@ -231,7 +252,7 @@ class WorkService:
                 Cancel.TYPE: self._on_cancel,
             }
         )
-        provider.on_lease_end.append(self._lease_ended)
+        self.provider.on_lease_end.append(self._lease_ended)
 
     # --- leases -----------------------------------------------------------------
 
@@ -590,7 +611,7 @@ class WorkService:
                     limits=self.limits,
                 )
                 outcome = await self.executor.run(spec, on_output, on_metrics)
-                state = outcome.state.value
+                state = _TASK_STATE[outcome.state]
                 if task.cancel_reason:
                     state = "cancelled"
             except Exception as e:  # the executor failed, not the task: report, never crash

@@ -6,7 +6,11 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from market.lifecycle import JOB, TRIAL, JobState, TrialState
 from node.store.node_store import Store
+
+#: The trial states a result may still be recorded in (the others are final).
+_UNFINISHED = (TrialState.PENDING.value, TrialState.RUNNING.value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,7 +21,7 @@ class JobRow:
     spec_hash: str
     workspace_hash: str
     workspace_path: str
-    state: str
+    state: JobState
     detail: str
     seed: int
     created_ms: int
@@ -29,7 +33,7 @@ class TrialRow:
     job_id: str
     number: int
     params: dict[str, Any]
-    state: str
+    state: TrialState
     attempts: int
     failed_providers: list[str]
     provider: str | None
@@ -48,7 +52,12 @@ def _trial_row(row: dict[str, Any]) -> TrialRow:
     row = dict(row)
     for key in _TRIAL_JSON:
         row[key] = json.loads(row[key])
+    row["state"] = TrialState(row["state"])
     return TrialRow(**row)
+
+
+def _job_row(row: dict[str, Any]) -> JobRow:
+    return JobRow(**{**row, "state": JobState(row["state"])})
 
 
 _TRIAL_JSON = ("params", "failed_providers", "metrics", "intermediate")
@@ -62,37 +71,43 @@ class JobStore:
 
     def create_job(self, job: JobRow) -> None:
         row = asdict(job)
+        row["state"] = JobState(job.state).value
         cols, marks = ", ".join(row), ", ".join("?" for _ in row)
         self.store._execute(f"INSERT INTO jobs ({cols}) VALUES ({marks})", tuple(row.values()))
 
     def get_job(self, job_id: str) -> JobRow | None:
         rows = list(self.store._db.query("SELECT * FROM jobs WHERE job_id = ?", [job_id]))
-        return JobRow(**rows[0]) if rows else None
+        return _job_row(rows[0]) if rows else None
 
     def find_job(self, prefix: str) -> JobRow | None:
         """A job by id or unique id prefix."""
         rows = list(self.store._db.query("SELECT * FROM jobs WHERE job_id LIKE ? || '%'", [prefix]))
-        return JobRow(**rows[0]) if len(rows) == 1 else None
+        return _job_row(rows[0]) if len(rows) == 1 else None
 
     def list_jobs(self) -> list[JobRow]:
-        return [JobRow(**r) for r in self.store._db.query("SELECT * FROM jobs ORDER BY created_ms")]
+        return [_job_row(r) for r in self.store._db.query("SELECT * FROM jobs ORDER BY created_ms")]
 
-    def set_job_state(self, job_id: str, state: str, now_ms: int, detail: str = "") -> None:
-        self.store._execute(
-            "UPDATE jobs SET state = ?, detail = ?, updated_ms = ? WHERE job_id = ?",
-            (state, detail, now_ms, job_id),
-        )
+    def set_job_state(self, job_id: str, state: JobState, now_ms: int, detail: str = "") -> None:
+        """Move a job along market.lifecycle.JOB (IllegalTransitionError otherwise)."""
+        state = JobState(state)
+        with self.store._transaction():
+            held = self.store._execute(
+                "SELECT state FROM jobs WHERE job_id = ?", (job_id,)
+            ).fetchone()
+            if held is not None:
+                JOB.check(JobState(held[0]), state)
+            self.store._execute(
+                "UPDATE jobs SET state = ?, detail = ?, updated_ms = ? WHERE job_id = ?",
+                (state.value, detail, now_ms, job_id),
+            )
 
     def add_trial(self, job_id: str, number: int, params: dict[str, Any]) -> None:
         self.store._execute(
-            "INSERT INTO trials (job_id, number, params, state) VALUES (?, ?, ?, 'pending')",
-            (job_id, number, json.dumps(params, sort_keys=True)),
+            "INSERT INTO trials (job_id, number, params, state) VALUES (?, ?, ?, ?)",
+            (job_id, number, json.dumps(params, sort_keys=True), TrialState.PENDING.value),
         )
 
-    def update_trial(self, job_id: str, number: int, **fields: Any) -> None:
-        """Set columns of one trial; JSON columns take Python values."""
-        if not fields:
-            return
+    def _write_trial(self, job_id: str, number: int, fields: dict[str, Any]) -> None:
         values = [
             json.dumps(v, sort_keys=True) if k in _TRIAL_JSON else v for k, v in fields.items()
         ]
@@ -102,18 +117,42 @@ class JobStore:
             (*values, job_id, number),
         )
 
-    def finish_trial(self, job_id: str, number: int, **fields: Any) -> bool:
-        """Record a trial's outcome once: False (and nothing written) if already final."""
-        values = [
-            json.dumps(v, sort_keys=True) if k in _TRIAL_JSON else v for k, v in fields.items()
-        ]
-        assign = ", ".join(f"{k} = ?" for k in fields)
-        cursor = self.store._execute(
-            f"UPDATE trials SET {assign} WHERE job_id = ? AND number = ?"
-            " AND state IN ('pending', 'running')",
-            (*values, job_id, number),
-        )
-        return cursor.rowcount > 0
+    def _held_trial_state(self, job_id: str, number: int) -> TrialState | None:
+        row = self.store._execute(
+            "SELECT state FROM trials WHERE job_id = ? AND number = ?", (job_id, number)
+        ).fetchone()
+        return None if row is None else TrialState(row[0])
+
+    def update_trial(self, job_id: str, number: int, **fields: Any) -> None:
+        """Set columns of one trial; JSON columns take Python values.
+
+        A new ``state`` moves only along market.lifecycle.TRIAL: an illegal move raises
+        IllegalTransitionError and writes nothing.
+        """
+        if not fields:
+            return
+        if "state" not in fields:  # one statement: no read, no transaction needed
+            self._write_trial(job_id, number, fields)
+            return
+        with self.store._transaction():
+            held = self._held_trial_state(job_id, number)
+            if held is not None:
+                fields["state"] = TRIAL.check(held, TrialState(fields["state"])).value
+            self._write_trial(job_id, number, fields)
+
+    def finish_trial(self, job_id: str, number: int, *, state: TrialState, **fields: Any) -> bool:
+        """Record a trial's outcome once: False (and nothing written) if already final.
+
+        Recording an outcome the trial's state cannot move to (a pending trial cannot
+        have succeeded) raises IllegalTransitionError.
+        """
+        with self.store._transaction():
+            held = self._held_trial_state(job_id, number)
+            if held is None or held.value not in _UNFINISHED:
+                return False
+            fields["state"] = TRIAL.check(held, TrialState(state)).value
+            self._write_trial(job_id, number, fields)
+        return True
 
     def trials(self, job_id: str) -> list[TrialRow]:
         rows = self.store._db.query(

@@ -14,6 +14,7 @@ event loop; use it from the thread that opened it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import sqlite3
 from collections.abc import Iterator, Sequence
@@ -23,6 +24,7 @@ from typing import Any, Literal, cast
 
 import sqlite_utils
 
+from market.lifecycle import LEASE, LeaseState
 from node.store.schema import (
     MIGRATIONS,
     MIN_SQLITE_VERSION,
@@ -31,6 +33,7 @@ from node.store.schema import (
     SchemaTooNewError,
     StoreError,
 )
+from protocol.messages import Receipt
 
 PeerRole = Literal["provider", "bootstrap", "tenant"]
 
@@ -289,37 +292,60 @@ class Store:
     # --- leases -------------------------------------------------------------------
 
     def put_lease(self, lease: LeaseRow) -> None:
-        """Insert a lease, or update its state and end if it is already held."""
+        """Insert a lease, or update its state and end if it is already held.
+
+        A held lease moves only along market.lifecycle.LEASE (IllegalTransitionError
+        otherwise, and nothing is written).
+        """
         row = asdict(lease)
         row["devices"] = json.dumps(list(lease.devices))
+        row["state"] = LeaseState(lease.state).value
         cols = ", ".join(row)
         marks = ", ".join("?" for _ in row)
-        self._execute(
-            f"""
-            INSERT INTO leases ({cols}) VALUES ({marks})
-            ON CONFLICT (lease_id) DO UPDATE SET
-                state = excluded.state, end_ms = excluded.end_ms,
-                updated_ms = excluded.updated_ms
-            """,
-            tuple(row.values()),
-        )
+        with self._transaction():
+            self._check_lease_move(lease.lease_id, LeaseState(lease.state))
+            self._execute(
+                f"""
+                INSERT INTO leases ({cols}) VALUES ({marks})
+                ON CONFLICT (lease_id) DO UPDATE SET
+                    state = excluded.state, end_ms = excluded.end_ms,
+                    updated_ms = excluded.updated_ms
+                """,
+                tuple(row.values()),
+            )
+
+    def _check_lease_move(self, lease_id: str, state: LeaseState) -> bool:
+        """Raise if the held lease may not move to ``state``; False if none is held."""
+        held = self._execute("SELECT state FROM leases WHERE lease_id = ?", (lease_id,)).fetchone()
+        if held is None:
+            return False
+        LEASE.check(LeaseState(held[0]), state)
+        return True
 
     def set_lease_job(self, lease_id: str, job_id: str) -> None:
         self._execute("UPDATE leases SET job_id = ? WHERE lease_id = ?", (job_id, lease_id))
 
-    def set_lease_state(self, lease_id: str, state: str, now_ms: int) -> bool:
-        cursor = self._execute(
-            "UPDATE leases SET state = ?, updated_ms = ? WHERE lease_id = ?",
-            (state, now_ms, lease_id),
-        )
-        return cursor.rowcount > 0
+    def set_lease_state(self, lease_id: str, state: LeaseState, now_ms: int) -> bool:
+        """Move a lease along market.lifecycle.LEASE; False if no such lease is held.
+
+        An illegal move raises IllegalTransitionError and writes nothing.
+        """
+        state = LeaseState(state)
+        with self._transaction():
+            if not self._check_lease_move(lease_id, state):
+                return False
+            self._execute(
+                "UPDATE leases SET state = ?, updated_ms = ? WHERE lease_id = ?",
+                (state.value, now_ms, lease_id),
+            )
+        return True
 
     def get_lease(self, lease_id: str) -> LeaseRow | None:
         rows = list(self._db.query("SELECT * FROM leases WHERE lease_id = ?", [lease_id]))
         return _lease_row(rows[0]) if rows else None
 
-    def list_leases(self, state: str | None = None) -> list[LeaseRow]:
-        where, params = ("WHERE state = ?", [state]) if state else ("", [])
+    def list_leases(self, state: LeaseState | None = None) -> list[LeaseRow]:
+        where, params = ("WHERE state = ?", [LeaseState(state).value]) if state else ("", [])
         rows = self._db.query(f"SELECT * FROM leases {where} ORDER BY start_ms, lease_id", params)
         return [_lease_row(r) for r in rows]
 
@@ -502,7 +528,7 @@ class LeaseRow:
     start_ms: int
     end_ms: int
     heartbeat_interval_ms: int
-    state: str
+    state: LeaseState
     award_hash: str
     award: bytes
     accept: bytes
@@ -514,11 +540,14 @@ class LeaseRow:
 def _lease_row(row: dict[str, Any]) -> LeaseRow:
     row = dict(row)
     row["devices"] = tuple(json.loads(row["devices"]))
+    row["state"] = LeaseState(row["state"])
     return LeaseRow(**row)
 
 
 @dataclass(frozen=True, slots=True)
 class ReceiptRow:
+    """A provider-signed receipt as both sides keep it (the tenant adds its countersign)."""
+
     receipt_hash: str
     lease_id: str
     task_id: str | None
@@ -531,3 +560,23 @@ class ReceiptRow:
     countersign: bytes | None
     created_ms: int
     kind: str = "receipt"  # or "debit_note" (cumulative, countersigned during the lease)
+
+    @classmethod
+    def signed(cls, receipt: Receipt, raw: bytes, now_ms: int) -> ReceiptRow:
+        """The row for ``receipt`` as sealed in the envelope ``raw``, not yet countersigned.
+
+        The hash is the envelope's digest, so a countersignature (which names it) finds it.
+        """
+        return cls(
+            receipt_hash=hashlib.sha256(raw).hexdigest(),
+            lease_id=receipt.lease_id,
+            task_id=receipt.task_id,
+            provider=receipt.provider,
+            tenant=receipt.tenant,
+            device_ms=receipt.device_ms,
+            price=receipt.price,
+            amount=receipt.amount,
+            receipt=bytes(raw),
+            countersign=None,
+            created_ms=now_ms,
+        )

@@ -21,6 +21,7 @@ from market.debit import (
     TASK_GRACE_MS,
     TenantMeter,
 )
+from market.lifecycle import LeaseState
 from market.matching import Candidate, describe, rank
 from market.reputation import Reputation
 from market.settlement import format_credits
@@ -291,7 +292,7 @@ class Tenant:
             start_ms=lease.start_ms,
             end_ms=lease.end_ms,
             heartbeat_interval_ms=lease.heartbeat_interval_ms,
-            state="active",
+            state=LeaseState.ACTIVE,
             award_hash=lease.award_hash,
             award=award,
             accept=accept,
@@ -398,7 +399,12 @@ class Tenant:
             await self.node.request(self._peer(lease.provider), countersign, sealed=raw)
 
     async def release(self, lease: LeaseRow) -> ReceiptRow:
-        """End a lease; check the provider's receipt, countersign it, book the ledger."""
+        """End a lease; check the provider's receipt, countersign it, book the ledger.
+
+        The lease is ``ended`` only once its receipt checked out; a provider that ends
+        it without a receipt, or with one that does not check, leaves it ``lost`` (over,
+        unpaid). A request that fails leaves it as it was, for a later release.
+        """
         self._addresses.setdefault(lease.provider, lease.provider_address)
         peer = self._peer(lease.provider)
         reply = await self.node.request(
@@ -406,31 +412,21 @@ class Tenant:
         )
         now = self.clock()
         self.stop_billing(lease, now)
-        self.store.set_lease_state(lease.lease_id, "ended", now)
         if reply is None or not isinstance(reply.body, Receipt):
+            self.store.set_lease_state(lease.lease_id, LeaseState.LOST, now)
             raise ReceiptRejected(f"{lease.provider[:8]} ended lease {lease.lease_id} unsigned")
         receipt = reply.body
         try:
             self._check_receipt(lease, receipt, reply.sender, now)
         except ReceiptRejected as e:
+            self.store.set_lease_state(lease.lease_id, LeaseState.LOST, now)
             self.store.record_outcome(lease.provider, "rejected")
             self.store.record_refusal(lease.provider, now, e.reason)
             self.refusals[lease.lease_id] = e.reason
             self.node.metrics.settlement.labels("bill_refused").inc()
             raise
-        row = ReceiptRow(
-            receipt_hash=reply.digest,
-            lease_id=lease.lease_id,
-            task_id=receipt.task_id,
-            provider=lease.provider,
-            tenant=self.node_id,
-            device_ms=receipt.device_ms,
-            price=receipt.price,
-            amount=receipt.amount,
-            receipt=reply.raw,
-            countersign=None,
-            created_ms=now,
-        )
+        self.store.set_lease_state(lease.lease_id, LeaseState.ENDED, now)
+        row = ReceiptRow.signed(receipt, reply.raw, now)  # checked: names this lease and us
         self.store.put_receipt(row)
         countersign = receipt.model_copy(update={"countersigns": reply.digest})
         raw = self.node.seal(countersign, to=lease.provider)

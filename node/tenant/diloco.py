@@ -28,6 +28,7 @@ from pathlib import Path
 
 from market.diloco import BlobError, OuterLoop, decode_blob
 from market.jobspec import JobSpec, spec_hash
+from market.lifecycle import TrialState
 from market.placement import Plan, plan
 from node.store.node_store import LeaseRow, Store
 from node.tenant.client import Tenant
@@ -431,7 +432,7 @@ class DilocoRunner:
                 await asyncio.wait_for(self._changed.wait(), min(wait, 1.0))
 
     async def run(self) -> DilocoReport:
-        report = DilocoReport(state="failed")
+        report = DilocoReport(state=TrialState.FAILED)
         p = await self.plan()
         if p.missing is not None or p.split is None:
             report.message = p.missing or "the plan has no DiLoCo split"
@@ -482,7 +483,7 @@ class DilocoRunner:
             w.result for w in self.workers if w.result is not None and w.result.state == "succeeded"
         ]
         if self.loop.done and done:
-            report.state = "succeeded"
+            report.state = TrialState.SUCCEEDED
             metrics: dict[str, float | int] = {}
             for r in done:
                 for k, v in r.metrics.items():

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from market.jobspec import JobSpec, spec_hash
+from market.lifecycle import RUN_OUTCOMES, LeaseState, TrialState
 from market.placement import Plan, plan
 from node.store.node_store import LeaseRow, Store
 from node.tenant.client import Tenant
@@ -39,7 +40,7 @@ SERVICE_TIMEOUT_MS = 7 * 24 * 3_600_000
 class RunReport:
     """What a training or service job came to."""
 
-    state: str  # succeeded | failed | cancelled
+    state: TrialState  # one of RUN_OUTCOMES
     attempts: int = 0
     provider: str | None = None
     lease: LeaseRow | None = None
@@ -47,6 +48,10 @@ class RunReport:
     message: str = ""
     providers_tried: list[str] = field(default_factory=list)
     spend: int = 0
+
+    def __post_init__(self) -> None:
+        if self.state not in RUN_OUTCOMES:
+            raise ValueError(f"a run does not end {self.state}")
 
 
 def torchrun_command(spec: JobSpec) -> list[str]:
@@ -103,7 +108,7 @@ class GangRunner:
         )
 
     async def run(self) -> RunReport:
-        report = RunReport(state="failed")
+        report = RunReport(state=TrialState.FAILED)
         budget = (
             self.spec.service.restarts
             if self.spec.service is not None
@@ -136,10 +141,11 @@ class GangRunner:
                     report.spend += receipt.amount
             report.result = result
             if self._cancelled.is_set():
-                report.state = "cancelled"
+                report.state = TrialState.CANCELLED
                 return report
-            if result is not None and result.state == "succeeded" and self.spec.kind == "training":
-                report.state = "succeeded"
+            succeeded = result is not None and result.state == TrialState.SUCCEEDED.value
+            if succeeded and self.spec.kind == "training":
+                report.state = TrialState.SUCCEEDED
                 return report
             why = "lease lost" if result is None else f"{result.state} (exit {result.exit_code})"
             self.on_event(f"attempt {report.attempts} on {lease.provider[:12]}: {why}")
@@ -198,9 +204,10 @@ class GangRunner:
                 logf.write(text)
                 logf.flush()
 
-            follow = asyncio.ensure_future(client.follow(task_id, on_log))
-            beat = asyncio.ensure_future(self._heartbeats(lease))
-            stop = asyncio.ensure_future(self._cancelled.wait())
+            # Owned here: the first to finish decides, the finally block ends the others.
+            follow = asyncio.create_task(client.follow(task_id, on_log))
+            beat = asyncio.create_task(self._heartbeats(lease))
+            stop = asyncio.create_task(self._cancelled.wait())
             try:
                 done, _ = await asyncio.wait(
                     {follow, beat, stop}, return_when=asyncio.FIRST_COMPLETED
@@ -220,7 +227,7 @@ class GangRunner:
                         return None
                 # Heartbeats stopped: the provider is gone.
                 self.store.record_outcome(lease.provider, "failed")
-                self.store.set_lease_state(lease.lease_id, "lost", self.tenant.clock())
+                self.store.set_lease_state(lease.lease_id, LeaseState.LOST, self.tenant.clock())
                 return None
             finally:
                 for f in (follow, beat, stop):

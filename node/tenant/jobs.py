@@ -42,6 +42,7 @@ from market.jobspec import (
     parse_job,
     spec_hash,
 )
+from market.lifecycle import JobState, TrialState
 from market.settlement import format_credits
 from node.home import NodeHome, resolve_home
 from node.net.node import wall_clock_ms
@@ -49,7 +50,7 @@ from node.net.transport import tenant_transport
 from node.store.job_store import JobRow, JobStore, TrialRow
 from node.store.node_store import Store
 from node.tenant.client import Tenant
-from node.tenant.sweep import QUEUED_DETAIL, Progress, SweepRunner
+from node.tenant.sweep import Progress, SweepRunner, queued
 from node.workspace import pack
 from protocol.errors import MercatoError
 
@@ -201,8 +202,8 @@ class JobSummary:
     def to_json(self) -> dict[str, Any]:
         counts: dict[str, int] = {}
         for t in self.trials:
-            state = "queued" if t.state == "running" and t.detail == QUEUED_DETAIL else t.state
-            counts[state] = counts.get(state, 0) + 1
+            word = "queued" if queued(t) else t.state.value
+            counts[word] = counts.get(word, 0) + 1
         return {
             "job_id": self.job.job_id,
             "name": self.job.name,
@@ -234,14 +235,14 @@ def summarize(store: Store, job: JobRow) -> JobSummary:
         metric = spec.sweep.metric
     else:
         metric = spec.training.metric if spec.training is not None else None
-    done = [t for t in trials if t.state == "succeeded" and t.value is not None]
+    done = [t for t in trials if t.state is TrialState.SUCCEEDED and t.value is not None]
     best = None
     if done and metric is not None:
         key = (lambda t: t.value) if metric.goal == "minimize" else (lambda t: -(t.value or 0))
         best = min(done, key=key)
     leases = {x.lease_id for x in store.list_leases() if x.job_id == job.job_id}
     spend = -sum(line["amount"] for line in store.ledger() if line["lease_id"] in leases)
-    interrupted = job.state == "running" and not runner_alive(job)
+    interrupted = job.state is JobState.RUNNING and not runner_alive(job)
     return JobSummary(job, trials, spend, best, interrupted)
 
 
@@ -311,7 +312,7 @@ async def drive(
             said.add(p.message)
             print(f"[{job.job_id}] waiting: {p.message}", file=sys.stderr, flush=True)
         current = jobs.get_job(job.job_id)
-        if current is not None and current.state == "cancelled":
+        if current is not None and current.state is JobState.CANCELLED:
             runner.cancel()
 
     runner.on_progress = show
@@ -331,16 +332,16 @@ async def drive(
         await transport.close()
     current = jobs.get_job(job.job_id)
     now = wall_clock_ms()
-    if runner.cancelled or (current is not None and current.state == "cancelled"):
-        jobs.set_job_state(job.job_id, "cancelled", now, "cancelled by the tenant")
+    if runner.cancelled or (current is not None and current.state is JobState.CANCELLED):
+        jobs.set_job_state(job.job_id, JobState.CANCELLED, now, "cancelled by the tenant")
     elif runner.stop_reason is not None:
         why = runner.stop_reason + _failure_tail(jobs, job, home, runner.stop_reason)
-        jobs.set_job_state(job.job_id, "failed", now, why)
+        jobs.set_job_state(job.job_id, JobState.FAILED, now, why)
     elif progress.done == 0 and progress.failed > 0:
         why = "every trial failed" + _failure_tail(jobs, job, home, "")
-        jobs.set_job_state(job.job_id, "failed", now, why)
+        jobs.set_job_state(job.job_id, JobState.FAILED, now, why)
     else:
-        jobs.set_job_state(job.job_id, "done", now, progress.message)
+        jobs.set_job_state(job.job_id, JobState.DONE, now, progress.message)
     return progress
 
 
@@ -350,7 +351,7 @@ TAIL_LINES = 10
 
 def _failure_tail(jobs: JobStore, job: JobRow, home: NodeHome, said: str) -> str:
     """The commonest failure (unless ``said`` names it) and its last trial's last lines."""
-    failed = [t for t in jobs.trials(job.job_id) if t.state == "failed"]
+    failed = [t for t in jobs.trials(job.job_id) if t.state is TrialState.FAILED]
     if not failed:
         return ""
     reason, n = Counter(t.detail for t in failed).most_common(1)[0]
@@ -408,31 +409,35 @@ async def drive_gang(
         while True:
             await asyncio.sleep(1.0)
             current = jobs.get_job(job.job_id)
-            if current is not None and current.state == "cancelled":
+            if current is not None and current.state is JobState.CANCELLED:
                 runner.cancel()
                 return
 
     if jobs.trial(job.job_id, 0) is None:
         jobs.add_trial(job.job_id, 0, {})
+    # The run is trial 0: running from the first lease on, so its outcome is a move.
+    jobs.update_trial(job.job_id, 0, state=TrialState.RUNNING, started_ms=wall_clock_ms())
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGINT, runner.cancel)
     loop.add_signal_handler(signal.SIGTERM, runner.cancel)
-    watcher = asyncio.ensure_future(watch_cancel())
     try:
-        report = await runner.run()
+        async with asyncio.TaskGroup() as tg:  # owns the watcher: its errors surface
+            watcher = tg.create_task(watch_cancel())
+            try:
+                report = await runner.run()
+            finally:
+                watcher.cancel()
     finally:
-        watcher.cancel()
         loop.remove_signal_handler(signal.SIGINT)
         loop.remove_signal_handler(signal.SIGTERM)
         await transport.close()
     result = report.result
     metric = spec.training.metric if spec.training is not None else None
     value = result.metrics.get(metric.name) if (result is not None and metric) else None
-    state = {"succeeded": "succeeded", "cancelled": "cancelled"}.get(report.state, "failed")
     jobs.finish_trial(
         job.job_id,
         0,
-        state=state,
+        state=report.state,
         value=None if value is None else float(value),
         metrics={} if result is None else dict(result.metrics),
         attempts=report.attempts,
@@ -441,9 +446,14 @@ async def drive_gang(
         detail=report.message,
         finished_ms=wall_clock_ms(),
     )
-    final = {"succeeded": "done", "cancelled": "cancelled"}.get(report.state, "failed")
-    if spec.kind == "service" and report.state != "cancelled":
-        final = "failed"
+    final = {TrialState.SUCCEEDED: JobState.DONE, TrialState.CANCELLED: JobState.CANCELLED}.get(
+        report.state, JobState.FAILED
+    )
+    if spec.kind == "service" and report.state is not TrialState.CANCELLED:
+        final = JobState.FAILED
+    current = jobs.get_job(job.job_id)
+    if current is not None and current.state is JobState.CANCELLED:
+        final = JobState.CANCELLED  # `mercato cancel` came first: the job stays cancelled
     jobs.set_job_state(job.job_id, final, wall_clock_ms(), report.message)
 
 
@@ -474,7 +484,7 @@ def submit(
             spec_hash=spec_hash(spec),
             workspace_hash=ws.sha256,
             workspace_path=str(archive),
-            state="running",
+            state=JobState.RUNNING,
             detail="",
             seed=secrets.randbelow(2**31) if seed is None else seed,
             created_ms=now,
@@ -514,13 +524,13 @@ def resume(
     home = tenant_home()
     with Store(home.store_path) as store:
         job = find(store, ref)
-        if job.state in ("done", "cancelled"):
+        if job.state in (JobState.DONE, JobState.CANCELLED):
             return summarize(store, job)
         spec = parse_job(job.spec_yaml, job.job_id)
         check_environment(spec, job.job_id)
         data = Path(job.workspace_path).read_bytes()
         with runner_lock(job_dir(home, job.job_id) / "runner.lock"):
-            JobStore(store).set_job_state(job.job_id, "running", wall_clock_ms())
+            JobStore(store).set_job_state(job.job_id, JobState.RUNNING, wall_clock_ms())
             asyncio.run(
                 drive(
                     job,
@@ -541,9 +551,9 @@ def cancel(ref: str) -> JobRow:
     home = tenant_home()
     with Store(home.store_path) as store:
         job = find(store, ref)
-        if job.state == "running":
+        if job.state is JobState.RUNNING:
             JobStore(store).set_job_state(
-                job.job_id, "cancelled", wall_clock_ms(), "cancelled by the tenant"
+                job.job_id, JobState.CANCELLED, wall_clock_ms(), "cancelled by the tenant"
             )
         return find(store, job.job_id)
 

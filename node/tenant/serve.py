@@ -36,7 +36,9 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from market.bidding import LeaseState
 from market.jobspec import JobSpec, spec_hash
+from market.lifecycle import JobState
 from market.placement import plan
 from market.serving import ReplicaHealth, ReplicaState, exclusions, pick, retryable
 from node.net.node import wall_clock_ms
@@ -353,7 +355,7 @@ class ServeRunner:
                     replica.health.lost(now, why)
                 elif beat in done:
                     replica.health.lost(now, "the provider stopped answering heartbeats")
-                    self.store.set_lease_state(lease.lease_id, "lost", now)
+                    self.store.set_lease_state(lease.lease_id, LeaseState.LOST, now)
             finally:
                 for f in watched:
                     f.cancel()
@@ -409,7 +411,7 @@ class ServeRunner:
             log.info("release of %s failed: %s", row.lease_id, e)
             lost = replica.health.state is ReplicaState.LOST
             self.store.set_lease_state(
-                row.lease_id, "lost" if lost else "ended", self.tenant.clock()
+                row.lease_id, LeaseState.LOST if lost else LeaseState.ENDED, self.tenant.clock()
             )
 
     # --- the gateway ----------------------------------------------------------------
@@ -580,7 +582,7 @@ def serve(path: Path, *, peer: str, host: str, port: int, as_json: bool) -> str:
                 spec_hash=spec_hash(spec),
                 workspace_hash=ws.sha256,
                 workspace_path=str(archive),
-                state="running",
+                state=JobState.RUNNING,
                 detail="",
                 seed=secrets.randbelow(2**31),
                 created_ms=now,
@@ -630,7 +632,7 @@ def serve(path: Path, *, peer: str, host: str, port: int, as_json: bool) -> str:
         state = asyncio.run(main())
         job_store.set_job_state(
             job_id,
-            "cancelled" if state == "cancelled" else "failed",
+            JobState.CANCELLED if state == "cancelled" else JobState.FAILED,
             wall_clock_ms(),
             "stopped by the tenant" if state == "cancelled" else "every replica gave up",
         )

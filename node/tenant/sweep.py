@@ -29,14 +29,22 @@ import logging
 import os
 import tarfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from market.jobspec import PARAMS_FILE_ENV, JobSpec, args_json, render_command
-from market.search import FinishedTrial, Search, Trial, TrialState
+from market.lifecycle import (
+    EXECUTOR_OUTCOMES,
+    SEARCH_OUTCOMES,
+    LeaseState,
+    TrialState,
+    recorded_trial_state,
+)
+from market.search import FinishedTrial, Search, Trial
 from market.sweepguard import Budget, FailureWatch, LeaseUse, missing_metric
+from market.sweepplan import LeaseWait, TrialDeadline, pick_pending, units_wanted
 from node.store.job_store import JobStore, TrialRow
 from node.store.node_store import LeaseRow, Store
 from node.tenant.client import Tenant
@@ -53,12 +61,6 @@ log = logging.getLogger("mercato.sweep")
 
 #: Without a budget in the job file, never pay more than this per device-hour (10 credits).
 DEFAULT_MAX_PRICE = 10_000_000
-#: Store trial state -> the search's notion of a finished trial.
-_SEARCH_STATE: dict[str, TrialState] = {
-    "succeeded": "completed",
-    "failed": "failed",
-    "pruned": "pruned",
-}
 #: A trial's detail while it is assigned but its provider has not started it (its
 #: device is busy with an earlier trial): counted as queued, not running.
 QUEUED_DETAIL = "queued at the provider"
@@ -101,6 +103,7 @@ class Slot:
     failures: int = 0
     lost: bool = False
     workspace_ready: bool = False
+    releasing: bool = False  # a release was started and has not been answered
     # One upload per lease: the trials assigned at once would each send the workspace.
     upload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -155,7 +158,10 @@ class SweepRunner:
         self.bad_providers: set[str] = set()
         self.progress = Progress(total=self.search.trial_cap)
         self._wake = asyncio.Event()
-        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._tasks: dict[int, asyncio.Task[None]] = {}  # trial number -> its run
+        #: Owns every task of a run (heartbeats, trials, cancels sent for the search):
+        #: set while ``run`` runs; a task's error ends the run instead of vanishing.
+        self._group: asyncio.TaskGroup | None = None
         self._exhausted = False
         self._cancelled = False
         self._progress_due = 0.0
@@ -175,7 +181,7 @@ class SweepRunner:
         #: Why the sweep stopped before its search was done (None: it was not).
         self.stop_reason: str | None = None
         self._budget_blocked = False  # a trial was due but the budget could not pay it
-        self._waiting_since: float | None = None  # loop time since which no lease is held
+        self._lease_wait = LeaseWait(max_wait_s)  # in loop time: how long no lease is held
         self._last_no_lease = ""
 
     # --- bookkeeping ------------------------------------------------------------
@@ -188,11 +194,11 @@ class SweepRunner:
         if rows is None:
             rows = self.jobs.trials(self.job_id)
         p = self.progress
-        p.done = sum(1 for r in rows if r.state == "succeeded")
-        p.failed = sum(1 for r in rows if r.state == "failed")
-        p.pruned = sum(1 for r in rows if r.state == "pruned")
-        p.queued = sum(1 for r in rows if r.state == "running" and r.detail == QUEUED_DETAIL)
-        p.running = sum(1 for r in rows if r.state == "running") - p.queued
+        p.done = sum(1 for r in rows if r.state is TrialState.SUCCEEDED)
+        p.failed = sum(1 for r in rows if r.state is TrialState.FAILED)
+        p.pruned = sum(1 for r in rows if r.state is TrialState.PRUNED)
+        p.queued = sum(1 for r in rows if queued(r))
+        p.running = sum(1 for r in rows if r.state is TrialState.RUNNING) - p.queued
         p.best = self.search.best()
         p.leases = sum(1 for s in self.slots.values() if not s.lost)
         now = self.tenant.clock()
@@ -210,13 +216,13 @@ class SweepRunner:
         """Rebuild the search from the store; unfinished trials start over."""
         rows = self.jobs.trials(self.job_id)
         self.search.restore(
-            [finished_trial(r) for r in rows if r.state in _SEARCH_STATE],
+            [finished_trial(r) for r in rows if r.state in SEARCH_OUTCOMES],
             next_number=max((r.number for r in rows), default=-1) + 1,
-            running=[Trial(r.number, r.params) for r in rows if r.state in ("running", "pending")],
+            running=[Trial(r.number, r.params) for r in rows if unfinished(r)],
         )
         for r in rows:
-            if r.state == "running":
-                self.jobs.update_trial(self.job_id, r.number, state="pending")
+            if r.state is TrialState.RUNNING:
+                self.jobs.update_trial(self.job_id, r.number, state=TrialState.PENDING)
         self._spent_before = -sum(
             line["amount"] for line in self.store.ledger() if self._is_ours(line["lease_id"])
         )
@@ -233,11 +239,12 @@ class SweepRunner:
             try:
                 receipt = await self.tenant.release(lease)
             except MercatoError:
-                self.store.set_lease_state(lease.lease_id, "lost", self.tenant.clock())
+                self.store.set_lease_state(lease.lease_id, LeaseState.LOST, self.tenant.clock())
             else:
                 self._spent_before += receipt.amount
 
-        stale = [x for x in self.store.list_leases("active") if x.job_id == self.job_id]
+        held = self.store.list_leases(LeaseState.ACTIVE)
+        stale = [x for x in held if x.job_id == self.job_id]
         await asyncio.gather(*(settle(x) for x in stale))
 
     def _is_ours(self, lease_id: str) -> bool:
@@ -252,10 +259,12 @@ class SweepRunner:
         self._refresh_progress()
         try:
             async with asyncio.TaskGroup() as tg:
+                self._group = tg
                 hb = tg.create_task(self._heartbeats())
                 try:
                     await self._loop()
                 finally:
+                    self._group = None  # nothing new starts; the group waits for the rest
                     hb.cancel()
                     for t in self._tasks.values():
                         t.cancel()
@@ -271,11 +280,11 @@ class SweepRunner:
         """A cancelled job's unfinished trials end as cancelled, not as running forever."""
         now = self.tenant.clock()
         for r in self.jobs.trials(self.job_id):
-            if r.state in ("pending", "running"):
+            if unfinished(r):
                 self.jobs.finish_trial(
                     self.job_id,
                     r.number,
-                    state="cancelled",
+                    state=TrialState.CANCELLED,
                     detail="job cancelled",
                     finished_ms=now,
                 )
@@ -299,24 +308,28 @@ class SweepRunner:
             # what the tenant spent per trial: progress is read at most PROGRESS_S
             # apart, and every pass only once the search is exhausted (when the count
             # of unfinished trials decides the end and the leases still wanted).
-            unfinished = 0
+            left = 0
             if self._exhausted or time.monotonic() >= self._progress_due:
                 rows = self.jobs.trials(self.job_id)
                 self._refresh_progress(rows)
                 self._progress_due = time.monotonic() + PROGRESS_S
-                unfinished = sum(1 for r in rows if r.state in ("pending", "running"))
+                left = sum(1 for r in rows if unfinished(r))
             self._notify()
-            if self._exhausted and not unfinished:
+            if self._exhausted and not left:
                 return
             if self.stop_reason is not None and not self._tasks:
                 return
-            need = self._wanted_slots(unfinished)
+            need = self._wanted_slots(left)
             if need > 0 and self.stop_reason is None:
                 await self._acquire(need)
             self._check_stuck()
             await self._release_idle()
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a cancel that
+            # arrives as the wake is set (a trial task failing does both at once), and
+            # the TaskGroup's cancel is how a failed trial task ends the run.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+                async with asyncio.timeout(1.0):
+                    await self._wake.wait()
 
     def _lease_uses(self) -> tuple[list[Slot], list[LeaseUse]]:
         live = [s for s in self.slots.values() if not s.lost]
@@ -362,12 +375,9 @@ class SweepRunner:
             )
             return
         if live:
-            self._waiting_since = None
+            self._lease_wait.holding()
             return
-        now = asyncio.get_running_loop().time()
-        if self._waiting_since is None:
-            self._waiting_since = now
-        elif self.max_wait_s is not None and now - self._waiting_since >= self.max_wait_s:
+        if self._lease_wait.waiting(asyncio.get_running_loop().time()):
             why = self._last_no_lease or "no answer"
             self._stop(
                 f"no lease after waiting {self.max_wait_s:g} s: {why} "
@@ -378,14 +388,15 @@ class SweepRunner:
     def max_price(self) -> int:
         return self.spec.budget.max_price or DEFAULT_MAX_PRICE
 
-    def _wanted_slots(self, pending: int) -> int:
+    def _wanted_slots(self, unfinished: int) -> int:
         live = [s for s in self.slots.values() if not s.lost]
-        have = sum(s.lease.units for s in live)
-        if self._budget_blocked and any(s.active for s in live):
-            return 0  # running trials hold the budget; new leases could not be used
-        want = pending if self._exhausted else self.parallel
-        want = min(want, self.parallel)
-        return max(0, want - have)
+        return units_wanted(
+            sum(s.lease.units for s in live),
+            parallel=self.parallel,
+            exhausted=self._exhausted,
+            unfinished=unfinished,
+            budget_held=self._budget_blocked and any(s.active for s in live),
+        )
 
     # --- leases -----------------------------------------------------------------
 
@@ -425,7 +436,7 @@ class SweepRunner:
             self.progress.message = f"no lease: {self._last_no_lease}"
             await asyncio.sleep(1.0)
             return
-        self._waiting_since = None
+        self._lease_wait.holding()
         for lease in report.leases:
             row = self.store.get_lease(lease.lease_id)
             if row is None:
@@ -473,7 +484,7 @@ class SweepRunner:
         self.progress.message = f"provider {provider[:12]} lost ({why}); retrying its trials"
         self.bad_providers.add(provider)
         now = self.tenant.clock()
-        self.store.set_lease_state(slot.lease.lease_id, "lost", now)
+        self.store.set_lease_state(slot.lease.lease_id, LeaseState.LOST, now)
         self.store.record_outcome(provider, "failed")
         for number in list(slot.active):
             task = self._tasks.pop(number, None)
@@ -485,24 +496,30 @@ class SweepRunner:
 
     def _requeue(self, number: int, provider: str, why: str) -> None:
         row = self.jobs.trial(self.job_id, number)
-        if row is None or row.state not in ("pending", "running"):
+        if row is None or not unfinished(row):
             return
         failed = sorted(set(row.failed_providers) | {provider})
         if row.attempts > self.spec.limits.retries:
             if self.jobs.finish_trial(
                 self.job_id,
                 number,
-                state="failed",
+                state=TrialState.FAILED,
                 failed_providers=failed,
                 detail=f"gave up after {row.attempts} attempts: {why}",
                 finished_ms=self.tenant.clock(),
                 intermediate=self._reported(number),
             ):
-                self.search.tell(number, None, "failed")
-                self._count(number, "failed", f"gave up after {row.attempts} attempts: {why}")
+                self.search.tell(number, None, TrialState.FAILED)
+                self._count(
+                    number, TrialState.FAILED, f"gave up after {row.attempts} attempts: {why}"
+                )
         else:
             self.jobs.update_trial(
-                self.job_id, number, state="pending", failed_providers=failed, detail=why
+                self.job_id,
+                number,
+                state=TrialState.PENDING,
+                failed_providers=failed,
+                detail=why,
             )
             self._maybe_pending = True
 
@@ -510,7 +527,7 @@ class SweepRunner:
         """Release leases that have nothing left to do, so the tenant stops paying."""
         if not self._exhausted and self.stop_reason is None and not self._budget_blocked:
             return
-        pending = [r for r in self.jobs.trials(self.job_id) if r.state == "pending"]
+        pending = [r for r in self.jobs.trials(self.job_id) if r.state is TrialState.PENDING]
         if pending and self.stop_reason is None and not self._budget_blocked:
             return
         for slot in list(self.slots.values()):
@@ -519,15 +536,17 @@ class SweepRunner:
 
     async def _release(self, slot: Slot) -> None:
         slot.lost = True  # no new work
+        slot.releasing = True  # until the provider answered: _release_all tries again
         with contextlib.suppress(MercatoError):
             receipt = await self.tenant.release(slot.lease)
             self._spent_before += receipt.amount
+        slot.releasing = False
         self.slots.pop(slot.lease.lease_id, None)
 
     async def _release_all(self) -> None:
         for slot in list(self.slots.values()):
-            if slot.lost:
-                continue
+            if slot.lost and not slot.releasing:
+                continue  # its provider is gone
             if self._cancelled:
                 with contextlib.suppress(MercatoError):
                     await self._send(
@@ -546,12 +565,11 @@ class SweepRunner:
         """
         if self.stop_reason is not None:
             return None
-        for i, r in enumerate(pending):
-            if r.number not in self._tasks and slot.lease.provider not in r.failed_providers:
-                if not self._affordable(slot):
-                    return None
-                del pending[i]
-                return r.number
+        i = pick_pending(pending, slot.lease.provider, self._tasks)
+        if i is not None:
+            if not self._affordable(slot):
+                return None
+            return pending.pop(i).number
         if self._exhausted or self.search.exhausted:
             self._exhausted = True
             return None
@@ -568,7 +586,8 @@ class SweepRunner:
         self._budget_blocked = False
         pending: list[TrialRow] = []
         if self._maybe_pending:
-            pending = [r for r in self.jobs.trials(self.job_id) if r.state == "pending"]
+            rows = self.jobs.trials(self.job_id)
+            pending = [r for r in rows if r.state is TrialState.PENDING]
         for slot in list(self.slots.values()):
             while not slot.lost and len(slot.active) < slot.capacity:
                 number = self._next_trial(slot, pending)
@@ -581,7 +600,7 @@ class SweepRunner:
                 self.jobs.update_trial(
                     self.job_id,
                     number,
-                    state="running",
+                    state=TrialState.RUNNING,
                     attempts=attempt + 1,
                     provider=slot.lease.provider,
                     lease_id=slot.lease.lease_id,
@@ -589,10 +608,15 @@ class SweepRunner:
                     started_ms=self.tenant.clock(),
                     detail=QUEUED_DETAIL,
                 )
-                self._tasks[number] = asyncio.get_running_loop().create_task(
-                    self._trial(slot, number, attempt, row.params)
-                )
+                self._tasks[number] = self._start(self._trial(slot, number, attempt, row.params))
         self._maybe_pending = bool(pending)  # those no slot could take this pass
+
+    def _start(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run ``coro`` in the run's TaskGroup (its owner)."""
+        if self._group is None:
+            coro.close()
+            raise SweepError("the sweep is not running")
+        return self._group.create_task(coro)
 
     def _task_id(self, number: int, attempt: int) -> str:
         return f"{self.job_id[:40]}.{number}.{attempt}"
@@ -661,11 +685,8 @@ class SweepRunner:
         )
         client = TaskClient(self.tenant, slot.lease)
         loop = asyncio.get_running_loop()
-        # The provider enforces the timeout; the tenant checks it did. The clock starts
-        # when the provider says the trial runs; until then (queued behind another
-        # trial of the lease) it may wait one trial's time more.
-        limit_s = self.trial_ms / 1000
-        deadline = loop.time() + 2 * limit_s
+        # The provider enforces the timeout; the tenant checks it did (market/sweepplan).
+        deadline = TrialDeadline(loop.time(), self.trial_ms / 1000)
         await client.assign(assign)
         log_path = self.log_dir / f"{number}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -682,7 +703,7 @@ class SweepRunner:
                 for line in text.splitlines():
                     step += self._intermediate(slot, number, task_id, line, metric, step)
 
-            timer = asyncio.timeout_at(deadline)
+            timer = asyncio.timeout_at(deadline.latest)
             started = False
 
             def on_status(status: TaskStatus) -> None:
@@ -690,7 +711,7 @@ class SweepRunner:
                 if status.state != "queued" and not started:
                     started = True
                     self.jobs.update_trial(self.job_id, number, detail="")
-                    timer.reschedule(min(deadline, loop.time() + limit_s))
+                    timer.reschedule(deadline.started(loop.time()))
 
             try:
                 async with timer:
@@ -721,9 +742,7 @@ class SweepRunner:
         # W&B's hyperband counts logged values; a printed "step" is the trial's own label.
         if self.search.report(number, step, float(value)):
             self.jobs.update_trial(self.job_id, number, detail="pruning")
-            asyncio.get_running_loop().create_task(
-                self._quiet_cancel(slot, task_id, "pruned by the search")
-            )
+            self._start(self._quiet_cancel(slot, task_id, "pruned by the search"))
         return 1
 
     def _reported(self, number: int) -> list[list[float]]:
@@ -746,14 +765,17 @@ class SweepRunner:
         row = self.jobs.trial(self.job_id, number)
         pruning = row is not None and row.detail == "pruning"
         value = result.metrics.get(metric) if metric else None
-        if result.state == "succeeded" and (metric is None or value is not None):
-            state, detail = "succeeded", ""
-        elif pruning and result.state == "cancelled":
-            state, detail = "pruned", "pruned by the search"
-        elif result.state == "succeeded":
-            state, detail = "failed", missing_metric(metric or "", result.metrics)
+        outcome = run_outcome(result)
+        missing = metric is not None and value is None
+        state = recorded_trial_state(outcome, metric_missing=missing, pruning=pruning)
+        if state is TrialState.SUCCEEDED:
+            detail = ""
+        elif state is TrialState.PRUNED:
+            detail = "pruned by the search"
+        elif outcome is TrialState.SUCCEEDED:
+            detail = missing_metric(metric or "", result.metrics)
         else:
-            state, detail = "failed", f"{result.state} (exit code {result.exit_code})"
+            detail = f"{result.state} (exit code {result.exit_code})"
         if not self.jobs.finish_trial(
             self.job_id,
             number,
@@ -767,10 +789,10 @@ class SweepRunner:
         ):
             self.duplicates += 1  # a slow provider answered after the trial was settled
             return
-        self.search.tell(number, float(value) if value is not None else None, _SEARCH_STATE[state])
+        self.search.tell(number, float(value) if value is not None else None, state)
         self._count(number, state, detail)
 
-    def _count(self, number: int, state: str, detail: str) -> None:
+    def _count(self, number: int, state: TrialState, detail: str) -> None:
         """Feed the failure rule; stop the sweep when too many trials failed in a row."""
         self.failures.record(number, state, detail)
         if self.failures.should_stop:
@@ -804,10 +826,30 @@ def finished_trial(row: TrialRow) -> FinishedTrial:
     return FinishedTrial(
         number=row.number,
         params=row.params,
-        state=_SEARCH_STATE[row.state],
+        state=row.state,
         value=row.value,
         intermediate={int(step): float(value) for step, value in row.intermediate},
     )
+
+
+def run_outcome(result: TaskResult) -> TrialState:
+    """How the provider says the run ended; a state no run ends in (a provider that
+    answers "queued" as a final result) counts as a failure."""
+    try:
+        outcome = TrialState(result.state)
+    except ValueError:
+        return TrialState.FAILED
+    return outcome if outcome in EXECUTOR_OUTCOMES else TrialState.FAILED
+
+
+def unfinished(row: TrialRow) -> bool:
+    """Whether a trial still waits for an outcome (pending or running)."""
+    return row.state in (TrialState.PENDING, TrialState.RUNNING)
+
+
+def queued(row: TrialRow) -> bool:
+    """Whether a trial is assigned but waits at its provider for a free device."""
+    return row.state is TrialState.RUNNING and row.detail == QUEUED_DETAIL
 
 
 def elapsed_s(start: float) -> float:

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from market.jobspec import DEFAULT_RUN_CAP, JobSpec, parse_job
+from market.lifecycle import TrialState
 from market.search import Best, FinishedTrial, Search, SearchError, Trial
 
 
@@ -206,7 +207,7 @@ class TestTellAndBest:
         search.tell(a.number, 0.1, "failed")
         search.report(b.number, 1, 0.01)
         search.tell(b.number, None, "pruned")
-        search.tell(c.number, None)  # completed but never printed the metric
+        search.tell(c.number, None)  # succeeded but never printed the metric
         assert search.best() is None
         search.tell(d.number, 5.0)
         best = search.best()
@@ -336,7 +337,8 @@ class TestRestore:
             first.tell(t.number, float(t.number))
         # Trials 5 and 6 were running when the tenant stopped; the rest never started.
         finished = [
-            FinishedTrial(t.number, t.params, "completed", float(t.number)) for t in trials[:5]
+            FinishedTrial(t.number, t.params, TrialState.SUCCEEDED, float(t.number))
+            for t in trials[:5]
         ]
         resumed = Search(GRID, seed=0)
         resumed.restore(finished, next_number=7)
@@ -358,7 +360,7 @@ class TestRestore:
         # Trial 0 was retried under a new number after its provider vanished.
         finished = [
             FinishedTrial(0, first[0].params, "failed"),
-            FinishedTrial(4, first[0].params, "completed", 0.5),
+            FinishedTrial(4, first[0].params, TrialState.SUCCEEDED, 0.5),
         ]
         resumed = Search(spec)
         resumed.restore(finished)
@@ -373,7 +375,7 @@ class TestRestore:
         first = drain(Search(spec))
         resumed = Search(spec)
         resumed.restore(
-            [FinishedTrial(0, first[0].params, "completed", 0.5, {0: 0.5, 1: 0.5})],
+            [FinishedTrial(0, first[0].params, TrialState.SUCCEEDED, 0.5, {0: 0.5, 1: 0.5})],
             running=[Trial(2, first[2].params)],
         )
         assert resumed.running == frozenset({2})
@@ -396,10 +398,10 @@ class TestRestore:
         first = Search(spec, seed=4)
         trials = drain(first)[:4]
         finished = [
-            FinishedTrial(trials[0].number, trials[0].params, "completed", 0.3),
+            FinishedTrial(trials[0].number, trials[0].params, TrialState.SUCCEEDED, 0.3),
             FinishedTrial(trials[1].number, trials[1].params, "failed"),
             FinishedTrial(trials[2].number, trials[2].params, "pruned", None, {1: 9.0}),
-            FinishedTrial(trials[3].number, trials[3].params, "completed", 0.2),
+            FinishedTrial(trials[3].number, trials[3].params, TrialState.SUCCEEDED, 0.2),
         ]
         resumed = Search(spec, seed=4)
         resumed.restore(finished)
@@ -416,7 +418,8 @@ class TestRestore:
             "  x: {min: 0.0, max: 1.0}\n", "bayes", extra="metric: {name: loss}\nrun_cap: 30\n"
         )
         finished = [
-            FinishedTrial(n, {"x": n / 20}, "completed", (n / 20 - 0.8) ** 2) for n in range(20)
+            FinishedTrial(n, {"x": n / 20}, TrialState.SUCCEEDED, (n / 20 - 0.8) ** 2)
+            for n in range(20)
         ]
         resumed = Search(spec, seed=0)
         resumed.restore(finished)
@@ -428,7 +431,7 @@ class TestRestore:
         spec = job("  x: {min: 0.0, max: 1.0}\n", extra=HYPERBAND)
         good = {step: v for step, v in enumerate(GOOD, start=1)}
         resumed = Search(spec)
-        resumed.restore([FinishedTrial(0, {"x": 0.5}, "completed", GOOD[-1], good)])
+        resumed.restore([FinishedTrial(0, {"x": 0.5}, TrialState.SUCCEEDED, GOOD[-1], good)])
         bad = resumed.ask()
         assert bad is not None
         assert run_curve(resumed, bad, BAD) == 2
@@ -450,7 +453,7 @@ class TestRestore:
             assert trial is not None
             ran = run_curve(original, trial, curve)
             steps = dict(enumerate(curve[:ran], start=1))
-            state = "pruned" if ran < len(curve) else "completed"
+            state = "pruned" if ran < len(curve) else TrialState.SUCCEEDED
             value = None if state == "pruned" else curve[-1]
             finished.append(FinishedTrial(trial.number, trial.params, state, value, steps))
         assert any(f.state == "pruned" for f in finished)  # the rungs did cut something
@@ -471,19 +474,21 @@ class TestRestore:
     def test_a_stored_trial_that_does_not_fit_the_spec_is_refused(self) -> None:
         params = {"C": 0.1, "degree": 2, "kernel": "poly", "gamma": "scale"}
         with pytest.raises(SearchError, match="kernel"):
-            Search(GRID).restore([FinishedTrial(0, params, "completed", 1.0)])
+            Search(GRID).restore([FinishedTrial(0, params, TrialState.SUCCEEDED, 1.0)])
         with pytest.raises(SearchError, match="no value for degree"):
-            Search(GRID).restore([FinishedTrial(0, {"C": 0.1, "kernel": "rbf"}, "completed", 1.0)])
+            Search(GRID).restore(
+                [FinishedTrial(0, {"C": 0.1, "kernel": "rbf"}, TrialState.SUCCEEDED, 1.0)]
+            )
         ok = {"C": 0.1, "degree": 2, "kernel": "rbf"}
         with pytest.raises(SearchError, match="twice"):
             Search(GRID).restore(
-                [FinishedTrial(0, ok, "completed"), FinishedTrial(0, ok, "failed")]
+                [FinishedTrial(0, ok, TrialState.SUCCEEDED), FinishedTrial(0, ok, "failed")]
             )
 
     def test_a_restored_sweep_that_reached_its_target_stays_stopped(self) -> None:
         spec = job("  x: {min: 0.0, max: 1.0}\n", extra="metric: {name: loss, target: 0.1}\n")
         resumed = Search(spec)
-        resumed.restore([FinishedTrial(0, {"x": 0.3}, "completed", 0.01)])
+        resumed.restore([FinishedTrial(0, {"x": 0.3}, TrialState.SUCCEEDED, 0.01)])
         assert resumed.ask() is None
 
 
@@ -541,7 +546,7 @@ def interrupted(
     resumed = Search(spec, seed=seed)
     resumed.restore(
         [
-            FinishedTrial(t.number, t.params, "completed", float(t.params["x"]) ** 2)
+            FinishedTrial(t.number, t.params, TrialState.SUCCEEDED, float(t.params["x"]) ** 2)
             for t in trials[:finished]
         ],
         next_number=finished + running,
@@ -583,5 +588,5 @@ def interrupted_cat(spec: JobSpec) -> tuple[Search, list[Trial]]:
     t = first.ask()
     assert t is not None
     resumed = Search(spec, seed=0)
-    resumed.restore([FinishedTrial(t.number, t.params, "completed", 1.0)], next_number=1)
+    resumed.restore([FinishedTrial(t.number, t.params, TrialState.SUCCEEDED, 1.0)], next_number=1)
     return resumed, [t]

@@ -26,6 +26,7 @@ from market.jobspec import (
     parse_job,
     render_command,
 )
+from market.lifecycle import TrialState
 from market.search import FinishedTrial, Search, beta_cdf, beta_ppf
 
 N = 3000
@@ -191,7 +192,7 @@ class TestDistributions:
         s = spec(parameter, "bayes", "metric: {name: loss}\n")
         resumed = Search(s, seed=1)
         resumed.restore(
-            [FinishedTrial(i, {"p": v}, "completed", 1.0) for i, v in enumerate(values)]
+            [FinishedTrial(i, {"p": v}, TrialState.SUCCEEDED, 1.0) for i, v in enumerate(values)]
         )
         assert resumed.ask() is not None
 
@@ -249,8 +250,8 @@ class TestHyperband:
         search = hyperband("{type: hyperband, max_iter: 5, eta: 2, s: 2}")
         search.restore(
             [
-                FinishedTrial(0, {"x": 0.1}, "completed", 9.0, {0: 10.0, 1: 9.0}),
-                FinishedTrial(1, {"x": 0.2}, "completed", 6.0, {0: 10.0, 1: 6.0, 2: 6.0}),
+                FinishedTrial(0, {"x": 0.1}, TrialState.SUCCEEDED, 9.0, {0: 10.0, 1: 9.0}),
+                FinishedTrial(1, {"x": 0.2}, TrialState.SUCCEEDED, 6.0, {0: 10.0, 1: 6.0, 2: 6.0}),
             ]
         )
         b, c, d = (search.ask() for _ in range(3))

@@ -26,6 +26,7 @@ import pytest
 
 from market.auction import Auction, AuctionState
 from market.catalog import CATALOG
+from market.lifecycle import LeaseState
 from node.cli import localcluster as cluster
 from node.net.transport import HttpTransport
 from node.store.node_store import LeaseRow, Store
@@ -96,7 +97,7 @@ async def wait_idle(tenant: Tenant, fleet: Fleet) -> list[Advert]:
 
 
 async def release_all(tenant: Tenant) -> None:
-    for row in tenant.store.list_leases("active"):
+    for row in tenant.store.list_leases(LeaseState.ACTIVE):
         await tenant.release(row)
 
 

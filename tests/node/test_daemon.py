@@ -4,6 +4,7 @@ and a clean shutdown of ``mercato provider run`` as a real process."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -23,15 +24,17 @@ from typing import Any
 import aiohttp
 import pytest
 
+from market.lifecycle import LeaseState
 from node.config import LimitsSection, NodeConfig, NodeSection
-from node.daemon import READY_FILE, Daemon
-from node.home import NodeHome
+from node.daemon import Daemon
+from node.home import READY_FILE, NodeHome
 from node.net.transport import ENVELOPE_CONTENT_TYPE, HttpTransport
 from node.provider.inventory import DeviceDecl
 from node.store.node_store import Store
 from node.tenant.client import Tenant
 from protocol import codec
 from protocol.envelope import open_envelope, seal
+from protocol.errors import MercatoError
 from protocol.identity import Identity
 from protocol.messages import Body, Directory, Hello, PeerList, Requirement
 
@@ -358,7 +361,7 @@ class TestHealthAndHome:
                 assert [x.units for x in report.leases] == [1], report.failure
             finally:
                 await first.close()
-            lease = store.list_leases("active")[0]
+            lease = store.list_leases(LeaseState.ACTIVE)[0]
 
             second = await Daemon.start(make_config(home))
             try:
@@ -372,7 +375,7 @@ class TestHealthAndHome:
                 assert free == [[d for d in ("gpu0", "gpu1") if d not in lease.devices]]
                 report = await other.auction(want, 2, 1_000_000, job_spec_hash="cd" * 32)
                 assert [x.units for x in report.leases] == [1]  # a partial fill: 1 of 2
-                sold = other.store.list_leases("active")[0].devices
+                sold = other.store.list_leases(LeaseState.ACTIVE)[0].devices
                 assert not set(sold) & set(lease.devices), "sold a leased device twice"
                 assert engine.free == set()
                 # The first tenant's lease still works: heartbeats, then a billed release
@@ -465,3 +468,58 @@ async def test_close_is_idempotent_and_frees_the_port(start_daemon: DaemonFactor
         async with aiohttp.ClientSession() as s, s.get(address + "/healthz") as resp:
             await resp.read()
     await asyncio.sleep(0)
+
+
+def _open_files(path: Path) -> int:
+    """How many of this process's descriptors are open on ``path`` (or its -wal/-shm)."""
+    fds = Path("/proc/self/fd")
+    count = 0
+    for fd in fds.iterdir():
+        with contextlib.suppress(OSError):
+            if os.readlink(fd).startswith(str(path)):
+                count += 1
+    return count
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class TestStartCannotLeak:
+    """A start that fails late undoes every earlier step: port free, store closed."""
+
+    async def test_a_failed_ready_file_frees_the_port_and_closes_the_store(
+        self, tmp_path: Path
+    ) -> None:
+        home = tmp_path / "home"
+        home.mkdir()
+        # The very last step fails for real: the ready file's temporary name is taken
+        # by a directory (root ignores file modes, so a read-only home would not do).
+        (home / (READY_FILE + ".tmp")).mkdir()
+        port = _free_port()
+        config = NodeConfig(
+            node=NodeSection(listen_host="127.0.0.1", listen_port=port, home=home),
+            devices=[DeviceDecl(model="RTX-4090", count=2, price_floor=350_000, simulated=True)],
+            detect_gpus=False,
+        )
+        with pytest.raises(MercatoError, match=r"daemon\.json"):
+            await Daemon.start(config)
+        store_path = NodeHome(home).store_path
+        assert _open_files(store_path) == 0, "the store stayed open"
+        with socket.socket() as s:  # the port is free again (SO_REUSEADDR, as the daemon)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", port))
+            s.listen()
+        # And a second daemon on the same home and port starts and serves.
+        (home / (READY_FILE + ".tmp")).rmdir()
+        daemon = await Daemon.start(config)
+        try:
+            async with aiohttp.ClientSession() as s, s.get(daemon.address + "/healthz") as r:
+                assert r.status == 200
+            assert (home / READY_FILE).exists()
+        finally:
+            await daemon.close()
+        assert not (home / READY_FILE).exists()
+        assert _open_files(store_path) == 0

@@ -71,6 +71,7 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
         )
         for n in range(TRIALS):
             jobs.add_trial(JOB, n, params(n))
+            jobs.update_trial(JOB, n, state="running")  # assigned; a result may follow
             if n < TRIALS - 3:
                 jobs.finish_trial(
                     JOB,

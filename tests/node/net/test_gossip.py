@@ -1,21 +1,26 @@
 """Discovery among many nodes on the in-memory transport (a fake network: these tests are
 about gossip logic, so every test name says ``memory_transport``).
 
-Nodes run their real background loops on real asyncio time with short intervals. Waits
-poll until a condition holds, with generous bounds; nothing asserts on speed.
+Nodes run their real background loops on virtual time (node.net.simloop): every node's
+clock is the loop's, and the loop jumps to its next timer instead of sleeping, so an
+advert's TTL, the gossip interval and a wait's bound are the intervals a deployment
+uses, whatever the machine's load. Waits poll until a condition holds, with bounds in
+virtual seconds; nothing asserts on speed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import random
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import pytest
 
+from node.net import simloop
 from node.net.node import CapacityFn, Node, NodeSettings, Role
 from node.net.transport import MemoryNetwork
 from protocol import codec
@@ -23,15 +28,36 @@ from protocol.envelope import open_envelope, seal
 from protocol.identity import Identity
 from protocol.messages import Advert, DeviceGroup, Directory, Interconnect
 
-INTERVAL_S = 0.02
-CONVERGE_TIMEOUT_S = 30.0
+INTERVAL_S = 1.0  # virtual seconds between gossip rounds
+CONVERGE_TIMEOUT_S = 600.0  # virtual seconds
 N_PROVIDERS = 49  # + 1 bootstrap = 50 nodes
+#: The virtual clock's epoch: 2026-01-01 00:00 UTC, in ms.
+T0_MS = 1_767_225_600_000
 
 AdvertSealer = Callable[..., bytes]
 
 
 def now_ms() -> int:
-    return time.time_ns() // 1_000_000
+    """Every node's clock: the virtual loop's time, from T0_MS."""
+    return T0_MS + int(asyncio.get_running_loop().time() * 1000)
+
+
+def virtual_time(
+    test: Callable[..., Coroutine[Any, Any, None]],
+) -> Callable[..., None]:
+    """Run an async test on a fresh VirtualTimeLoop; its ``net`` is closed on that loop."""
+
+    @functools.wraps(test)
+    def run(*args: Any, **kwargs: Any) -> None:
+        async def main() -> None:
+            try:
+                await test(*args, **kwargs)
+            finally:
+                await kwargs["net"].close()
+
+        simloop.run(main())
+
+    return run
 
 
 def address(name: str) -> str:
@@ -99,6 +125,7 @@ class Net:
             self.network.transport(addr),
             capacity=capacity,
             rng=random.Random(self.rng.random()),
+            clock=now_ms,
         )
         self.network.attach(addr, node.handle)
         await node.start()
@@ -110,12 +137,9 @@ class Net:
 
 
 @pytest.fixture
-async def net() -> AsyncIterator[Net]:
-    n = Net()
-    try:
-        yield n
-    finally:
-        await n.close()
+def net() -> Net:
+    """A fresh network; the test's own loop (``virtual_time``) closes its nodes."""
+    return Net()
 
 
 async def build(net: Net, providers: int = N_PROVIDERS) -> None:
@@ -134,10 +158,11 @@ async def gossip_rounds(net: Net, rounds: int) -> None:
 
 async def eventually(condition: Callable[[], bool], timeout_s: float = CONVERGE_TIMEOUT_S) -> None:
     """Poll until ``condition`` holds; fail (with no timing claim) if it never does."""
-    deadline = time.monotonic() + timeout_s
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
     while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not reached within {timeout_s} s")
+        if loop.time() > deadline:
+            pytest.fail(f"condition not reached within {timeout_s} virtual s")
         await asyncio.sleep(0.05)
 
 
@@ -180,6 +205,7 @@ async def push(net: Net, target: Node, adverts: list[bytes]) -> None:
 
 
 class TestConvergence:
+    @virtual_time
     async def test_memory_transport_every_advert_reaches_every_node(self, net: Net) -> None:
         await build(net)
         assert len(net.nodes) == 50
@@ -196,6 +222,7 @@ class TestConvergence:
         # Everyone also learnt of many peers, not only the bootstrap node.
         assert all(len(n.peers) >= 3 for n in net.nodes)
 
+    @virtual_time
     async def test_memory_transport_a_capacity_change_spreads(self, net: Net) -> None:
         await build(net, providers=10)
         await eventually(converged(net.nodes, newest(net)))
@@ -214,6 +241,7 @@ class TestConvergence:
 
 
 class TestForgery:
+    @virtual_time
     async def test_memory_transport_forged_adverts_are_dropped_everywhere(
         self, net: Net, sealed_advert: AdvertSealer
     ) -> None:
@@ -263,6 +291,7 @@ class TestForgery:
             assert all(e.envelope not in forged for e in node.directory.live(now_ms()))
             assert mallory.node_id not in node.directory
 
+    @virtual_time
     async def test_memory_transport_forged_adverts_pushed_everywhere_are_counted_everywhere(
         self, net: Net, sealed_advert: AdvertSealer
     ) -> None:
@@ -285,6 +314,7 @@ class TestForgery:
             entry = node.directory.get(victim.node_id)
             assert entry is None or entry.seq < 2**62
 
+    @virtual_time
     async def test_memory_transport_an_expired_advert_is_not_relayed(
         self, net: Net, sealed_advert: AdvertSealer
     ) -> None:
@@ -299,6 +329,7 @@ class TestForgery:
 
 
 class TestCatchUp:
+    @virtual_time
     async def test_memory_transport_a_late_joiner_catches_up(self, net: Net) -> None:
         await build(net, providers=15)
         await eventually(converged(net.nodes, newest(net)))
@@ -311,6 +342,7 @@ class TestCatchUp:
         # Everyone can now reach it (its address came with its advert).
         assert all(late.settings.address in n.peers for n in net.nodes if n is not late)
 
+    @virtual_time
     async def test_memory_transport_a_partition_catches_up_after_heal(self, net: Net) -> None:
         await build(net, providers=19)
         await eventually(converged(net.nodes, newest(net)))
@@ -358,11 +390,12 @@ class TestCatchUp:
 
 
 class TestExpiry:
+    @virtual_time
     async def test_memory_transport_a_dead_providers_advert_expires_everywhere(
         self, net: Net
     ) -> None:
         await build(net, providers=10)
-        doomed = await net.add("doomed", ttl_s=1.0)
+        doomed = await net.add("doomed", ttl_s=10.0)  # ten gossip rounds
         await eventually(converged(net.nodes, newest(net)))
         entry = doomed.directory.get(doomed.node_id)
         assert entry is not None
@@ -375,7 +408,7 @@ class TestExpiry:
             if (e := n.directory.get(doomed.node_id)) is not None
         )
         others = [n for n in net.nodes if n is not doomed]
-        await eventually(lambda: now_ms() > last_expiry, timeout_s=5.0)
+        await eventually(lambda: now_ms() > last_expiry, timeout_s=20.0)
         # From its expiry on, no node ever shows it to a tenant, even before purging...
         for node in others:
             assert doomed.node_id not in held(node)
@@ -385,20 +418,23 @@ class TestExpiry:
         want = {k: v for k, v in newest(net).items() if k != doomed.node_id}
         await eventually(converged(others, want))
 
+    @virtual_time
     async def test_memory_transport_a_live_provider_never_expires(self, net: Net) -> None:
         """Adverts are refreshed before they expire, so a live provider never disappears."""
         await build(net, providers=5)
         short = await net.add("short", ttl_s=3.0)  # refreshed every 1.2 s
         await eventually(converged(net.nodes, newest(net)))
         first = newest(net)[short.node_id]
-        deadline = time.monotonic() + 3.5  # past the first advert's expiry
-        while time.monotonic() < deadline:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 3.5  # past the first advert's expiry
+        while loop.time() < deadline:
             assert all(short.node_id in held(node) for node in net.nodes)
             await asyncio.sleep(0.1)
         assert newest(net)[short.node_id] > first
         await eventually(converged(net.nodes, newest(net)))
 
 
+@virtual_time
 async def test_memory_transport_close_stops_every_loop(net: Net) -> None:
     await build(net, providers=3)
     await net.close()
@@ -408,6 +444,7 @@ async def test_memory_transport_close_stops_every_loop(net: Net) -> None:
     await net.close()  # idempotent
 
 
+@virtual_time
 async def test_memory_transport_news_pushed_to_a_closing_node_never_fails_the_sender(
     net: Net, sealed_advert: AdvertSealer
 ) -> None:
@@ -415,11 +452,25 @@ async def test_memory_transport_news_pushed_to_a_closing_node_never_fails_the_se
     than raising into the peer that pushed it (which would take that peer's loop down)."""
     await build(net, providers=2)
     target = net.providers[0]
+    assert target.settings.address is not None
+    sent_by: dict[str, int] = {}
+    deliver = net.network.deliver
+
+    async def counted(source: str, dest: str, data: bytes, timeout_s: float) -> bytes:
+        sent_by[source] = sent_by.get(source, 0) + 1
+        return await deliver(source, dest, data, timeout_s)
+
+    net.network.deliver = counted  # type: ignore[method-assign]
     closing = asyncio.create_task(target.close())
     for _ in range(10):
         await asyncio.sleep(0)
         t = now_ms()
         news = sealed_advert(Identity.generate(), seq=1, expires_ms=t + 60_000, now_ms=t)
-        await push(net, target, [news])
+        await push(net, target, [news])  # answered (b""), never an error, every time
     await closing
-    assert closing.done()
+    # Closed for good: the news that reached it during the close started no relay, and
+    # in ten gossip intervals it sends nothing, while the others keep gossiping.
+    sent_by.clear()
+    await asyncio.sleep(10 * INTERVAL_S)
+    assert sent_by.get(target.settings.address, 0) == 0
+    assert sum(sent_by.values()) > 0

@@ -26,7 +26,8 @@ import pytest
 from aiohttp import web
 
 from node.config import HttpSection, MarketSection, NodeConfig, NodeSection
-from node.daemon import READY_FILE, Daemon
+from node.daemon import Daemon
+from node.home import READY_FILE
 from node.net.addresses import AddressPolicy
 from node.net.transport import ENVELOPE_CONTENT_TYPE, HttpTransport
 from node.provider.inventory import DeviceDecl

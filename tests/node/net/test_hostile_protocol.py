@@ -29,7 +29,7 @@ import aiohttp
 import msgpack
 import pytest
 
-from node.daemon import READY_FILE
+from node.home import READY_FILE
 from node.net.node import Node, NodeSettings
 from node.net.transport import ENVELOPE_CONTENT_TYPE, MemoryNetwork
 from protocol import codec

@@ -28,6 +28,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from market.lifecycle import LeaseState
 from node.config import NodeConfig, NodeSection, SandboxSection, WorkspacesSection
 from node.daemon import Daemon
 from node.net.ratelimit import RateLimiter
@@ -99,11 +100,11 @@ class Market:
             tenant = Tenant(Identity.generate(), store, self.transport)
         else:
             tenant, store = same_as.tenant, same_as.tenant.store
-        held = {lease.lease_id for lease in store.list_leases("active")}
+        held = {lease.lease_id for lease in store.list_leases(LeaseState.ACTIVE)}
         await tenant.refresh(self.daemon.address)
         report = await tenant.auction(Requirement(kind="gpu"), units, 1_000_000, job_spec_hash=SPEC)
         assert [x.units for x in report.leases] == [units], report.failure
-        (lease,) = [x for x in store.list_leases("active") if x.lease_id not in held]
+        (lease,) = [x for x in store.list_leases(LeaseState.ACTIVE) if x.lease_id not in held]
         self.beats.append(asyncio.create_task(self._beat(tenant, lease)))
         return Buyer(tenant, lease, TaskClient(tenant, lease))
 

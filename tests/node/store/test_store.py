@@ -12,8 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from market.lifecycle import IllegalTransitionError, JobState, LeaseState, TrialState
 from node.store.job_store import JobRow, JobStore
-from node.store.node_store import Store
+from node.store.node_store import LeaseRow, Store
 from node.store.schema import (
     MIGRATIONS,
     SCHEMA_VERSION,
@@ -297,7 +298,8 @@ class TestTrials:
             job = self.job(jobs)
             assert jobs.trial(job, 0).intermediate == []  # type: ignore[union-attr]
             steps = [[0, 3.25], [2, 1.5], [5, float("nan")]]
-            assert jobs.finish_trial(job, 0, state="pruned", intermediate=steps)
+            jobs.update_trial(job, 0, state=TrialState.RUNNING)  # only a running trial is pruned
+            assert jobs.finish_trial(job, 0, state=TrialState.PRUNED, intermediate=steps)
         with Store(db_path) as store:
             (row,) = JobStore(store).trials("j1")
         finished = finished_trial(row)
@@ -316,3 +318,74 @@ class TestTrials:
             (row,) = JobStore(store).trials("j1")
         assert row.intermediate == []
         assert finished_trial(row).intermediate == {}
+
+
+class TestLifecycles:
+    """Every state the store writes moves along market/lifecycle.py's tables, on disk."""
+
+    def job(self, jobs: JobStore) -> str:
+        jobs.create_job(
+            JobRow("j1", "q", "name: q", "0" * 64, "1" * 64, "/w", JobState.RUNNING, "", 7, 1, 1)
+        )
+        return "j1"
+
+    def lease(self, store: Store, state: LeaseState = LeaseState.ACTIVE) -> str:
+        store.put_lease(
+            LeaseRow(
+                "L1", "tenant", "o1", A, B, "http://127.0.0.1:1", 1, ("d0",), "cpu", 5, "h",
+                0, 10, 1_000, state, "ah", b"award", b"accept", 0,
+            )
+        )  # fmt: skip
+        return "L1"
+
+    def test_a_job_moves_only_along_its_table(self, db_path: Path) -> None:
+        with Store(db_path) as store:
+            jobs = JobStore(store)
+            job = self.job(jobs)
+            jobs.set_job_state(job, JobState.CANCELLED, 2, "cancelled by the tenant")
+            with pytest.raises(
+                IllegalTransitionError, match="job cannot go from cancelled to done"
+            ):
+                jobs.set_job_state(job, JobState.DONE, 3, "finished")
+        with Store(db_path) as store:  # nothing of the refused write reached the file
+            row = JobStore(store).get_job("j1")
+        assert row is not None
+        assert (row.state, row.detail, row.updated_ms) == (
+            "cancelled",
+            "cancelled by the tenant",
+            2,
+        )
+
+    def test_a_pending_trial_cannot_have_succeeded(self, store: Store) -> None:
+        jobs = JobStore(store)
+        job = self.job(jobs)
+        jobs.add_trial(job, 0, {})
+        with pytest.raises(IllegalTransitionError):
+            jobs.finish_trial(job, 0, state=TrialState.SUCCEEDED, value=1.0)
+        row = jobs.trial(job, 0)
+        assert row is not None
+        assert (row.state, row.value) == (TrialState.PENDING, None)
+        jobs.update_trial(job, 0, state=TrialState.RUNNING)
+        assert jobs.finish_trial(job, 0, state=TrialState.SUCCEEDED, value=1.0)
+        # Once final, a late second result is ignored (not an error), a move is refused.
+        assert not jobs.finish_trial(job, 0, state=TrialState.FAILED)
+        with pytest.raises(IllegalTransitionError):
+            jobs.update_trial(job, 0, state=TrialState.PENDING)
+        assert jobs.trials(job)[0].state is TrialState.SUCCEEDED
+
+    def test_an_ended_lease_is_never_lost_afterwards(self, store: Store) -> None:
+        lease = self.lease(store)
+        assert store.set_lease_state(lease, LeaseState.ENDED, 5)
+        with pytest.raises(IllegalTransitionError, match="lease cannot go from ended to lost"):
+            store.set_lease_state(lease, LeaseState.LOST, 6)
+        held = store.get_lease(lease)
+        assert held is not None
+        assert (held.state, held.updated_ms) == (LeaseState.ENDED, 5)
+        assert not store.set_lease_state("no-such-lease", LeaseState.LOST, 7)
+
+    def test_a_lost_lease_ends_when_a_late_receipt_checks_out(self, store: Store) -> None:
+        lease = self.lease(store)
+        assert store.set_lease_state(lease, LeaseState.LOST, 5)
+        assert store.set_lease_state(lease, LeaseState.ENDED, 6)
+        assert [x.lease_id for x in store.list_leases(LeaseState.ENDED)] == [lease]
+        assert store.list_leases(LeaseState.ACTIVE) == []

@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from market.jobspec import parse_job
+from market.lifecycle import LeaseState
 from node.config import NodeConfig, NodeSection
 from node.daemon import Daemon
 from node.net.transport import HttpTransport
@@ -419,3 +420,52 @@ class TestPlanAndLiveView:
         progress = Progress(total=12, leases=1, devices=2, rate=700_000, spend=1234)
         Console(file=out, width=120).print(_progress_table("j", progress))
         assert "1 lease(s), 2 device(s): 0.7 credits/hour  (no trial running)" in out.getvalue()
+
+
+class TestTrialErrorsSurface:
+    async def test_an_error_in_a_trial_task_ends_the_run_instead_of_vanishing(
+        self, tmp_path: Path
+    ) -> None:
+        # Issue 14: trial tasks had no owner, so an error in one vanished; its trial
+        # stayed "running" and the sweep leased again and again, forever.
+        provider = await _provider(tmp_path / "provider", 100_000, [])
+        transport = HttpTransport()
+        store = Store(tmp_path / "tenant.sqlite")
+        try:
+            where = tmp_path / "job"
+            job = quadratic(
+                where,
+                lambda s: s["sweep"]["parameters"].update(x={"value": 2}, y={"value": 0}),
+            )
+            spec = parse_job(job.read_text())
+            ws = pack(where)
+            JobStore(store).create_job(
+                JobRow("lost", "lost", job.read_text(), "", ws.sha256, str(where), "running",
+                       "", 0, 0, 0)
+            )  # fmt: skip
+            # A real fault in the trial task: its log directory's place is a file.
+            log_dir = tmp_path / "logs"
+            log_dir.write_text("not a directory")
+            runner = SweepRunner(
+                TenantNode(Identity.generate(), store, transport),
+                store,
+                "lost",
+                spec,
+                ws.data,
+                ws.sha256,
+                peer=provider.address,
+                parallel=1,
+                log_dir=log_dir,
+            )
+            # The bound only tells a hang from an answer; nothing here is about speed.
+            with pytest.raises(ExceptionGroup) as info:
+                await asyncio.wait_for(runner.run(), 60)
+            assert info.group_contains(FileExistsError)
+            # The run still released what it held: no lease is left billing, on either
+            # side (a release the failure interrupted is sent again).
+            assert store.list_leases(LeaseState.ACTIVE) == []
+            assert provider.store.list_leases(LeaseState.ACTIVE) == []
+        finally:
+            await transport.close()
+            store.close()
+            await provider.close()

@@ -20,6 +20,7 @@ import pytest
 from aiohttp import web
 
 from market.bidding import BidEngine, ProviderLease, devices_from_groups
+from market.lifecycle import LeaseState
 from market.settlement import amount_owed
 from node.config import NodeConfig, NodeSection
 from node.daemon import Daemon, build_app
@@ -106,7 +107,7 @@ async def start_provider(
         devices_from_groups(inventory.device_groups(free=set(inventory.ids))),
         inventory.interconnect_message(),
     )
-    LyingProvider(node, engine, store, lie)
+    LyingProvider(node, engine, store, lie).start()
     runner = web.AppRunner(build_app(node, {"node_id": identity.node_id}), access_log=None)
     await runner.setup()
     await web.SockSite(runner, sock).start()
@@ -217,12 +218,15 @@ class TestLyingProvider:
             "declined": 0,
             "rejected": 1,
         }
-        # The tenant kept no receipt and booked nothing; the lease is over either way.
+        # The tenant kept no receipt and booked nothing; the lease is over, unpaid: lost,
+        # never "ended" (that word means its receipt checked out).
         assert tenant.store.list_receipts(lease.lease_id) == []
         assert tenant.store.ledger() == []
-        ended = tenant.store.get_lease(lease.lease_id)
-        assert ended is not None
-        assert ended.state == "ended"
+        over = tenant.store.get_lease(lease.lease_id)
+        assert over is not None
+        assert over.state == "lost"
+        # A sweep settling the lease after this records it lost again: a legal non-move.
+        assert tenant.store.set_lease_state(lease.lease_id, LeaseState.LOST, 0)
         # The provider signed its lie but got no countersignature, so it earned nothing.
         signed = liar.store.list_receipts(lease.lease_id)
         assert len(signed) == 1
@@ -244,4 +248,4 @@ class TestLyingProvider:
         report = await tenant.auction(Requirement(kind="gpu"), 1, 1_000_000, job_spec_hash=JOB)
         assert [c.provider for c in report.asked] == [fair.node_id, liar.node_id]
         assert [x.provider for x in report.leases] == [fair.node_id]
-        await tenant.release(tenant.store.list_leases("active")[0])
+        await tenant.release(tenant.store.list_leases(LeaseState.ACTIVE)[0])
