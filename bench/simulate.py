@@ -1144,6 +1144,7 @@ class SettlementSim:
                 self.provider_kind[i], ProviderService
             )
             service = cls(node, engine, Store(":memory:"), policy)
+            service.start()
             self.net.attach(address, node.handle)
             await node.start()
             self.nodes.append(node)
