@@ -101,7 +101,7 @@ async def start_provider(
         devices_from_groups(inventory.device_groups(free=set(inventory.ids))),
         inventory.interconnect_message(),
     )
-    service(node, engine, store)
+    service(node, engine, store).start()
     runner = web.AppRunner(build_app(node, {"node_id": identity.node_id}), access_log=None)
     await runner.setup()
     await web.SockSite(runner, sock).start()

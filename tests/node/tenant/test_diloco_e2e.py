@@ -159,6 +159,9 @@ class TestDilocoAcrossProviders:
 
 
 class TestElastic:
+    # Its own deadlines (180 s to reach outer step 2, 240 s to finish) decide, not the
+    # suite's 120 s default.
+    @pytest.mark.timeout(480)
     def test_a_killed_provider_does_not_stop_the_job(self, home: Path) -> None:
         job = job_file(home, "elastic", world=3, steps=4000)  # 8 outer steps
         proc = subprocess.Popen(
@@ -194,7 +197,11 @@ class TestElastic:
         finally:
             if proc.poll() is None:
                 proc.kill()
-        reader.join(5)
+                proc.wait(10)
+            reader.join(5)
+            for pipe in (proc.stdout, proc.stderr):
+                if pipe is not None:
+                    pipe.close()
         text = "".join(err)
         summary = json.loads(stdout)
         assert summary["state"] == "done", text
