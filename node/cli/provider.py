@@ -8,8 +8,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-
 from node.cli.common import EXIT_OK
 
 # --- provider -------------------------------------------------------------------
@@ -51,6 +49,8 @@ def cmd_provider_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(doc, indent=2))
     else:
+        from rich.console import Console
+
         status_page.print_status(doc, Console())
     return EXIT_OK
 
@@ -67,5 +67,7 @@ def cmd_provider_prices(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
+        from rich.console import Console
+
         status_page.print_prices(rows, Console())
     return EXIT_OK

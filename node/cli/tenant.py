@@ -8,14 +8,15 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
-
-from rich import box
-from rich.console import Console
-from rich.table import Table
+from typing import TYPE_CHECKING, Any
 
 from node.cli.common import EXIT_ERROR, EXIT_OK
 from protocol.errors import MercatoError
+
+if TYPE_CHECKING:
+    # rich is imported where a table is printed: a provider daemon never loads it.
+    from rich.console import Console
+    from rich.table import Table
 
 EXIT_USAGE = 2
 
@@ -91,6 +92,8 @@ def cmd_market(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
+    from rich.table import Table
+
     table = Table(title=f"Market: {len(rows)} providers")
     for col in ("provider", "devices", "free", "interconnect", "floor (cr/dev-h)", "expires"):
         table.add_column(col)
@@ -108,6 +111,8 @@ def cmd_market(args: argparse.Namespace) -> int:
             floors,
             f"{r['expires_in_ms'] / 1000:.0f} s",
         )
+    from rich.console import Console
+
     Console().print(table)
     return EXIT_OK
 
@@ -257,6 +262,8 @@ def cmd_leases(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"leases": rows, "balance_micro_credits": balance}, indent=2))
         return EXIT_OK
+    from rich.table import Table
+
     table = Table(title=f"Leases ({home})")
     for col in ("lease", "side", "counterparty", "units", "price (cr/dev-h)", "state", "paid"):
         table.add_column(col)
@@ -272,6 +279,8 @@ def cmd_leases(args: argparse.Namespace) -> int:
             r["state"],
             _credits(paid),
         )
+    from rich.console import Console
+
     Console().print(table)
     print(f"ledger balance: {_credits(balance)} credits")
     return EXIT_OK
@@ -286,6 +295,8 @@ def _print_summary(summary: Any, as_json: bool, console: Console | None = None) 
         print(json.dumps(data, indent=2))
         return
     # Rich wraps to the terminal (or $COLUMNS); markup off: parameters may hold brackets.
+    from rich.console import Console
+
     out = console or Console()
     counts = ", ".join(f"{n} {s}" for s, n in sorted(data["trials"].items())) or "no trials"
     out.print(f"job {data['job_id']} ({data['name']}): {data['state']}; {counts}", markup=False)
@@ -413,6 +424,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
             f"every {c.steps_per_sync} step(s); WAN ratio {c.wan_ratio:.3g}; "
             f"required bandwidth {'-' if need is None else f'{need / 1e9:.3g} GB/s'}"
         )
+    from rich.table import Table
+
     table = Table(title="Providers that could host it now")
     for col in ("provider", "devices", "fabric", "floor", "fits", "runtime", "cost (cr)"):
         table.add_column(col)
@@ -428,6 +441,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
             "-" if rt is None else f"{rt:.0f} s",
             "-" if cost is None else _credits(cost),
         )
+    from rich.console import Console
+
     Console().print(table)
     if estimate is not None:
         print(estimate["text"])
@@ -506,6 +521,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
+    from rich.table import Table
+
     table = Table(title="Jobs")
     for col in ("job", "name", "state", "trials", "best", "spend (cr)"):
         table.add_column(col)
@@ -523,6 +540,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             "-" if best is None else f"{best['value']:.6g}",
             _credits(r["spend_micro_credits"]),
         )
+    from rich.console import Console
+
     Console().print(table)
     return EXIT_OK
 
@@ -537,6 +556,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         data["trial_list"] = [jobs.trial_json(t) for t in summary.trials]
         print(json.dumps(data, indent=2))
         return EXIT_OK
+    from rich.console import Console
+
     console = Console()
     _print_summary(summary, False, console)
     console.print(status_table(summary.trials))
@@ -554,6 +575,9 @@ def _params_text(params: dict[str, Any]) -> str:
 def status_table(trials: list[Any]) -> Table:
     """A job's trials, readable at 80 columns: the short columns never wrap, parameters
     and detail take what is left and wrap between words."""
+    from rich import box
+    from rich.table import Table
+
     from node.tenant.sweep import QUEUED_DETAIL
 
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, expand=False)
