@@ -132,7 +132,7 @@ WorkloadClass = Literal["sweep", "training", "service"]
 class Body(BaseModel):
     """Base of all message bodies."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, defer_build=True)
 
     TYPE: ClassVar[str] = ""
 
@@ -140,7 +140,7 @@ class Body(BaseModel):
 class Part(BaseModel):
     """Base of nested records inside bodies."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, defer_build=True)
 
 
 # --- capacity -------------------------------------------------------------------

@@ -5,9 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from rich.console import Console
-from rich.table import Table
-
 from node.cli.common import EXIT_OK
 
 # --- cluster --------------------------------------------------------------------
@@ -38,6 +35,9 @@ def cmd_cluster_status(args: argparse.Namespace) -> int:
     if not rows:
         print("no local cluster (start one with `mercato cluster up --providers 4`)")
         return EXIT_OK
+    from rich.console import Console
+    from rich.table import Table
+
     table = Table(title="Local cluster")
     for col in ("name", "pid", "status page", "devices", "health"):
         table.add_column(col)

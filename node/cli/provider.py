@@ -8,8 +8,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-
 from node.cli.common import EXIT_OK
 
 # --- provider -------------------------------------------------------------------
@@ -51,6 +49,8 @@ def cmd_provider_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(doc.json_body(), indent=2))
     else:
+        from rich.console import Console
+
         console.print_status(doc, Console())
     return EXIT_OK
 
@@ -66,5 +66,7 @@ def cmd_provider_prices(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([r.model_dump(mode="json") for r in rows], indent=2))
     else:
+        from rich.console import Console
+
         console.print_prices(rows, Console())
     return EXIT_OK

@@ -8,15 +8,16 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
-
-from rich import box
-from rich.console import Console
-from rich.table import Table
+from typing import TYPE_CHECKING, Any
 
 from market.lifecycle import JobState
 from node.cli.common import EXIT_ERROR, EXIT_OK
 from protocol.errors import MercatoError
+
+if TYPE_CHECKING:
+    # rich is imported where a table is printed: a provider daemon never loads it.
+    from rich.console import Console
+    from rich.table import Table
 
 EXIT_USAGE = 2
 
@@ -89,6 +90,8 @@ def cmd_market(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
+    from rich.table import Table
+
     table = Table(title=f"Market: {len(rows)} providers")
     for col in ("provider", "devices", "free", "interconnect", "floor (cr/dev-h)", "expires"):
         table.add_column(col)
@@ -106,6 +109,8 @@ def cmd_market(args: argparse.Namespace) -> int:
             floors,
             f"{r['expires_in_ms'] / 1000:.0f} s",
         )
+    from rich.console import Console
+
     Console().print(table)
     return EXIT_OK
 
@@ -249,6 +254,8 @@ def cmd_leases(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"leases": rows, "balance_micro_credits": balance}, indent=2))
         return EXIT_OK
+    from rich.table import Table
+
     table = Table(title=f"Leases ({home})")
     for col in ("lease", "side", "counterparty", "units", "price (cr/dev-h)", "state", "paid"):
         table.add_column(col)
@@ -264,6 +271,8 @@ def cmd_leases(args: argparse.Namespace) -> int:
             r["state"],
             _credits(paid),
         )
+    from rich.console import Console
+
     Console().print(table)
     print(f"ledger balance: {_credits(balance)} credits")
     return EXIT_OK
@@ -278,6 +287,8 @@ def _print_summary(summary: Any, as_json: bool, console: Console | None = None) 
         print(json.dumps(data, indent=2))
         return
     # Rich wraps to the terminal (or $COLUMNS); markup off: parameters may hold brackets.
+    from rich.console import Console
+
     out = console or Console()
     counts = ", ".join(f"{n} {s}" for s, n in sorted(data["trials"].items())) or "no trials"
     out.print(f"job {data['job_id']} ({data['name']}): {data['state']}; {counts}", markup=False)
@@ -449,6 +460,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
             f"every {c.steps_per_sync} step(s); WAN ratio {c.wan_ratio:.3g}; "
             f"required bandwidth {'-' if need is None else f'{need / 1e9:.3g} GB/s'}"
         )
+    from rich.table import Table
+
     table = Table(title="Providers that could host it now")
     for col in ("provider", "devices", "fabric", "floor", "fits", "runtime", "cost (cr)"):
         table.add_column(col)
@@ -464,6 +477,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
             "-" if rt is None else f"{rt:.0f} s",
             "-" if cost is None else _credits(cost),
         )
+    from rich.console import Console
+
     Console().print(table)
     if p.split is not None:
         print(f"split: {p.split.describe()}")
@@ -571,6 +586,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
+    from rich.table import Table
+
     table = Table(title="Jobs")
     for col in ("job", "name", "state", "trials", "best", "spend (cr)"):
         # Rich splits a word only when its column is narrower than the word: the state
@@ -590,6 +607,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             "-" if best is None else f"{best['value']:.6g}",
             _credits(r["spend_micro_credits"]),
         )
+    from rich.console import Console
+
     Console().print(table)
     return EXIT_OK
 
@@ -608,6 +627,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             data["serve"] = served
         print(json.dumps(data, indent=2))
         return EXIT_OK
+    from rich.console import Console
+
     console = Console()
     _print_summary(summary, False, console)
     if served is not None:
@@ -650,6 +671,9 @@ def _params_text(params: dict[str, Any]) -> str:
 def status_table(trials: list[Any]) -> Table:
     """A job's trials, readable at 80 columns: the short columns never wrap, parameters
     and detail take what is left and wrap between words."""
+    from rich import box
+    from rich.table import Table
+
     from node.tenant.sweep import queued
 
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, expand=False)

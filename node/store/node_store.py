@@ -17,12 +17,11 @@ import contextlib
 import hashlib
 import json
 import sqlite3
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
-
-import sqlite_utils
 
 from market.lifecycle import LEASE, LeaseState
 from node.store.schema import (
@@ -65,6 +64,30 @@ class StoredAdvert:
     envelope: bytes
 
 
+def _import_sqlite_utils() -> Any:
+    """sqlite_utils, imported without numpy or pandas.
+
+    sqlite-utils imports numpy and pandas when they are installed (optuna brings numpy)
+    only to map their scalar types to column types on insert, which this store never
+    does; numpy alone is ~15 MB of resident memory in every idle provider daemon
+    (tests/node/test_idle_imports.py). While sqlite_utils is imported they are hidden
+    from it (``sys.modules[name] = None`` makes ``import name`` raise ImportError), then
+    visible again to whoever imports them later. Where one is already loaded (a tenant
+    that ran optuna first) nothing is hidden and sqlite-utils uses it as usual.
+    """
+    if "sqlite_utils" in sys.modules:
+        return sys.modules["sqlite_utils"]
+    hidden = [name for name in ("numpy", "pandas") if name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None  # type: ignore[assignment]
+    try:
+        import sqlite_utils
+    finally:
+        for name in hidden:
+            del sys.modules[name]
+    return sqlite_utils
+
+
 class Store:
     """The node's SQLite store (WAL journal, foreign keys on, migrated on open)."""
 
@@ -90,7 +113,7 @@ class Store:
         except sqlite3.Error as e:
             raise StoreError(f"cannot open store {self.path}: {e}") from e
         try:
-            self._db: Any = sqlite_utils.Database(conn, execute_plugins=False)
+            self._db: Any = _import_sqlite_utils().Database(conn, execute_plugins=False)
             self._configure(busy_timeout_ms)
             self._migrate()
         except sqlite3.DatabaseError as e:

@@ -1,0 +1,141 @@
+"""Where a trial's milliseconds go on the provider, layer by layer, in one interleaved run.
+
+Each round runs the same trial (``sweep_bench.TRIAL`` with ``--sleep 0``: an
+interpreter that parses its arguments and prints a metric) once per layer, in turn,
+so the machine's load hits every layer alike:
+
+0. ``interp``: ``python -I -S -c pass``, the start of one interpreter as the
+   supervisor starts (twice per sandboxed trial: outside, and ``enter`` inside).
+1. ``bare``: ``subprocess.run(python3 trial.py)`` in a fresh copy of the workspace.
+   The interpreter's start and exit: the floor every scheduler pays.
+2. ``supervisor``: ``SandboxExecutor(use_bwrap=False, allow_unsandboxed=True).run``:
+   the executor's copy of the workspace, ``posix_spawn`` of the supervisor (its own
+   ``python -I -S``), rlimits, the fork and exec of the trial, the reaping, the output
+   collector, removing the trial directory.
+3. ``sandbox``: ``SandboxExecutor(use_bwrap=True).run``: the same inside bubblewrap
+   (namespaces, the read-only root's mounts, seccomp, ``supervisor.py enter``).
+
+For the executor layers the script also times, from the provider's side: the copy of
+the workspace (``_prepare``), the spawn to the trial's exit (``run`` minus the copy),
+and the removal of the trial directory (``discard``, done after the result ships).
+
+The difference between layers is what each adds per trial. The exchange with the
+tenant (assignment, long poll, signed result, the tenant's store) is the cluster's
+overhead per trial in ``bench/sweep_bench.py`` minus the sandbox layer here.
+
+The last line printed is ``interp_ms=<i> bare_ms=<a> supervisor_ms=<b> sandbox_ms=<c>`` (medians).
+
+Run: ``python bench/trial_breakdown.py [--rounds 30]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import sweep_bench
+
+from node.provider.executor import TrialSpec
+from node.provider.sandbox import SandboxExecutor
+
+# The interpreter the executors run (theirs is first on PATH too), not a shim's.
+ENV = {"PATH": f"{os.path.dirname(sys.executable)}:/usr/bin:/bin", "LANG": "C.UTF-8"}
+ARGV = ["python3", "trial.py", "--a", "1", "--b", "2", "--sleep", "0"]
+
+
+def interp() -> float:
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-I", "-S", "-c", "pass"], check=True)
+    return time.perf_counter() - t0
+
+
+def bare(workspace: Path, scratch: Path, n: int) -> float:
+    work = scratch / f"bare-{n}"
+    t0 = time.perf_counter()
+    shutil.copytree(workspace, work)
+    subprocess.run(ARGV, cwd=work, env=ENV, capture_output=True, check=True)
+    shutil.rmtree(work)
+    return time.perf_counter() - t0
+
+
+async def executor_run(
+    ex: SandboxExecutor, workspace: Path, n: int, parts: dict[str, list[float]]
+) -> float:
+    spec = TrialSpec(task_id=f"t{n}", argv=ARGV, workspace=workspace, timeout_s=60)
+    prepare = ex._prepare
+    took: dict[str, float] = {}
+
+    def timed_prepare(s: TrialSpec) -> Path:
+        t = time.perf_counter()
+        try:
+            return prepare(s)
+        finally:
+            took["copy"] = time.perf_counter() - t
+
+    ex._prepare = timed_prepare  # type: ignore[method-assign]
+    t0 = time.perf_counter()
+    outcome = await ex.run(spec)
+    t1 = time.perf_counter()
+    ex.discard(spec.task_id)
+    t2 = time.perf_counter()
+    if outcome.exit_code != 0:
+        raise SystemExit(f"trial failed: {outcome}")
+    parts["copy"].append(took["copy"])
+    parts["spawn to exit"].append(t1 - t0 - took["copy"])
+    parts["discard"].append(t2 - t1)
+    return t2 - t0
+
+
+async def main_async(rounds: int) -> int:
+    tmp = Path(tempfile.mkdtemp(prefix="trial-breakdown-"))
+    try:
+        job = sweep_bench.write_workspace(tmp / "job", 10, 0.0)
+        workspace = job.parent
+        (tmp / "bare").mkdir()
+        plain = SandboxExecutor(
+            tmp / "plain", use_bwrap=False, allow_unsandboxed=True, hidden_paths=[tmp / "h"]
+        )
+        boxed = SandboxExecutor(tmp / "boxed", use_bwrap=True, hidden_paths=[tmp / "h"])
+        times: dict[str, list[float]] = {"interp": [], "bare": [], "supervisor": [], "sandbox": []}
+        parts: dict[str, dict[str, list[float]]] = {
+            k: {"copy": [], "spawn to exit": [], "discard": []} for k in ("supervisor", "sandbox")
+        }
+        for n in range(rounds):
+            times["interp"].append(await asyncio.to_thread(interp))
+            times["bare"].append(await asyncio.to_thread(bare, workspace, tmp / "bare", n))
+            times["supervisor"].append(await executor_run(plain, workspace, n, parts["supervisor"]))
+            times["sandbox"].append(await executor_run(boxed, workspace, n, parts["sandbox"]))
+        med = {k: statistics.median(v) * 1000 for k, v in times.items()}
+        print(f"{rounds} rounds, interleaved; medians in ms (p90 in brackets)")
+        for k, v in times.items():
+            p90 = sorted(v)[int(0.9 * (len(v) - 1))] * 1000
+            print(f"  {k:<11}{med[k]:7.1f}  [{p90:6.1f}]")
+            for part, xs in parts.get(k, {}).items():
+                print(f"      {part:<15}{statistics.median(xs) * 1000:7.1f}")
+        print(
+            f"  supervisor adds {med['supervisor'] - med['bare']:.1f} ms over bare; "
+            f"bubblewrap adds {med['sandbox'] - med['supervisor']:.1f} ms over the supervisor"
+        )
+        print(" ".join(f"{k}_ms={v:.1f}" for k, v in med.items()))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=30)
+    args = parser.parse_args(argv)
+    return asyncio.run(main_async(args.rounds))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
