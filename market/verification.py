@@ -1,0 +1,135 @@
+"""Whether to trust a provider's trial result: spot checks, comparison, disputes.
+
+A provider can answer "succeeded, loss 1e-06" without running anything, and the
+signature on its result only proves who said it. The tenant therefore re-runs a
+sample of finished trials on a *different* provider, with the same parameters, the
+same workspace and the same seed (``trial_seed``), and compares the metric within
+the tolerance the job declares. On a mismatch a third provider decides: whoever is
+in the minority lied (or runs a broken machine, which is the same to the tenant).
+
+How often to check follows BOINC's adaptive replication (Anderson, "BOINC: a platform
+for volunteer computing", 2019, section 6.2): a host earns trust by a streak of
+results that were *checked and found valid*, and is then checked with probability
+1/streak. Two changes for a market of strangers:
+
+* the streak counts checked results only. A provider that fabricates every result
+  never extends it, so it stays at the newcomer rate ``UNKNOWN_RATE`` = 1/4 until
+  caught: P(caught by its n-th result) = 1 - (3/4)^n, which is 0.9968 at n = 20
+  (the goal is 0.99; 1/5 would give only 0.9885);
+* the rate never falls below ``FLOOR_RATE`` = 1/100, so a provider that turns
+  dishonest after a long honest streak is still caught, on average within 100
+  results (BOINC has no floor).
+
+Everything here is pure: the draw is a hash of the trial, the provider and the job
+seed, so a run and its resume decide alike, and the bench can replay the rule.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import math
+from dataclasses import dataclass, replace
+from fractions import Fraction
+
+#: Probability a result of a provider with no checked result yet is re-run.
+UNKNOWN_RATE = Fraction(1, 4)
+#: The lowest check probability, however long a provider's streak.
+FLOOR_RATE = Fraction(1, 100)
+
+
+def check_rate(
+    streak: int, *, initial: Fraction = UNKNOWN_RATE, floor: Fraction = FLOOR_RATE
+) -> Fraction:
+    """P(re-run a result) of a provider with ``streak`` consecutive checked-valid results.
+
+    ``initial`` until 1/streak is lower (streak 5 with the defaults), then 1/streak,
+    never below ``floor``.
+    """
+    if streak <= 0:
+        return initial
+    return max(floor, min(initial, Fraction(1, streak)))
+
+
+def draw(key: str) -> Fraction:
+    """A uniform number in [0, 1) from ``key``: the same key always draws the same."""
+    digest = hashlib.sha256(key.encode()).digest()
+    return Fraction(int.from_bytes(digest[:8], "big"), 1 << 64)
+
+
+def should_check(rate: Fraction, key: str) -> bool:
+    """Whether the result named by ``key`` is re-run at probability ``rate``."""
+    return draw(key) < rate
+
+
+def trial_seed(job_seed: int, number: int) -> int:
+    """The seed a trial gets (``$MERCATO_SEED``, ``${seed}``): fixed by job and trial, so
+    every provider running trial ``number`` gets the same one. 31 bits: fits any RNG."""
+    digest = hashlib.sha256(f"mercato-seed:{job_seed}:{number}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFF_FFFF
+
+
+@dataclass(frozen=True, slots=True)
+class Tolerance:
+    """Two metric values agree if they differ by at most ``abs`` or ``rel`` x the larger."""
+
+    abs: float = 1e-6
+    rel: float = 1e-3
+
+    def agree(self, a: float, b: float) -> bool:
+        """Whether ``a`` and ``b`` are the same result (NaN agrees only with NaN)."""
+        if math.isnan(a) or math.isnan(b):
+            return math.isnan(a) and math.isnan(b)
+        if math.isinf(a) or math.isinf(b):
+            return a == b
+        return abs(a - b) <= max(self.abs, self.rel * max(abs(a), abs(b)))
+
+
+class Verdict(enum.StrEnum):
+    """What a comparison of results came to."""
+
+    AGREED = "agreed"  # the check matches the original: both are right
+    ORIGINAL_LIED = "original_lied"  # the decider sides with the check
+    CHECK_LIED = "check_lied"  # the decider sides with the original
+    UNRESOLVED = "unresolved"  # three different answers: the trial is not reproducible
+
+
+def compare(original: float, check: float, tolerance: Tolerance) -> Verdict | None:
+    """AGREED, or None: a third provider must decide."""
+    return Verdict.AGREED if tolerance.agree(original, check) else None
+
+
+def decide(original: float, check: float, decider: float, tolerance: Tolerance) -> Verdict:
+    """The majority of three: the provider whose value the other two do not share lied."""
+    with_original = tolerance.agree(decider, original)
+    with_check = tolerance.agree(decider, check)
+    if with_original and not with_check:
+        return Verdict.CHECK_LIED
+    if with_check and not with_original:
+        return Verdict.ORIGINAL_LIED
+    return Verdict.UNRESOLVED
+
+
+@dataclass(frozen=True, slots=True)
+class Trust:
+    """What one tenant learnt by checking one provider's results."""
+
+    streak: int = 0  # consecutive results checked and found valid
+    verified: int = 0  # results checked and found valid, ever
+    caught: int = 0  # results found false by a third provider
+
+    @property
+    def rate(self) -> Fraction:
+        return check_rate(self.streak)
+
+    def valid(self) -> Trust:
+        return replace(self, streak=self.streak + 1, verified=self.verified + 1)
+
+    def lied(self) -> Trust:
+        return replace(self, streak=0, caught=self.caught + 1)
+
+
+def catch_probability(results: int, rate: Fraction = UNKNOWN_RATE) -> float:
+    """P(a provider fabricating every result is caught by its ``results``-th), if every
+    check of a fabricated result finds it out (a fabricator never extends its streak)."""
+    return 1.0 - float((1 - rate) ** results)

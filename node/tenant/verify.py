@@ -1,0 +1,334 @@
+"""Spot-check replication for a sweep: re-run sampled trials on another provider.
+
+The rule (how often, what agrees, who lied) is market/verification.py; this module
+runs it with the sweep's own leases and task machinery. A result the rule picks is
+run again, same parameters, workspace and seed, on a lease of a *different* provider;
+if the metrics disagree beyond the job's tolerance, a third provider decides. The
+provider in the minority is caught: the sweep drops it, discards its results, refuses
+its pending payment, and the three signed results are kept as evidence
+(``mercato evidence JOB``).
+
+Before a sweep ends, the result about to be reported best is checked unless it is
+already (``verify.best``), so the reported best is never one provider's word alone
+when another provider could be asked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import TYPE_CHECKING, Any
+
+from market.verification import Tolerance, Verdict, compare, decide, should_check, trial_seed
+from node.store.verify_store import VerifyStore, Vote
+from node.tenant.taskclient import TaskClient
+from protocol.errors import MercatoError
+from protocol.messages import TaskResult
+
+if TYPE_CHECKING:
+    from node.tenant.sweep import Slot, SweepRunner
+
+log = logging.getLogger("mercato.verify")
+
+#: Times a check is placed (a provider failing to run it) before it is given up.
+MAX_CHECK_ATTEMPTS = 3
+
+
+@dataclass
+class PendingCheck:
+    """A check in progress: the votes so far, and who may not cast the next one."""
+
+    check_id: int
+    number: int
+    params: dict[str, Any]
+    votes: list[Vote]
+    excluded: set[str] = field(default_factory=set)  # failed to run it
+    attempts: int = 0
+    dead: bool = False  # its original provider was caught: nothing left to check
+
+    @property
+    def providers(self) -> set[str]:
+        return {v.provider for v in self.votes} | self.excluded
+
+
+class Verifier:
+    """Owns a sweep's spot checks; the SweepRunner calls it at a few hooks."""
+
+    def __init__(self, runner: SweepRunner) -> None:
+        self.r = runner
+        self.vs = VerifyStore(runner.store)
+        policy = runner.spec.verify
+        sweep = runner.spec.sweep_config
+        self.metric = sweep.metric.name if sweep.metric else None
+        self.enabled = policy.enabled and self.metric is not None
+        self.rate = None if policy.rate is None else Fraction(str(policy.rate))
+        self.tolerance = Tolerance(policy.tolerance.abs, policy.tolerance.rel)
+        self.waiting: list[PendingCheck] = []
+        self.running: dict[int, tuple[PendingCheck, Slot, asyncio.Task[None]]] = {}
+        self.gave_up: set[int] = set()  # trials no other provider could check
+        self._starved_since: float | None = None
+        self.checks_run = 0
+
+    # --- hooks ------------------------------------------------------------------
+
+    def seed(self, number: int) -> int:
+        return trial_seed(self.r.search_seed, number)
+
+    def on_result(
+        self,
+        slot: Slot,
+        number: int,
+        task_id: str,
+        params: dict[str, Any],
+        value: float,
+        envelope: bytes,
+    ) -> None:
+        """A trial succeeded on ``slot``: check it with the provider's rate."""
+        if not self.enabled:
+            return
+        provider = slot.lease.provider
+        rate = self.rate if self.rate is not None else self.vs.trust(provider).rate
+        if should_check(rate, f"{self.r.job_id}:{number}:{task_id}:{provider}"):
+            self._open(
+                number,
+                params,
+                Vote("original", provider, value, task_id, slot.lease.lease_id, envelope),
+            )
+
+    def outstanding(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def before_end(self) -> bool:
+        """True when the sweep may end: no check left, and the best is checked."""
+        if not self.enabled:
+            return True
+        if self.outstanding():
+            return False
+        if not self.r.spec.verify.best:
+            return True
+        best = self.r.search.best()
+        if best is None or best.number in self.gave_up:
+            return True
+        if best.number in self.vs.verified_numbers(self.r.job_id):
+            return True
+        row = self.r.jobs.trial(self.r.job_id, best.number)
+        if row is None or row.provider is None or row.value is None:
+            return True
+        self._open(
+            best.number,
+            row.params,
+            Vote(
+                "original",
+                row.provider,
+                row.value,
+                row.task_id or "",
+                row.lease_id or "",
+                row.result or b"",
+            ),
+        )
+        return False
+
+    def starved(self, live: list[Slot]) -> bool:
+        """A check waits and no live lease can take it: a lease elsewhere is wanted."""
+        if not self.waiting:
+            self._starved_since = None
+            return False
+        providers = {s.lease.provider for s in live}
+        if any(providers - c.providers for c in self.waiting):
+            self._starved_since = None
+            return False
+        now = asyncio.get_running_loop().time()
+        if self._starved_since is None:
+            self._starved_since = now
+        elif now - self._starved_since > (self.r.max_wait_s or 120.0):
+            for c in self.waiting:  # nobody else sells this: the result stays unchecked
+                self._give_up(c, "no other provider to check it")
+            self.waiting.clear()
+            self._starved_since = None
+            return False
+        return True
+
+    def avoid(self) -> set[str]:
+        """Providers a new lease for the waiting checks should not come from."""
+        if not self.waiting:
+            return set()
+        return set.intersection(*(c.providers for c in self.waiting))
+
+    def under_check(self, provider: str) -> bool:
+        """A result of ``provider`` is being checked: its lease is not settled until then,
+        so a false result's payment can still be refused."""
+        checks = self.waiting + [c for c, _, _ in self.running.values()]
+        return any(c.votes and c.votes[0].provider == provider for c in checks)
+
+    def could_use(self, slot: Slot) -> bool:
+        return any(slot.lease.provider not in c.providers for c in self.waiting)
+
+    def assign(self, slot: Slot) -> None:
+        """Start waiting checks this slot's provider may run, within its capacity."""
+        for check in list(self.waiting):
+            if slot.lost or len(slot.active) + len(slot.replicas) >= slot.capacity:
+                return
+            if slot.lease.provider in check.providers:
+                continue
+            if not self.r._affordable(slot):
+                return
+            self.waiting.remove(check)
+            slot.replicas.add(check.check_id)
+            task = asyncio.get_running_loop().create_task(self._run(slot, check))
+            self.running[check.check_id] = (check, slot, task)
+
+    def on_lose(self, slot: Slot) -> None:
+        for _, s, task in list(self.running.values()):
+            if s is slot:
+                task.cancel()
+
+    def cancel_all(self) -> None:
+        for _, _, task in self.running.values():
+            task.cancel()
+
+    # --- running checks ---------------------------------------------------------
+
+    def _open(self, number: int, params: dict[str, Any], original: Vote) -> None:
+        if any(c.number == number for c in self.waiting) or any(
+            c.number == number for c, _, _ in self.running.values()
+        ):
+            return
+        assert self.metric is not None
+        command = self.r.command_for(number, params)
+        check_id = self.vs.open_check(
+            job_id=self.r.job_id,
+            number=number,
+            params=params,
+            seed=self.seed(number),
+            command=command,
+            workspace_hash=self.r.workspace_hash,
+            spec_hash=self.r.spec_hash,
+            metric=self.metric,
+            original=original,
+            now_ms=self.r.tenant.clock(),
+        )
+        self.waiting.append(PendingCheck(check_id, number, params, [original]))
+        self.r._wake.set()
+
+    def _give_up(self, check: PendingCheck, why: str) -> None:
+        log.warning("check of trial %d given up: %s", check.number, why)
+        self.gave_up.add(check.number)
+        self.vs.close_check(check.check_id, f"unchecked: {why}", None, self.r.tenant.clock())
+
+    async def _run(self, slot: Slot, check: PendingCheck) -> None:
+        role = "check" if len(check.votes) == 1 else "decider"
+        task_id = f"{self.r.job_id[:40]}.{check.number}.v{check.check_id}{role[0]}{check.attempts}"
+        check.attempts += 1
+        done = False
+        try:
+            result, envelope = await self._replica(slot, check, task_id)
+            value = result.metrics.get(self.metric or "") if result.state == "succeeded" else None
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                check.excluded.add(slot.lease.provider)
+                log.info("check %s on %s: %s", task_id, slot.lease.provider[:8], result.state)
+            else:
+                vote = Vote(
+                    role, slot.lease.provider, float(value), task_id, slot.lease.lease_id, envelope
+                )
+                check.votes.append(vote)
+                self.vs.add_vote(check.check_id, vote, self.r.tenant.clock())
+                self.checks_run += 1
+                done = self._judge(check)
+        except asyncio.CancelledError:
+            if not self.r.cancelled:
+                self._requeue(check)
+            raise
+        except MercatoError as e:
+            log.info("check %s on %s failed: %s", task_id, slot.lease.provider[:8], e)
+            check.excluded.add(slot.lease.provider)
+        finally:
+            slot.replicas.discard(check.check_id)
+            self.running.pop(check.check_id, None)
+            self.r._wake.set()
+        if not done:
+            self._requeue(check)
+
+    def _requeue(self, check: PendingCheck) -> None:
+        if check.dead:
+            return
+        if check.attempts >= MAX_CHECK_ATTEMPTS + 1:
+            self._give_up(check, f"could not be run in {check.attempts} attempts")
+        elif check not in self.waiting:
+            self.waiting.append(check)
+
+    async def _replica(
+        self, slot: Slot, check: PendingCheck, task_id: str
+    ) -> tuple[TaskResult, bytes]:
+        """Run the trial again on ``slot``: the same command, workspace and seed."""
+        r = self.r
+        if not slot.workspace_ready:
+            async with slot.upload_lock:
+                if not slot.workspace_ready:
+                    await r._upload(slot)
+        assign = r.task_assign(slot, check.number, task_id, check.params)
+        client = TaskClient(r.tenant, slot.lease)
+        await client.assign(assign)
+        async with asyncio.timeout(2 * r.trial_ms / 1000):
+            result = await client.follow(task_id)
+        return result, client.last_envelope
+
+    def _judge(self, check: PendingCheck) -> bool:
+        """Act on the votes so far; False if a decider is still needed."""
+        now = self.r.tenant.clock()
+        original, second = check.votes[0], check.votes[1]
+        if len(check.votes) == 2:
+            if compare(original.value, second.value, self.tolerance) is None:
+                log.warning(
+                    "trial %d: %s says %g, %s says %g: asking a third provider",
+                    check.number,
+                    original.provider[:8],
+                    original.value,
+                    second.provider[:8],
+                    second.value,
+                )
+                return False
+            self.vs.close_check(check.check_id, Verdict.AGREED.value, None, now)
+            self._valid(original.provider, second.provider)
+            return True
+        third = check.votes[2]
+        verdict = decide(original.value, second.value, third.value, self.tolerance)
+        liar = {
+            Verdict.ORIGINAL_LIED: original.provider,
+            Verdict.CHECK_LIED: second.provider,
+        }.get(verdict)
+        self.vs.close_check(check.check_id, verdict.value, liar, now)
+        if verdict is Verdict.ORIGINAL_LIED:
+            self._valid(second.provider, third.provider)
+            self.r.caught(liar or "", check.number, replacement=second)
+        elif verdict is Verdict.CHECK_LIED:
+            self._valid(original.provider, third.provider)
+            self.r.caught(liar or "", check.number, replacement=None)
+        else:
+            self.r.unreproducible(check.number)
+        return True
+
+    def _valid(self, *providers: str) -> None:
+        for p in providers:
+            self.vs.set_trust(p, self.vs.trust(p).valid())
+
+    def forget(self, liar: str) -> None:
+        """Drop the liar's votes from open checks; checks of its own results end."""
+        now = self.r.tenant.clock()
+        for check in list(self.waiting):
+            if check.votes[0].provider == liar:
+                self.waiting.remove(check)
+                self.vs.close_check(
+                    check.check_id, "discarded: original provider caught", liar, now
+                )
+            else:
+                check.votes = [v for v in check.votes if v.provider != liar]
+                check.excluded.add(liar)
+        for check, _, task in list(self.running.values()):
+            if check.votes[0].provider == liar:
+                check.dead = True
+                task.cancel()
+                self.vs.close_check(
+                    check.check_id, "discarded: original provider caught", liar, now
+                )
