@@ -29,6 +29,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from fractions import Fraction
 
@@ -129,7 +130,78 @@ class Trust:
         return replace(self, streak=0, caught=self.caught + 1)
 
 
+#: A sweep's best result is re-run before it is reported unless its provider has at
+#: least this many consecutive checked-valid results (BOINC trusts a host after 10).
+TRUSTED_STREAK = 10
+
+
+def best_needs_check(trust: Trust) -> bool:
+    """Whether the result about to be reported best must be re-run first.
+
+    A provider that fabricates never reaches ``TRUSTED_STREAK`` (its streak stays 0), so
+    a fabricated best is always checked; a proven provider's best is checked only at its
+    sampling rate, which keeps the overhead of an honest market low.
+    """
+    return trust.streak < TRUSTED_STREAK
+
+
 def catch_probability(results: int, rate: Fraction = UNKNOWN_RATE) -> float:
     """P(a provider fabricating every result is caught by its ``results``-th), if every
     check of a fabricated result finds it out (a fabricator never extends its streak)."""
     return 1.0 - float((1 - rate) ** results)
+
+
+# --- measured speed ---------------------------------------------------------------
+
+#: Rounds of the alternating fit in ``slowness``: each halves the remaining error on the
+#: small, well-connected tables a tenant has; 30 leave nothing visible.
+FIT_ROUNDS = 30
+
+
+def slowness(durations: Sequence[tuple[str, str, int]]) -> dict[str, float]:
+    """Each provider's relative slowness from measured trial durations.
+
+    ``durations`` holds (provider, trial, milliseconds) as the *tenant* timed them. The
+    model is ``log d = a[provider] + b[trial]``: a trial's own size cancels out, so
+    providers are compared on the same trials (a spot check runs one trial on two or
+    three of them) and, through shared ones, across the whole table. Fitted by
+    alternating means (least squares in log space), normalised so the geometric mean
+    over providers is 1; a provider with no shared trial is compared through the trials
+    it ran alone only by their size, which the fit takes as average.
+    """
+    rows = [(p, t, math.log(max(ms, 1))) for p, t, ms in durations]
+    if not rows:
+        return {}
+    a = {p: 0.0 for p, _, _ in rows}
+    b = {t: 0.0 for _, t, _ in rows}
+    for _ in range(FIT_ROUNDS):
+        sums: dict[str, list[float]] = {}
+        for p, t, y in rows:
+            sums.setdefault(t, []).append(y - a[p])
+        b = {t: sum(v) / len(v) for t, v in sums.items()}
+        sums = {}
+        for p, t, y in rows:
+            sums.setdefault(p, []).append(y - b[t])
+        a = {p: sum(v) / len(v) for p, v in sums.items()}
+        mean = sum(a.values()) / len(a)
+        a = {p: v - mean for p, v in a.items()}
+    return {p: math.exp(v) for p, v in a.items()}
+
+
+def measured_flops(declared: Mapping[str, int], slow: Mapping[str, float]) -> dict[str, int]:
+    """FLOP/s to rank providers by, once measured: declared figures are only the prior.
+
+    Measured speeds are relative, so they are anchored to the declared figures of the
+    measured providers as a whole (their geometric mean of declared x slowness): a
+    provider that claims ten times its real speed moves the anchor by a tenth of that
+    among ten, and its own figure falls to what it delivers. Providers not measured
+    keep their declared figure.
+    """
+    both = [p for p in slow if declared.get(p, 0) > 0]
+    if not both:
+        return dict(declared)
+    anchor = math.exp(sum(math.log(declared[p] * slow[p]) for p in both) / len(both))
+    out = dict(declared)
+    for p in both:
+        out[p] = max(1, int(anchor / slow[p]))
+    return out

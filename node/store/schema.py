@@ -225,6 +225,17 @@ MIGRATIONS: tuple[Migration, ...] = (
                 dropped_ms INTEGER
             ) STRICT
             """,
+            # How long the tenant timed each trial run on each provider (from the
+            # provider's "running" to its result): measured speed, market.verification.
+            """
+            CREATE TABLE trial_durations (
+                provider TEXT NOT NULL,
+                trial TEXT NOT NULL,
+                wall_ms INTEGER NOT NULL CHECK (wall_ms >= 0),
+                recorded_ms INTEGER NOT NULL,
+                PRIMARY KEY (provider, trial)
+            ) STRICT
+            """,
             # Leases of a provider caught lying that the tenant will not pay.
             """
             CREATE TABLE refused_payments (

@@ -165,6 +165,30 @@ class VerifyStore:
         )
         return {r["provider"] for r in rows}
 
+    # --- measured speed ---------------------------------------------------------
+
+    #: Durations kept for the fit: the newest, so a provider that slows down shows it.
+    MAX_DURATIONS = 5_000
+
+    def record_duration(self, provider: str, trial: str, wall_ms: int, now_ms: int) -> None:
+        """The tenant's own timing of ``trial`` (job id and number) on ``provider``."""
+        self.store._execute(
+            """
+            INSERT INTO trial_durations (provider, trial, wall_ms, recorded_ms)
+            VALUES (?, ?, ?, ?) ON CONFLICT (provider, trial) DO UPDATE
+            SET wall_ms = excluded.wall_ms, recorded_ms = excluded.recorded_ms
+            """,
+            (provider, trial, max(0, wall_ms), now_ms),
+        )
+
+    def durations(self) -> list[tuple[str, str, int]]:
+        rows = self.store._db.query(
+            "SELECT provider, trial, wall_ms FROM trial_durations "
+            "ORDER BY recorded_ms DESC LIMIT ?",
+            [self.MAX_DURATIONS],
+        )
+        return [(r["provider"], r["trial"], r["wall_ms"]) for r in rows]
+
     # --- payments ---------------------------------------------------------------
 
     def refuse_payment(

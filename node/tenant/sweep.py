@@ -676,11 +676,13 @@ class SweepRunner:
 
             timer = asyncio.timeout_at(deadline)
             started = False
+            ran_from = 0.0
 
             def on_status(status: TaskStatus) -> None:
-                nonlocal started
+                nonlocal started, ran_from
                 if status.state != "queued" and not started:
                     started = True
+                    ran_from = loop.time()
                     self.jobs.update_trial(self.job_id, number, detail="")
                     timer.reschedule(min(deadline, loop.time() + limit_s))
 
@@ -695,7 +697,15 @@ class SweepRunner:
                     "retried elsewhere"
                 ) from None
         slot.failures = 0
+        if started and result.state == "succeeded":
+            self.time_trial(slot, number, loop.time() - ran_from)
         self._record(slot, number, task_id, result, metric, client.last_envelope)
+
+    def time_trial(self, slot: Slot, number: int, seconds: float) -> None:
+        """Keep the tenant's own timing of a trial run: measured speed for ranking."""
+        self.verifier.vs.record_duration(
+            slot.lease.provider, f"{self.job_id}:{number}", int(seconds * 1000), self.tenant.clock()
+        )
 
     def command_for(self, number: int, params: dict[str, Any]) -> list[str]:
         """Trial ``number``'s argv; the same wherever (and however often) it runs."""

@@ -21,11 +21,19 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
-from market.verification import Tolerance, Verdict, compare, decide, should_check, trial_seed
+from market.verification import (
+    Tolerance,
+    Verdict,
+    best_needs_check,
+    compare,
+    decide,
+    should_check,
+    trial_seed,
+)
 from node.store.verify_store import VerifyStore, Vote
 from node.tenant.taskclient import TaskClient
 from protocol.errors import MercatoError
-from protocol.messages import TaskResult
+from protocol.messages import TaskResult, TaskStatus
 
 if TYPE_CHECKING:
     from node.tenant.sweep import Slot, SweepRunner
@@ -115,6 +123,8 @@ class Verifier:
             return True
         row = self.r.jobs.trial(self.r.job_id, best.number)
         if row is None or row.provider is None or row.value is None:
+            return True
+        if not best_needs_check(self.vs.trust(row.provider)):
             return True
         self._open(
             best.number,
@@ -270,8 +280,17 @@ class Verifier:
         assign = r.task_assign(slot, check.number, task_id, check.params)
         client = TaskClient(r.tenant, slot.lease)
         await client.assign(assign)
+        loop = asyncio.get_running_loop()
+        ran_from: list[float] = []
+
+        def on_status(status: TaskStatus) -> None:
+            if status.state != "queued" and not ran_from:
+                ran_from.append(loop.time())
+
         async with asyncio.timeout(2 * r.trial_ms / 1000):
-            result = await client.follow(task_id)
+            result = await client.follow(task_id, on_status=on_status)
+        if ran_from and result.state == "succeeded":
+            r.time_trial(slot, check.number, loop.time() - ran_from[0])
         return result, client.last_envelope
 
     def _judge(self, check: PendingCheck) -> bool:
