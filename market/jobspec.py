@@ -849,12 +849,16 @@ class Verify(_Model):
     ``rate`` fixes the probability a result is re-run on another provider; left out,
     it adapts to each provider's record (1/4 for newcomers down to 1/100). ``best``
     re-runs the result about to be reported best unless it is already checked.
+    ``canary`` runs a keyed computation on a provider's first lease with the tenant
+    before any trial (market.verification.canary_answer): a wrong answer drops it.
     """
 
     enabled: bool = True
     rate: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] | None = None
     tolerance: VerifyTolerance = VerifyTolerance()
     best: bool = True
+    #: A keyed, timed canary on each provider's first lease with this tenant.
+    canary: bool = True
 
 
 class Limits(_Model):

@@ -205,3 +205,35 @@ def measured_flops(declared: Mapping[str, int], slow: Mapping[str, float]) -> di
     for p in both:
         out[p] = max(1, int(anchor / slow[p]))
     return out
+
+
+# --- canary -----------------------------------------------------------------------
+
+#: The metric a canary reports: the first 48 bits of its last hash (exact in a float).
+CANARY_METRIC = "mercato_canary"
+#: SHA-256 rounds of a canary: about 0.2 s of one CPU core in CPython, a second or two
+#: in a sandbox with interpreter start; long enough to time, short enough to be free.
+CANARY_ROUNDS = 300_000
+#: The canary program, run with the nonce (hex) and the rounds as arguments.
+CANARY_PROGRAM = (
+    "import hashlib, json, sys\n"
+    "h = bytes.fromhex(sys.argv[1])\n"
+    "for _ in range(int(sys.argv[2])):\n"
+    "    h = hashlib.sha256(h).digest()\n"
+    f"print(json.dumps({{'{CANARY_METRIC}': int.from_bytes(h[:6], 'big')}}))\n"
+)
+
+
+def canary_command(nonce: bytes, rounds: int = CANARY_ROUNDS) -> list[str]:
+    """The argv of a canary keyed by ``nonce`` (the tenant's secret until it is sent)."""
+    return ["python3", "-c", CANARY_PROGRAM, nonce.hex(), str(rounds)]
+
+
+def canary_answer(nonce: bytes, rounds: int = CANARY_ROUNDS) -> int:
+    """What an honest canary prints: iterated SHA-256 cannot be skipped or precomputed
+    without the nonce, so a right answer proves the provider ran code, and its time
+    how fast (the tenant times it itself)."""
+    h = nonce
+    for _ in range(rounds):
+        h = hashlib.sha256(h).digest()
+    return int.from_bytes(h[:6], "big")

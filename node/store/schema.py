@@ -222,7 +222,8 @@ MIGRATIONS: tuple[Migration, ...] = (
                 streak INTEGER NOT NULL DEFAULT 0 CHECK (streak >= 0),
                 verified INTEGER NOT NULL DEFAULT 0 CHECK (verified >= 0),
                 caught INTEGER NOT NULL DEFAULT 0 CHECK (caught >= 0),
-                dropped_ms INTEGER
+                dropped_ms INTEGER,
+                canary_ms INTEGER
             ) STRICT
             """,
             # How long the tenant timed each trial run on each provider (from the

@@ -159,6 +159,20 @@ class VerifyStore:
             (now_ms, provider),
         )
 
+    def canary_passed(self, provider: str, wall_ms: int) -> None:
+        self.set_trust(provider, self.trust(provider))
+        self.store._execute(
+            "UPDATE verify_trust SET canary_ms = ? WHERE provider = ?", (wall_ms, provider)
+        )
+
+    def vetted(self, provider: str) -> bool:
+        """Whether ``provider`` passed this tenant's canary before."""
+        rows = self.store._db.query(
+            "SELECT 1 FROM verify_trust WHERE provider = ? AND canary_ms IS NOT NULL",
+            [provider],
+        )
+        return bool(list(rows))
+
     def dropped(self) -> set[str]:
         rows = self.store._db.query(
             "SELECT provider FROM verify_trust WHERE dropped_ms IS NOT NULL"

@@ -101,6 +101,7 @@ class Slot:
     capacity: int  # tasks that may be assigned at once (units x queue depth)
     active: set[int] = field(default_factory=set)  # trial numbers
     replicas: set[int] = field(default_factory=set)  # spot checks running (check ids)
+    vetted: bool = False  # the provider passed this tenant's canary (or needs none)
     failures: int = 0
     lost: bool = False
     workspace_ready: bool = False
@@ -589,7 +590,11 @@ class SweepRunner:
             pending = [r for r in self.jobs.trials(self.job_id) if r.state == "pending"]
         for slot in list(self.slots.values()):
             self.verifier.assign(slot)
-            while not slot.lost and len(slot.active) + len(slot.replicas) < slot.capacity:
+            while (
+                not slot.lost
+                and slot.vetted
+                and len(slot.active) + len(slot.replicas) < slot.capacity
+            ):
                 number = self._next_trial(slot, pending)
                 if number is None:
                     break
@@ -722,7 +727,12 @@ class SweepRunner:
             raise SweepError(str(e)) from None
 
     def task_assign(
-        self, slot: Slot, number: int, task_id: str, params: dict[str, Any]
+        self,
+        slot: Slot,
+        number: int,
+        task_id: str,
+        params: dict[str, Any],
+        command: list[str] | None = None,
     ) -> TaskAssign:
         """The assignment of trial ``number`` (or of a spot check of it) to ``slot``."""
         limits = self.spec.limits
@@ -736,7 +746,7 @@ class SweepRunner:
             task_id=task_id,
             job_spec_hash=self.spec_hash,
             workspace_hash=self.workspace_hash,
-            command=self.command_for(number, params),
+            command=command or self.command_for(number, params),
             timeout_ms=limits.trial_timeout_ms,
             max_output_bytes=limits.max_output_bytes,
             attempt=0,
@@ -823,7 +833,9 @@ class SweepRunner:
 
     # --- verification outcomes (node/tenant/verify.py decides) ------------------
 
-    def caught(self, liar: str, number: int, replacement: Vote | None) -> None:
+    def caught(
+        self, liar: str, number: int | None, replacement: Vote | None, why: str | None = None
+    ) -> None:
         """``liar`` returned a false result: drop it, discard its results, refuse to pay.
 
         Its leases of this job are given up without a release (no receipt is
@@ -833,7 +845,7 @@ class SweepRunner:
         on (``replacement``) when there is one.
         """
         now = self.tenant.clock()
-        why = f"caught returning a false result for trial {number}"
+        why = why or f"caught returning a false result for trial {number}"
         log.warning("provider %s %s: dropped", liar[:12], why)
         vs = self.verifier.vs
         vs.set_trust(liar, vs.trust(liar).lied())

@@ -17,14 +17,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
 from market.verification import (
+    CANARY_METRIC,
+    CANARY_ROUNDS,
     Tolerance,
     Verdict,
     best_needs_check,
+    canary_answer,
+    canary_command,
     compare,
     decide,
     should_check,
@@ -33,7 +38,7 @@ from market.verification import (
 from node.store.verify_store import VerifyStore, Vote
 from node.tenant.taskclient import TaskClient
 from protocol.errors import MercatoError
-from protocol.messages import TaskResult, TaskStatus
+from protocol.messages import TaskAssign, TaskResult, TaskStatus
 
 if TYPE_CHECKING:
     from node.tenant.sweep import Slot, SweepRunner
@@ -42,6 +47,15 @@ log = logging.getLogger("mercato.verify")
 
 #: Times a check is placed (a provider failing to run it) before it is given up.
 MAX_CHECK_ATTEMPTS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """A task run to its end on a provider: its signed result and how long it ran."""
+
+    result: TaskResult
+    envelope: bytes  # the provider's signed task_result envelope
+    seconds: float | None  # from "running" to the result, by the tenant's clock
 
 
 @dataclass
@@ -78,6 +92,8 @@ class Verifier:
         self.gave_up: set[int] = set()  # trials no other provider could check
         self._starved_since: float | None = None
         self.checks_run = 0
+        self.canary = policy.enabled and policy.canary
+        self.canaries: dict[str, asyncio.Task[None]] = {}  # lease id ->
 
     # --- hooks ------------------------------------------------------------------
 
@@ -176,11 +192,18 @@ class Verifier:
         return any(slot.lease.provider not in c.providers for c in self.waiting)
 
     def assign(self, slot: Slot) -> None:
-        """Start waiting checks this slot's provider may run, within its capacity."""
+        """Start waiting checks this slot's provider may run, within its capacity.
+
+        A slot of a provider new to this tenant first runs the canary; until it passes,
+        the slot gets no trial and no check."""
+        if not slot.vetted:
+            self._vet(slot)
+            if not slot.vetted:
+                return
         for check in list(self.waiting):
             if slot.lost or len(slot.active) + len(slot.replicas) >= slot.capacity:
                 return
-            if slot.lease.provider in check.providers:
+            if slot.lease.provider in check.providers or self._better_checker(slot, check):
                 continue
             if not self.r._affordable(slot):
                 return
@@ -189,14 +212,104 @@ class Verifier:
             task = asyncio.get_running_loop().create_task(self._run(slot, check))
             self.running[check.check_id] = (check, slot, task)
 
+    def _better_checker(self, slot: Slot, check: PendingCheck) -> bool:
+        """Another leased provider with more checked-valid results could take ``check``
+        now: fabricators that answer alike would confirm each other, so a check goes to
+        the most proven provider at hand (two newcomers check each other only when no
+        proven provider is leased)."""
+        mine = self.vs.trust(slot.lease.provider).verified
+        for s in self.r.slots.values():
+            if (
+                s is slot
+                or s.lost
+                or not s.vetted
+                or s.lease.provider in check.providers
+                or len(s.active) + len(s.replicas) >= s.capacity
+            ):
+                continue
+            if self.vs.trust(s.lease.provider).verified > mine:
+                return True
+        return False
+
     def on_lose(self, slot: Slot) -> None:
         for _, s, task in list(self.running.values()):
             if s is slot:
                 task.cancel()
+        canary = self.canaries.get(slot.lease.lease_id)
+        if canary is not None and canary is not asyncio.current_task():
+            canary.cancel()
 
     def cancel_all(self) -> None:
         for _, _, task in self.running.values():
             task.cancel()
+        for task in self.canaries.values():
+            task.cancel()
+
+    # --- canary -----------------------------------------------------------------
+
+    def _vet(self, slot: Slot) -> None:
+        provider = slot.lease.provider
+        if not self.canary or self.vs.vetted(provider):
+            slot.vetted = True
+        elif slot.lease.lease_id not in self.canaries and not slot.lost:
+            task = asyncio.get_running_loop().create_task(self._canary(slot))
+            self.canaries[slot.lease.lease_id] = task
+
+    async def _canary(self, slot: Slot) -> None:
+        """Run the keyed, timed canary on ``slot``: pass, or the provider is caught."""
+        r = self.r
+        provider = slot.lease.provider
+        nonce = os.urandom(16)
+        task_id = f"{r.job_id[:40]}.canary.{len(self.canaries)}"
+        try:
+            want = asyncio.create_task(asyncio.to_thread(canary_answer, nonce))
+            try:
+                run = await self._run_on(
+                    slot, task_id, r.task_assign(slot, -1, task_id, {}, canary_command(nonce))
+                )
+            finally:
+                answer = await want
+            result = run.result
+            got = result.metrics.get(CANARY_METRIC)
+            if result.state == "succeeded" and isinstance(got, int | float) and got == answer:
+                ms = int((run.seconds or 0.0) * 1000)
+                self.vs.canary_passed(provider, ms)
+                self.vs.record_duration(provider, f"canary:{CANARY_ROUNDS}", ms, r.tenant.clock())
+                slot.vetted = True
+                log.info("provider %s passed the canary in %d ms", provider[:8], ms)
+            else:
+                r.caught(
+                    provider,
+                    None,
+                    None,
+                    why=f"failed the canary ({result.state}, answered {got!r}, not {answer})",
+                )
+        except (MercatoError, TimeoutError) as e:
+            r._lose(slot, f"the canary could not run: {e}")
+        finally:
+            self.canaries.pop(slot.lease.lease_id, None)
+            r._wake.set()
+
+    async def _run_on(self, slot: Slot, task_id: str, assign: TaskAssign) -> Run:
+        """Upload if needed, assign, follow to the result; the run's time as timed here."""
+        r = self.r
+        if not slot.workspace_ready:
+            async with slot.upload_lock:
+                if not slot.workspace_ready:
+                    await r._upload(slot)
+        client = TaskClient(r.tenant, slot.lease)
+        await client.assign(assign)
+        loop = asyncio.get_running_loop()
+        ran_from: list[float] = []
+
+        def on_status(status: TaskStatus) -> None:
+            if status.state != "queued" and not ran_from:
+                ran_from.append(loop.time())
+
+        async with asyncio.timeout(2 * r.trial_ms / 1000):
+            result = await client.follow(task_id, on_status=on_status)
+        seconds = loop.time() - ran_from[0] if ran_from else None
+        return Run(result, client.last_envelope, seconds)
 
     # --- running checks ---------------------------------------------------------
 
@@ -273,25 +386,11 @@ class Verifier:
     ) -> tuple[TaskResult, bytes]:
         """Run the trial again on ``slot``: the same command, workspace and seed."""
         r = self.r
-        if not slot.workspace_ready:
-            async with slot.upload_lock:
-                if not slot.workspace_ready:
-                    await r._upload(slot)
         assign = r.task_assign(slot, check.number, task_id, check.params)
-        client = TaskClient(r.tenant, slot.lease)
-        await client.assign(assign)
-        loop = asyncio.get_running_loop()
-        ran_from: list[float] = []
-
-        def on_status(status: TaskStatus) -> None:
-            if status.state != "queued" and not ran_from:
-                ran_from.append(loop.time())
-
-        async with asyncio.timeout(2 * r.trial_ms / 1000):
-            result = await client.follow(task_id, on_status=on_status)
-        if ran_from and result.state == "succeeded":
-            r.time_trial(slot, check.number, loop.time() - ran_from[0])
-        return result, client.last_envelope
+        run = await self._run_on(slot, task_id, assign)
+        if run.seconds is not None and run.result.state == "succeeded":
+            r.time_trial(slot, check.number, run.seconds)
+        return run.result, run.envelope
 
     def _judge(self, check: PendingCheck) -> bool:
         """Act on the votes so far; False if a decider is still needed."""

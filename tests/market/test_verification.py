@@ -9,11 +9,14 @@ from conftest import PCIE, rtx_group
 
 from market.matching import rank
 from market.verification import (
+    CANARY_METRIC,
     FLOOR_RATE,
     UNKNOWN_RATE,
     Tolerance,
     Trust,
     Verdict,
+    canary_answer,
+    canary_command,
     catch_probability,
     check_rate,
     compare,
@@ -116,3 +119,18 @@ class TestMeasuredSpeed:
         assert by_claim[0].provider == liar  # on paper, the H100 is cheaper per FLOP
         by_measure = rank(req, 1, 10**7, ads, measured_flops=measured)
         assert by_measure[0].provider == t4
+
+
+class TestCanary:
+    def test_the_canary_program_prints_what_the_tenant_computes(self) -> None:
+        import json
+        import subprocess
+        import sys
+
+        nonce = bytes(range(16))
+        argv = canary_command(nonce, rounds=1_000)
+        argv[0] = sys.executable
+        out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+        assert json.loads(out) == {CANARY_METRIC: canary_answer(nonce, rounds=1_000)}
+        assert canary_answer(nonce, 1_000) != canary_answer(bytes(16), 1_000)
+        assert canary_answer(nonce, 1_000) < 2**48  # exact as a float metric

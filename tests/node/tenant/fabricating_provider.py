@@ -6,6 +6,9 @@ the metric named by ``$FABRICATE_METRIC`` set to ``$FABRICATE_VALUE`` (default
 ``loss = 1e-06``, better than any honest result of the quadratic job). Everything
 else (adverts, bids, leases, signatures, receipts) is the honest code: this is what
 a provider that wants to be paid without computing would run.
+
+It runs a tenant's canary (market.verification.canary_command) honestly, as a careful
+cheat would, unless ``$FABRICATE_CANARY`` is set: then it fabricates that too.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import node.daemon
+from market.verification import CANARY_METRIC
 from node.cli.main import main
 from node.provider.executor import TrialOutcome, TrialSpec, TrialState
 from node.provider.sandbox import SandboxExecutor
@@ -27,6 +31,8 @@ class FabricatingExecutor(SandboxExecutor):
     async def run(
         self, spec: TrialSpec, on_output: Any = None, on_metrics: Any = None
     ) -> TrialOutcome:
+        if CANARY_METRIC in " ".join(spec.argv) and not os.environ.get("FABRICATE_CANARY"):
+            return await super().run(spec, on_output, on_metrics)
         name = os.environ.get("FABRICATE_METRIC", "loss")
         value = float(os.environ.get("FABRICATE_VALUE", "1e-06"))
         metrics: dict[str, int | float] = {name: value}

@@ -47,11 +47,13 @@ HONEST = (
 
 
 @contextlib.contextmanager
-def fabricating_provider(c: sweep_e2e.Cluster) -> Iterator[cluster.NodeRecord]:
-    """Start the fabricator (4 cheap "RTX-4090"s) next to the cluster; kill it after."""
+def fabricating_provider(
+    c: sweep_e2e.Cluster, name: str = "fabricator", price: int = 1_000, **env: str
+) -> Iterator[cluster.NodeRecord]:
+    """Start a fabricator (4 cheap "RTX-4090"s) next to the cluster; kill it after."""
     boot = next(n for n in c.nodes if n.role == "bootstrap")
-    template = cluster.Template("RTX-4090", 4, 1_000, "pcie")
-    rec = cluster._prepare(c.root / "cluster", "fabricator", boot.address, template, 6.0)
+    template = cluster.Template("RTX-4090", 4, price, "pcie")
+    rec = cluster._prepare(c.root / "cluster", name, boot.address, template, 6.0)
     log = Path(rec.home) / "logs"
     log.mkdir(parents=True, exist_ok=True)
     with (log / "stdout.log").open("ab") as out:
@@ -61,7 +63,7 @@ def fabricating_provider(c: sweep_e2e.Cluster) -> Iterator[cluster.NodeRecord]:
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env={**os.environ, "MERCATO_HOME": rec.home},
+            env={**os.environ, "MERCATO_HOME": rec.home, **env},
         )
     try:
         cluster._wait_ready(rec, proc, time.monotonic() + 60)
@@ -136,3 +138,32 @@ class TestFabricatingProvider:
             with sweep_e2e.Store(tenant.store_path) as store:
                 paid = {line["lease_id"] for line in store.ledger() if line["amount"]}
             assert not paid & {x.lease_id for x in leases if x.provider == fabricator}
+
+    def test_a_provider_that_fakes_the_canary_gets_no_trial(
+        self, market: tuple[sweep_e2e.Cluster, str], tmp_path: Path
+    ) -> None:
+        """The keyed canary on a provider's first lease: a provider that runs nothing
+        cannot know iterated SHA-256 of the tenant's nonce, so it is dropped before any
+        trial of it is accepted, and its lease is not paid."""
+        c, _ = market
+        job = sweep_e2e.job_file(tmp_path / "job")
+        with (
+            fabricating_provider(c, "lazy", price=500, FABRICATE_CANARY="1") as lazy,
+            sweep_e2e.tenant_at(tmp_path / "tenant-home", c) as tenant,
+        ):
+            proc = tenant.run("submit", str(job), "--quiet", "--json", "--parallel", "4")
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+            summary = json.loads(proc.stdout)
+            job_id = summary["job_id"]
+            assert any(x.provider == lazy.node_id for x in tenant.leases(job_id))
+            results = tenant.json("results", job_id)
+            sweep_e2e.assert_grid_done_once(results)
+            assert all(t["provider"] != lazy.node_id for t in results)
+            local = sweep_e2e.local_losses()
+            for t in results:
+                assert t["value"] == pytest.approx(local[sweep_e2e.point_of(t["params"])]), t
+            evidence = tenant.json("evidence", job_id)
+            assert lazy.node_id in evidence["dropped"]
+            refused = [r for r in evidence["refused_payments"] if r["provider"] == lazy.node_id]
+            assert refused
+            assert "canary" in refused[0]["reason"]
