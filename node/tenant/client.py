@@ -152,6 +152,8 @@ class Tenant:
         """Run one reverse auction over the current directory; return the leases made."""
         reputation = self.reputation()
         adverts = [a for a in self.adverts() if a.provider not in set(exclude)]
+        for a in adverts:  # the directory may have come by gossip, not by refresh()
+            self._addresses[a.provider] = a.address
         measured = self.measured_flops(adverts)
         ranked = rank(
             requirement,

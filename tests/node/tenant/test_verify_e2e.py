@@ -111,6 +111,7 @@ class TestFabricatingProvider:
             assert summary["best"]["value"] != FABRICATED
             assert sweep_e2e.point_of(summary["best"]["params"]) == best_point
             assert summary["best"]["value"] == pytest.approx(local[best_point])
+            assert summary["best"]["verified"] is True  # re-run on another provider
             sweep_e2e.assert_grid_done_once(results)
             for t in results:
                 assert t["value"] == pytest.approx(local[sweep_e2e.point_of(t["params"])]), t
