@@ -134,3 +134,34 @@ class TestCanary:
         assert json.loads(out) == {CANARY_METRIC: canary_answer(nonce, rounds=1_000)}
         assert canary_answer(nonce, 1_000) != canary_answer(bytes(16), 1_000)
         assert canary_answer(nonce, 1_000) < 2**48  # exact as a float metric
+
+
+class TestJobFile:
+    BASE = """
+name: q
+sweep:
+  program: trial.py
+  method: grid
+  metric: {name: loss, goal: minimize}
+  command: ["${env}", "${interpreter}", "${program}", "${args}", "--seed=${seed}", "${seed}"]
+  parameters:
+    x: {values: [1, 2]}
+"""
+
+    def test_verify_is_on_by_default_and_configurable(self) -> None:
+        from market.jobspec import JobError, parse_job
+
+        on = parse_job(self.BASE).verify
+        assert (on.enabled, on.rate, on.best, on.canary) == (True, None, True, True)
+        assert parse_job(self.BASE + "verify: off\n").verify.enabled is False
+        custom = parse_job(self.BASE + "verify: {rate: 0.5, tolerance: {rel: 0.01}}\n")
+        assert (custom.verify.rate, custom.verify.tolerance.rel) == (0.5, 0.01)
+        with pytest.raises(JobError, match=r"verify\.rate"):
+            parse_job(self.BASE + "verify: {rate: 2}\n")
+
+    def test_the_seed_macro_expands_to_the_trials_seed(self) -> None:
+        from market.jobspec import parse_job, render_command
+
+        spec = parse_job(self.BASE)
+        argv = render_command(spec, {"x": 1}, interpreter="python3", seed=trial_seed(9, 0))
+        assert argv[-2:] == ["--seed=${seed}", str(trial_seed(9, 0))]

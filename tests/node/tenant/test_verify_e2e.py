@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 import test_sweep_e2e as sweep_e2e
 
+from market.verification import trial_seed
 from node.cli import localcluster as cluster
 from protocol.envelope import open_envelope
 
@@ -124,7 +125,10 @@ class TestFabricatingProvider:
             d = disputes[0]
             assert d["workspace_hash"]
             assert d["params"]
-            assert isinstance(d["seed"], int)
+            with sweep_e2e.Store(tenant.store_path) as store:
+                job = sweep_e2e.JobStore(store).find_job(job_id)
+            assert job is not None
+            assert d["seed"] == trial_seed(job.seed, d["number"])  # what $MERCATO_SEED held
             voters = [d["original"], d["check"], d["decider"]]
             assert len({v["provider"] for v in voters}) == 3
             for v in voters:
