@@ -37,6 +37,7 @@ NODE_CODES = {
     "unexpected_message",
     "spec_mismatch",
     "not_found",
+    "implausible_advert",  # a relayed advert the receiving node will not keep
 }
 
 #: docs/protocol.md section 3: weak keys, by the y of their encoding.
