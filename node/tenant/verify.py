@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
+from market.matching import rank
 from market.verification import (
     CANARY_METRIC,
     CANARY_ROUNDS,
@@ -165,6 +166,11 @@ class Verifier:
         if any(providers - c.providers for c in self.waiting):
             self._starved_since = None
             return False
+        if not self._others_for_sale():
+            for c in self.waiting:  # a one-provider market: nobody to ask, no waiting
+                self._give_up(c, "no other provider in the directory sells this job")
+            self.waiting.clear()
+            return False
         now = asyncio.get_running_loop().time()
         if self._starved_since is None:
             self._starved_since = now
@@ -175,6 +181,14 @@ class Verifier:
             self._starved_since = None
             return False
         return True
+
+    def _others_for_sale(self) -> bool:
+        """Whether the directory holds a provider, not yet involved, that fits the job."""
+        r = self.r
+        shut = self.avoid() | r.bad_providers
+        adverts = [a for a in r.tenant.adverts() if a.provider not in shut]
+        req = r.spec.requirement()
+        return bool(rank(req, 1, r.max_price, adverts, k=1))
 
     def avoid(self) -> set[str]:
         """Providers a new lease for the waiting checks should not come from."""

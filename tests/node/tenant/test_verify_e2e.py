@@ -172,3 +172,26 @@ class TestFabricatingProvider:
             refused = [r for r in evidence["refused_payments"] if r["provider"] == lazy.node_id]
             assert refused
             assert "canary" in refused[0]["reason"]
+
+
+class TestOneProvider:
+    def test_a_one_provider_market_ends_the_sweep_with_the_best_unverified(
+        self, tmp_path: Path
+    ) -> None:
+        """Nobody else sells the job: checks are given up at once (not after --max-wait),
+        and the summary says the best is not verified."""
+        with (
+            sweep_e2e.running_cluster(tmp_path / "cluster", providers=1) as c,
+            sweep_e2e.tenant_at(tmp_path / "tenant-home", c) as tenant,
+        ):
+            job = sweep_e2e.job_file(tmp_path / "job")
+            proc = tenant.run(
+                "submit", str(job), "--quiet", "--json", "--max-wait", "600", timeout_s=90
+            )
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+            summary = json.loads(proc.stdout)
+            assert summary["state"] == "done"
+            assert summary["best"]["verified"] is False
+            evidence = tenant.json("evidence", summary["job_id"])
+            verdicts = {c["verdict"] for c in evidence["all_checks"]}
+            assert "unchecked: no other provider in the directory sells this job" in verdicts
