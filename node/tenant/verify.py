@@ -39,7 +39,7 @@ from market.verification import (
 from node.store.verify_store import VerifyStore, Vote
 from node.tenant.taskclient import TaskClient
 from protocol.errors import MercatoError
-from protocol.messages import TaskAssign, TaskResult, TaskStatus
+from protocol.messages import Advert, TaskAssign, TaskResult, TaskStatus
 
 if TYPE_CHECKING:
     from node.tenant.sweep import Slot, SweepRunner
@@ -183,10 +183,15 @@ class Verifier:
         return True
 
     def _others_for_sale(self) -> bool:
-        """Whether the directory holds a provider, not yet involved, that fits the job."""
+        """Whether the directory holds a provider, not yet involved, that fits the job.
+
+        Busy or not: a provider whose devices are all taken right now (by us a moment
+        ago, its advert not yet refreshed) still sells the job, and the check waits
+        for it (``starved``); judged on free devices, the best's check was given up.
+        """
         r = self.r
         shut = self.avoid() | r.bad_providers
-        adverts = [a for a in r.tenant.adverts() if a.provider not in shut]
+        adverts = [all_free(a) for a in r.tenant.adverts() if a.provider not in shut]
         req = r.spec.requirement()
         return bool(rank(req, 1, r.max_price, adverts, k=1))
 
@@ -223,7 +228,7 @@ class Verifier:
                 return
             self.waiting.remove(check)
             slot.replicas.add(check.check_id)
-            task = asyncio.get_running_loop().create_task(self._run(slot, check))
+            task = self.r._start(self._run(slot, check))  # owned by the run's TaskGroup
             self.running[check.check_id] = (check, slot, task)
 
     def _better_checker(self, slot: Slot, check: PendingCheck) -> bool:
@@ -266,7 +271,7 @@ class Verifier:
         if not self.canary or self.vs.vetted(provider):
             slot.vetted = True
         elif slot.lease.lease_id not in self.canaries and not slot.lost:
-            task = asyncio.get_running_loop().create_task(self._canary(slot))
+            task = self.r._start(self._canary(slot))  # owned by the run's TaskGroup
             self.canaries[slot.lease.lease_id] = task
 
     async def _canary(self, slot: Slot) -> None:
@@ -358,7 +363,7 @@ class Verifier:
         role = "check" if len(check.votes) == 1 else "decider"
         task_id = f"{self.r.job_id[:40]}.{check.number}.v{check.check_id}{role[0]}{check.attempts}"
         check.attempts += 1
-        done = False
+        voted = False
         try:
             result, envelope = await self._replica(slot, check, task_id)
             value = result.metrics.get(self.metric or "") if result.state == "succeeded" else None
@@ -372,19 +377,22 @@ class Verifier:
                 check.votes.append(vote)
                 self.vs.add_vote(check.check_id, vote, self.r.tenant.clock())
                 self.checks_run += 1
-                done = self._judge(check)
+                voted = True
         except asyncio.CancelledError:
             if not self.r.cancelled:
                 self._requeue(check)
             raise
-        except MercatoError as e:
+        except MercatoError as e:  # the checker's run failed: only this one is its fault
             log.info("check %s on %s failed: %s", task_id, slot.lease.provider[:8], e)
             check.excluded.add(slot.lease.provider)
         finally:
             slot.replicas.discard(check.check_id)
             self.running.pop(check.check_id, None)
             self.r._wake.set()
-        if not done:
+        # Judged outside the try: acting on a verdict writes the store, and an error
+        # there is our bug (an IllegalTransitionError, say), never the checker's run
+        # failing. Swallowed, it kept a caught liar's results as succeeded.
+        if not (voted and self._judge(check)):
             self._requeue(check)
 
     def _requeue(self, check: PendingCheck) -> None:
@@ -464,3 +472,10 @@ class Verifier:
                 self.vs.close_check(
                     check.check_id, "discarded: original provider caught", liar, now
                 )
+
+
+def all_free(advert: Advert) -> Advert:
+    """``advert`` as if none of its devices were taken: what the provider sells."""
+    return advert.model_copy(
+        update={"devices": [g.model_copy(update={"free": list(g.ids)}) for g in advert.devices]}
+    )
