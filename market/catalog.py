@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Literal, get_args
 
-from protocol.errors import MercatoError
+from protocol.errors import ImplausibleAdvertError, MercatoError
+from protocol.messages import Advert
 
 DeviceKind = Literal["gpu", "ipu", "cpu"]
 InterconnectKind = Literal["nvlink", "infinity-fabric", "ipu-link", "pcie", "none"]
@@ -328,3 +329,47 @@ def model_for_device_name(name: str) -> DeviceModel | None:
         if pattern.search(key):
             return CATALOG[model] if model is not None else None
     return None
+
+
+#: Most devices of a kind one advert (one host, one address) may hold. The largest
+#: single GPU servers hold 16 (NVIDIA DGX-2, HGX-2); a Graphcore IPU-POD64 is 64 IPUs
+#: behind one host server; 1,024 one-core slots covers the largest two-socket hosts
+#: with room. A provider fronting a bigger cluster runs one daemon per host.
+MAX_DEVICES_PER_HOST: Mapping[str, int] = MappingProxyType({"gpu": 16, "ipu": 64, "cpu": 1024})
+#: How far an advert's per-device figures may exceed the catalog's (percent): factory
+#: overclocked cards run a few percent above the reference sheet, never 10 % above.
+FIGURE_SLACK_PCT = 10
+
+
+def check_advert(advert: Advert) -> None:
+    """Refuse an advert whose claims are not a thing: raise ImplausibleAdvertError.
+
+    Every device model must be in the catalog with its kind; FLOP/s, memory and memory
+    bandwidth at most ``FIGURE_SLACK_PCT`` above the published figure; at most
+    ``MAX_DEVICES_PER_HOST`` devices of a kind. Keys are free, so a claim costs nothing
+    to make: this bounds what one advert can win before measurement takes over.
+    """
+    counts: dict[str, int] = {}
+    for g in advert.devices:
+        try:
+            model = lookup(g.model)
+        except UnknownDeviceModel as e:
+            raise ImplausibleAdvertError(
+                f"device model {g.model!r} is not in the catalog: {e}"
+            ) from None
+        if g.kind != model.kind:
+            raise ImplausibleAdvertError(f"{g.model} is a {model.kind}, not a {g.kind}")
+        for what in ("fp16_flops", "memory_bytes", "memory_bandwidth"):
+            claimed, published = getattr(g, what), getattr(model, what)
+            if claimed * 100 > published * (100 + FIGURE_SLACK_PCT):
+                raise ImplausibleAdvertError(
+                    f"{g.model}: {what} {claimed} is above the catalog's {published} "
+                    f"by more than {FIGURE_SLACK_PCT} %"
+                )
+        counts[g.kind] = counts.get(g.kind, 0) + len(g.ids)
+    for kind, n in counts.items():
+        if n > MAX_DEVICES_PER_HOST[kind]:
+            raise ImplausibleAdvertError(
+                f"{n} {kind} devices in one advert: one host holds at most "
+                f"{MAX_DEVICES_PER_HOST[kind]}"
+            )

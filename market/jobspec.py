@@ -100,6 +100,7 @@ MACROS = frozenset(
         "args_no_boolean_flags",
         "args_json",
         "args_json_file",
+        "seed",
     }
 )
 
@@ -115,6 +116,9 @@ ARGS_MACROS = frozenset(m for m in MACROS if m.startswith("args"))
 #: Environment variable holding the path of the trial's parameters as a JSON object:
 #: a program reads its parameters from it whatever its command (W&B: ``wandb.config``).
 PARAMS_FILE_ENV = "MERCATO_PARAMS_FILE"
+#: Environment variable holding the trial's seed (market.verification.trial_seed): the
+#: same on every provider that runs the trial, so a spot check can reproduce it.
+SEED_ENV = "MERCATO_SEED"
 
 DEFAULT_TRIAL_TIMEOUT_MS = 3_600_000
 #: ``budget.max_spend`` when the job file gives none: a sweep always has a cap.
@@ -825,6 +829,38 @@ class Budget(_Model):
         return DEFAULT_MAX_SPEND if self.max_spend is None else self.max_spend
 
 
+class VerifyTolerance(_Model):
+    """How far a re-run's metric may be from the original's and still agree."""
+
+    abs: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1e-6
+    rel: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] = 1e-3
+
+
+def _verify_shorthand(value: object) -> object:
+    """``verify: off`` (YAML false) and ``verify: on`` stand for the whole section."""
+    if isinstance(value, bool):
+        return {"enabled": value}
+    return value
+
+
+class Verify(_Model):
+    """Spot-check replication of trial results (market/verification.py): on by default.
+
+    ``rate`` fixes the probability a result is re-run on another provider; left out,
+    it adapts to each provider's record (1/4 for newcomers down to 1/100). ``best``
+    re-runs the result about to be reported best unless it is already checked.
+    ``canary`` runs a keyed computation on a provider's first lease with the tenant
+    before any trial (market.verification.canary_answer): a wrong answer drops it.
+    """
+
+    enabled: bool = True
+    rate: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] | None = None
+    tolerance: VerifyTolerance = VerifyTolerance()
+    best: bool = True
+    #: A keyed, timed canary on each provider's first lease with this tenant.
+    canary: bool = True
+
+
 class Limits(_Model):
     """Per-trial limits the provider enforces, and how often a lost trial is retried."""
 
@@ -1009,6 +1045,7 @@ class JobSpec(_Model):
     resources: Resources = Resources()
     budget: Budget = Budget()
     limits: Limits = Limits()
+    verify: Annotated[Verify, BeforeValidator(_verify_shorthand)] = Verify()
 
     @model_validator(mode="after")
     def _section_for_kind(self) -> JobSpec:
@@ -1375,6 +1412,7 @@ def render_command(
     interpreter: str,
     args_json_file: str | None = None,
     environ: Mapping[str, str] | None = None,
+    seed: int = 0,
 ) -> list[str]:
     """The trial's argv: the sweep's command with W&B's macros expanded for ``params``.
 
@@ -1383,7 +1421,8 @@ def render_command(
     ``${args_no_hyphens}`` ``key=value``, ``${args_no_equals}`` ``--key value``,
     ``${args_no_boolean_flags}`` ``--key`` for true and nothing for false booleans,
     ``${args_json}`` one JSON object, ``${args_json_file}`` the path given (the node
-    writes ``args_json(params)`` there). ``${envvar:NAME}`` is replaced by
+    writes ``args_json(params)`` there), ``${seed}`` the trial's seed (also
+    ``$MERCATO_SEED``). ``${envvar:NAME}`` is replaced by
     ``environ[NAME]`` wherever it occurs in an item, as the W&B agent does with its own
     environment. Raises ValueError if the command needs a JSON file path and none is
     given, or an environment variable ``environ`` does not set.
@@ -1405,6 +1444,7 @@ def render_command(
         "args_no_equals": [x for k, v in items for x in (f"--{k}", _flag_value(v))],
         "args_no_boolean_flags": no_bool,
         "args_json": [args_json(params)],
+        "seed": [str(seed)],
     }
     env = environ or {}
 

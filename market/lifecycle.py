@@ -14,6 +14,9 @@ tables change no stored value::
                |           +--lease lost, tenant restarted--> pending
                +--> failed (no provider left) | cancelled
 
+            succeeded --result proved false, provider caught--> pending
+            succeeded --three providers disagree--> failed
+
     lease   active --> ended (released, receipt checked) | lost (provider gone)
             lost --> ended (a late release still came back with a valid receipt)
 
@@ -135,6 +138,16 @@ TRIAL: Lifecycle[TrialState] = Lifecycle(
                 TrialState.FAILED,
                 TrialState.PRUNED,
                 TrialState.CANCELLED,
+            }
+        ),
+        # A result is undone only when spot-check replication proves it false
+        # (node/tenant/verify.py): left as succeeded, a fabricated value would be
+        # reported as the sweep's best. Nothing runs or is billed twice: the liar is
+        # not paid.
+        TrialState.SUCCEEDED: frozenset(
+            {
+                TrialState.PENDING,  # its provider was caught lying: run it elsewhere
+                TrialState.FAILED,  # three providers disagree: not reproducible
             }
         ),
     },

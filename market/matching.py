@@ -96,11 +96,16 @@ def rank(
     reputation: Mapping[str, Reputation] | None = None,
     k: int | None = None,
     utilisation_pct: int = DEFAULT_UTILISATION_PCT,
+    measured_flops: Mapping[str, int] | None = None,
 ) -> list[Candidate]:
     """The providers that can serve at least one unit (all units for a gang), best first.
 
-    Ties are broken by provider id so that the same inputs always give the same list.
+    ``measured_flops`` (provider -> FLOP/s per device, market.verification) replaces a
+    provider's advertised figure once the tenant has timed its trials: the advert is
+    only the prior. Ties are broken by provider id so that the same inputs always give
+    the same list.
     """
+    measured = measured_flops or {}
     reputation = reputation or {}
     flop = expected_flop or REFERENCE_FLOP
     out: list[Candidate] = []
@@ -121,12 +126,13 @@ def rank(
             groups,
             key=lambda g: (Fraction(g.price_floor, max(g.fp16_flops, 1)), g.model),
         )
+        flops = measured.get(advert.provider, best.fp16_flops)
         cost = (
             expected_cost(
                 best.price_floor,
                 req.devices_per_unit,
                 flop,
-                max(best.fp16_flops, 1),
+                max(flops, 1),
                 utilisation_pct,
             )
             * req.devices_per_unit
@@ -139,7 +145,7 @@ def rank(
                 model=best.model,
                 units=can,
                 floor=best.price_floor,
-                fp16_flops=best.fp16_flops,
+                fp16_flops=flops,
                 expected_cost=cost,
                 score=Fraction(cost) / rep.success(),
             )

@@ -156,6 +156,12 @@ class InvalidFieldError(RemoteProtocolError):
     code = "invalid_field"
 
 
+class ImplausibleAdvertError(InvalidFieldError):
+    """An advert claims hardware no single host has (market.catalog.check_advert)."""
+
+    code = "implausible_advert"
+
+
 class SenderMismatchError(RemoteProtocolError):
     """The body names a node (e.g. the provider of an advert) other than the signer."""
 

@@ -19,6 +19,7 @@ from node.cli.common import EXIT_ERROR
 from node.cli.provider import cmd_provider_prices, cmd_provider_run, cmd_provider_status
 from node.cli.tenant import (
     cmd_cancel,
+    cmd_evidence,
     cmd_jobs,
     cmd_leases,
     cmd_logs,
@@ -268,6 +269,18 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--json", action="store_true", help="machine-readable output")
     fmt.add_argument("--csv", action="store_true", help="CSV, one row per trial")
     results.set_defaults(func=cmd_results)
+
+    evid = sub.add_parser(
+        "evidence",
+        help="a job's spot checks and disputes, with the providers' signed results",
+        description="JSON: every dispute of the job (the original, the check and the "
+        "deciding provider's signed task_result envelopes, base64), the parameters, seed, "
+        "command and workspace hash to re-run it, the providers dropped and the payments "
+        "refused. --json adds every check, agreed ones too.",
+    )
+    evid.add_argument("job", help="job id (or a unique prefix)")
+    evid.add_argument("--json", action="store_true", help="include every check")
+    evid.set_defaults(func=cmd_evidence)
 
     order = sub.add_parser(
         "order",

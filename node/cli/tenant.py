@@ -709,6 +709,20 @@ def cmd_logs(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_evidence(args: argparse.Namespace) -> int:
+    """The job's spot checks and disputes, with the signed results, as JSON."""
+    from node.store.verify_store import evidence
+    from node.tenant import jobs
+
+    with _open_tenant_store() as store:
+        job = jobs.find(store, args.job)
+        doc = evidence(store, job.job_id)
+    if not args.json:
+        doc = {k: v for k, v in doc.items() if k != "all_checks"}
+    print(json.dumps(doc, indent=2))
+    return EXIT_OK
+
+
 def cmd_results(args: argparse.Namespace) -> int:
     from node.tenant import jobs
 

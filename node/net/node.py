@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeGuard
 
+from market.catalog import check_advert
 from market.directory import Directory, Entry, Offer
 from node.net.metrics import NodeMetrics
 from node.net.ratelimit import RateLimiter
@@ -383,6 +384,7 @@ class Node:
             env = self.verified.open(raw, self.clock(), self.limits)
             if not isinstance(env.body, Advert):
                 raise UnexpectedMessageError(f"directory holds adverts, not {env.type}")
+            check_advert(env.body)  # 10,000 H100 at 2^63-1 FLOP/s is not a thing
         except MercatoError as e:
             self.metrics.rejections.labels(e.code).inc()
             log.debug("dropped relayed advert: %s", e)

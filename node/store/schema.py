@@ -212,6 +212,64 @@ MIGRATIONS: tuple[Migration, ...] = (
             """,
         ),
     ),
+    Migration(
+        "verified results: spot checks with their evidence, trust, refused payments",
+        (
+            # One spot check of one trial result: the original, the check and (on a
+            # mismatch) the decider, each with the provider's signed task_result
+            # envelope, and what it came to (market.verification.Verdict).
+            """
+            CREATE TABLE verify_checks (
+                check_id INTEGER PRIMARY KEY,
+                job_id TEXT NOT NULL,
+                number INTEGER NOT NULL,
+                params TEXT NOT NULL,
+                seed INTEGER NOT NULL,
+                command TEXT NOT NULL,
+                workspace_hash TEXT NOT NULL,
+                spec_hash TEXT NOT NULL,
+                metric TEXT NOT NULL,
+                votes TEXT NOT NULL DEFAULT '[]',
+                verdict TEXT,
+                liar TEXT,
+                created_ms INTEGER NOT NULL,
+                updated_ms INTEGER NOT NULL
+            ) STRICT
+            """,
+            # What this tenant learnt of each provider by checking its results.
+            """
+            CREATE TABLE verify_trust (
+                provider TEXT NOT NULL PRIMARY KEY,
+                streak INTEGER NOT NULL DEFAULT 0 CHECK (streak >= 0),
+                verified INTEGER NOT NULL DEFAULT 0 CHECK (verified >= 0),
+                caught INTEGER NOT NULL DEFAULT 0 CHECK (caught >= 0),
+                dropped_ms INTEGER,
+                canary_ms INTEGER
+            ) STRICT
+            """,
+            # How long the tenant timed each trial run on each provider (from the
+            # provider's "running" to its result): measured speed, market.verification.
+            """
+            CREATE TABLE trial_durations (
+                provider TEXT NOT NULL,
+                trial TEXT NOT NULL,
+                wall_ms INTEGER NOT NULL CHECK (wall_ms >= 0),
+                recorded_ms INTEGER NOT NULL,
+                PRIMARY KEY (provider, trial)
+            ) STRICT
+            """,
+            # Leases of a provider caught lying that the tenant will not pay.
+            """
+            CREATE TABLE refused_payments (
+                lease_id TEXT NOT NULL PRIMARY KEY,
+                provider TEXT NOT NULL,
+                job_id TEXT NOT NULL,
+                reason TEXT NOT NULL,
+                created_ms INTEGER NOT NULL
+            ) STRICT
+            """,
+        ),
+    ),
 )
 
 #: The schema version this code writes: the number of migrations it knows.

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from market.asking import choose_asked
 from market.auction import Auction, AuctionState, TenantLease
 from market.debit import (
     DEFAULT_DEBIT_INTERVAL_MS,
@@ -25,9 +26,11 @@ from market.lifecycle import LeaseState
 from market.matching import Candidate, describe, rank
 from market.reputation import Reputation
 from market.settlement import format_credits
+from market.verification import measured_flops, slowness
 from node.net.node import Node, NodeSettings, Peer, wall_clock_ms
 from node.net.transport import Transport
 from node.store.node_store import LeaseRow, ReceiptRow, Store
+from node.store.verify_store import VerifyStore
 from protocol.envelope import Envelope
 from protocol.errors import MercatoError
 from protocol.identity import Identity
@@ -138,6 +141,13 @@ class Tenant:
     def _peer(self, provider: str) -> Peer:
         return Peer(address=self._addresses[provider], node_id=provider, role="provider")
 
+    def measured_flops(self, adverts: Sequence[Advert]) -> dict[str, int]:
+        """FLOP/s per device to rank each provider by: measured once this tenant timed
+        its trials (market.verification.measured_flops), else the advert's claim."""
+        declared = {a.provider: max((g.fp16_flops for g in a.devices), default=0) for a in adverts}
+        slow = slowness(VerifyStore(self.store).durations())
+        return measured_flops(declared, {p: s for p, s in slow.items() if p in declared})
+
     # --- auction --------------------------------------------------------------------
 
     def new_order_id(self) -> str:
@@ -164,18 +174,25 @@ class Tenant:
         """Run one reverse auction over the current directory; return the leases made."""
         reputation = self.reputation()
         adverts = [a for a in self.adverts() if a.provider not in set(exclude)]
-        candidates = rank(
+        for a in adverts:  # the directory may have come by gossip, not by refresh()
+            self._addresses[a.provider] = a.address
+        measured = self.measured_flops(adverts)
+        ranked = rank(
             requirement,
             units,
             max_price,
             adverts,
             expected_flop=expected_flop,
             reputation=reputation,
-            k=k,
+            measured_flops=measured,
         )
+        order_id = self.new_order_id()
+        # One question per host, proven providers first, room for newcomers drawn by the
+        # order id: 50 identities behind one address cannot take all k questions.
+        candidates = choose_asked(ranked, k, reputation=reputation, key=order_id)
         now = self.clock()
         order = Order(
-            order_id=self.new_order_id(),
+            order_id=order_id,
             tenant=self.node_id,
             job_spec_hash=job_spec_hash,
             workload=workload,
@@ -186,7 +203,11 @@ class Tenant:
             expected_flop=expected_flop,
             lease_ms=lease_ms,
         )
-        flops = {(a.provider, g.model): g.fp16_flops for a in adverts for g in a.devices}
+        flops = {
+            (a.provider, g.model): measured.get(a.provider, g.fp16_flops)
+            for a in adverts
+            for g in a.devices
+        }
         auction = Auction(
             order,
             [c.provider for c in candidates],

@@ -49,6 +49,7 @@ from node.net.node import wall_clock_ms
 from node.net.transport import tenant_transport
 from node.store.job_store import JobRow, JobStore, TrialRow
 from node.store.node_store import Store
+from node.store.verify_store import VerifyStore
 from node.tenant.client import Tenant
 from node.tenant.sweep import Progress, SweepRunner, queued
 from node.workspace import pack
@@ -185,6 +186,9 @@ class JobSummary:
     best: TrialRow | None
 
     interrupted: bool = False  # stored as running, but no process runs it
+    #: Whether a spot check on another provider confirmed the best (README, "Verified
+    #: results"); False also when it was not checked (a trusted provider, or verify off).
+    best_verified: bool = False
 
     @property
     def state(self) -> str:
@@ -211,7 +215,9 @@ class JobSummary:
             "detail": self.detail,
             "trials": counts,
             "spend_micro_credits": self.spend,
-            "best": None if self.best is None else trial_json(self.best),
+            "best": None
+            if self.best is None
+            else {**trial_json(self.best), "verified": self.best_verified},
         }
 
 
@@ -243,7 +249,8 @@ def summarize(store: Store, job: JobRow) -> JobSummary:
     leases = {x.lease_id for x in store.list_leases() if x.job_id == job.job_id}
     spend = -sum(line["amount"] for line in store.ledger() if line["lease_id"] in leases)
     interrupted = job.state is JobState.RUNNING and not runner_alive(job)
-    return JobSummary(job, trials, spend, best, interrupted)
+    verified = best is not None and best.number in VerifyStore(store).verified_numbers(job.job_id)
+    return JobSummary(job, trials, spend, best, interrupted, verified)
 
 
 def _progress_table(job_id: str, p: Progress) -> Table:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from market.jobspec import PARAMS_FILE_ENV, JobSpec, args_json, render_command
+from market.jobspec import PARAMS_FILE_ENV, SEED_ENV, JobSpec, args_json, render_command
 from market.lifecycle import (
     EXECUTOR_OUTCOMES,
     SEARCH_OUTCOMES,
@@ -47,8 +47,10 @@ from market.sweepguard import Budget, FailureWatch, LeaseUse, missing_metric
 from market.sweepplan import LeaseWait, TrialDeadline, pick_pending, units_wanted
 from node.store.job_store import JobStore, TrialRow
 from node.store.node_store import LeaseRow, Store
+from node.store.verify_store import Vote
 from node.tenant.client import Tenant
 from node.tenant.taskclient import TaskClient
+from node.tenant.verify import Verifier
 from protocol.errors import MercatoError, PeerTimeoutError, PeerUnavailableError
 from protocol.messages import (
     Cancel,
@@ -100,6 +102,8 @@ class Slot:
     lease: LeaseRow
     capacity: int  # tasks that may be assigned at once (units x queue depth)
     active: set[int] = field(default_factory=set)  # trial numbers
+    replicas: set[int] = field(default_factory=set)  # spot checks running (check ids)
+    vetted: bool = False  # the provider passed this tenant's canary (or needs none)
     failures: int = 0
     lost: bool = False
     workspace_ready: bool = False
@@ -149,6 +153,7 @@ class SweepRunner:
         self.workspace_hash = workspace_hash
         self.peer = peer
         self.search = Search(spec, seed=seed)
+        self.search_seed = seed
         self.parallel = parallel
         self.log_dir = log_dir
         self.on_progress = on_progress
@@ -183,6 +188,9 @@ class SweepRunner:
         self._budget_blocked = False  # a trial was due but the budget could not pay it
         self._lease_wait = LeaseWait(max_wait_s)  # in loop time: how long no lease is held
         self._last_no_lease = ""
+        self.verifier = Verifier(self)
+        # Providers this tenant caught returning false results are never asked again.
+        self.bad_providers |= self.verifier.vs.dropped()
 
     # --- bookkeeping ------------------------------------------------------------
 
@@ -268,6 +276,7 @@ class SweepRunner:
                     hb.cancel()
                     for t in self._tasks.values():
                         t.cancel()
+                    self.verifier.cancel_all()
         finally:
             await self._release_all()
             if self._cancelled:
@@ -315,7 +324,7 @@ class SweepRunner:
                 self._progress_due = time.monotonic() + PROGRESS_S
                 left = sum(1 for r in rows if unfinished(r))
             self._notify()
-            if self._exhausted and not left:
+            if self._exhausted and not left and self.verifier.before_end():
                 return
             if self.stop_reason is not None and not self._tasks:
                 return
@@ -335,7 +344,11 @@ class SweepRunner:
         live = [s for s in self.slots.values() if not s.lost]
         uses = [
             LeaseUse(
-                s.lease.price, len(s.lease.devices), s.lease.units, s.lease.start_ms, len(s.active)
+                s.lease.price,
+                len(s.lease.devices),
+                s.lease.units,
+                s.lease.start_ms,
+                len(s.active) + len(s.replicas),
             )
             for s in live
         ]
@@ -390,13 +403,16 @@ class SweepRunner:
 
     def _wanted_slots(self, unfinished: int) -> int:
         live = [s for s in self.slots.values() if not s.lost]
-        return units_wanted(
+        need = units_wanted(
             sum(s.lease.units for s in live),
             parallel=self.parallel,
             exhausted=self._exhausted,
             unfinished=unfinished,
             budget_held=self._budget_blocked and any(s.active for s in live),
         )
+        if self.verifier.starved(live):  # a spot check waits for another provider
+            need = max(need, self.spec.resources.devices_per_trial)
+        return need
 
     # --- leases -----------------------------------------------------------------
 
@@ -429,7 +445,7 @@ class SweepRunner:
             lease_ms=24 * 3_600_000,
             bid_window_ms=self.bid_window_ms,
             heartbeat_interval_ms=self.heartbeat_interval_ms,
-            exclude=sorted(self.bad_providers),
+            exclude=sorted(self.bad_providers | self.verifier.avoid()),
         )
         if not report.leases:
             self._last_no_lease = report.failure or report.explanation or "no provider answered"
@@ -483,6 +499,7 @@ class SweepRunner:
         log.warning("lease %s on %s lost: %s", slot.lease.lease_id, provider[:8], why)
         self.progress.message = f"provider {provider[:12]} lost ({why}); retrying its trials"
         self.bad_providers.add(provider)
+        self.verifier.on_lose(slot)
         now = self.tenant.clock()
         self.store.set_lease_state(slot.lease.lease_id, LeaseState.LOST, now)
         self.store.record_outcome(provider, "failed")
@@ -531,7 +548,9 @@ class SweepRunner:
         if pending and self.stop_reason is None and not self._budget_blocked:
             return
         for slot in list(self.slots.values()):
-            if not slot.lost and not slot.active:
+            if self.verifier.could_use(slot) or self.verifier.under_check(slot.lease.provider):
+                continue
+            if not slot.lost and not slot.active and not slot.replicas:
                 await self._release(slot)
 
     async def _release(self, slot: Slot) -> None:
@@ -589,7 +608,12 @@ class SweepRunner:
             rows = self.jobs.trials(self.job_id)
             pending = [r for r in rows if r.state is TrialState.PENDING]
         for slot in list(self.slots.values()):
-            while not slot.lost and len(slot.active) < slot.capacity:
+            self.verifier.assign(slot)
+            while (
+                not slot.lost
+                and slot.vetted
+                and len(slot.active) + len(slot.replicas) < slot.capacity
+            ):
                 number = self._next_trial(slot, pending)
                 if number is None:
                     break
@@ -655,34 +679,7 @@ class SweepRunner:
             async with slot.upload_lock:
                 if not slot.workspace_ready:
                     await self._upload(slot)
-        limits = self.spec.limits
-        # Every trial gets its parameters as a JSON file named by $MERCATO_PARAMS_FILE
-        # (what ${args_json_file} names too), so a program whose command passes none
-        # can read them; the name is one no file of the workspace has.
-        files = {self.params_file: args_json(params)}
-        try:
-            command = render_command(
-                self.spec,
-                params,
-                interpreter="python3",
-                args_json_file=self.params_file,
-                environ=self.environ,
-            )
-        except ValueError as e:
-            raise SweepError(str(e)) from None
-        assign = TaskAssign(
-            lease_id=slot.lease.lease_id,
-            task_id=task_id,
-            job_spec_hash=self.spec_hash,
-            workspace_hash=self.workspace_hash,
-            command=command,
-            timeout_ms=limits.trial_timeout_ms,
-            max_output_bytes=limits.max_output_bytes,
-            attempt=0,
-            network=limits.network,
-            files=files,
-            env={PARAMS_FILE_ENV: self.params_file},
-        )
+        assign = self.task_assign(slot, number, task_id, params)
         client = TaskClient(self.tenant, slot.lease)
         loop = asyncio.get_running_loop()
         # The provider enforces the timeout; the tenant checks it did (market/sweepplan).
@@ -705,11 +702,13 @@ class SweepRunner:
 
             timer = asyncio.timeout_at(deadline.latest)
             started = False
+            ran_from = 0.0
 
             def on_status(status: TaskStatus) -> None:
-                nonlocal started
+                nonlocal started, ran_from
                 if status.state != "queued" and not started:
                     started = True
+                    ran_from = loop.time()
                     self.jobs.update_trial(self.job_id, number, detail="")
                     timer.reschedule(deadline.started(loop.time()))
 
@@ -724,7 +723,58 @@ class SweepRunner:
                     "retried elsewhere"
                 ) from None
         slot.failures = 0
-        self._record(slot, number, task_id, result, metric)
+        if started and result.state == "succeeded":
+            self.time_trial(slot, number, loop.time() - ran_from)
+        self._record(slot, number, task_id, result, metric, client.last_envelope)
+
+    def time_trial(self, slot: Slot, number: int, seconds: float) -> None:
+        """Keep the tenant's own timing of a trial run: measured speed for ranking."""
+        self.verifier.vs.record_duration(
+            slot.lease.provider, f"{self.job_id}:{number}", int(seconds * 1000), self.tenant.clock()
+        )
+
+    def command_for(self, number: int, params: dict[str, Any]) -> list[str]:
+        """Trial ``number``'s argv; the same wherever (and however often) it runs."""
+        try:
+            return render_command(
+                self.spec,
+                params,
+                interpreter="python3",
+                args_json_file=self.params_file,
+                environ=self.environ,
+                seed=self.verifier.seed(number),
+            )
+        except ValueError as e:
+            raise SweepError(str(e)) from None
+
+    def task_assign(
+        self,
+        slot: Slot,
+        number: int,
+        task_id: str,
+        params: dict[str, Any],
+        command: list[str] | None = None,
+    ) -> TaskAssign:
+        """The assignment of trial ``number`` (or of a spot check of it) to ``slot``."""
+        limits = self.spec.limits
+        # Every trial gets its parameters as a JSON file named by $MERCATO_PARAMS_FILE
+        # (what ${args_json_file} names too), so a program whose command passes none
+        # can read them; the name is one no file of the workspace has. $MERCATO_SEED is
+        # the trial's seed: a re-run on another provider gets the same one.
+        files = {self.params_file: args_json(params)}
+        return TaskAssign(
+            lease_id=slot.lease.lease_id,
+            task_id=task_id,
+            job_spec_hash=self.spec_hash,
+            workspace_hash=self.workspace_hash,
+            command=command or self.command_for(number, params),
+            timeout_ms=limits.trial_timeout_ms,
+            max_output_bytes=limits.max_output_bytes,
+            attempt=0,
+            network=limits.network,
+            files=files,
+            env={PARAMS_FILE_ENV: self.params_file, SEED_ENV: str(self.verifier.seed(number))},
+        )
 
     def _intermediate(
         self, slot: Slot, number: int, task_id: str, line: str, metric: str | None, step: int
@@ -757,7 +807,13 @@ class SweepRunner:
             )
 
     def _record(
-        self, slot: Slot, number: int, task_id: str, result: TaskResult, metric: str | None
+        self,
+        slot: Slot,
+        number: int,
+        task_id: str,
+        result: TaskResult,
+        metric: str | None,
+        envelope: bytes = b"",
     ) -> None:
         """Record a trial's result exactly once."""
         if result.task_id != task_id or result.lease_id != slot.lease.lease_id:
@@ -786,11 +842,101 @@ class SweepRunner:
             finished_ms=self.tenant.clock(),
             provider=slot.lease.provider,
             intermediate=self._reported(number),
+            result=envelope or None,
         ):
             self.duplicates += 1  # a slow provider answered after the trial was settled
             return
         self.search.tell(number, float(value) if value is not None else None, state)
         self._count(number, state, detail)
+        if state == "succeeded" and value is not None:
+            row = self.jobs.trial(self.job_id, number)
+            params = row.params if row is not None else {}
+            self.verifier.on_result(slot, number, task_id, params, float(value), envelope)
+
+    # --- verification outcomes (node/tenant/verify.py decides) ------------------
+
+    def caught(
+        self, liar: str, number: int | None, replacement: Vote | None, why: str | None = None
+    ) -> None:
+        """``liar`` returned a false result: drop it, discard its results, refuse to pay.
+
+        Its leases of this job are given up without a release (no receipt is
+        countersigned: the pending payment is refused, and the refusal recorded); every
+        result it returned for this job goes back to pending and runs elsewhere, but
+        the disputed trial ``number`` takes the value the other two providers agreed
+        on (``replacement``) when there is one.
+        """
+        now = self.tenant.clock()
+        why = why or f"caught returning a false result for trial {number}"
+        log.warning("provider %s %s: dropped", liar[:12], why)
+        vs = self.verifier.vs
+        vs.set_trust(liar, vs.trust(liar).lied())
+        vs.drop(liar, now)
+        self.store.record_outcome(liar, "rejected")
+        self.bad_providers.add(liar)
+        self.verifier.forget(liar)
+        for lease in self.store.list_leases():
+            if lease.job_id == self.job_id and lease.provider == liar and lease.state != "ended":
+                vs.refuse_payment(lease.lease_id, liar, self.job_id, why, now)
+        for slot in list(self.slots.values()):
+            if slot.lease.provider == liar:
+                self._lose(slot, why)
+        for row in self.jobs.trials(self.job_id):
+            if row.provider != liar or row.state != "succeeded":
+                continue
+            if row.number == number and replacement is not None:
+                trial = self.jobs.trial(self.job_id, number)
+                assert trial is not None
+                self.jobs.update_trial(
+                    self.job_id,
+                    number,
+                    value=replacement.value,
+                    metrics={**trial.metrics, self.verifier.metric or "": replacement.value},
+                    provider=replacement.provider,
+                    lease_id=replacement.lease_id,
+                    task_id=replacement.task_id,
+                    result=replacement.envelope,
+                    detail=f"verified: {liar[:12]}'s false result replaced",
+                )
+            else:
+                self.jobs.update_trial(
+                    self.job_id,
+                    row.number,
+                    state="pending",
+                    value=None,
+                    metrics={},
+                    provider=None,
+                    result=None,
+                    failed_providers=sorted(set(row.failed_providers) | {liar}),
+                    detail=f"result discarded: {liar[:12]} {why}",
+                )
+                self._maybe_pending = True
+        self._rebuild_search()
+        self.progress.message = f"provider {liar[:12]} {why}: dropped, results re-run"
+        self._wake.set()
+
+    def unreproducible(self, number: int) -> None:
+        """Three providers, three results: the trial cannot be trusted, nor anyone blamed."""
+        self.jobs.update_trial(
+            self.job_id,
+            number,
+            state="failed",
+            detail="three providers disagree beyond verify.tolerance: not reproducible "
+            "(does the program use $MERCATO_SEED?)",
+        )
+        self._rebuild_search()
+        self._wake.set()
+
+    def _rebuild_search(self) -> None:
+        """A fresh search from the store, after results were discarded or replaced."""
+        rows = self.jobs.trials(self.job_id)
+        search = Search(self.spec, seed=self.search_seed)
+        search.restore(
+            [finished_trial(r) for r in rows if r.state in SEARCH_OUTCOMES],
+            next_number=max((r.number for r in rows), default=-1) + 1,
+            running=[Trial(r.number, r.params) for r in rows if unfinished(r)],
+        )
+        self.search = search
 
     def _count(self, number: int, state: TrialState, detail: str) -> None:
         """Feed the failure rule; stop the sweep when too many trials failed in a row."""

@@ -42,6 +42,8 @@ class TaskClient:
         self.tenant = tenant
         self.lease = lease
         self._timeouts: dict[str, int] = {}  # task_id -> timeout_ms, for queued tasks
+        #: The signed envelope of the last reply (a task_result kept as evidence).
+        self.last_envelope: bytes = b""
 
     async def send(self, body: Body, timeout_s: float | None = None) -> Any:
         """Request/response with the lease's provider; the reply must be signed by it."""
@@ -52,6 +54,7 @@ class TaskClient:
             return None
         if reply.sender != self.lease.provider:
             raise TaskClientError("reply signed by another node than the lease's provider")
+        self.last_envelope = reply.raw
         return reply.body
 
     async def upload(self, data: bytes, digest: str) -> None:

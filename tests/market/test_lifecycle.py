@@ -31,7 +31,8 @@ LIFECYCLES: list[tuple[Lifecycle[Any], type[Enum]]] = [
     (LEASE, LeaseState),
 ]
 
-#: Every move the tenant's code makes today (sweep.py, gang.py, jobs.py, tenant.py).
+#: Every move the tenant's code makes today (sweep.py, verify.py, gang.py, jobs.py,
+#: tenant.py).
 EXPECTED: dict[str, set[tuple[str, str]]] = {
     "job": {
         ("running", "done"),
@@ -48,6 +49,8 @@ EXPECTED: dict[str, set[tuple[str, str]]] = {
         ("running", "failed"),
         ("running", "pruned"),
         ("running", "cancelled"),
+        ("succeeded", "pending"),  # verify.py: its provider was caught lying
+        ("succeeded", "failed"),  # verify.py: three providers disagree
     },
     "lease": {("active", "ended"), ("active", "lost"), ("lost", "ended")},
 }
@@ -99,16 +102,23 @@ class TestWhatUsersRelyOn:
 
     def test_a_finished_trial_is_never_queued_again(self) -> None:
         """Re-queueing a trial that already ended would run (and bill) it twice."""
-        for state in (
-            TrialState.SUCCEEDED,
-            TrialState.FAILED,
-            TrialState.PRUNED,
-            TrialState.CANCELLED,
-        ):
+        for state in (TrialState.FAILED, TrialState.PRUNED, TrialState.CANCELLED):
             assert TRIAL.terminal(state)
             with pytest.raises(IllegalTransitionError):
                 TRIAL.check(state, TrialState.PENDING)
         assert TRIAL.check(TrialState.RUNNING, TrialState.PENDING) is TrialState.PENDING
+
+    def test_a_result_found_false_is_run_again_or_failed(self) -> None:
+        """A succeeded trial whose result spot checks proved false must not stay
+        succeeded: the sweep would report a fabricated best. Its provider was caught,
+        so it goes back to pending and runs elsewhere (the liar is not paid, nothing
+        is billed twice); three disagreeing providers make it failed (not
+        reproducible). Nothing else leaves succeeded."""
+        assert TRIAL.check(TrialState.SUCCEEDED, TrialState.PENDING) is TrialState.PENDING
+        assert TRIAL.check(TrialState.SUCCEEDED, TrialState.FAILED) is TrialState.FAILED
+        for state in (TrialState.RUNNING, TrialState.PRUNED, TrialState.CANCELLED):
+            with pytest.raises(IllegalTransitionError):
+                TRIAL.check(TrialState.SUCCEEDED, state)
 
     def test_a_pending_trial_cannot_finish_without_running(self) -> None:
         for outcome in (TrialState.SUCCEEDED, TrialState.PRUNED):
@@ -147,7 +157,8 @@ class TestOneWordPerOutcome:
     def test_search_and_run_outcomes_are_trial_records(self) -> None:
         for outcome in SEARCH_OUTCOMES | RUN_OUTCOMES:
             assert TRIAL.legal(TrialState.RUNNING, outcome)
-            assert TRIAL.terminal(outcome)
+            # succeeded alone may be undone: a result spot checks prove false
+            assert TRIAL.terminal(outcome) or outcome is TrialState.SUCCEEDED
 
 
 class TestRecordedTrialState:

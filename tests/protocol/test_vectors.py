@@ -38,6 +38,7 @@ NODE_CODES = {
     "spec_mismatch",
     "not_found",
     "bad_blob",
+    "implausible_advert",  # a relayed advert the receiving node will not keep
 }
 
 #: docs/protocol.md section 3: weak keys, by the y of their encoding.

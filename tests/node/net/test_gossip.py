@@ -474,3 +474,40 @@ async def test_memory_transport_news_pushed_to_a_closing_node_never_fails_the_se
     await asyncio.sleep(10 * INTERVAL_S)
     assert sent_by.get(target.settings.address, 0) == 0
     assert sum(sent_by.values()) > 0
+
+
+class TestImplausibleAdverts:
+    async def test_memory_transport_node_drops_and_counts_an_impossible_advert(self) -> None:
+        """10,000 "H100-SXM" at 2^63-1 FLOP/s never enters a directory (issue 16)."""
+        net = MemoryNetwork(seed=3)
+        settings = NodeSettings(role="bootstrap", address=address("boot"), bootstrap=[])
+        node = Node(Identity.generate(), settings, net.transport(address("boot")))
+        liar = Identity.generate()
+        groups = []
+        for b in range(10):
+            ids = [f"b{b}-{i}" for i in range(1000)]
+            groups.append(
+                DeviceGroup(
+                    model="H100-SXM",
+                    kind="gpu",
+                    ids=ids,
+                    free=ids,
+                    memory_bytes=80 * 10**9,
+                    fp16_flops=2**63 - 1,
+                    memory_bandwidth=3_350 * 10**9,
+                    price_floor=5_000_000,
+                )
+            )
+        advert = Advert(
+            provider=liar.node_id,
+            address=address("liar"),
+            devices=groups,
+            interconnect=Interconnect(kind="nvlink", bandwidth=450 * 10**9, gang_size=8),
+            seq=1,
+            expires_ms=now_ms() + 60_000,
+        )
+        raw = seal(liar, advert, now_ms=now_ms(), nonce=os.urandom(16))
+        assert node.ingest_advert(raw) is None
+        assert liar.node_id not in node.directory
+        counted = node.metrics.rejections.labels("implausible_advert")._value.get()
+        assert counted == 1

@@ -485,22 +485,25 @@ async def lease(http: aiohttp.ClientSession, d: RunningDaemon, tenant: Identity)
     return lease_id
 
 
-def big_advert(who: Identity, groups: int = 3) -> bytes:
-    """A valid advert of about 200 KB: 3 groups of 1,024 devices with 64-character ids."""
-    devices = [
-        DeviceGroup(
-            model=f"RTX-4090-{g}",
-            kind="gpu",
-            ids=[f"g{g}-{i:0>60}" for i in range(1024)],
-            free=[],
-            memory_bytes=24 * 10**9,
-            fp16_flops=165 * 10**12,
-            memory_bandwidth=10**12,
-            price_floor=10**6,
-            simulated=True,
+def big_advert(who: Identity, groups: int = 64) -> bytes:
+    """A valid advert of about 140 KB, as large as the catalog bounds let one be
+    (market.catalog.check_advert): 1,024 CPU slots with 64-character ids, all free."""
+    devices = []
+    for g in range(groups):
+        ids = [f"g{g:02d}-{i:0>60}" for i in range(1024 // groups)]
+        devices.append(
+            DeviceGroup(
+                model="cpu",
+                kind="cpu",
+                ids=ids,
+                free=ids,
+                memory_bytes=4 * 10**9,
+                fp16_flops=96 * 10**9,
+                memory_bandwidth=6_400_000_000,
+                price_floor=10**6,
+                simulated=True,
+            )
         )
-        for g in range(groups)
-    ]
     advert = Advert(
         provider=who.node_id,
         address="http://127.0.0.1:9",
@@ -516,13 +519,13 @@ class TestLargeAdverts:
     async def test_a_directory_of_large_adverts_is_paged_within_the_size_limit(
         self, daemon: RunningDaemon, http: aiohttp.ClientSession
     ) -> None:
-        """Eight adverts of 200 KB each: a directory answer holding all of them would be
-        1.6 MB, which no receiver takes (too_large). The daemon answers in pages that
+        """Twelve adverts of 140 KB each: a directory answer holding all of them would be
+        1.7 MB, which no receiver takes (too_large). The daemon answers in pages that
         fit, and a tenant gets every advert by asking again."""
         pusher = Identity.generate()
-        adverts = [big_advert(Identity.generate()) for _ in range(8)]
-        assert all(150_000 < len(a) < 300_000 for a in adverts)
-        for i in range(0, 8, 4):
+        adverts = [big_advert(Identity.generate()) for _ in range(12)]
+        assert all(120_000 < len(a) < 300_000 for a in adverts)
+        for i in range(0, 12, 4):
             push = Directory(adverts=adverts[i : i + 4])
             status, _ = await post(http, daemon, sealed(pusher, push, daemon.node_id))
             assert status == 204

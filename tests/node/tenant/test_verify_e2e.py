@@ -1,0 +1,197 @@
+"""A provider that fabricates results, against a tenant over real daemons.
+
+The fabricator is the real provider daemon with a sandbox that runs nothing and
+answers "succeeded, loss 1e-06" at once (tests/node/tenant/fabricating_provider.py).
+It is the cheapest provider of the market, so it wins the sweep's trials. Two honest
+providers sell the same job for more. What a tenant must see:
+
+* the sweep's reported best is the real best (the local run of the same grid), never
+  the fabricated 1e-06; every stored result is the real value of its point;
+* the fabricator is caught by spot-check replication and a third provider's decision,
+  dropped for this tenant, and its pending payment refused;
+* ``mercato evidence JOB --json`` exports the dispute: the signed results of both
+  sides and of the decider, the workspace hash, the parameters and the seed, so
+  anyone can re-run the trial and see who lied.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import test_sweep_e2e as sweep_e2e
+
+from market.verification import trial_seed
+from node.cli import localcluster as cluster
+from protocol.envelope import open_envelope
+
+pytestmark = [
+    pytest.mark.cluster,
+    pytest.mark.filterwarnings(r"ignore:subprocess \d+ is still running:ResourceWarning"),
+]
+
+FABRICATOR = Path(__file__).parent / "fabricating_provider.py"
+FABRICATED = 1e-06
+HONEST = (
+    cluster.Template("T4", 2, 150_000, "pcie"),
+    cluster.Template("RTX-3090", 2, 250_000, "pcie"),
+)
+
+
+@contextlib.contextmanager
+def fabricating_provider(
+    c: sweep_e2e.Cluster, name: str = "fabricator", price: int = 1_000, **env: str
+) -> Iterator[cluster.NodeRecord]:
+    """Start a fabricator (4 cheap "RTX-4090"s) next to the cluster; kill it after."""
+    boot = next(n for n in c.nodes if n.role == "bootstrap")
+    template = cluster.Template("RTX-4090", 4, price, "pcie")
+    rec = cluster._prepare(c.root / "cluster", name, boot.address, template, 6.0)
+    log = Path(rec.home) / "logs"
+    log.mkdir(parents=True, exist_ok=True)
+    with (log / "stdout.log").open("ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, str(FABRICATOR), "--config", rec.config],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "MERCATO_HOME": rec.home, **env},
+        )
+    try:
+        cluster._wait_ready(rec, proc, time.monotonic() + 60)
+        rec.pid = proc.pid
+        cluster._wait_advertised(boot, [rec.node_id], time.monotonic() + 60)
+        yield rec
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def market(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[sweep_e2e.Cluster, str]]:
+    root = tmp_path_factory.mktemp("verify-cluster")
+    nodes = cluster.up(len(HONEST), home=root, timeout_s=120.0, templates=HONEST)
+    c = sweep_e2e.Cluster(root, nodes)
+    try:
+        with fabricating_provider(c) as fab:
+            yield c, fab.node_id
+    finally:
+        cluster.down(home=root)
+
+
+class TestFabricatingProvider:
+    def test_fabricated_results_are_caught_and_never_reported(
+        self, market: tuple[sweep_e2e.Cluster, str], tmp_path: Path
+    ) -> None:
+        c, fabricator = market
+        job = sweep_e2e.job_file(tmp_path / "job")
+        with sweep_e2e.tenant_at(tmp_path / "tenant-home", c) as tenant:
+            proc = tenant.run("submit", str(job), "--quiet", "--json", "--parallel", "4")
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+            summary = json.loads(proc.stdout)
+            job_id = summary["job_id"]
+            results = tenant.json("results", job_id)
+            leases = tenant.leases(job_id)
+
+            # The fabricator did win trials (it is the cheapest), so the attack was real.
+            assert any(x.provider == fabricator for x in leases)
+
+            # The reported best is the real best, and every stored result is real.
+            local = sweep_e2e.local_losses()
+            best_point = min(local, key=lambda p: local[p])
+            assert summary["best"]["value"] != FABRICATED
+            assert sweep_e2e.point_of(summary["best"]["params"]) == best_point
+            assert summary["best"]["value"] == pytest.approx(local[best_point])
+            assert summary["best"]["verified"] is True  # re-run on another provider
+            sweep_e2e.assert_grid_done_once(results)
+            for t in results:
+                assert t["value"] == pytest.approx(local[sweep_e2e.point_of(t["params"])]), t
+                assert t["provider"] != fabricator, t
+
+            # The evidence names the fabricator, with three signed results to check.
+            evidence = tenant.json("evidence", job_id)
+            disputes = [d for d in evidence["disputes"] if d["liar"] == fabricator]
+            assert disputes, evidence
+            d = disputes[0]
+            assert d["workspace_hash"]
+            assert d["params"]
+            with sweep_e2e.Store(tenant.store_path) as store:
+                job = sweep_e2e.JobStore(store).find_job(job_id)
+            assert job is not None
+            assert d["seed"] == trial_seed(job.seed, d["number"])  # what $MERCATO_SEED held
+            voters = [d["original"], d["check"], d["decider"]]
+            assert len({v["provider"] for v in voters}) == 3
+            for v in voters:
+                env = open_envelope(base64.b64decode(v["result_envelope"]), now_ms=0, replay=None)
+                assert env.sender == v["provider"]
+                assert env.body.metrics[d["metric"]] == v["value"]
+            assert d["original"]["provider"] == fabricator
+            assert d["original"]["value"] == FABRICATED
+            assert fabricator in evidence["dropped"]
+            # Its pending payment is refused: nothing of the fabricator's lease is paid.
+            assert any(r["provider"] == fabricator for r in evidence["refused_payments"])
+            with sweep_e2e.Store(tenant.store_path) as store:
+                paid = {line["lease_id"] for line in store.ledger() if line["amount"]}
+            assert not paid & {x.lease_id for x in leases if x.provider == fabricator}
+
+    def test_a_provider_that_fakes_the_canary_gets_no_trial(
+        self, market: tuple[sweep_e2e.Cluster, str], tmp_path: Path
+    ) -> None:
+        """The keyed canary on a provider's first lease: a provider that runs nothing
+        cannot know iterated SHA-256 of the tenant's nonce, so it is dropped before any
+        trial of it is accepted, and its lease is not paid."""
+        c, _ = market
+        job = sweep_e2e.job_file(tmp_path / "job")
+        with (
+            fabricating_provider(c, "lazy", price=500, FABRICATE_CANARY="1") as lazy,
+            sweep_e2e.tenant_at(tmp_path / "tenant-home", c) as tenant,
+        ):
+            proc = tenant.run("submit", str(job), "--quiet", "--json", "--parallel", "4")
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+            summary = json.loads(proc.stdout)
+            job_id = summary["job_id"]
+            assert any(x.provider == lazy.node_id for x in tenant.leases(job_id))
+            results = tenant.json("results", job_id)
+            sweep_e2e.assert_grid_done_once(results)
+            assert all(t["provider"] != lazy.node_id for t in results)
+            local = sweep_e2e.local_losses()
+            for t in results:
+                assert t["value"] == pytest.approx(local[sweep_e2e.point_of(t["params"])]), t
+            evidence = tenant.json("evidence", job_id)
+            assert lazy.node_id in evidence["dropped"]
+            refused = [r for r in evidence["refused_payments"] if r["provider"] == lazy.node_id]
+            assert refused
+            assert "canary" in refused[0]["reason"]
+
+
+class TestOneProvider:
+    def test_a_one_provider_market_ends_the_sweep_with_the_best_unverified(
+        self, tmp_path: Path
+    ) -> None:
+        """Nobody else sells the job: checks are given up at once (not after --max-wait),
+        and the summary says the best is not verified."""
+        with (
+            sweep_e2e.running_cluster(tmp_path / "cluster", providers=1) as c,
+            sweep_e2e.tenant_at(tmp_path / "tenant-home", c) as tenant,
+        ):
+            job = sweep_e2e.job_file(tmp_path / "job")
+            proc = tenant.run(
+                "submit", str(job), "--quiet", "--json", "--max-wait", "600", timeout_s=90
+            )
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+            summary = json.loads(proc.stdout)
+            assert summary["state"] == "done"
+            assert summary["best"]["verified"] is False
+            evidence = tenant.json("evidence", summary["job_id"])
+            verdicts = {c["verdict"] for c in evidence["all_checks"]}
+            assert "unchecked: no other provider in the directory sells this job" in verdicts
