@@ -165,7 +165,7 @@ class TestElastic:
     def test_a_killed_provider_does_not_stop_the_job(self, home: Path) -> None:
         job = job_file(home, "elastic", world=3, steps=4000)  # 8 outer steps
         proc = subprocess.Popen(
-            [sys.executable, "-m", "node.cli", "submit", str(job), "--json"],
+            [sys.executable, "-m", "node.cli", "submit", str(job), "--json", "--quiet"],
             env=env(home),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -184,16 +184,23 @@ class TestElastic:
         try:
             deadline = time.monotonic() + 180
             while time.monotonic() < deadline and killed is None:
-                started = [x for x in err if "started on" in x]
-                if any("outer step 2/" in x for x in err) and started:
-                    prefix = started[-1].split("started on ")[1].split()[0]
+                # Kill a provider that hosts exactly one worker (3 workers: 2 + 1 or
+                # 1 + 1 + 1), so one replacement makes the job whole again; a provider
+                # of two may leave too few free devices to replace both in time.
+                single = [x for x in err if "leased 1 worker(s)" in x]
+                if any("outer step 2/" in x for x in err) and single:
+                    prefix = single[0].split(" on ")[1].split()[0]
                     for node_id, rec in records(home).items():
                         if node_id.startswith(prefix) and rec.role == "provider":
                             os.kill(rec.pid, signal.SIGKILL)
                             killed = node_id
                 time.sleep(0.2)
             assert killed is not None, "".join(err)
-            stdout, _ = proc.communicate(timeout=240)
+            # Not communicate(): it would read stderr too, racing the reader thread
+            # for lines (the test then missed "lost" or "replacement" at random).
+            proc.wait(timeout=240)
+            assert proc.stdout is not None
+            stdout = proc.stdout.read()
         finally:
             if proc.poll() is None:
                 proc.kill()
