@@ -37,7 +37,7 @@ import os
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -234,6 +234,8 @@ class StatusSource:
     allow_from: Sequence[Network] = LOOPBACK
     refresh_s: int = 5
     started_ms: int = field(default_factory=lambda: time.time_ns() // 1_000_000)
+    # What the cluster behind the executor is doing (node.provider.slurm.SlurmExecutor.status).
+    cluster: Callable[[], dict[str, Any]] | None = None
 
 
 def parse_params(argv: Sequence[str], files: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -338,6 +340,8 @@ def _devices(engine: BidEngine, work: WorkService | None) -> list[dict[str, Any]
     out = []
     for d in sorted(engine.devices.values(), key=lambda d: _natural(d.id)):
         state = "leased" if d.id in leased else "reserved" if d.id in reserved else "free"
+        if state == "free" and d.id not in engine.free:
+            state = "unavailable"  # withheld from sale (a drained cluster node)
         out.append(
             {
                 "id": d.id,
@@ -459,6 +463,8 @@ def collect(source: StatusSource) -> dict[str, Any]:
             per_lease[t.assign.lease_id] = per_lease.get(t.assign.lease_id, 0) + 1
         for x in doc["leases"]:
             x["tasks"] = per_lease.get(x["lease_id"], 0)
+    if source.cluster is not None:
+        doc["cluster"] = source.cluster()
     return doc
 
 
@@ -1124,7 +1130,8 @@ def _provider_sections(
     finished: list[dict[str, Any]],
 ) -> list[str]:
     e = html.escape
-    out = ["<h2>Devices</h2>"]
+    out = _cluster_section(doc.get("cluster"))
+    out.append("<h2>Devices</h2>")
     out.append(
         _table(
             "devices",
@@ -1225,6 +1232,66 @@ def _provider_sections(
 # --- the CLI's view ----------------------------------------------------------------
 
 
+def _cluster_section(cluster: Mapping[str, Any] | None) -> list[str]:
+    """The cluster behind the executor (Slurm): its nodes and the leases' allocations."""
+    if not cluster:
+        return []
+    e = html.escape
+    out = [f"<h2>Cluster ({e(str(cluster.get('executor') or ''))})</h2>"]
+    if cluster.get("error"):
+        out.append(f'<p class="summary">cannot read the cluster: {e(str(cluster["error"]))}</p>')
+    out.append(
+        '<p class="summary">'
+        f'<span>allocations running <b id="alloc-running">{int(cluster.get("running") or 0)}'
+        "</b></span>"
+        f'<span>pending <b id="alloc-pending">{int(cluster.get("pending") or 0)}</b></span>'
+        f'<span>steps <b id="step-count">{int(cluster.get("steps") or 0)}</b></span></p>'
+    )
+    out.append(
+        _table(
+            "cluster-nodes",
+            ["node", "state", "reason", "CPUs in use", "GPUs sold"],
+            [
+                (
+                    str(n.get("state") or ""),
+                    [
+                        f"<code>{e(str(n.get('name') or ''))}</code>",
+                        e(str(n.get("state") or "")),
+                        e(str(n.get("reason") or "")),
+                        f"{int(n.get('cpus_alloc') or 0)}/{int(n.get('cpus') or 0)}",
+                        str(int(n.get("gpus_sold") or 0)),
+                    ],
+                )
+                for n in cluster.get("nodes") or []
+            ],
+            "no nodes read yet",
+        )
+    )
+    out.append(
+        _table(
+            "allocations",
+            ["lease", "job", "node", "state", "reason", "GPUs", "steps"],
+            [
+                (
+                    str(a.get("state") or ""),
+                    [
+                        f"<code>{e(str(a.get('lease_id') or ''))}</code>",
+                        e(str(a.get("job_id") or "")),
+                        e(str(a.get("node") or "")),
+                        e(str(a.get("state") or "")),
+                        e(str(a.get("reason") or "")),
+                        str(int(a.get("gpus") or 0)),
+                        str(int(a.get("steps") or 0)),
+                    ],
+                )
+                for a in cluster.get("allocations") or []
+            ],
+            "no allocations",
+        )
+    )
+    return out
+
+
 def print_status(doc: Mapping[str, Any], console: Any) -> None:
     """``mercato provider status`` for people (Rich tables)."""
     from rich.table import Table
@@ -1251,6 +1318,30 @@ def print_status(doc: Mapping[str, Any], console: Any) -> None:
                 _cr(d["price_floor"]) if d.get("price_floor") is not None else "",
             )
         console.print(t)
+    cluster = doc.get("cluster")
+    if cluster:
+        t = Table(
+            title=f"Cluster ({cluster.get('executor')}): {cluster.get('running', 0)} allocations "
+            f"running, {cluster.get('pending', 0)} pending, {cluster.get('steps', 0)} steps"
+        )
+        for col in ("node", "state", "reason", "CPUs in use", "GPUs sold"):
+            t.add_column(col)
+        for n in cluster.get("nodes") or []:
+            t.add_row(
+                str(n.get("name")),
+                str(n.get("state")),
+                str(n.get("reason") or ""),
+                f"{n.get('cpus_alloc', 0)}/{n.get('cpus', 0)}",
+                str(n.get("gpus_sold", 0)),
+            )
+        console.print(t)
+        for a in cluster.get("allocations") or []:
+            console.print(
+                f"  lease {a.get('lease_id')}: Slurm job {a.get('job_id')} on {a.get('node')} "
+                f"{a.get('state')} {a.get('reason') or ''} ({a.get('steps', 0)} steps)"
+            )
+        if cluster.get("error"):
+            console.print(f"[red]cannot read the cluster: {cluster['error']}[/]")
     leases = doc.get("leases") or []
     t = Table(title=f"Leases ({len(leases)})")
     for col in ("lease", "tenant", "devices", "price (cr/dev-h)", "state", "tasks"):
