@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from market.catalog import lookup
+from market.lifecycle import TrialState
 from node.config import SlurmSection
 from node.provider.executor import (
     ExecutorError,
@@ -60,7 +61,6 @@ from node.provider.executor import (
     OutputCallback,
     TrialOutcome,
     TrialSpec,
-    TrialState,
 )
 from node.provider.inventory import DeviceDecl, InterconnectDecl, Inventory, build_inventory
 from node.provider.sandbox import NVIDIA_CONTROL_NODES, STATUS_FILE, SandboxExecutor
@@ -283,6 +283,47 @@ class Allocation:
     drain: asyncio.Future[None] | None = None  # reads the holder's stderr
     since: float = field(default_factory=time.time)
     reason: str = ""
+
+
+@dataclass(frozen=True)
+class ClusterNode:
+    """One cluster node that has GPUs sold here, as Slurm last said."""
+
+    name: str
+    state: str  # idle, mixed, allocated, drained, down... (SlurmNode.condition)
+    slurm_state: str  # the raw state, e.g. IDLE+DRAIN
+    reason: str
+    cpus: int
+    cpus_alloc: int
+    gpus_sold: int
+
+
+@dataclass(frozen=True)
+class ClusterAllocation:
+    """One allocation a lease holds, with the queue's word on it when it has one."""
+
+    lease_id: str
+    job_id: int | None
+    node: str
+    state: str  # pending, running, ended (or squeue's state, lower case)
+    reason: str
+    gpus: int
+    steps: int
+
+
+@dataclass(frozen=True)
+class ClusterStatus:
+    """What the cluster behind this provider is doing (node.operator.document shows it)."""
+
+    executor: str
+    partition: str | None
+    polled_ms: int | None  # the last successful poll; None before the first
+    error: str  # why the last poll failed ("" when it did not)
+    nodes: list[ClusterNode]
+    allocations: list[ClusterAllocation]
+    pending: int
+    running: int
+    steps: int
 
 
 def _safe(text: str) -> str:
@@ -691,7 +732,7 @@ class SlurmExecutor(SandboxExecutor):
         for lease_id in list(self.allocations):
             await self.lease_close(lease_id)
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> ClusterStatus:
         """What the cluster is doing, for the status page and ``mercato provider status``."""
         per_node: dict[str, int] = {}
         for dev in self.devices.values():
@@ -702,39 +743,39 @@ class SlurmExecutor(SandboxExecutor):
             for a in allocs:
                 q = queue.get(str(a.job_id))
                 allocations.append(
-                    {
-                        "lease_id": a.lease_id,
-                        "node": a.node,
-                        "job_id": a.job_id,
-                        "state": (q.state.lower() if q is not None else a.state),
-                        "reason": (q.reason if q is not None and q.reason != "None" else a.reason),
-                        "gpus": len(a.devices),
-                        "steps": sum(1 for al, _ in self._steps.values() if al is a),
-                    }
+                    ClusterAllocation(
+                        lease_id=a.lease_id,
+                        node=a.node,
+                        job_id=a.job_id,
+                        state=(q.state.lower() if q is not None else a.state),
+                        reason=(q.reason if q is not None and q.reason != "None" else a.reason),
+                        gpus=len(a.devices),
+                        steps=sum(1 for al, _ in self._steps.values() if al is a),
+                    )
                 )
-        return {
-            "executor": "slurm",
-            "partition": self.settings.partition,
-            "polled_at": self.polled_at,
-            "error": self.poll_error,
-            "nodes": [
-                {
-                    "name": n.name,
-                    "state": n.condition,
-                    "slurm_state": n.state,
-                    "reason": n.reason,
-                    "cpus": n.cpus,
-                    "cpus_alloc": n.cpus_alloc,
-                    "gpus_sold": per_node.get(n.name, 0),
-                }
+        return ClusterStatus(
+            executor="slurm",
+            partition=self.settings.partition,
+            polled_ms=int(self.polled_at * 1000) if self.polled_at else None,
+            error=self.poll_error,
+            nodes=[
+                ClusterNode(
+                    name=n.name,
+                    state=n.condition,
+                    slurm_state=n.state,
+                    reason=n.reason,
+                    cpus=n.cpus,
+                    cpus_alloc=n.cpus_alloc,
+                    gpus_sold=per_node.get(n.name, 0),
+                )
                 for n in self.nodes
                 if n.name in per_node
             ],
-            "allocations": allocations,
-            "pending": sum(1 for a in allocations if a["state"] == "pending"),
-            "running": sum(1 for a in allocations if a["state"] == "running"),
-            "steps": len(self._steps),
-        }
+            allocations=allocations,
+            pending=sum(1 for a in allocations if a.state == "pending"),
+            running=sum(1 for a in allocations if a.state == "running"),
+            steps=len(self._steps),
+        )
 
 
 def _slurm_message(line: str) -> str:

@@ -30,10 +30,13 @@ from typing import Any, ClassVar, TypeVar
 import pytest
 import yaml
 
+from market.lifecycle import TrialState
 from node.cli import localcluster as cluster
 from node.config import ConfigError, SlurmSection, parse_config
-from node.operator import status_page
-from node.provider.executor import TrialSpec, TrialState
+from node.operator.console import print_status
+from node.operator.document import StatusDocument
+from node.operator.page import render_page
+from node.provider.executor import TrialSpec
 from node.provider.slurm import AllocationError, SlurmExecutor, SlurmTools, build_slurm_inventory
 from node.provider.slurm_inventory import (
     Gres,
@@ -162,6 +165,9 @@ class TestConfig:
 class TestStatusRendering:
     DOC: ClassVar[dict[str, Any]] = {
         "executor": "slurm",
+        "partition": None,
+        "polled_ms": None,
+        "error": "",
         "running": 1,
         "pending": 1,
         "steps": 2,
@@ -169,6 +175,7 @@ class TestStatusRendering:
             {
                 "name": "n1",
                 "state": "drained",
+                "slurm_state": "IDLE+DRAIN",
                 "reason": "<b>fan</b>",
                 "cpus": 8,
                 "cpus_alloc": 2,
@@ -189,15 +196,15 @@ class TestStatusRendering:
     }
 
     def test_the_page_and_the_cli_show_nodes_and_allocations(self) -> None:
-        doc = {"role": "provider", "cluster": self.DOC, "devices": [], "leases": []}
-        page = status_page.render_page(doc)
+        doc = StatusDocument.model_validate({"role": "provider", "cluster": self.DOC})
+        page = render_page(doc)
         assert 'id="cluster-nodes"' in page
         assert "&lt;b&gt;fan&lt;/b&gt;" in page  # escaped
         assert 'data-state="pending"' in page
         from rich.console import Console
 
         console = Console(record=True, width=200)
-        status_page.print_status(doc, console)
+        print_status(doc, console)
         text = console.export_text()
         assert "drained" in text
         assert "lease L1: Slurm job 7 on n1 pending Resources" in text
@@ -722,7 +729,7 @@ class TestEndToEnd:
             assert doc["cluster"]["nodes"][0]["reason"].startswith("fan failure")
             # What tenants see: the provider's advert offers nothing while it is drained.
             wait_for(lambda: market.advertised_free() == 0 or None, "an advert with 0 free")
-            page = status_page.render_page(doc)
+            page = render_page(StatusDocument.model_validate(doc))
             assert "fan failure" in page
             assert 'data-state="drained"' in page
         finally:
