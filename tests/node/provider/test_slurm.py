@@ -438,8 +438,8 @@ class TestExecutor:
             await executor.poll()
             assert executor.unavailable_devices() == {"gpu0", "gpu1"}
             status = executor.status()
-            assert status["nodes"][0]["state"] == "drained"
-            assert status["nodes"][0]["reason"].startswith("maintenance")
+            assert status.nodes[0].state == "drained"
+            assert status.nodes[0].reason.startswith("maintenance")
             with pytest.raises(AllocationError, match="drained"):
                 await executor.lease_open("lease-d", ["gpu0"])
             assert await settled(lambda: mine(slurm, executor)) == []  # withdrawn
