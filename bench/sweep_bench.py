@@ -34,7 +34,14 @@ Goal: efficiency >= 0.90.
 
 The last line printed is ``efficiency=<pool_time / cluster_time>``, two decimals.
 
-Run: ``python bench/sweep_bench.py [--trials 200] [--slots 4] [--sleep 0.5]``
+With ``--executor slurm`` the cluster side is a bootstrap node and one provider daemon
+with ``executor = "slurm"`` fronting a one-node Slurm cluster started for the run
+(deploy/slurm/local-cluster.sh, S fake GPUs; needs root and slurm-wlm): each lease is
+a Slurm allocation and each trial a job step (``srun``) running the same sandbox. A
+local provider whose model the job does not ask for stands by (a cluster needs one).
+
+Run: ``python bench/sweep_bench.py [--trials 200] [--slots 4] [--sleep 0.5]
+[--executor sandbox|slurm]``
 """
 
 from __future__ import annotations
@@ -71,7 +78,7 @@ print(json.dumps({"value": ((x.a * 10 + x.b) * 7919) % 1000 / 1000}), flush=True
 PROVIDERS = 4
 
 
-def job_yaml(trials: int, sleep: float) -> str:
+def job_yaml(trials: int, sleep: float, accelerator: str = "any") -> str:
     # A grid of two small value lists, as sweeps have (a 200-value list would mostly
     # measure Optuna comparing 200-choice distributions at every ask).
     if trials % 10:
@@ -87,16 +94,16 @@ sweep:
     a: {{values: [{a}]}}
     b: {{values: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]}}
     sleep: {{value: {sleep}}}
-resources: {{accelerator: any}}
+resources: {{accelerator: {accelerator}}}
 budget: {{max_price: 5 credits, max_spend: 100 credits}}
 limits: {{trial_timeout: 1m, max_output: 64KB, retries: 2}}
 """
 
 
-def write_workspace(where: Path, trials: int, sleep: float) -> Path:
+def write_workspace(where: Path, trials: int, sleep: float, accelerator: str = "any") -> Path:
     where.mkdir(parents=True)
     (where / "trial.py").write_text(TRIAL)
-    (where / "sweep.yaml").write_text(job_yaml(trials, sleep))
+    (where / "sweep.yaml").write_text(job_yaml(trials, sleep, accelerator))
     return where / "sweep.yaml"
 
 
@@ -161,8 +168,53 @@ def _process_cpu(pid: int) -> float:
 # --- the cluster ----------------------------------------------------------------
 
 
-def run_cluster(job: Path, slots: int, home: Path) -> dict[str, Any]:
-    """Submit the job to a fresh 4-provider cluster under ``home``; figures out."""
+SLURM_SCRIPT = Path(__file__).resolve().parents[1] / "deploy" / "slurm" / "local-cluster.sh"
+SLURM_MODEL = "sim-gpu-large"  # what the Slurm provider sells; the stand-by sells another
+
+
+def _slurm_provider(home: Path, boot: str, state: Path) -> Any:
+    """Config and start of a provider daemon with executor = "slurm" (a NodeRecord)."""
+    from node.cli import localcluster as cluster
+
+    root = cluster.cluster_root(home) / "provider-slurm"
+    root.mkdir(parents=True)
+    config = root / "provider.toml"
+    config.write_text(
+        f"""detect_gpus = false
+executor = "slurm"
+[node]
+role = "provider"
+listen_host = "127.0.0.1"
+listen_port = 0
+home = {json.dumps(str(root))}
+bootstrap = [{json.dumps(boot)}]
+[gossip]
+interval_s = 0.5
+request_timeout_s = 2.0
+[advert]
+ttl_s = 6.0
+refresh_fraction = 0.3
+[http]
+max_connections_per_peer = 512
+[slurm]
+slurm_conf = {json.dumps(str(state / "slurm.conf"))}
+partition = "mercato"
+device_root = {json.dumps(str(state / "dev"))}
+gpus = [{{ type = "sim", model = "{SLURM_MODEL}", price_floor = 100000, simulated = true }}]
+"""
+    )
+    rec = cluster.NodeRecord(
+        name="provider-slurm", role="provider", home=str(root), config=str(config)
+    )
+    proc = cluster._start(rec)
+    cluster._wait_ready(rec, proc, time.monotonic() + 120)
+    rec.pid = proc.pid
+    return rec, proc
+
+
+def run_cluster(job: Path, slots: int, home: Path, executor: str = "sandbox") -> dict[str, Any]:
+    """Submit the job to a fresh cluster under ``home`` (4 sandbox providers, or one
+    provider fronting Slurm); figures out."""
     from node.cli import localcluster as cluster
     from node.store.job_store import JobStore
     from node.store.node_store import Store
@@ -171,11 +223,28 @@ def run_cluster(job: Path, slots: int, home: Path) -> dict[str, Any]:
     os.environ["MERCATO_HOME"] = str(home)
     os.environ.pop("MERCATO_PEER", None)
     t0 = time.monotonic()
+    slurm_state = home / "slurm"
+    slurm_proc = None
     with warnings.catch_warnings():
         # cluster.up drops its Popen handles of the detached daemons on purpose.
         warnings.simplefilter("ignore", ResourceWarning)
-        nodes = cluster.up(PROVIDERS, home=home, timeout_s=180.0)
-    print(f"cluster up: {PROVIDERS} providers in {time.monotonic() - t0:.1f} s", flush=True)
+        if executor == "slurm":
+            subprocess.run(
+                [str(SLURM_SCRIPT), "start", str(slurm_state)],
+                env={**os.environ, "GPUS": str(slots)},
+                check=True,
+                capture_output=True,
+                timeout=120,
+            )
+            standby = cluster.Template("sim-gpu-small", 1, 100_000, "none")
+            nodes = cluster.up(1, home=home, timeout_s=180.0, templates=(standby,))
+            boot = next(n.address for n in nodes if n.role == "bootstrap")
+            rec, slurm_proc = _slurm_provider(home, boot, slurm_state)
+            nodes.append(rec)
+            time.sleep(3)  # its first advert reaches the bootstrap's directory
+        else:
+            nodes = cluster.up(PROVIDERS, home=home, timeout_s=180.0)
+    print(f"cluster up ({executor}) in {time.monotonic() - t0:.1f} s", flush=True)
     try:
         peer = next(n.address for n in nodes if n.role == "bootstrap")
         daemons0 = sum(_process_cpu(n.pid) for n in nodes)
@@ -211,7 +280,14 @@ def run_cluster(job: Path, slots: int, home: Path) -> dict[str, Any]:
             "cpu": (tenant_cpu, daemons_cpu),
         }
     finally:
+        if slurm_proc is not None:
+            slurm_proc.terminate()
+            slurm_proc.wait(timeout=60)
         cluster.down(home=home)
+        if executor == "slurm":
+            subprocess.run(
+                [str(SLURM_SCRIPT), "stop", str(slurm_state)], capture_output=True, timeout=120
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,11 +295,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trials", type=int, default=200)
     parser.add_argument("--slots", type=int, default=4)
     parser.add_argument("--sleep", type=float, default=0.5)
+    parser.add_argument("--executor", choices=("sandbox", "slurm"), default="sandbox")
     args = parser.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="sweep-bench-"))
     try:
-        job = write_workspace(tmp / "job", args.trials, args.sleep)
+        accelerator = SLURM_MODEL if args.executor == "slurm" else "any"
+        job = write_workspace(tmp / "job", args.trials, args.sleep, accelerator)
         n, s, work = args.trials, args.slots, args.sleep
         ideal = n * work / s
         print(f"{n} trials of {work} s on {s} slots: ideal {ideal:.2f} s", flush=True)
@@ -233,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         # is the floor the cluster is held to.
         (tmp / "pool").mkdir()
         pools = [run_pool(job, s, tmp / "pool")]
-        c = run_cluster(job, s, tmp / "home")
+        c = run_cluster(job, s, tmp / "home", args.executor)
         pools.append(run_pool(job, s, tmp / "pool"))
         print("pool runs: " + ", ".join(f"{p.wall:.2f} s" for p in pools))
         pool = min(pools, key=lambda p: p.wall)

@@ -18,11 +18,13 @@ from pydantic import (
     Field,
     IPvAnyNetwork,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
+from market.catalog import UnknownDeviceModel, lookup
 from market.debit import SettlementPolicy
-from node.provider.inventory import DeviceDecl, InterconnectDecl
+from node.provider.inventory import DeviceDecl, InterconnectDecl, PriceFloor
 from protocol.errors import MercatoError
 from protocol.messages import Address
 
@@ -199,6 +201,62 @@ class StatusSection(_Section):
     refresh_s: Annotated[int, Field(ge=0, le=3600)] = 5  # page reload period; 0 = never
 
 
+class SlurmGpuModel(_Section):
+    """``[[slurm.gpus]]``: which catalog model a Slurm GRES type is sold as, and at what floor."""
+
+    type: Annotated[str, Field(pattern=r"^(\*|[A-Za-z0-9_.-]{1,64})$")]  # "*": untyped / any
+    model: str  # a catalog model name or alias
+    price_floor: PriceFloor  # micro-credits per device-hour, or "2.50 credits"
+    # No such hardware behind the GRES (test clusters, fake GPUs): advertised as simulated.
+    simulated: bool = False
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        try:
+            return lookup(value).name
+        except UnknownDeviceModel as e:
+            raise ValueError(e.reason) from None
+
+
+class SlurmNodeDecl(_Section):
+    """``[[slurm.nodes]]``: the fabric between one node's GPUs, as the operator knows it."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,128}$")]
+    interconnect: InterconnectDecl
+
+
+_SLURM_CMD = Annotated[str, Field(min_length=1, max_length=4096)]
+
+
+class SlurmSection(_Section):
+    """``[slurm]``: the cluster this provider fronts when ``executor = "slurm"``
+    (node.provider.slurm)."""
+
+    partition: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,128}$")] | None = None
+    account: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,128}$")] | None = None
+    slurm_conf: Path | None = None  # passed to the tools as SLURM_CONF; unset: Slurm's default
+    srun: _SLURM_CMD = "srun"
+    salloc: _SLURM_CMD = "salloc"
+    scontrol: _SLURM_CMD = "scontrol"
+    scancel: _SLURM_CMD = "scancel"
+    squeue: _SLURM_CMD = "squeue"
+    gres_name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_]{1,32}$")] = "gpu"
+    gpus: Annotated[list[SlurmGpuModel], Field(max_length=64)] = []
+    nodes: list[SlurmNodeDecl] = []
+    cpus_per_trial: Annotated[int, Field(ge=1, le=4096)] = 1
+    # How long a lease may wait for Slurm to grant its allocation (salloc --immediate).
+    allocation_timeout_s: Annotated[int, Field(ge=1, le=3600)] = 30
+    poll_s: Annotated[float, Field(ge=0.5, le=3600)] = 5.0  # cluster state refresh
+    command_timeout_s: Annotated[float, Field(gt=0, le=600)] = 30.0  # any one Slurm tool
+    # Device files of the GPUs on the compute nodes: gpu_device with {index} (node-local
+    # GRES index) under device_root; each trial's sandbox gets only its own.
+    device_root: Path = Path("/dev")
+    gpu_device: Annotated[str, Field(pattern=r"^[A-Za-z0-9_./-]*\{index\}[A-Za-z0-9_./-]*$")] = (
+        "nvidia{index}"
+    )
+
+
 class NodeConfig(_Section):
     """The whole ``provider.toml``."""
 
@@ -214,6 +272,10 @@ class NodeConfig(_Section):
     status: StatusSection = StatusSection()
     devices: list[DeviceDecl] = []
     interconnect: InterconnectDecl | None = None
+    # What runs trials: "sandbox" (bubblewrap on this host) or "slurm" (job steps on the
+    # cluster described in [slurm], whose GPUs are then what is sold).
+    executor: Literal["sandbox", "slurm"] = "sandbox"
+    slurm: SlurmSection = SlurmSection()
     # Check declared NVIDIA devices against what NVML finds (refuses to sell phantoms).
     detect_gpus: bool = True
 
@@ -221,6 +283,17 @@ class NodeConfig(_Section):
     def _bootstrap_has_no_devices(self) -> NodeConfig:
         if self.node.role == "bootstrap" and self.devices:
             raise ValueError("a bootstrap node sells nothing: remove [[devices]] or set role")
+        if self.executor == "slurm":
+            if not self.slurm.gpus:
+                raise ValueError(
+                    'executor = "slurm" sells the GPUs [[slurm.gpus]] maps to catalog models: '
+                    "add at least one"
+                )
+            if self.devices or self.interconnect is not None:
+                raise ValueError(
+                    'with executor = "slurm" the cluster\'s GPUs are what is sold: remove '
+                    "[[devices]] and [interconnect] (use [[slurm.gpus]] and [[slurm.nodes]])"
+                )
         return self
 
 

@@ -30,13 +30,14 @@ import resource
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from market.bidding import BidEngine, FloorPlusUtilisation, devices_from_groups
+from market.bidding import BidEngine, FloorPlusUtilisation, LeaseState, devices_from_groups
 from market.directory import Entry
 from node.config import NodeConfig
 from node.home import READY_FILE, NodeHome, resolve_home
@@ -55,6 +56,7 @@ from node.provider.executor import ResourceLimits
 from node.provider.inventory import Inventory, build_inventory
 from node.provider.sandbox import NVIDIA_CONTROL_NODES, WORK_DIR, SandboxExecutor
 from node.provider.service import ProviderService
+from node.provider.slurm import SlurmExecutor, SlurmInventory, SlurmTools, load_slurm_inventory
 from node.provider.sync import SyncService
 from node.provider.work import WorkService
 from node.store.node_store import Store
@@ -190,6 +192,7 @@ class Daemon:
     provider: ProviderService | None = None  # None for a bootstrap node
     work: WorkService | None = None  # None for a bootstrap node
     endpoint: EndpointService | None = None  # services published at /svc/<lease_id>/
+    slurm: SlurmExecutor | None = None  # executor = "slurm"
 
     #: Undoes every step of ``start`` in reverse order (``close`` runs it).
     _steps: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
@@ -217,7 +220,13 @@ class Daemon:
         store = Store(home.store_path)
         steps.callback(store.close)
         inventory: Inventory | None = None
-        if config.node.role == "provider":
+        slurm_inv: SlurmInventory | None = None
+        slurm_tools: SlurmTools | None = None
+        if config.node.role == "provider" and config.executor == "slurm":
+            # What is sold is what the cluster has (node.provider.slurm); asked once, at start.
+            slurm_tools, slurm_inv = load_slurm_inventory(config.slurm)
+            inventory = slurm_inv.inventory
+        elif config.node.role == "provider":
             inventory = build_inventory(
                 config.devices, config.interconnect, detect=config.detect_gpus
             )
@@ -249,6 +258,13 @@ class Daemon:
             on_advert=lambda e: _persist_advert(store, e),
             on_peer=lambda p: _persist_peer(store, p, wall_clock_ms()),
         )
+        slurm: SlurmExecutor | None = None
+
+        async def close_slurm() -> None:
+            if slurm is not None:  # after the node: give back every allocation leases held
+                await slurm.close()
+
+        steps.push_async_callback(close_slurm)
         # Registered before the node starts (closing an unstarted node is a no-op), so
         # the undo runs after the listener's: no request reaches a stopped node.
         steps.push_async_callback(node.close)
@@ -275,13 +291,28 @@ class Daemon:
             provider = ProviderService(node, engine, store, config.settlement.policy())
             provider.start()  # reads the store's leases; takes the sell-side messages
             sb = config.sandbox
-            executor = SandboxExecutor(
-                home.path / "sandbox",
-                allow_unsandboxed=sb.allow_unsandboxed,
-                allow_network=sb.allow_network,
-                hidden_paths=[home.path],
-                trial_uid=sb.trial_uid,
-            )
+            executor: SandboxExecutor
+            if slurm_inv is not None and slurm_tools is not None:
+                slurm = SlurmExecutor(
+                    home.path / "sandbox",
+                    config.slurm,
+                    slurm_tools,
+                    slurm_inv.devices,
+                    identity.node_id,
+                    allow_unsandboxed=sb.allow_unsandboxed,
+                    allow_network=sb.allow_network,
+                    hidden_paths=[home.path],
+                    trial_uid=sb.trial_uid,
+                )
+                executor = slurm
+            else:
+                executor = SandboxExecutor(
+                    home.path / "sandbox",
+                    allow_unsandboxed=sb.allow_unsandboxed,
+                    allow_network=sb.allow_network,
+                    hidden_paths=[home.path],
+                    trial_uid=sb.trial_uid,
+                )
             inv = inventory
 
             def device_env(ids: tuple[str, ...]) -> dict[str, str]:
@@ -333,6 +364,7 @@ class Daemon:
             floors=floors,
             allow_from=tuple(config.status.allow_from),
             refresh_s=config.status.refresh_s,
+            cluster=slurm.status if slurm is not None else None,
         )
         http = config.http
         app = build_app(node, info, status, body_timeout_s=http.body_timeout_s)
@@ -365,6 +397,9 @@ class Daemon:
         info.update(address=address, pid=os.getpid(), control_url=control)
         _restore(node, store)
         await node.start()
+        if slurm is not None and provider is not None:
+            await slurm.reap_orphans()  # allocations a killed earlier run left behind
+            node.spawn(slurm.watch(_withhold_unavailable(slurm, provider)))
         # Atomic: whoever polls for this file never reads it half-written.
         ready = home.path / READY_FILE
         steps.callback(_remove_ready, ready)
@@ -378,7 +413,18 @@ class Daemon:
             raise DaemonError(f"cannot write {ready}: {e.strerror or e}") from e
         log.info("%s %s listening on %s", config.node.role, identity.node_id, address)
         return cls(
-            node, runner, store, home, address, transport, listener, gate, provider, work, endpoint
+            node,
+            runner,
+            store,
+            home,
+            address,
+            transport,
+            listener,
+            gate,
+            provider,
+            work,
+            endpoint,
+            slurm,
         )
 
     async def close(self) -> None:
@@ -431,6 +477,36 @@ def nvidia_device_nodes(
     names += list(NVIDIA_CONTROL_NODES)
     root = Path(dev_root)
     return [f"/dev/{n}" for n in names if (root / n).exists() and not (root / n).is_dir()]
+
+
+def _withhold_unavailable(slurm: SlurmExecutor, provider: ProviderService) -> Callable[[], None]:
+    """After each poll: devices on drained or down nodes are not sold until they return.
+
+    They leave the engine's free set (a lease already on them runs on: Slurm lets a
+    draining node finish its jobs) and come back once the node takes jobs again.
+    """
+    withheld: set[str] = set()
+
+    def update() -> None:
+        engine = provider.engine
+        now_down = slurm.unavailable_devices()
+        held = {
+            d
+            for lease in engine.leases.values()
+            if lease.state is LeaseState.ACTIVE
+            for d in lease.devices
+        }
+        held |= {d for r in engine.reservations.values() for d in r.devices}
+        back = withheld - now_down
+        changed = bool(back) or bool(now_down & engine.free)
+        engine.free -= now_down
+        engine.free |= {d for d in back if d not in held}
+        withheld.clear()
+        withheld.update(now_down)
+        if changed:
+            provider.node.capacity_changed()
+
+    return update
 
 
 def _persist_advert(store: Store, entry: Entry) -> None:

@@ -72,6 +72,8 @@ MODULES: dict[str, str] = {
     "node.supervisor": "node.provider.supervisor",
     "node.seccomp": "node.provider.seccomp",
     "node.inventory": "node.provider.inventory",
+    "node.slurm": "node.provider.slurm",
+    "node.slurm_inventory": "node.provider.slurm_inventory",
     "node.prices": "node.provider.prices",
     # tenant/: what a tenant runs
     "node.tenant": "node.tenant.client",
@@ -191,6 +193,8 @@ TESTS: dict[str, str] = {
     "tests/node/test_supervisor.py": "tests/node/provider/test_supervisor.py",
     "tests/node/test_sandbox_limits.py": "tests/node/provider/test_sandbox_limits.py",
     "tests/node/test_work_log.py": "tests/node/provider/test_work_log.py",
+    "tests/node/test_slurm.py": "tests/node/provider/test_slurm.py",
+    "tests/node/test_slurm_inventory.py": "tests/node/provider/test_slurm_inventory.py",
     "tests/node/test_tenant.py": "tests/node/tenant/test_tenant.py",
     "tests/node/test_sweep_e2e.py": "tests/node/tenant/test_sweep_e2e.py",
     "tests/node/test_training_e2e.py": "tests/node/tenant/test_training_e2e.py",

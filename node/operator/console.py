@@ -6,9 +6,10 @@ from collections.abc import Sequence
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from market.settlement import format_credits
-from node.operator.document import PriceView, StatusDocument
+from node.operator.document import ClusterView, PriceView, StatusDocument
 
 
 def print_status(doc: StatusDocument, console: Console) -> None:
@@ -34,6 +35,8 @@ def print_status(doc: StatusDocument, console: Console) -> None:
                 format_credits(d.price_floor),
             )
         console.print(t)
+    if doc.cluster is not None:
+        print_cluster(doc.cluster, console)
     t = Table(title=f"Leases ({len(doc.leases)})")
     for col in ("lease", "tenant", "devices", "price (cr/dev-h)", "state", "tasks"):
         t.add_column(col)
@@ -68,6 +71,32 @@ def print_status(doc: StatusDocument, console: Console) -> None:
             f"{format_credits(e.pending)} awaiting countersignature; "
             f"{format_credits(e.accruing)} accruing on active leases"
         )
+
+
+def print_cluster(c: ClusterView, console: Console) -> None:
+    """The cluster behind the executor: its nodes, then one line per allocation."""
+    t = Table(
+        title=f"Cluster ({c.executor}): {c.running} allocations running, "
+        f"{c.pending} pending, {c.steps} steps"
+    )
+    for col in ("node", "state", "reason", "CPUs in use", "GPUs sold"):
+        t.add_column(col)
+    for n in c.nodes:
+        # Text, not markup: a node name or reason is Slurm's (an admin's) words.
+        t.add_row(
+            Text(n.name), n.state, Text(n.reason), f"{n.cpus_alloc}/{n.cpus}", str(n.gpus_sold)
+        )
+    console.print(t)
+    for a in c.allocations:
+        job = "?" if a.job_id is None else a.job_id
+        console.print(
+            f"  lease {a.lease_id}: Slurm job {job} on {a.node} {a.state} {a.reason}".rstrip()
+            + f" ({a.steps} steps)",
+            markup=False,
+            highlight=False,
+        )
+    if c.error:
+        console.print(f"cannot read the cluster: {c.error}", style="red", markup=False)
 
 
 def print_prices(rows: Sequence[PriceView], console: Console) -> None:

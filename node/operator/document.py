@@ -22,7 +22,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from node.operator.prices import PriceFloors
     from node.provider.endpoint import EndpointService
     from node.provider.service import ProviderService
+    from node.provider.slurm import ClusterStatus
     from node.provider.work import Task, WorkService
     from node.store.node_store import ReceiptRow, Store
 
@@ -95,7 +96,8 @@ class AdvertView(View):
     devices: list[AdvertDevices]
 
 
-DeviceState = Literal["free", "reserved", "leased", "offline"]
+#: ``unavailable``: free but withheld from sale (its cluster node is drained or down).
+DeviceState = Literal["free", "reserved", "leased", "unavailable", "offline"]
 
 
 class DeviceView(View):
@@ -216,6 +218,45 @@ class ServiceView(View):
     live: bool
 
 
+class ClusterNodeView(View):
+    """A cluster node with devices sold here (node.provider.slurm ``ClusterNode``)."""
+
+    name: str
+    state: str
+    slurm_state: str
+    reason: str
+    cpus: int
+    cpus_alloc: int
+    gpus_sold: int
+
+
+class AllocationView(View):
+    """A lease's allocation on the cluster (node.provider.slurm ``ClusterAllocation``)."""
+
+    lease_id: str
+    job_id: int | None
+    node: str
+    state: str
+    reason: str
+    gpus: int
+    steps: int
+
+
+class ClusterView(View):
+    """The cluster behind the executor (``executor = "slurm"``): its nodes and the
+    leases' allocations, as of the executor's last poll."""
+
+    executor: str
+    partition: str | None
+    polled_ms: int | None
+    error: str
+    nodes: list[ClusterNodeView]
+    allocations: list[AllocationView]
+    pending: int
+    running: int
+    steps: int
+
+
 class StatusDocument(View):
     """``/status.json``: the node, and on a provider its devices, leases and tasks."""
 
@@ -237,6 +278,7 @@ class StatusDocument(View):
     executor: ExecutorView | None = None
     sweeps: list[SweepView] = []
     services: list[ServiceView] = []
+    cluster: ClusterView | None = None
 
     def json_body(self) -> dict[str, JsonValue]:
         """The document as ``/status.json`` serves it."""
@@ -260,6 +302,8 @@ class StatusSource:
     allow_from: Sequence[Network] = LOOPBACK
     refresh_s: int = 5
     started_ms: int = field(default_factory=lambda: time.time_ns() // 1_000_000)
+    #: What the cluster behind the executor is doing (node.provider.slurm).
+    cluster: Callable[[], ClusterStatus] | None = None
 
 
 def collect(source: StatusSource) -> StatusDocument:
@@ -321,7 +365,13 @@ def collect(source: StatusSource) -> StatusDocument:
             ServiceView(**dataclasses.asdict(x))
             for x in (source.endpoint.snapshot() if source.endpoint is not None else [])
         ],
+        cluster=_cluster(source.cluster()) if source.cluster is not None else None,
     )
+
+
+def _cluster(status: ClusterStatus) -> ClusterView:
+    # Same field names on both sides: a field one side lacks fails here, not silently.
+    return ClusterView.model_validate(dataclasses.asdict(status))
 
 
 def parse_params(
@@ -443,6 +493,8 @@ def _devices(engine: BidEngine, work: WorkService | None) -> list[DeviceView]:
         state: DeviceState = (
             "leased" if d.id in leased else "reserved" if d.id in reserved else "free"
         )
+        if state == "free" and d.id not in engine.free:
+            state = "unavailable"  # withheld from sale (a drained cluster node)
         out.append(
             DeviceView(
                 id=d.id,

@@ -317,6 +317,25 @@ class Executor(Protocol):
         ...
 
 
+@runtime_checkable
+class LeaseAwareExecutor(Protocol):
+    """An executor that holds backend resources per lease (a Slurm allocation).
+
+    The provider calls ``lease_open`` before each trial of a lease (idempotent: the
+    first call acquires, later ones return at once; a typed error if the backend
+    cannot give the lease its resources, which fails the trial with that reason) and
+    ``lease_close`` once the lease ends, which stops whatever still runs in it.
+    """
+
+    async def lease_open(self, lease_id: str, device_ids: Sequence[str]) -> None:
+        """Hold the backend resources of this lease's devices."""
+        ...
+
+    async def lease_close(self, lease_id: str) -> None:
+        """Give them back; trials still running in them end."""
+        ...
+
+
 def parse_metrics_line(line: bytes) -> dict[str, Any] | None:
     """The JSON object on ``line``, or ``None`` if the line is not one (a log line)."""
     text = line.strip()

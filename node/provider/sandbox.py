@@ -152,6 +152,8 @@ logger = logging.getLogger(__name__)
 
 WORK_DIR = "work"
 LOG_FILE = "output.log"
+#: Where the supervisor writes the trial's exit status when a launcher started it.
+STATUS_FILE = "status"
 DEFAULT_KILL_GRACE_S = 2.0
 #: After the trial has exited, how long its output pipe may stay open (held by an
 #: escaped descendant) before we stop reading it.
@@ -595,6 +597,7 @@ class SandboxExecutor:
                 command = list(spec.argv)
             # bwrap and its pid 1 stand between the supervisor and the trial.
             skip = 2 if self.sandboxed else 0
+            launcher, launch_env = self._launcher(spec)
             proc = _Process.spawn(
                 command,
                 env,
@@ -605,6 +608,8 @@ class SandboxExecutor:
                 sandboxed=self.sandboxed,
                 seccomp_path=self._seccomp,
                 trial_uid=self.trial_uid,
+                launcher=launcher,
+                launch_env=launch_env,
             )
             try:
                 state = await proc.supervise(spec.timeout_s, running.cancel, self.kill_grace_s)
@@ -626,6 +631,15 @@ class SandboxExecutor:
             if state is None:
                 state = TrialState.SUCCEEDED if proc.exit_code == 0 else TrialState.FAILED
             return self._outcome(spec, state, proc, collector, log_path)
+
+    def _launcher(self, spec: TrialSpec) -> tuple[list[str], dict[str, str]]:
+        """A command that starts the supervisor elsewhere (e.g. ``srun ...``) and its env.
+
+        Empty here: the supervisor is the daemon's own child. A cluster backend
+        (node.provider.slurm) returns its launcher, so the supervisor, bwrap and the trial run
+        exactly as here, only on the backend's node.
+        """
+        return [], {}
 
     def _outcome(
         self,
@@ -755,16 +769,24 @@ class _Process:
         sandboxed: bool,
         seccomp_path: str | None = None,
         trial_uid: int | None = None,
+        launcher: Sequence[str] = (),
+        launch_env: dict[str, str] | None = None,
     ) -> _Process:
-        """Start ``command`` under the supervisor, in a new session, output piped."""
+        """Start ``command`` under the supervisor, in a new session, output piped.
+
+        With a ``launcher`` (argv prefix), that is what is spawned here, with
+        ``launch_env``; it starts the supervisor (with ``env``) where it runs, so the
+        supervisor cannot check its parent's pid.
+        """
         usage = os.path.join(os.path.dirname(cwd.rstrip("/")), "usage")
         config = json.dumps(
             {
-                "parent": os.getpid(),
+                "parent": None if launcher else os.getpid(),
                 "cwd": cwd,
                 "limits": _rlimits(spec, sandboxed),
                 "skip": skip,
                 "usage": usage,
+                "status": os.path.join(os.path.dirname(usage), STATUS_FILE) if launcher else None,
                 "seccomp": seccomp_path,
                 "trial_uid": trial_uid,
                 "nice": TRIAL_NICE,
@@ -774,13 +796,13 @@ class _Process:
                 "disk_path": cwd,
             }
         )
-        argv = [sys.executable, "-I", "-S", _SUPERVISOR, config, *command]
+        argv = [*launcher, sys.executable, "-I", "-S", _SUPERVISOR, config, *command]
         read_fd, write_fd = os.pipe()
         try:
             pid = os.posix_spawn(
-                sys.executable,
+                argv[0],
                 argv,
-                env,
+                {**env, **(launch_env or {})} if launcher else env,
                 file_actions=[
                     (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
                     (os.POSIX_SPAWN_DUP2, write_fd, 1),

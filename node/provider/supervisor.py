@@ -299,7 +299,9 @@ def supervise(cfg: dict[str, Any], argv: list[str]) -> NoReturn:
     """Set up, run ``argv``, reap and watch the whole trial; exit with its status."""
     _prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))  # die with the provider
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)  # orphans of the trial come to us
-    if os.getppid() != cfg["parent"]:
+    # ``parent`` None: started by a launcher on another host (a Slurm step), whose
+    # pid we cannot know; the death signal above still ties us to the launcher.
+    if cfg["parent"] is not None and os.getppid() != cfg["parent"]:
         os._exit(SETUP_FAILED)
     os.chdir(cfg["cwd"])
     # The descriptors the provider did not mean to pass go before the limits shrink.
@@ -372,7 +374,12 @@ def supervise(cfg: dict[str, Any], argv: list[str]) -> NoReturn:
         f.write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))
     if code is None:
         code = SETUP_FAILED
-    os._exit(128 - code if code < 0 else code)
+    status = 128 - code if code < 0 else code
+    if cfg.get("status"):
+        # Started by a launcher (srun) that may report its own status, not the trial's.
+        with contextlib.suppress(OSError), open(cfg["status"], "w") as f:
+            f.write(str(status))
+    os._exit(status)
 
 
 def enter(cfg: dict[str, Any], argv: list[str]) -> NoReturn:

@@ -28,6 +28,7 @@ from node.net.node import Node
 from node.provider.executor import (
     MAX_METRIC_RECORDS_PER_S,
     Executor,
+    LeaseAwareExecutor,
     MetricDrop,
     ResourceLimits,
     TrialOutcome,
@@ -274,6 +275,8 @@ class WorkService:
             if task.assign.lease_id == lease.lease_id and task.result is not None:
                 self._forget(task)
         self._busy.pop(lease.lease_id, None)
+        if isinstance(self.executor, LeaseAwareExecutor):
+            self.node.spawn(self.executor.lease_close(lease.lease_id))
 
     def _forget(self, task: Task) -> None:
         """Drop a finished task of an ended lease: nobody asks for it any more."""
@@ -596,6 +599,8 @@ class WorkService:
         state: TaskState = "failed"
         outcome: TrialOutcome | None = None
         try:
+            if isinstance(self.executor, LeaseAwareExecutor):
+                await self.executor.lease_open(lease.lease_id, lease.devices)
             try:
                 spec = TrialSpec(
                     task_id=task.run_id,

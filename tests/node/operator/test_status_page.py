@@ -476,3 +476,25 @@ class TestPriceFloors:
             f.update({"RTX-4090": 450_000})
             f.update({}, reset=True)
             assert f.current() == {"RTX-4090": 400_000}
+
+
+class TestUnavailableDevices:
+    def test_a_free_device_withheld_from_sale_is_shown_unavailable(self) -> None:
+        """A Slurm provider takes devices of a drained node out of the engine's free set
+        (node.daemon ``_withhold_unavailable``): the page must not call them free."""
+        from node.operator.document import _devices
+
+        decl = DeviceDecl(model="RTX-4090", count=2, price_floor=1, simulated=True)
+        inv = build_inventory([decl], None, detect=False)
+        engine = BidEngine(
+            "p" * 32,
+            devices_from_groups(inv.device_groups(free=set(inv.ids))),
+            inv.interconnect_message(),
+        )
+        withheld = sorted(engine.free)[0]
+        engine.free.discard(withheld)
+        states = {d.id: d.state for d in _devices(engine, None)}
+        assert states[withheld] == "unavailable"
+        assert sorted(states.values()) == ["free", "unavailable"]
+        doc = StatusDocument(role="provider", devices=_devices(engine, None))
+        assert 'data-state="unavailable"' in render_page(doc)
