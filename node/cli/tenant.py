@@ -640,6 +640,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def serve_table(served: dict[str, Any]) -> Table:
     """A served job's replicas: where, readiness, requests, error rate, latency."""
+    from rich.table import Table
+
     table = Table(
         title=f"gateway {served.get('gateway') or '-'}: {served.get('ready', 0)}/"
         f"{served.get('replicas_wanted', 0)} ready, {served.get('requests', 0)} requests, "

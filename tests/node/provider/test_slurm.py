@@ -647,6 +647,8 @@ def sweep_job(where: Path, *, sleep: float = 0.0, steps: int = 1, retries: int =
     spec["sweep"]["parameters"]["steps"] = {"value": steps}
     spec["resources"] = {"accelerator": "sim-gpu-large"}
     spec["limits"]["retries"] = retries
+    # These tests are about the executor: no canary or spot-check steps among the trials.
+    spec["verify"] = False
     path = where / "sweep.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
@@ -702,6 +704,8 @@ class TestEndToEnd:
         pytest.importorskip("torch", reason="the DDP example needs torch (the train extra)")
         job = tmp_path / "ddp"
         shutil.copytree(DDP, job)
+        # The gang needs both GPUs: the previous test's lease may still be releasing.
+        wait_for(lambda: market.advertised_free() == 2 or None, "an advert with 2 free")
         out = market.mercato(tmp_path / "tenant", "submit", str(job / "job.yaml"), "--json")
         assert out.returncode == 0, out.stdout + out.stderr
         summary = json.loads(out.stdout)

@@ -93,6 +93,25 @@ def mercato(home: Path, *args: str, timeout: float = 300) -> subprocess.Complete
     )
 
 
+def wait_all_free(home: Path, timeout_s: float = 60.0) -> None:
+    """Until every provider advertises all its devices free again.
+
+    The previous test's leases are released (and the adverts renewed) after its job
+    returns; a DiLoCo plan placed before that finds no split that fits.
+    """
+    total = sum(t.count for t in TEMPLATES)
+    deadline = time.monotonic() + timeout_s
+    free = -1
+    while time.monotonic() < deadline:
+        out = mercato(home, "market", "--json", timeout=30)
+        if out.returncode == 0:
+            free = sum(int(r["free_units"]) for r in json.loads(out.stdout))
+            if free >= total:
+                return
+        time.sleep(0.5)
+    raise AssertionError(f"only {free} of {total} devices free after {timeout_s:.0f} s")
+
+
 def records(home: Path) -> dict[str, cluster.NodeRecord]:
     return {n.node_id: n for n in cluster.load_state(cluster.cluster_root(home))}
 
@@ -164,6 +183,7 @@ class TestElastic:
     @pytest.mark.timeout(480)
     def test_a_killed_provider_does_not_stop_the_job(self, home: Path) -> None:
         job = job_file(home, "elastic", world=3, steps=4000)  # 8 outer steps
+        wait_all_free(home)
         proc = subprocess.Popen(
             [sys.executable, "-m", "node.cli", "submit", str(job), "--json", "--quiet"],
             env=env(home),
