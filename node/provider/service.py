@@ -9,7 +9,6 @@ binding leaves the node.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 from collections.abc import Callable
 
@@ -288,22 +287,7 @@ class ProviderService:
         """Seal a note for its tenant and store it (the provider's signed record)."""
         assert isinstance(note, DebitNote)
         raw = self.node.seal(note, to=note.tenant)
-        self.store.put_receipt(
-            ReceiptRow(
-                receipt_hash=hashlib.sha256(raw).hexdigest(),
-                lease_id=note.lease_id,
-                task_id=None,
-                provider=self.node.node_id,
-                tenant=note.tenant,
-                device_ms=note.device_ms,
-                price=note.price,
-                amount=note.amount,
-                receipt=raw,
-                countersign=None,
-                created_ms=now,
-                kind="debit_note",
-            )
-        )
+        self.store.put_receipt(ReceiptRow.signed(note, raw, now))
         return raw
 
     def _issue(self, lease_id: str, now: int) -> None:

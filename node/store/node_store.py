@@ -32,7 +32,7 @@ from node.store.schema import (
     SchemaTooNewError,
     StoreError,
 )
-from protocol.messages import Receipt
+from protocol.messages import DebitNote, Receipt
 
 PeerRole = Literal["provider", "bootstrap", "tenant"]
 
@@ -585,21 +585,25 @@ class ReceiptRow:
     kind: str = "receipt"  # or "debit_note" (cumulative, countersigned during the lease)
 
     @classmethod
-    def signed(cls, receipt: Receipt, raw: bytes, now_ms: int) -> ReceiptRow:
-        """The row for ``receipt`` as sealed in the envelope ``raw``, not yet countersigned.
+    def signed(cls, bill: Receipt | DebitNote, raw: bytes, now_ms: int) -> ReceiptRow:
+        """The row for a receipt or debit note as sealed in the envelope ``raw``, not yet
+        countersigned (the same builder on the provider's and the tenant's side).
 
         The hash is the envelope's digest, so a countersignature (which names it) finds it.
         """
+        note = isinstance(bill, DebitNote)
+        task_id = bill.task_id if isinstance(bill, Receipt) else None
         return cls(
             receipt_hash=hashlib.sha256(raw).hexdigest(),
-            lease_id=receipt.lease_id,
-            task_id=receipt.task_id,
-            provider=receipt.provider,
-            tenant=receipt.tenant,
-            device_ms=receipt.device_ms,
-            price=receipt.price,
-            amount=receipt.amount,
+            lease_id=bill.lease_id,
+            task_id=task_id,
+            provider=bill.provider,
+            tenant=bill.tenant,
+            device_ms=bill.device_ms,
+            price=bill.price,
+            amount=bill.amount,
             receipt=bytes(raw),
             countersign=None,
             created_ms=now_ms,
+            kind="debit_note" if note else "receipt",
         )

@@ -395,22 +395,8 @@ class Tenant:
             self.refusals[lease.lease_id] = problem
             self.node.metrics.settlement.labels("bill_refused").inc()
             return
-        self.store.put_receipt(
-            ReceiptRow(
-                receipt_hash=reply.digest,
-                lease_id=lease.lease_id,
-                task_id=None,
-                provider=lease.provider,
-                tenant=self.node_id,
-                device_ms=note.device_ms,
-                price=note.price,
-                amount=note.amount,
-                receipt=reply.raw,
-                countersign=None,
-                created_ms=now,
-                kind="debit_note",
-            )
-        )
+        # Checked above: it names this lease, its provider and us.
+        self.store.put_receipt(ReceiptRow.signed(note, reply.raw, now))
         countersign = note.model_copy(update={"countersigns": reply.digest})
         raw = self.node.seal(countersign, to=lease.provider)
         increment = max(0, note.amount - self.store.lease_paid(lease.lease_id))
