@@ -41,6 +41,8 @@ from market.verification import (
     best_needs_check,
     compare,
     decide,
+    may_take_trial,
+    proven,
     should_check,
 )
 
@@ -69,9 +71,9 @@ def run_sweep(m: Market, s: int, trials: int, leased: int, rng: random.Random) -
     pool = [p for p in m.honest + sorted(m.fabricators) if p not in m.dropped]
     # As the tenant asks (market/asking.py): proven providers first (most checked-valid
     # results), a quarter of the places (at least one) for a newcomer drawn at random.
-    proven = sorted((p for p in pool if m.t(p).verified), key=lambda p: -m.t(p).verified)
-    n_new = max(1, leased // 4, leased - len(proven))
-    lease = proven[: leased - n_new]
+    record = sorted((p for p in pool if m.t(p).verified), key=lambda p: -m.t(p).verified)
+    n_new = max(1, leased // 4, leased - len(record))
+    lease = record[: leased - n_new]
     rest = [p for p in pool if p not in lease]
     lease += rng.sample(rest, min(n_new, len(rest)))
     truth = {n: rng.random() for n in range(trials)}
@@ -120,13 +122,22 @@ def run_sweep(m: Market, s: int, trials: int, leased: int, rng: random.Random) -
                 queue.append(k)  # run again elsewhere: paid again
                 cost["extra"] += 1
 
+    taken: dict[str, int] = {}
     while queue:
         n = queue.pop(0)
         live = [p for p in lease if p not in m.dropped]
         if not live:
             break
-        p = live[i % len(live)]
+        # Round-robin over the leases that may take a trial (market/verification.py
+        # may_take_trial: an unproven provider gets NEWCOMER_TRIALS while a proven one
+        # is leased), as the sweep runner assigns.
+        any_proven = any(proven(m.t(q)) for q in live)
+        open_ = [
+            q for q in live if may_take_trial(m.t(q), taken.get(q, 0), proven_leased=any_proven)
+        ]
+        p = open_[i % len(open_)]
         i += 1
+        taken[p] = taken.get(p, 0) + 1
         owner[n], value[n] = p, run(n, p)
         if should_check(m.t(p).rate, f"{s}:{n}:{i}:{p}"):
             check(n)

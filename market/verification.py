@@ -145,6 +145,37 @@ def best_needs_check(trust: Trust) -> bool:
     return trust.streak < TRUSTED_STREAK
 
 
+#: A provider is *proven* to a tenant from this streak on: 1/streak is then below the
+#: newcomer rate, so its results stop costing a quarter of a re-run each.
+PROVEN_STREAK = 5
+#: Results of one sweep an unproven provider may return while a proven provider is
+#: leased to take the rest (room for newcomers measured in trials, not lease places).
+NEWCOMER_TRIALS = 1
+
+
+def proven(trust: Trust) -> bool:
+    """Whether ``trust`` has left the newcomer rate (``PROVEN_STREAK`` checked-valid)."""
+    return trust.streak >= PROVEN_STREAK
+
+
+def may_take_trial(trust: Trust, taken: int, *, proven_leased: bool) -> bool:
+    """Whether a provider that returned ``taken`` trials of this sweep may get another.
+
+    Why: every result of an unproven provider is re-run with probability 1/4 (it must
+    be, to catch a fabricator by its 20th result), so what verification costs a sweep
+    is about a quarter of the results unproven providers return. A newcomer therefore
+    gets ``NEWCOMER_TRIALS`` trials per sweep while a proven provider is leased to run
+    the rest: it still earns its streak (its results, and the checks it runs for
+    others), at a fixed cost of about NEWCOMER_TRIALS x 1/4 = 0.25 re-runs per sweep,
+    and a fabricator spoils at most that many results of a sweep (its fabricated best
+    is re-run anyway: ``best_needs_check``). The catch guarantee is per result, so it
+    is unchanged: 1 - (3/4)^20 by its 20th, however the 20 are spread over sweeps.
+    With no proven provider leased (a tenant's first sweep) nobody is held back: the
+    sweep must run, and then pays the newcomer rate on every result.
+    """
+    return proven(trust) or not proven_leased or taken < NEWCOMER_TRIALS
+
+
 def catch_probability(results: int, rate: Fraction = UNKNOWN_RATE) -> float:
     """P(a provider fabricating every result is caught by its ``results``-th), if every
     check of a fabricated result finds it out (a fabricator never extends its streak)."""

@@ -404,7 +404,7 @@ class SweepRunner:
     def _wanted_slots(self, unfinished: int) -> int:
         live = [s for s in self.slots.values() if not s.lost]
         need = units_wanted(
-            sum(s.lease.units for s in live),
+            sum(s.lease.units for s in live) + self.verifier.held_back_units,
             parallel=self.parallel,
             exhausted=self._exhausted,
             unfinished=unfinished,
@@ -445,7 +445,7 @@ class SweepRunner:
             lease_ms=24 * 3_600_000,
             bid_window_ms=self.bid_window_ms,
             heartbeat_interval_ms=self.heartbeat_interval_ms,
-            exclude=sorted(self.bad_providers | self.verifier.avoid()),
+            exclude=sorted(self.bad_providers | self.verifier.avoid() | self.verifier.not_leased()),
         )
         if not report.leases:
             self._last_no_lease = report.failure or report.explanation or "no provider answered"
@@ -542,6 +542,9 @@ class SweepRunner:
 
     async def _release_idle(self) -> None:
         """Release leases that have nothing left to do, so the tenant stops paying."""
+        for slot in list(self.slots.values()):
+            if self.verifier.hold_back(slot):  # a newcomer that used its room
+                await self._release(slot)
         if not self._exhausted and self.stop_reason is None and not self._budget_blocked:
             return
         pending = [r for r in self.jobs.trials(self.job_id) if r.state is TrialState.PENDING]
@@ -613,11 +616,13 @@ class SweepRunner:
                 not slot.lost
                 and slot.vetted
                 and len(slot.active) + len(slot.replicas) < slot.capacity
+                and self.verifier.may_take(slot)
             ):
                 number = self._next_trial(slot, pending)
                 if number is None:
                     break
                 slot.active.add(number)
+                self.verifier.took(slot)
                 row = self.jobs.trial(self.job_id, number)
                 assert row is not None
                 attempt = row.attempts

@@ -11,6 +11,11 @@ its pending payment, and the three signed results are kept as evidence
 Before a sweep ends, the result about to be reported best is checked unless it is
 already (``verify.best``), so the reported best is never one provider's word alone
 when another provider could be asked.
+
+Room for newcomers is measured in trials (``market.verification.may_take_trial``): while
+a proven provider is leased, a provider still at the newcomer rate gets
+``NEWCOMER_TRIALS`` trials of the sweep; then its lease is released (it is not
+replaced: the units it held count as held) and the proven providers run the rest.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ from market.verification import (
     canary_command,
     compare,
     decide,
+    may_take_trial,
+    proven,
     should_check,
     trial_seed,
 )
@@ -95,6 +102,9 @@ class Verifier:
         self.checks_run = 0
         self.canary = policy.enabled and policy.canary
         self.canaries: dict[str, asyncio.Task[None]] = {}  # lease id ->
+        self.taken: dict[str, int] = {}  # trials of this sweep assigned, per provider
+        self.held_back: set[str] = set()  # newcomers whose room was used: not leased again
+        self.held_back_units = 0  # lease units they held, counted as held by the sweep
 
     # --- hooks ------------------------------------------------------------------
 
@@ -121,6 +131,51 @@ class Verifier:
                 params,
                 Vote("original", provider, value, task_id, slot.lease.lease_id, envelope),
             )
+
+    def may_take(self, slot: Slot) -> bool:
+        """Whether ``slot`` may get one more trial of the sweep: a newcomer gets
+        ``NEWCOMER_TRIALS`` while a proven provider is leased. A fixed ``verify.rate``
+        costs the same on every provider, so it holds nobody back."""
+        if not self.enabled or self.rate is not None:
+            return True
+        provider = slot.lease.provider
+        trust = self.vs.trust(provider)
+        if proven(trust):
+            return True
+        others = (
+            s.lease.provider
+            for s in self.r.slots.values()
+            if s is not slot and not s.lost and s.vetted and s.lease.provider != provider
+        )
+        any_proven = any(proven(self.vs.trust(p)) for p in others)
+        return may_take_trial(trust, self.taken.get(provider, 0), proven_leased=any_proven)
+
+    def took(self, slot: Slot) -> None:
+        provider = slot.lease.provider
+        self.taken[provider] = self.taken.get(provider, 0) + 1
+
+    def hold_back(self, slot: Slot) -> bool:
+        """Whether ``slot`` has used its room and has nothing left to do: its lease is
+        released, not replaced, and its provider not leased again by this sweep."""
+        if (
+            slot.lost
+            or not slot.vetted
+            or slot.active
+            or slot.replicas
+            or self.may_take(slot)
+            or self.could_use(slot)
+            or self.under_check(slot.lease.provider)
+        ):
+            return False
+        if slot.lease.provider not in self.held_back:
+            self.held_back.add(slot.lease.provider)
+            self.held_back_units += slot.lease.units
+        return True
+
+    def not_leased(self) -> set[str]:
+        """Providers this sweep's auctions skip: newcomers that used their room, unless a
+        check waits (a check is not a trial: a held-back newcomer may run it)."""
+        return set() if self.waiting else set(self.held_back)
 
     def outstanding(self) -> bool:
         return bool(self.waiting or self.running)

@@ -11,6 +11,8 @@ from market.matching import rank
 from market.verification import (
     CANARY_METRIC,
     FLOOR_RATE,
+    NEWCOMER_TRIALS,
+    PROVEN_STREAK,
     UNKNOWN_RATE,
     Tolerance,
     Trust,
@@ -21,7 +23,9 @@ from market.verification import (
     check_rate,
     compare,
     decide,
+    may_take_trial,
     measured_flops,
+    proven,
     should_check,
     slowness,
     trial_seed,
@@ -54,6 +58,36 @@ class TestCheckRate:
         picks = [should_check(Fraction(1, 4), k) for k in keys]
         assert picks == [should_check(Fraction(1, 4), k) for k in keys]
         assert 900 < sum(picks) < 1100
+
+
+class TestRoomForNewcomers:
+    def test_a_newcomer_gets_few_trials_while_a_proven_provider_is_leased(self) -> None:
+        newcomer = Trust()
+        taken = 0
+        while may_take_trial(newcomer, taken, proven_leased=True):
+            taken += 1
+        assert taken == NEWCOMER_TRIALS == 1
+
+    def test_with_nobody_proven_leased_nobody_is_held_back(self) -> None:
+        # A tenant's first sweep: every provider is new, the sweep must still run.
+        assert all(may_take_trial(Trust(), n, proven_leased=False) for n in range(100))
+
+    def test_a_provider_is_proven_once_its_rate_leaves_the_newcomer_rate(self) -> None:
+        t = Trust()
+        steps = 0
+        while not proven(t):
+            assert t.rate == UNKNOWN_RATE  # still checked at 1/4 until proven
+            t = t.valid()
+            steps += 1
+        assert steps == PROVEN_STREAK == 5
+        assert t.rate < UNKNOWN_RATE
+        assert all(may_take_trial(t, n, proven_leased=True) for n in range(100))
+
+    def test_a_fabricator_never_leaves_the_newcomers_room(self) -> None:
+        # Caught or not, its streak never grows: it stays a newcomer, one trial a sweep.
+        t = Trust().lied()
+        assert not proven(t)
+        assert not may_take_trial(t, NEWCOMER_TRIALS, proven_leased=True)
 
 
 class TestSeed:

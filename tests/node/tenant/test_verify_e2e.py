@@ -30,8 +30,9 @@ from pathlib import Path
 import pytest
 import test_sweep_e2e as sweep_e2e
 
-from market.verification import trial_seed
+from market.verification import NEWCOMER_TRIALS, PROVEN_STREAK, Trust, trial_seed
 from node.cli import localcluster as cluster
+from node.store.verify_store import VerifyStore
 from protocol.envelope import open_envelope
 
 pytestmark = [
@@ -195,3 +196,43 @@ class TestOneProvider:
             evidence = tenant.json("evidence", summary["job_id"])
             verdicts = {c["verdict"] for c in evidence["all_checks"]}
             assert "unchecked: no other provider in the directory sells this job" in verdicts
+
+
+class TestRoomForNewcomers:
+    def test_a_newcomer_gets_one_trial_while_a_proven_provider_runs_the_rest(
+        self, tmp_path: Path
+    ) -> None:
+        """Room for newcomers is measured in trials (market.verification.may_take_trial):
+        next to a provider this tenant has proven, a newcomer gets NEWCOMER_TRIALS of the
+        sweep, then its lease is released and paid, so its results (each re-run with
+        probability 1/4) are few and the tenant stops paying for it early."""
+        root = tmp_path / "cluster"
+        nodes = cluster.up(len(HONEST), home=root, timeout_s=120.0, templates=HONEST)
+        c = sweep_e2e.Cluster(root, nodes)
+        try:
+            veteran, newcomer = (p.node_id for p in c.providers)
+            with sweep_e2e.tenant_at(tmp_path / "tenant-home", c) as tenant:
+                tenant.store_path.parent.mkdir(parents=True, exist_ok=True)
+                with sweep_e2e.Store(tenant.store_path) as store:
+                    vs = VerifyStore(store)
+                    vs.set_trust(veteran, Trust(streak=PROVEN_STREAK, verified=PROVEN_STREAK))
+                    vs.canary_passed(veteran, 1_000)
+                job = sweep_e2e.job_file(tmp_path / "job", sleep=0.3)
+                proc = tenant.run("submit", str(job), "--quiet", "--json", "--parallel", "4")
+                assert proc.returncode == 0, proc.stdout + proc.stderr
+                job_id = json.loads(proc.stdout)["job_id"]
+                results = tenant.json("results", job_id)
+                sweep_e2e.assert_grid_done_once(results)
+                local = sweep_e2e.local_losses()
+                for t in results:
+                    assert t["value"] == pytest.approx(local[sweep_e2e.point_of(t["params"])])
+                leases = tenant.leases(job_id)
+                assert {x.provider for x in leases} == {veteran, newcomer}  # both leased
+                by = [t["provider"] for t in results]
+                assert by.count(newcomer) == NEWCOMER_TRIALS, by
+                assert by.count(veteran) == len(results) - NEWCOMER_TRIALS
+                with sweep_e2e.Store(tenant.store_path) as store:
+                    paid = {line["lease_id"] for line in store.ledger() if line["amount"]}
+                assert {x.lease_id for x in leases if x.provider == newcomer} <= paid
+        finally:
+            cluster.down(home=root)

@@ -1,0 +1,134 @@
+"""What verification costs a real digits sweep: the same sweep with checks off and on.
+
+One local cluster (``node.cli.localcluster.up``: a bootstrap node and ``--providers``
+honest provider daemons, the real sandbox) runs examples/digits-sweep (24 SVM trials,
+scikit-learn) several times, each through ``node.tenant.jobs.submit`` in this process
+with ``--parallel`` units:
+
+1. ``verify: off``, from a fresh tenant home;
+2. verification on (the default), from another fresh tenant home: the tenant's *first*
+   sweep, every provider new to it (a canary on each first lease, every result at the
+   newcomer rate 1/4, the best re-run);
+3. with ``--warm N`` (default 0), N more sweeps with checks on from the same tenant
+   home as 2, then one more measured: a tenant that knows the providers.
+
+Printed per run: micro-credits paid (the job's spend: the receipts of its leases),
+wall time, checks run, canaries; then extra spend = paid(on) / paid(off) - 1 and extra
+wall time, for the first sweep and, with ``--warm``, the warm one. Lease billing is by
+time held, so spend follows wall time; the load average is printed alongside, since on a
+shared machine both move with it. The off run goes first and again last (the lower
+of the two counts), so a drift in load shows.
+
+    python bench/verify_digits_bench.py [--providers 4] [--parallel 4] [--warm 0]
+
+Needs the ``examples`` extra (scikit-learn).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sqlite3
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "digits-sweep"
+
+
+def workspace(where: Path, verify: bool) -> Path:
+    """A copy of the digits example whose job file turns checks on or off."""
+    shutil.copytree(EXAMPLE, where)
+    job = where / "sweep.yaml"
+    text = job.read_text()
+    if not verify:
+        text += "verify: off\n"
+    job.write_text(text)
+    return job
+
+
+def run(job: Path, tenant: Path, peer: str, parallel: int) -> dict[str, Any]:
+    """Submit ``job`` with the tenant home ``tenant``; what it paid and how long it took."""
+    from node.tenant import jobs
+
+    os.environ["MERCATO_HOME"] = str(tenant)
+    load = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    summary = jobs.submit(job, peer=peer, parallel=parallel, seed=0, quiet=True)
+    wall = time.perf_counter() - t0
+    store = jobs.tenant_home().store_path
+    with sqlite3.connect(store) as db:
+        checks = _count(db, "SELECT COUNT(*) FROM verify_checks WHERE job_id = ?", summary)
+    best = summary.best
+    return {
+        "state": summary.state,
+        "paid_micro": summary.spend,
+        "wall_s": round(wall, 1),
+        "succeeded": sum(1 for r in summary.trials if r.state == "succeeded"),
+        "best": None if best is None else best.value,
+        "best_verified": summary.best_verified,
+        "checks": checks,
+        "load_1min": round(load, 2),
+    }
+
+
+def _count(db: sqlite3.Connection, sql: str, summary: Any) -> int | None:
+    try:
+        return int(db.execute(sql, (summary.job.job_id,)).fetchone()[0])
+    except sqlite3.Error:
+        return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--providers", type=int, default=4)
+    ap.add_argument("--parallel", type=int, default=4)
+    ap.add_argument("--warm", type=int, default=0, help="sweeps before the warm measured one")
+    a = ap.parse_args()
+    from node.cli import localcluster as cluster
+
+    root = Path(tempfile.mkdtemp(prefix="verify-digits-"))
+    os.environ.pop("MERCATO_PEER", None)
+    try:
+        with warnings.catch_warnings():
+            # cluster.up drops its Popen handles of the detached daemons on purpose.
+            warnings.simplefilter("ignore", ResourceWarning)
+            nodes = cluster.up(a.providers, home=root / "cluster", timeout_s=180.0)
+        peer = next(n.address for n in nodes if n.role == "bootstrap")
+        off = workspace(root / "ws-off", verify=False)
+        on = workspace(root / "ws-on", verify=True)
+        runs: dict[str, dict[str, Any]] = {}
+        runs["off"] = run(off, root / "tenant-off", peer, a.parallel)
+        print(json.dumps({"run": "off", **runs["off"]}), flush=True)
+        runs["on_first"] = run(on, root / "tenant-on", peer, a.parallel)
+        print(json.dumps({"run": "on, first sweep", **runs["on_first"]}), flush=True)
+        for i in range(a.warm):
+            r = run(on, root / "tenant-on", peer, a.parallel)
+            print(json.dumps({"run": f"on, warm-up {i + 1}", **r}), flush=True)
+        if a.warm:
+            runs["on_warm"] = run(on, root / "tenant-on", peer, a.parallel)
+            print(json.dumps({"run": "on, warm", **runs["on_warm"]}), flush=True)
+        runs["off2"] = run(off, root / "tenant-off2", peer, a.parallel)
+        print(json.dumps({"run": "off again", **runs["off2"]}), flush=True)
+    finally:
+        cluster.down(home=root / "cluster")
+        shutil.rmtree(root, ignore_errors=True)
+    base = min((runs["off"], runs["off2"]), key=lambda r: r["paid_micro"])
+    summary = {"off_paid_micro": base["paid_micro"], "off_wall_s": base["wall_s"]}
+    for key in ("on_first", "on_warm"):
+        if key in runs:
+            r = runs[key]
+            summary[f"{key}_extra_spend_pct"] = round(
+                100 * (r["paid_micro"] / max(1, base["paid_micro"]) - 1), 1
+            )
+            summary[f"{key}_extra_wall_pct"] = round(100 * (r["wall_s"] / base["wall_s"] - 1), 1)
+    summary["load_avg"] = [round(x, 2) for x in os.getloadavg()]
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
