@@ -4,8 +4,9 @@ The rule is the real one (market/verification.py: rate per provider from its str
 checked-valid results, the deterministic draw, the best check, majority of three); the
 market around it is a model. A tenant runs ``--sweeps`` sweeps of ``--trials`` trials
 (24: the digits sweep) one after another; for each it leases ``--leased`` providers drawn
-from a market of ``--providers``, assigns trials round-robin, and checks results as the
-sweep runner does (the providers leased are chosen as market/asking.py asks: proven
+from a market of ``--providers``, assigns trials round-robin (while a proven provider is
+leased a newcomer gets NEWCOMER_TRIALS of them: market.verification.may_take_trial), and
+checks results as the sweep runner does (the providers leased are chosen as market/asking.py asks: proven
 first, a quarter of the places for newcomers): a sampled result is re-run on another
 leased provider, a mismatch is decided by a third, the minority is dropped (never
 leased again by this tenant) and its results of the sweep are run again elsewhere.
@@ -20,8 +21,9 @@ Reported:
 
 * honest market: extra spend of the first sweep (every provider new) and over all sweeps;
 * with ``--dishonest`` (10 %) fabricating providers: the share of fabricators that were
-  caught by their 20th result (among those that returned 20), and how many sweeps
-  reported a fabricated best.
+  caught by their 20th result (among those that returned 20 or were caught), how many
+  were leased at all, the most results one returned, and how many sweeps reported a
+  fabricated best.
 
     python bench/verify_bench.py                # both, default seed
     python bench/verify_bench.py --seeds 1 2 3  # several seeds
@@ -183,6 +185,10 @@ def simulate(
         by20 = [p for p in reached if m.caught_at.get(p, 10**9) <= 20]
         out["fabricators_caught_by_20th"] = f"{len(by20)}/{len(reached)}"
         out["fabricators_caught"] = f"{len(m.caught_at.keys() & fab)}/{len(fab)}"
+        out["fabricators_leased"] = sum(1 for p in fab if m.results.get(p, 0))
+        # What a fabricator could spoil: its results up to and including the one that
+        # got it caught (the caught one is discarded with the rest).
+        out["fabricator_results_max"] = max((m.results.get(p, 0) for p in fab), default=0)
     return out
 
 
