@@ -6,8 +6,9 @@ market around it is a model. A tenant runs ``--sweeps`` sweeps of ``--trials`` t
 (24: the digits sweep) one after another; for each it leases ``--leased`` providers drawn
 from a market of ``--providers``, assigns trials round-robin (while a proven provider is
 leased a newcomer gets NEWCOMER_TRIALS of them: market.verification.may_take_trial), and
-checks results as the sweep runner does (the providers leased are chosen as market/asking.py asks: proven
-first, a quarter of the places for newcomers): a sampled result is re-run on another
+checks results as the sweep runner does (the providers leased are chosen as
+market/asking.py asks: proven first, a quarter of the places for newcomers): a sampled
+result is re-run on another
 leased provider, a mismatch is decided by a third, the minority is dropped (never
 leased again by this tenant) and its results of the sweep are run again elsewhere.
 Before the sweep ends, its best is re-run unless checked or from a provider with a

@@ -17,12 +17,17 @@ with ``--parallel`` units:
 
 The providers are ``--providers`` alike (one T4 each, same price), so ``--parallel 4``
 leases four of them, one unit each, as the model does. Printed per run: micro-credits
-paid (the job's spend: the receipts of its leases), wall time, checks opened; then
-extra spend = paid(on) / paid(off) - 1 and extra wall time, for the first sweep and
-the trusted one. Lease billing is by
-time held, so spend follows wall time; the load average is printed alongside, since on a
-shared machine both move with it. The off run goes first and again last (the lower
-of the two counts), so a drift in load shows.
+paid (the job's spend: the receipts of its leases), wall time, checks opened, and from
+the providers' logs every task of the job that ran (trials, checks, canaries) and its
+seconds; then, for the first sweep and the trusted one, extra spend = paid(on) /
+paid(off) - 1, extra wall time, extra runs and extra provider run time (the compute
+bought). The off run goes first and again last (the lower of the two counts), so a
+drift in load shows; the load average is printed with each run.
+
+Lease billing is by time held, so spend follows wall time. On one shared machine the
+providers share its cores: wall time tracks the CPU queue more than the work, and fewer
+leases finish about as fast as more (on a market every provider is its own machine).
+Runs and run time are the figures load moves least.
 
     python bench/verify_digits_bench.py [--providers 4] [--parallel 4] [--streak 40]
 
@@ -34,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sqlite3
 import tempfile
@@ -56,7 +62,19 @@ def workspace(where: Path, verify: bool) -> Path:
     return job
 
 
-def run(job: Path, tenant: Path, peer: str, parallel: int) -> dict[str, Any]:
+def provider_runs(nodes: list[Any], job_id: str) -> list[int]:
+    """Milliseconds of every task of ``job_id`` the providers ran (trials, checks and
+    canaries), from their logs: the compute the tenant bought, whatever the wall time."""
+    pattern = re.compile(rf"task {re.escape(job_id[:40])}\.\S+ \w+ in (\d+) ms")
+    out: list[int] = []
+    for n in nodes:
+        log = Path(n.home) / "logs" / "node.log"
+        if n.role == "provider" and log.exists():
+            out += [int(m[1]) for m in pattern.finditer(log.read_text())]
+    return out
+
+
+def run(job: Path, tenant: Path, peer: str, parallel: int, nodes: list[Any]) -> dict[str, Any]:
     """Submit ``job`` with the tenant home ``tenant``; what it paid and how long it took."""
     from node.tenant import jobs
 
@@ -69,6 +87,7 @@ def run(job: Path, tenant: Path, peer: str, parallel: int) -> dict[str, Any]:
     with sqlite3.connect(store) as db:
         checks = _count(db, "SELECT COUNT(*) FROM verify_checks WHERE job_id = ?", summary)
     best = summary.best
+    ms = provider_runs(nodes, summary.job.job_id)
     return {
         "state": summary.state,
         "paid_micro": summary.spend,
@@ -77,6 +96,8 @@ def run(job: Path, tenant: Path, peer: str, parallel: int) -> dict[str, Any]:
         "best": None if best is None else best.value,
         "best_verified": summary.best_verified,
         "checks": checks,
+        "runs": len(ms),
+        "run_s": round(sum(ms) / 1000, 1),
         "load_1min": round(load, 2),
     }
 
@@ -123,15 +144,15 @@ def main() -> None:
         off = workspace(root / "ws-off", verify=False)
         on = workspace(root / "ws-on", verify=True)
         runs: dict[str, dict[str, Any]] = {}
-        runs["off"] = run(off, root / "tenant-off", peer, a.parallel)
+        runs["off"] = run(off, root / "tenant-off", peer, a.parallel, nodes)
         print(json.dumps({"run": "off", **runs["off"]}), flush=True)
-        runs["on_first"] = run(on, root / "tenant-on", peer, a.parallel)
+        runs["on_first"] = run(on, root / "tenant-on", peer, a.parallel, nodes)
         print(json.dumps({"run": "on, first sweep", **runs["on_first"]}), flush=True)
         providers = [n.node_id for n in nodes if n.role == "provider"]
         know(root / "tenant-known", providers[:-1], a.streak)
-        runs["on_trusted"] = run(on, root / "tenant-known", peer, a.parallel)
+        runs["on_trusted"] = run(on, root / "tenant-known", peer, a.parallel, nodes)
         print(json.dumps({"run": f"on, {len(providers) - 1} known", **runs["on_trusted"]}))
-        runs["off2"] = run(off, root / "tenant-off2", peer, a.parallel)
+        runs["off2"] = run(off, root / "tenant-off2", peer, a.parallel, nodes)
         print(json.dumps({"run": "off again", **runs["off2"]}), flush=True)
     finally:
         cluster.down(home=root / "cluster")
@@ -145,6 +166,8 @@ def main() -> None:
                 100 * (r["paid_micro"] / max(1, base["paid_micro"]) - 1), 1
             )
             summary[f"{key}_extra_wall_pct"] = round(100 * (r["wall_s"] / base["wall_s"] - 1), 1)
+            summary[f"{key}_extra_runs_pct"] = round(100 * (r["runs"] / base["runs"] - 1), 1)
+            summary[f"{key}_extra_run_s_pct"] = round(100 * (r["run_s"] / base["run_s"] - 1), 1)
     summary["load_avg"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(summary))
 
