@@ -32,6 +32,7 @@ from market.verification import (
     CANARY_METRIC,
     CANARY_ROUNDS,
     Tolerance,
+    Trust,
     Verdict,
     best_needs_check,
     canary_answer,
@@ -105,6 +106,7 @@ class Verifier:
         self.taken: dict[str, int] = {}  # trials of this sweep assigned, per provider
         self.held_back: set[str] = set()  # newcomers whose room was used: not leased again
         self.held_back_units = 0  # lease units they held, counted as held by the sweep
+        self._trusts: dict[str, Trust] = {}  # the store's verify_trust rows, read once
 
     # --- hooks ------------------------------------------------------------------
 
@@ -139,7 +141,7 @@ class Verifier:
         if not self.enabled or self.rate is not None:
             return True
         provider = slot.lease.provider
-        trust = self.vs.trust(provider)
+        trust = self._trust(provider)
         if proven(trust):
             return True
         others = (
@@ -147,8 +149,15 @@ class Verifier:
             for s in self.r.slots.values()
             if s is not slot and not s.lost and s.vetted and s.lease.provider != provider
         )
-        any_proven = any(proven(self.vs.trust(p)) for p in others)
+        any_proven = any(proven(self._trust(p)) for p in others)
         return may_take_trial(trust, self.taken.get(provider, 0), proven_leased=any_proven)
+
+    def _trust(self, provider: str) -> Trust:
+        """The store's record, read once: asked for every slot at every assignment pass,
+        and only ``_valid`` changes it while the sweep runs (a caught provider is gone)."""
+        if provider not in self._trusts:
+            self._trusts[provider] = self.vs.trust(provider)
+        return self._trusts[provider]
 
     def took(self, slot: Slot) -> None:
         provider = slot.lease.provider
@@ -507,9 +516,11 @@ class Verifier:
     def _valid(self, *providers: str) -> None:
         for p in providers:
             self.vs.set_trust(p, self.vs.trust(p).valid())
+            self._trusts.pop(p, None)
 
     def forget(self, liar: str) -> None:
         """Drop the liar's votes from open checks; checks of its own results end."""
+        self._trusts.pop(liar, None)  # its streak was reset
         now = self.r.tenant.clock()
         for check in list(self.waiting):
             if check.votes[0].provider == liar:
