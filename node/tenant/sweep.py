@@ -404,7 +404,8 @@ class SweepRunner:
     def _wanted_slots(self, unfinished: int) -> int:
         live = [s for s in self.slots.values() if not s.lost]
         need = units_wanted(
-            sum(s.lease.units for s in live) + self.verifier.held_back_units,
+            # Newcomers that used their room are not replaced, unless nothing is left.
+            sum(s.lease.units for s in live) + (self.verifier.held_back_units if live else 0),
             parallel=self.parallel,
             exhausted=self._exhausted,
             unfinished=unfinished,
