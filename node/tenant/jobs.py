@@ -242,14 +242,17 @@ def summarize(store: Store, job: JobRow) -> JobSummary:
     else:
         metric = spec.training.metric if spec.training is not None else None
     done = [t for t in trials if t.state is TrialState.SUCCEEDED and t.value is not None]
+    checked = VerifyStore(store).verified_numbers(job.job_id)
     best = None
     if done and metric is not None:
-        key = (lambda t: t.value) if metric.goal == "minimize" else (lambda t: -(t.value or 0))
-        best = min(done, key=key)
+        sign = 1.0 if metric.goal == "minimize" else -1.0
+        # Of trials tied on the metric, one a check confirmed: the runner re-ran the
+        # best its search chose, which need not be the first of the tie.
+        best = min(done, key=lambda t: (sign * (t.value or 0.0), t.number not in checked))
     leases = {x.lease_id for x in store.list_leases() if x.job_id == job.job_id}
     spend = -sum(line["amount"] for line in store.ledger() if line["lease_id"] in leases)
     interrupted = job.state is JobState.RUNNING and not runner_alive(job)
-    verified = best is not None and best.number in VerifyStore(store).verified_numbers(job.job_id)
+    verified = best is not None and best.number in checked
     return JobSummary(job, trials, spend, best, interrupted, verified)
 
 
