@@ -208,6 +208,8 @@ class DilocoRunner:
                     "MERCATO_DILOCO_WORKERS": str(len(self.workers)),
                     "MERCATO_DILOCO_INNER_STEPS": str(t.sync.inner_steps),
                     "MERCATO_DILOCO_COMPRESSION": t.sync.compression,
+                    # The last outer step: an overlapping worker waits for that one only.
+                    "MERCATO_DILOCO_OUTER_STEPS": str(self.loop.total_steps),
                 },
                 timeout_ms=self.spec.limits.trial_timeout_ms,
                 max_output_bytes=self.spec.limits.max_output_bytes,
