@@ -35,7 +35,7 @@ VOCAB = 16
 CONTEXT = 2
 SHARD = 30_000  # characters of text per worker
 BATCH = 64
-LR = 0.01  # AdamW peak learning rate (the bench's sweep: 0.003, 0.01, 0.03)
+LR = 0.01  # AdamW peak learning rate of the inner steps
 WARMUP = 0.05  # of all inner steps, then cosine down to 10 % of LR
 
 
