@@ -28,7 +28,8 @@ Use with torch::
 With ``DiLoCo(model, overlap=True)`` the worker does not wait: ``step()`` hands the
 pseudo-gradient over and returns, the next round's inner steps run while the outer step
 travels, and ``poll()`` (call it after every inner step) applies the answer the moment it
-arrives: the global parameters plus the inner steps taken since the hand-over (their
+arrives (or waits for it once ``max_ahead`` inner steps, a quarter of a round by default,
+are in flight): the global parameters plus the inner steps taken since the hand-over (their
 change is rebased onto the global parameters, and counts in the next pseudo-gradient,
 measured from the global parameters as usual). The tenant's side does not change. Only
 the last outer step (``MERCATO_DILOCO_OUTER_STEPS``) is waited for, so the job ends on
@@ -176,6 +177,7 @@ class DiLoCo:
         root: str | Path = ".",
         *,
         overlap: bool = False,
+        max_ahead: int | None = None,
         on_outer_step: Callable[[int], None] | None = None,
     ) -> None:
         self.torch = _torch()
@@ -201,6 +203,12 @@ class DiLoCo:
         # Overlap needs to know which outer step is the last (that one is waited for),
         # and one process: ranks would have to agree on the inner step an answer lands.
         self.overlap = overlap and self.outer_steps is not None and not several
+        # Inner steps a worker may take while its outer step is in flight before poll()
+        # waits for it. A worker that is persistently faster than the slowest waits the
+        # same time either way; waiting early keeps its steps from going stale (their
+        # gradients are taken before the outer step they are rebased onto).
+        self.max_ahead = max(1, self.inner_steps // 4) if max_ahead is None else max_ahead
+        self._ahead = 0
 
     def _flat(self) -> Any:
         return self.torch.cat([p.detach().reshape(-1).float() for p in self.params])
@@ -258,9 +266,12 @@ class DiLoCo:
         The inner steps taken since the hand-over are kept, rebased onto the new global
         parameters: params = global + (params now - params at the hand-over).
         """
-        if self._handed is None or not answer_ready(self.seq, self.root):
+        if self._handed is None:
             return False
-        self._receive()
+        self._ahead += 1
+        if self._ahead < self.max_ahead and not answer_ready(self.seq, self.root):
+            return False
+        self._receive()  # waits if ``max_ahead`` steps are already in flight
         return True
 
     def _receive(self) -> None:
@@ -288,4 +299,5 @@ class DiLoCo:
         began = time.monotonic()
         hand_over(self.seq, encode(delta, self.compression), self.root)
         self._handed = self._flat()
+        self._ahead = 0
         self.sync_s += time.monotonic() - began

@@ -68,7 +68,11 @@ class TestOverlap:
         m = model()
         seen: list[tuple[int, list[float]]] = []
         sync = helper.DiLoCo(
-            m, root=env, overlap=True, on_outer_step=lambda s: seen.append((s, params(m)))
+            m,
+            root=env,
+            overlap=True,
+            max_ahead=2,
+            on_outer_step=lambda s: seen.append((s, params(m))),
         )
         loop = OuterLoop(total_steps=3, round_timeout_ms=1_000)
         answer(box, 0, loop.join([1.0, 2.0, 3.0]))
@@ -123,6 +127,30 @@ class TestOverlap:
         assert params(m) == pytest.approx([-0.12686, 0.87314, 1.87314], abs=1e-5)
         assert [s for s, _ in seen] == [1, 2, 3]
         assert seen[1][1] == pytest.approx([0.3546, 1.3546, 2.3546], abs=1e-5)
+
+    def test_a_worker_waits_once_max_ahead_steps_are_in_flight(self, env: Path) -> None:
+        box = env / helper.SYNC_DIR
+        m = model()
+        sync = helper.DiLoCo(m, root=env, overlap=True, max_ahead=2)
+        loop = OuterLoop(total_steps=3, round_timeout_ms=1_000)
+        answer(box, 0, loop.join([1.0, 2.0, 3.0]))
+        sync.start()
+        inner_step(m)
+        inner_step(m)
+        sync.step()
+        inner_step(m)
+        assert not sync.poll()  # one step in flight: goes on
+
+        def late() -> None:
+            time.sleep(0.2)
+            tenant_step(loop, box, 1)
+
+        t = threading.Thread(target=late)
+        t.start()
+        inner_step(m)
+        assert sync.poll()  # the second step in flight: waits for the answer
+        t.join(10)
+        assert params(m) == [0.534, 1.534, 2.534]  # 1 - 0.266 - 2 x 0.1
 
     def test_a_worker_that_is_not_told_the_last_step_waits_every_time(
         self, env: Path, monkeypatch: pytest.MonkeyPatch
