@@ -128,6 +128,7 @@ def run_job(
             "utilisation": final[-1]["utilisation"] if final else None,
             "inner_s": final[-1]["inner_s"] if final else None,
             "sync_s": final[-1]["sync_s"] if final else None,
+            "wall_s": final[-1]["wall_s"] if final else None,
         }
     steps = [x.strip().split("] ", 1)[-1] for x in err if "outer step" in x]
     return {
@@ -179,14 +180,16 @@ def ddp_baseline(outer: int, inner: int, peak: float) -> list[float]:
     return curve
 
 
-def simulate(outer: int, inner: int, compression: str) -> list[float]:
+def simulate(outer: int, inner: int, compression: str, ahead: int = 0) -> list[float]:
     """The same DiLoCo schedule in one process: W workers, the tenant's outer loop.
 
     Each worker is examples/diloco's inner loop (same shard, seed, AdamW and schedule);
     its pseudo-gradient goes through mercato_trial's blob encoding and market.diloco's
-    decoding and OuterLoop (average, Nesterov) exactly as on the cluster, and every
-    worker starts the next round from the answer. Nothing is in flight here, so this
-    is plain (synchronous) DiLoCo: the market's overlapped run is measured against it.
+    decoding and OuterLoop (average, Nesterov) exactly as on the cluster. With
+    ``ahead`` 0 every worker starts the next round from the answer: plain (synchronous)
+    DiLoCo. With ``ahead`` k each worker first takes k inner steps of the next round
+    while the outer step is "in flight", then rebases them onto the answer, as
+    mercato_trial.diloco's overlap does at its worst (``max_ahead`` steps every round).
     """
     import torch
 
@@ -215,22 +218,32 @@ def simulate(outer: int, inner: int, compression: str) -> list[float]:
         load(m, start)
     total = outer * inner
     curve = []
+    done = [0] * WORKERS  # inner steps each worker has taken
+
+    def inner_steps(w: int, n: int) -> None:
+        m, opt, (x, y), gen = models[w], opts[w], shards[w], gens[w]
+        for _ in range(n):
+            for group in opt.param_groups:
+                group["lr"] = train.lr_at(done[w], total)
+            idx = torch.randint(0, len(x), (train.BATCH,), generator=gen)
+            opt.zero_grad()
+            train.loss_of(m, x[idx], y[idx]).backward()
+            opt.step()
+            done[w] += 1
+
     for r in range(outer):
-        for w, (m, opt, (x, y), gen) in enumerate(zip(models, opts, shards, gens, strict=True)):
-            for i in range(inner):
-                for group in opt.param_groups:
-                    group["lr"] = train.lr_at(r * inner + i, total)
-                idx = torch.randint(0, len(x), (train.BATCH,), generator=gen)
-                opt.zero_grad()
-                train.loss_of(m, x[idx], y[idx]).backward()
-                opt.step()
-            blob = decode_blob(encode(start - flat(m), compression))
+        for w in range(WORKERS):
+            inner_steps(w, (r + 1) * inner - done[w])
+            blob = decode_blob(encode(start - flat(models[w]), compression))
             loop.report(f"w{w}", blob.values, now_ms=0)
         loop.step()
         assert loop.optimizer is not None
         start = torch.tensor(list(loop.optimizer.params), dtype=torch.float32)
-        for m in models:
-            load(m, start)
+        for w, m in enumerate(models):
+            handed = flat(m).clone()
+            if r + 1 < outer:
+                inner_steps(w, ahead)  # taken while the outer step travels
+            load(m, start + (flat(m) - handed))
         with torch.no_grad():
             curve.append(train.loss_of(models[0], x_eval, y_eval).item())
     return curve
@@ -296,10 +309,11 @@ def main() -> None:
         if (last["outer_steps"], last["inner_steps"]) != (args.outer, args.inner):
             raise SystemExit("--cluster-only: the last results are of another schedule")
         sweep = {float(lr): c for lr, c in last["ddp_sweep"].items()}
-        sim = {c: last[f"diloco_simulated_{c}"] for c in ("fp32", "int8")}
+        sim = {c: last[f"diloco_simulated_{c}"] for c in ("fp32", "int8", "overlapped")}
     else:
         sweep = {lr: ddp_baseline(args.outer, args.inner, lr) for lr in (0.01, 0.03)}
         sim = {c: simulate(args.outer, args.inner, c) for c in ("fp32", "int8")}
+        sim["overlapped"] = simulate(args.outer, args.inner, "fp32", ahead=args.inner // 4)
     best_lr = min(sweep, key=lambda lr: sweep[lr][-1])
     ddp = sweep[best_lr]
     full = killed = None
@@ -329,6 +343,7 @@ def main() -> None:
         "ddp_curve": ddp,
         "diloco_simulated_fp32": sim["fp32"],
         "diloco_simulated_int8": sim["int8"],
+        "diloco_simulated_overlapped": sim["overlapped"],
         "diloco": full,
         "diloco_one_provider_killed": killed,
         "bytes_per_worker_per_outer_step": blobs,
@@ -356,7 +371,7 @@ def main() -> None:
         print(f"DDP lr {lr:<6} final held-out loss {c[-1]:.4f}{best}")
     print(f"  DDP excess over the floor        {ddp[-1] - floor:.4f}")
     for c, curve in sim.items():
-        print(f"DiLoCo simulated, {c}            {curve[-1]:.4f} ({gap(curve[-1])})")
+        print(f"DiLoCo simulated, {c:<10}      {curve[-1]:.4f} ({gap(curve[-1])})")
     if full is not None and killed is not None:
         for label, run in (("3 providers", full), ("one killed ", killed)):
             v = market_curve(run)[-1]
@@ -371,6 +386,13 @@ def main() -> None:
             continue
         utils = {k: round(v["utilisation"] or 0, 3) for k, v in run["workers"].items()}
         print(f"utilisation per worker ({label}): {utils}; state {run['state']}")
+        # Rounds are synchronous: a worker that computes faster than the slowest waits
+        # for it whatever the relay does. inner / slowest inner is that bound; the
+        # slowest worker's inner time over its wall time is what the relay leaves.
+        whole = {k: v for k, v in run["workers"].items() if v["inner_s"] and len(v["curve"])}
+        slowest = max(whole.values(), key=lambda v: v["inner_s"])
+        bound = {k: round(v["inner_s"] / slowest["inner_s"], 3) for k, v in whole.items()}
+        print(f"  bound set by the slowest worker's pace: {bound}")
         for e in run["events"]:
             print(f"  {e}")
     print(f"load average before {load_before}, after {result['load_average_after']}")
