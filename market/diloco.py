@@ -266,6 +266,10 @@ class OuterLoop:
     live worker has reported, or ``round_timeout_ms`` after the first report with
     whoever reported by then (a worker lost mid-round does not stop the job; a late
     pseudo-gradient counts in the next round). ``now_ms`` is passed in; nothing sleeps.
+
+    The first workers start together (:meth:`started`): the answer to a join is held
+    until every expected worker has joined, so no worker trains round 1 alone while
+    another's sandbox is still starting, then waits for it at the first outer step.
     """
 
     total_steps: int
@@ -276,6 +280,7 @@ class OuterLoop:
     pending: dict[str, array[float]] = field(default_factory=dict)
     round_started_ms: int | None = None
     history: list[tuple[int, int]] = field(default_factory=list)  # (outer step, reporters)
+    joined: dict[str, int] = field(default_factory=dict)  # worker -> when it joined (ms)
 
     @property
     def outer_step(self) -> int:
@@ -285,7 +290,13 @@ class OuterLoop:
     def done(self) -> bool:
         return self.outer_step >= self.total_steps
 
-    def join(self, params: Sequence[float] | array[float]) -> bytes:
+    def join(
+        self,
+        params: Sequence[float] | array[float],
+        *,
+        worker: str | None = None,
+        now_ms: int = 0,
+    ) -> bytes:
         """A worker's starting parameters in; the current global parameters out."""
         if self.optimizer is None:
             self.optimizer = OuterOptimizer(array("f", params), self.lr, self.momentum)
@@ -294,7 +305,25 @@ class OuterLoop:
                 f"a worker joined with {len(params)} parameters, the job has "
                 f"{len(self.optimizer.params)}"
             )
+        if worker is not None:
+            self.joined.setdefault(worker, now_ms)
         return self.answer()
+
+    def started(self, expected: Iterable[str], now_ms: int) -> bool:
+        """Whether the joined workers may take their first inner step now.
+
+        Yes once every ``expected`` worker has joined, or ``round_timeout_ms`` after the
+        first join (a worker that never comes does not hold the others longer than a
+        round would), or once an outer step has been taken (a replacement joining
+        mid-run starts at once).
+        """
+        if self.outer_step > 0:
+            return True
+        if not self.joined:
+            return False
+        if set(expected) <= set(self.joined):
+            return True
+        return now_ms >= min(self.joined.values()) + self.round_timeout_ms
 
     def answer(self) -> bytes:
         """The global parameters as a worker receives them (fp32, with the step and done)."""

@@ -25,7 +25,30 @@ Use with torch::
         for _ in range(sync.inner_steps): train_one_step()
         sync.step()                  # blocks until the outer step comes back
 
-Under torchrun (a worker of several devices) rank 0 exchanges and broadcasts.
+With ``DiLoCo(model, overlap=True)`` the worker does not wait: ``step()`` hands the
+pseudo-gradient over and returns, the next round's inner steps run while the outer step
+travels, and ``poll()`` (call it after every inner step) applies the answer the moment it
+arrives (or waits for it once ``max_ahead`` inner steps, a quarter of a round by default,
+are in flight): the global parameters plus the inner steps taken since the hand-over (their
+change is rebased onto the global parameters, and counts in the next pseudo-gradient,
+measured from the global parameters as usual). The tenant's side does not change. Only
+the last outer step (``MERCATO_DILOCO_OUTER_STEPS``) is waited for, so the job ends on
+the global parameters. The idea is Streaming DiLoCo's overlapping of communication with
+computation (Douillard et al. 2025, "Streaming DiLoCo with overlapping communication");
+the merge here is a rebase of the in-flight steps, not their mixing weight::
+
+    sync = DiLoCo(model, overlap=True, on_outer_step=evaluate)
+    sync.start()
+    while not sync.done:
+        for _ in range(sync.inner_steps):
+            train_one_step()
+            sync.poll()
+        sync.step()
+
+``on_outer_step(outer_step)`` is called each time the global parameters arrive, while the
+model holds exactly them (a held-out loss measured there is the job's loss, not a
+worker's). Under torchrun (a worker of several devices) rank 0 exchanges and broadcasts,
+and every outer step is waited for (``overlap`` applies to one-process workers).
 """
 
 from __future__ import annotations
@@ -34,6 +57,7 @@ import os
 import struct
 import time
 from array import array
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +66,7 @@ WORKER_ENV = "MERCATO_DILOCO_WORKER"
 WORKERS_ENV = "MERCATO_DILOCO_WORKERS"
 INNER_STEPS_ENV = "MERCATO_DILOCO_INNER_STEPS"
 COMPRESSION_ENV = "MERCATO_DILOCO_COMPRESSION"
+OUTER_STEPS_ENV = "MERCATO_DILOCO_OUTER_STEPS"
 
 _HEADER = struct.Struct("<4sBBHIIf")
 _CODES = {"fp32": 0, "fp16": 1, "int8": 2}
@@ -119,6 +144,11 @@ def wait_for(seq: int, root: str | Path = ".", poll_s: float = 0.02) -> bytes:
         return data
 
 
+def answer_ready(seq: int, root: str | Path = ".") -> bool:
+    """Whether the daemon has written the answer to hand-over ``seq`` (one stat call)."""
+    return (Path(root) / SYNC_DIR / f"in-{seq}.bin").exists()
+
+
 def exchange(seq: int, blob: bytes, root: str | Path = ".") -> bytes:
     """Hand over ``blob`` as ``seq`` and wait for the tenant's answer."""
     hand_over(seq, blob, root)
@@ -140,22 +170,45 @@ def _as_tensor(values: Any) -> Any:
 class DiLoCo:
     """The worker's side of DiLoCo for a torch model (see the module docstring)."""
 
-    def __init__(self, model: Any, compression: str | None = None, root: str | Path = ".") -> None:
+    def __init__(
+        self,
+        model: Any,
+        compression: str | None = None,
+        root: str | Path = ".",
+        *,
+        overlap: bool = False,
+        max_ahead: int | None = None,
+        on_outer_step: Callable[[int], None] | None = None,
+    ) -> None:
         self.torch = _torch()
         self.params = [p for p in model.parameters()]
         self.compression = compression or os.environ.get(COMPRESSION_ENV, "fp32")
         self.inner_steps = int(os.environ.get(INNER_STEPS_ENV, "100"))
         self.worker = int(os.environ.get(WORKER_ENV, "0"))
         self.workers = int(os.environ.get(WORKERS_ENV, "1"))
+        outer = os.environ.get(OUTER_STEPS_ENV)
+        self.outer_steps = int(outer) if outer else None
         self.root = root
         self.seq = 0
         self.outer_step = 0
         self.done = False
-        self.sync_s = 0.0  # time spent waiting for outer steps
-        self._start: Any = None
+        self.sync_s = 0.0  # time spent inside the helper: waiting, copying, (de)coding
+        self.on_outer_step = on_outer_step
+        self._start: Any = None  # the global parameters the current round started from
+        self._handed: Any = None  # the parameters at the hand-over still in flight
         dist = self.torch.distributed
         self._dist = dist if dist.is_available() and dist.is_initialized() else None
         self._rank = self._dist.get_rank() if self._dist is not None else 0
+        several = self._dist is not None and self._dist.get_world_size() > 1
+        # Overlap needs to know which outer step is the last (that one is waited for),
+        # and one process: ranks would have to agree on the inner step an answer lands.
+        self.overlap = overlap and self.outer_steps is not None and not several
+        # Inner steps a worker may take while its outer step is in flight before poll()
+        # waits for it. A worker that is persistently faster than the slowest waits the
+        # same time either way; waiting early keeps its steps from going stale (their
+        # gradients are taken before the outer step they are rebased onto).
+        self.max_ahead = max(1, self.inner_steps // 4) if max_ahead is None else max_ahead
+        self._ahead = 0
 
     def _flat(self) -> Any:
         return self.torch.cat([p.detach().reshape(-1).float() for p in self.params])
@@ -167,7 +220,18 @@ class DiLoCo:
                 n = p.numel()
                 p.copy_(flat[i : i + n].reshape(p.shape).to(p.dtype))
                 i += n
-        self._start = self._flat().clone()
+
+    def _arrived(self, answer: bytes) -> Any:
+        """Load the global parameters of an answer; they are the next round's start."""
+        got, step, done = decode(answer)
+        flat = self.torch.tensor(got, dtype=self.torch.float32)
+        self.outer_step, self.done = step, done
+        self._load(flat)
+        self._start = flat
+        self.seq += 1
+        if self.on_outer_step is not None and self.seq > 1:
+            self.on_outer_step(self.outer_step)
+        return flat
 
     def _exchange(self, values: Any, compression: str) -> None:
         began = time.monotonic()
@@ -185,15 +249,55 @@ class DiLoCo:
             self._dist.broadcast(meta, 0)
         self.outer_step, self.done = int(meta[0]), bool(meta[1])
         self._load(flat)
+        self._start = flat.clone()
         self.seq += 1
         self.sync_s += time.monotonic() - began
+        if self.on_outer_step is not None and self.seq > 1:
+            self.on_outer_step(self.outer_step)
 
     def start(self) -> None:
         """Join: hand over the starting parameters (full precision), load the global ones."""
         self._start = self._flat().clone()
         self._exchange(self._start, "fp32")
 
+    def poll(self) -> bool:
+        """With ``overlap``: apply the outer step if its answer is there; never blocks.
+
+        The inner steps taken since the hand-over are kept, rebased onto the new global
+        parameters: params = global + (params now - params at the hand-over).
+        """
+        if self._handed is None:
+            return False
+        self._ahead += 1
+        if self._ahead < self.max_ahead and not answer_ready(self.seq, self.root):
+            return False
+        self._receive()  # waits if ``max_ahead`` steps are already in flight
+        return True
+
+    def _receive(self) -> None:
+        began = time.monotonic()
+        answer = wait_for(self.seq, self.root)
+        since = self._flat() - self._handed
+        self._handed = None
+        glob = self._arrived(answer)
+        if not self.done:
+            self._load(glob + since)
+        self.sync_s += time.monotonic() - began
+
     def step(self) -> None:
-        """One outer step: hand over start - now, load the new global parameters."""
+        """One outer step: hand over start - now; load (or, overlapped, await) the answer."""
+        if self._handed is not None:  # the previous outer step is still in flight
+            self._receive()
+        if self.done:  # the job ended while this worker's last answer was in flight
+            self._load(self._start)
+            return
         delta = self._start - self._flat()
-        self._exchange(delta, self.compression)
+        last = self.outer_steps is not None and self.outer_step + 1 >= self.outer_steps
+        if not self.overlap or last:
+            self._exchange(delta, self.compression)
+            return
+        began = time.monotonic()
+        hand_over(self.seq, encode(delta, self.compression), self.root)
+        self._handed = self._flat()
+        self._ahead = 0
+        self.sync_s += time.monotonic() - began

@@ -1,19 +1,29 @@
-"""One DiLoCo worker: a small MLP on data made here, H inner steps, then an outer step.
+"""One DiLoCo worker: a small character-level language model on text made here.
 
 The tenant leases W workers on (possibly) different providers and runs each as this
 script (under torchrun when a worker has several devices). Every H inner steps the
 worker hands its pseudo-gradient to its provider's daemon through
-``mercato_trial.diloco`` (a file in its work directory: the trial has no network) and
-blocks until the tenant's new global parameters come back the same way.
+``mercato_trial.diloco`` (a file in its work directory: the trial has no network); the
+tenant's new global parameters come back the same way. The worker does not wait for
+them (``overlap=True``): it goes on with the next round's inner steps and applies the
+outer step the moment it lands; only the last outer step is waited for.
 
-The task: regression onto a fixed random two-layer teacher network; each worker draws
-its own shard of inputs (seeded by its worker index), and every worker evaluates on
-the same held-out set, so the losses compare. Rank 0 reports ``loss`` (held-out MSE)
-after every outer step, and at the end the utilisation: time inside inner steps over
-wall time.
+The task: next-character prediction on text from a fixed random "language", an order-2
+Markov chain over 16 characters (each pair of characters has its own distribution of
+the next one, drawn once from a Dirichlet(0.2)). The model is a Bengio-style n-gram
+network (embeddings of the two previous characters, one hidden layer). Each worker draws
+its own shard of text (seeded by its worker index); everyone evaluates on the same
+held-out text, and the chain's own probabilities give the lowest loss any model can
+reach on it (``floor``). The loss reported is the held-out cross-entropy in nats of the
+global parameters after every outer step; at the end the worker reports its utilisation:
+time inside inner steps over wall time from its first inner step until it holds the
+final global parameters.
 """
 
+import bisect
+import math
 import os
+import random
 import time
 
 import torch
@@ -21,13 +31,70 @@ import torch
 from mercato_trial import report
 from mercato_trial.diloco import DiLoCo
 
+VOCAB = 16
+CONTEXT = 2
+SHARD = 30_000  # characters of text per worker
+BATCH = 64
+LR = 0.01  # AdamW peak learning rate of the inner steps
+WARMUP = 0.05  # of all inner steps, then cosine down to 10 % of LR
 
-def teacher_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    torch.manual_seed(1234)  # the same teacher for everyone
-    w1, w2 = torch.randn(32, 64) / 32**0.5, torch.randn(64, 1) / 8
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 32, generator=gen)
-    return x, torch.tanh(x @ w1) @ w2
+
+def language() -> list[list[float]]:
+    """The chain's cumulative next-character distributions, one row per context."""
+    torch.manual_seed(1234)  # the same language for everyone
+    probs = torch.distributions.Dirichlet(torch.full((VOCAB,), 0.2)).sample((VOCAB**CONTEXT,))
+    return probs.cumsum(1).tolist()
+
+
+def text(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` characters of the language as (two previous characters, next character)."""
+    cdf = language()
+    rng = random.Random(seed)
+    out = [rng.randrange(VOCAB) for _ in range(CONTEXT)]
+    for _ in range(n - CONTEXT):
+        row = cdf[out[-2] * VOCAB + out[-1]]
+        out.append(min(bisect.bisect_left(row, rng.random()), VOCAB - 1))
+    t = torch.tensor(out)
+    return torch.stack([t[:-2], t[1:-1]], 1), t[2:]
+
+
+def floor(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Cross-entropy of the chain itself on (x, y): no model can do better on average."""
+    cdf = torch.tensor(language())
+    probs = torch.diff(cdf, dim=1, prepend=torch.zeros(len(cdf), 1))
+    return float(-probs[x[:, 0] * VOCAB + x[:, 1], y].clamp_min(1e-12).log().mean())
+
+
+def shard(worker: int, rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    return text(SHARD, seed=100 + 10 * worker + rank)
+
+
+def held_out() -> tuple[torch.Tensor, torch.Tensor]:
+    return text(4_000, seed=1)
+
+
+def make_model() -> torch.nn.Module:
+    torch.manual_seed(0)  # the same starting point everywhere (the first join wins anyway)
+    return torch.nn.Sequential(
+        torch.nn.Embedding(VOCAB, 16),
+        torch.nn.Flatten(),
+        torch.nn.Linear(16 * CONTEXT, 64),
+        torch.nn.GELU(),
+        torch.nn.Linear(64, VOCAB),
+    )
+
+
+def lr_at(step: int, total: int, peak: float = LR) -> float:
+    """Linear warm-up over the first 5 % of the steps, then cosine down to 10 %."""
+    warm = max(1, int(WARMUP * total))
+    if step < warm:
+        return peak * (step + 1) / warm
+    frac = min(1.0, (step - warm) / max(1, total - warm))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def loss_of(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(model(x), y)
 
 
 def main() -> None:
@@ -35,37 +102,50 @@ def main() -> None:
     if distributed:
         torch.distributed.init_process_group("gloo")
     rank = torch.distributed.get_rank() if distributed else 0
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # several workers share a machine's cores: no oversubscription
     worker = int(os.environ.get("MERCATO_DILOCO_WORKER", "0"))
-    x, y = teacher_data(2048, seed=100 + 10 * worker + rank)
-    x_eval, y_eval = teacher_data(512, seed=1)
-    torch.manual_seed(0)  # the same starting point everywhere (the first join wins anyway)
-    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1))
+    x, y = shard(worker, rank)
+    x_eval, y_eval = held_out()
+    model = make_model()
     net = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
-    opt = torch.optim.AdamW(net.parameters(), lr=float(os.environ.get("INNER_LR", "0.003")))
-    batch = int(os.environ.get("BATCH", "64"))
-    sync = DiLoCo(model)
+    peak = float(os.environ.get("INNER_LR", str(LR)))
+    opt = torch.optim.AdamW(net.parameters(), lr=peak, weight_decay=0.01)
+    losses: list[float] = []
+
+    def evaluate(outer_step: int) -> None:
+        """The model holds the global parameters right now: the job's held-out loss."""
+        with torch.no_grad():
+            losses.append(loss_of(model, x_eval, y_eval).item())
+        if rank == 0:
+            report(outer_step=outer_step, loss=losses[-1], worker=worker)
+
+    sync = DiLoCo(model, overlap=True, on_outer_step=evaluate)
     sync.start()
-    began = time.monotonic()  # utilisation counts from the first inner step
+    total = (sync.outer_steps or 1) * sync.inner_steps
+    step = sync.outer_step * sync.inner_steps  # a replacement joins part-way through
     gen = torch.Generator().manual_seed(7 + worker)
+    began = time.monotonic()  # utilisation counts from the first inner step
     inner_s = 0.0
     while not sync.done:
-        t0 = time.monotonic()
         for _ in range(sync.inner_steps):
-            idx = torch.randint(0, len(x), (batch,), generator=gen)
+            t0 = time.monotonic()
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, total, peak)
+            idx = torch.randint(0, len(x), (BATCH,), generator=gen)
             opt.zero_grad()
-            torch.nn.functional.mse_loss(net(x[idx]), y[idx]).backward()
+            loss_of(net, x[idx], y[idx]).backward()
             opt.step()
-        inner_s += time.monotonic() - t0
+            step += 1
+            inner_s += time.monotonic() - t0
+            sync.poll()
         sync.step()
-        if rank == 0:
-            with torch.no_grad():
-                loss = torch.nn.functional.mse_loss(model(x_eval), y_eval).item()
-            report(outer_step=sync.outer_step, loss=loss, worker=worker)
+    wall = time.monotonic() - began
+    if not losses:  # joined after the last outer step: it holds the final parameters
+        evaluate(sync.outer_step)
     if rank == 0:
-        wall = time.monotonic() - began
         report(
-            loss=loss,
+            loss=losses[-1],
+            floor=floor(x_eval, y_eval),
             outer_steps=sync.outer_step,
             utilisation=inner_s / wall,
             inner_s=inner_s,

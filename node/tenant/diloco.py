@@ -208,6 +208,8 @@ class DilocoRunner:
                     "MERCATO_DILOCO_WORKERS": str(len(self.workers)),
                     "MERCATO_DILOCO_INNER_STEPS": str(t.sync.inner_steps),
                     "MERCATO_DILOCO_COMPRESSION": t.sync.compression,
+                    # The last outer step: an overlapping worker waits for that one only.
+                    "MERCATO_DILOCO_OUTER_STEPS": str(self.loop.total_steps),
                 },
                 timeout_ms=self.spec.limits.trial_timeout_ms,
                 max_output_bytes=self.spec.limits.max_output_bytes,
@@ -312,7 +314,9 @@ class DilocoRunner:
                 except BlobError as e:
                     raise WorkerLost(f"{w.name}: {e}") from e
                 if w.seq == 0:
-                    answer = self.loop.join(blob.values)
+                    self.loop.join(blob.values, worker=w.name, now_ms=self.tenant.clock())
+                    await self._start_together()
+                    answer = self.loop.answer()
                 else:
                     if self.loop.done:
                         answer = self.loop.answer()
@@ -334,6 +338,19 @@ class DilocoRunner:
             follow.cancel()
             with contextlib.suppress(asyncio.CancelledError, MercatoError):
                 await follow
+
+    async def _start_together(self) -> None:
+        """Hold a join's answer until the first lease's live workers have all joined.
+
+        A worker's first inner step is where its utilisation starts counting; without
+        this, a worker whose sandbox started seconds earlier trains round 1 alone and
+        then waits for the last one at the first outer step (market.diloco.OuterLoop).
+        """
+        while not self._cancelled.is_set():
+            first = {w.name for w in self.workers if w.alive and not w.replacement}
+            if self.loop.started(first, self.tenant.clock()):
+                return
+            await asyncio.sleep(0.02)
 
     async def _follow(self, w: Worker) -> None:
         path = self.log_dir / f"{w.name}.log"

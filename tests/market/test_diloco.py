@@ -243,3 +243,31 @@ class TestOuterLoop:
         loop.join([0.0, 0.0])
         with pytest.raises(BlobError, match="parameters"):
             loop.report("a", array("f", [1.0]), now_ms=0)
+
+
+class TestStartTogether:
+    """The first lease's workers take their first inner step together: a worker whose
+    sandbox started early would otherwise finish round 1 alone and wait for the last
+    one (bench/diloco_bench.py measured 0.76-0.98 utilisation from that start skew)."""
+
+    def test_the_join_answer_waits_until_every_first_worker_has_joined(self) -> None:
+        loop = OuterLoop(total_steps=3, round_timeout_ms=20_000)
+        loop.join([0.0], worker="a", now_ms=1_000)
+        loop.join([0.0], worker="b", now_ms=2_500)
+        assert not loop.started({"a", "b", "c"}, now_ms=4_000)
+        loop.join([0.0], worker="c", now_ms=4_200)
+        assert loop.started({"a", "b", "c"}, now_ms=4_200)
+
+    def test_a_worker_that_never_joins_holds_the_start_one_round_timeout_at_most(self) -> None:
+        loop = OuterLoop(total_steps=3, round_timeout_ms=20_000)
+        loop.join([0.0], worker="a", now_ms=1_000)
+        assert not loop.started({"a", "b"}, now_ms=20_999)
+        assert loop.started({"a", "b"}, now_ms=21_000)
+
+    def test_a_replacement_joining_mid_run_does_not_wait(self) -> None:
+        loop = OuterLoop(total_steps=3, round_timeout_ms=20_000)
+        loop.join([0.0], worker="a", now_ms=0)
+        loop.report("a", array("f", [1.0]), now_ms=500)
+        loop.step()
+        loop.join([5.0], worker="r", now_ms=900)
+        assert loop.started({"a", "b"}, now_ms=900)
