@@ -16,10 +16,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from market.evidence import FORMAT, EvidenceError, totals, verify, verify_lease
+from node.cli.common import EXIT_OK
 from protocol.errors import MercatoError
-
-EXIT_OK = 0
 
 
 def add_ledger_parser(sub: Any) -> None:
@@ -90,6 +88,8 @@ def export(store: Any) -> dict[str, Any]:
     Checked with the same verifier before it is written: a store that holds something
     that does not verify (it should not) fails here, not at the payment system.
     """
+    from market.evidence import FORMAT, totals, verify_lease
+
     leases = []
     for lease in store.list_leases():
         bills = [
@@ -138,6 +138,7 @@ def cmd_ledger_export(args: argparse.Namespace) -> int:
 
 
 def cmd_ledger_verify(args: argparse.Namespace) -> int:
+    from market.evidence import EvidenceError, totals, verify
     from node.cli.tenant import _credits
 
     try:
