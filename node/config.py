@@ -36,10 +36,7 @@ class ConfigError(MercatoError):
 
 
 class _Section(BaseModel):
-    # defer_build: a section's own validator is built only if something validates the
-    # section alone; loading a config builds NodeConfig's, which holds them all, once
-    # (an idle daemon keeps every validator it built: docs/benchmarks.md, "Idle provider RSS").
-    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
 def _strip_slash(value: object) -> object:

@@ -89,7 +89,7 @@ class Store:
             raise StoreError(f"cannot open store {self.path}: {e}") from e
         try:
             # sqlite3 directly, not sqlite-utils: that library (with click, dateutil and
-            # pluggy, and numpy when installed) cost every idle daemon ~4 MB of memory
+            # pluggy, and numpy when installed) cost every idle daemon ~3 MB of memory
             # for a handful of queries (docs/benchmarks.md, "Idle provider RSS").
             self._conn = conn
             self._configure(busy_timeout_ms)
