@@ -19,7 +19,6 @@ test clusters, marked ``simulated=True`` so no advert can pass them off as hardw
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -281,6 +280,8 @@ def lookup(name: str) -> DeviceModel:
     canonical = _INDEX.get(key)
     if canonical is not None:
         return CATALOG[canonical]
+    import difflib  # only for a name nobody knows: not held by every idle daemon
+
     close = difflib.get_close_matches(key, list(_INDEX), n=8, cutoff=0.6)
     suggestions = tuple(dict.fromkeys(_INDEX[c] for c in close))[:4]
     raise UnknownDeviceModel(name, suggestions)

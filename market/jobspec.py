@@ -44,15 +44,15 @@ spent.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 import re
 from collections.abc import Hashable, Iterator, Mapping
 from decimal import ROUND_CEILING, Decimal
-from typing import Annotated, Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NamedTuple
 
-import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -69,6 +69,9 @@ from market.settlement import MICRO_PER_CREDIT
 from protocol.codec import encode
 from protocol.errors import MercatoError
 from protocol.messages import MAX_U63, Requirement
+
+if TYPE_CHECKING:
+    import yaml
 
 #: A job file larger than this is refused unread (a sweep file is a few hundred bytes).
 MAX_JOB_FILE_BYTES = 1 << 20
@@ -333,7 +336,9 @@ def _none_or(parse: Any) -> Any:
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+    # defer_build: validators built on first use. A provider daemon imports this module
+    # for a few constants and the checks of specs it is sent; an idle one builds none.
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, defer_build=True)
 
 
 def _number(value: object) -> object:
@@ -1126,9 +1131,6 @@ class JobSpec(_Model):
         return out
 
 
-Parameter.model_rebuild()
-
-
 # --- parsing ----------------------------------------------------------------------
 
 _TIMESTAMP = "tag:yaml.org,2002:timestamp"
@@ -1136,36 +1138,49 @@ _TIMESTAMP = "tag:yaml.org,2002:timestamp"
 _FLOAT_12 = re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)$")
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader without aliases, timestamps or repeated keys, and with YAML 1.2 floats."""
+@functools.cache
+def _loader() -> type[yaml.SafeLoader]:
+    """The job file's YAML loader, built on first use.
 
-    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()  # type: ignore[no-untyped-call]
-            mark: yaml.Mark | None = event.start_mark
-            raise yaml.composer.ComposerError(
-                None, None, "aliases (*name) are not allowed in a job file", mark
-            )
-        return super().compose_node(parent, index)
+    PyYAML is imported here, not at the top: a provider daemon imports this module to
+    check the specs it is sent but never parses a YAML file, and an idle daemon holds
+    every module it imports (docs/benchmarks.md, "Idle provider RSS").
+    """
+    import yaml
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, Hashable) and key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"the key {key!r} appears twice", key_node.start_mark
+    class _Loader(yaml.SafeLoader):
+        """SafeLoader without aliases, timestamps or repeated keys, and with YAML 1.2 floats."""
+
+        def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()  # type: ignore[no-untyped-call]
+                mark: yaml.Mark | None = event.start_mark
+                raise yaml.composer.ComposerError(
+                    None, None, "aliases (*name) are not allowed in a job file", mark
                 )
-            if isinstance(key, Hashable):
-                seen.add(key)
-        return super().construct_mapping(node, deep=deep)
+            return super().compose_node(parent, index)
 
+        def construct_mapping(
+            self, node: yaml.MappingNode, deep: bool = False
+        ) -> dict[Hashable, Any]:
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if isinstance(key, Hashable) and key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"the key {key!r} appears twice", key_node.start_mark
+                    )
+                if isinstance(key, Hashable):
+                    seen.add(key)
+            return super().construct_mapping(node, deep=deep)
 
-_Loader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag != _TIMESTAMP]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+.0123456789"))
+    _Loader.yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag != _TIMESTAMP]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    _Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+.0123456789"))
+    return _Loader
+
 
 # W&B sweep keys that mark a file as a plain W&B sweep (no ``sweep:`` section).
 _WANDB_KEYS = frozenset(
@@ -1192,8 +1207,10 @@ _JOB_KEYS = ("name", "kind", "sweep", "training", "service", "resources", "budge
 
 
 def _load_yaml(text: str) -> Any:
+    import yaml
+
     try:
-        return yaml.load(text, Loader=_Loader)  # _Loader is a SafeLoader
+        return yaml.load(text, Loader=_loader())  # _loader() is a SafeLoader
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(file)"

@@ -33,7 +33,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -56,12 +56,16 @@ from node.provider.executor import ResourceLimits
 from node.provider.inventory import Inventory, build_inventory
 from node.provider.sandbox import NVIDIA_CONTROL_NODES, WORK_DIR, SandboxExecutor
 from node.provider.service import ProviderService
-from node.provider.slurm import SlurmExecutor, SlurmInventory, SlurmTools, load_slurm_inventory
 from node.provider.sync import SyncService
 from node.provider.work import WorkService
 from node.store.node_store import Store
 from node.views import advert_summary
 from protocol.errors import MercatoError, RequestTimeoutError, TooLargeError
+
+if TYPE_CHECKING:
+    # Imported where executor = "slurm" is configured: an idle daemon of any other
+    # kind never loads them (tests/node/test_idle_imports.py).
+    from node.provider.slurm import SlurmExecutor, SlurmInventory, SlurmTools
 
 log = logging.getLogger("mercato.daemon")
 
@@ -223,6 +227,8 @@ class Daemon:
         slurm_inv: SlurmInventory | None = None
         slurm_tools: SlurmTools | None = None
         if config.node.role == "provider" and config.executor == "slurm":
+            from node.provider.slurm import load_slurm_inventory
+
             # What is sold is what the cluster has (node.provider.slurm); asked once, at start.
             slurm_tools, slurm_inv = load_slurm_inventory(config.slurm)
             inventory = slurm_inv.inventory
@@ -293,6 +299,8 @@ class Daemon:
             sb = config.sandbox
             executor: SandboxExecutor
             if slurm_inv is not None and slurm_tools is not None:
+                from node.provider.slurm import SlurmExecutor
+
                 slurm = SlurmExecutor(
                     home.path / "sandbox",
                     config.slurm,

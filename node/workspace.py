@@ -13,7 +13,6 @@ import fnmatch
 import hashlib
 import io
 import os
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -90,6 +89,8 @@ def pack(
                     "(let trials read them from elsewhere) or raise the limit"
                 )
             entries.append((rel, path))
+    import tarfile  # here, not at the top: an idle provider daemon never holds it
+
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for rel, path in sorted(entries):
@@ -110,7 +111,7 @@ DEFAULT_MAX_FILES = 10_000
 #: The only member types a workspace may hold: plain files and directories. GNU sparse
 #: ('S'), continuation ('7'), links, devices and FIFOs are refused: a sparse member of a
 #: few bytes in the archive expands to any size on disk (and in every trial's copy).
-_PLAIN_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.DIRTYPE)
+_PLAIN_TYPES = (b"0", b"\0", b"5")  # tarfile.REGTYPE, AREGTYPE, DIRTYPE
 
 
 def unpack(
@@ -156,6 +157,8 @@ def unpack_file(
 
 
 def _extract(fileobj: IO[bytes], target: Path, max_files: int, max_bytes: int) -> int:
+    import tarfile  # here, not at the top: an idle provider daemon never holds it
+
     target.mkdir(parents=True, exist_ok=True)
     try:
         with tarfile.open(fileobj=fileobj, mode="r:") as tar:

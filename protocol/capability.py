@@ -60,7 +60,7 @@ class Capability(BaseModel):
     ``sub`` is the tenant's own label for the holder (shown in logs, never trusted).
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, defer_build=True)
 
     v: Annotated[int, Field(ge=1, le=1)] = 1
     lease: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")]

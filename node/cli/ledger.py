@@ -16,10 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from market.evidence import FORMAT, EvidenceError, totals, verify, verify_lease
-from protocol.errors import MercatoError
-
-EXIT_OK = 0
+from node.cli.common import EXIT_OK, add_json, add_store_home
 
 
 def add_ledger_parser(sub: Any) -> None:
@@ -31,8 +28,8 @@ def add_ledger_parser(sub: Any) -> None:
         "'export FILE' writes the countersigned evidence (docs/settlement.md), "
         "'verify FILE' checks every signature and sum in such a file.",
     )
-    ledger.add_argument("--home", help="a node home (default: $MERCATO_HOME/tenant)")
-    ledger.add_argument("--json", action="store_true", help="machine-readable output")
+    add_store_home(ledger)
+    add_json(ledger)
     ledger.set_defaults(func=cmd_ledger)
     actions = ledger.add_subparsers(dest="ledger_command", required=False, metavar="ACTION")
     export = actions.add_parser("export", help="write the countersigned evidence to FILE")
@@ -47,16 +44,6 @@ def add_ledger_parser(sub: Any) -> None:
     check.set_defaults(func=cmd_ledger_verify)
 
 
-def _store_path(args: argparse.Namespace) -> Path:
-    from node.cli.tenant import _tenant_home
-
-    home = Path(args.home) if args.home else _tenant_home()
-    path = home / "node.sqlite"
-    if not path.exists():
-        raise MercatoError(f"no store at {path} (pass --home of a node or tenant)")
-    return path
-
-
 def _me(store: Any) -> str:
     """This store's node id, from the side it took in its leases ('' if it has none)."""
     for lease in store.list_leases():
@@ -65,7 +52,7 @@ def _me(store: Any) -> str:
 
 
 def cmd_ledger(args: argparse.Namespace) -> int:
-    from node.cli.tenant import _credits
+    from node.cli.tenant import _credits, _store_path
     from node.store.node_store import Store
 
     with Store(_store_path(args)) as store:
@@ -90,6 +77,8 @@ def export(store: Any) -> dict[str, Any]:
     Checked with the same verifier before it is written: a store that holds something
     that does not verify (it should not) fails here, not at the payment system.
     """
+    from market.evidence import FORMAT, totals, verify_lease
+
     leases = []
     for lease in store.list_leases():
         bills = [
@@ -124,6 +113,7 @@ def export(store: Any) -> dict[str, Any]:
 
 
 def cmd_ledger_export(args: argparse.Namespace) -> int:
+    from node.cli.tenant import _store_path
     from node.store.node_store import Store
 
     with Store(_store_path(args)) as store:
@@ -138,6 +128,7 @@ def cmd_ledger_export(args: argparse.Namespace) -> int:
 
 
 def cmd_ledger_verify(args: argparse.Namespace) -> int:
+    from market.evidence import EvidenceError, totals, verify
     from node.cli.tenant import _credits
 
     try:

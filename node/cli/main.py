@@ -8,32 +8,34 @@ Developers: ``mercato cluster up|status|down``.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
 
-from node.cli.cluster import cmd_cluster_down, cmd_cluster_status, cmd_cluster_up
-from node.cli.common import EXIT_ERROR
-from node.cli.provider import cmd_provider_prices, cmd_provider_run, cmd_provider_status
-from node.cli.tenant import (
-    cmd_cancel,
-    cmd_evidence,
-    cmd_jobs,
-    cmd_leases,
-    cmd_logs,
-    cmd_market,
-    cmd_order,
-    cmd_plan,
-    cmd_results,
-    cmd_resume,
-    cmd_serve,
-    cmd_status,
-    cmd_submit,
-    cmd_token,
-)
+from node.cli.common import EXIT_ERROR, add_job, add_json, add_peer, add_store_home
 from protocol.errors import MercatoError
+
+
+@dataclass(frozen=True)
+class _Command:
+    """The command ``node.cli.<module>.<name>``, imported when it runs.
+
+    `mercato provider run` is a daemon that runs for months: it never loads the
+    tenant's or the cluster's commands (tests/node/test_idle_imports.py).
+    """
+
+    module: Literal["provider", "tenant", "cluster"]
+    name: str
+
+    def __call__(self, args: argparse.Namespace) -> int:
+        command: Callable[[argparse.Namespace], int] = getattr(
+            importlib.import_module(f"node.cli.{self.module}"), self.name
+        )
+        return command(args)
 
 
 def _model_floor(text: str) -> tuple[str, int]:
@@ -102,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--config", required=True, help="path to provider.toml")
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    run.set_defaults(func=cmd_provider_run)
+    run.set_defaults(func=_Command("provider", "cmd_provider_run"))
     pst = prov_sub.add_parser(
         "status",
         help="devices, leases, tasks and earnings of this provider",
@@ -121,8 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
         where = sp.add_mutually_exclusive_group()
         where.add_argument("--config", help="the daemon's provider.toml (finds its home)")
         where.add_argument("--home", help="the daemon's home (default: $MERCATO_HOME)")
-        sp.add_argument("--json", action="store_true", help="machine-readable output")
-    pst.set_defaults(func=cmd_provider_status)
+        add_json(sp)
+    pst.set_defaults(func=_Command("provider", "cmd_provider_status"))
     prc.add_argument(
         "--set",
         action="append",
@@ -133,16 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
     prc.add_argument(
         "--reset", action="store_true", help="drop every earlier --set: back to the config"
     )
-    prc.set_defaults(func=cmd_provider_prices)
+    prc.set_defaults(func=_Command("provider", "cmd_provider_prices"))
 
     market = sub.add_parser(
         "market",
         help="show the providers and prices the network advertises",
         description="Fetch the advert directory from a peer, verify every signature, show it.",
     )
-    market.add_argument("--peer", help="a node's URL (default: $MERCATO_PEER or local cluster)")
-    market.add_argument("--json", action="store_true", help="machine-readable output")
-    market.set_defaults(func=cmd_market)
+    add_peer(market)
+    add_json(market)
+    market.set_defaults(func=_Command("tenant", "cmd_market"))
 
     submit = sub.add_parser(
         "submit",
@@ -155,11 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("job", help="path to the job YAML (its directory is the workspace)")
     submit.add_argument("--parallel", type=int, default=8, help="trials at once (default 8)")
     submit.add_argument("--seed", type=int, help="search seed (default: random, stored)")
-    submit.add_argument("--peer", help="a node's URL (default: $MERCATO_PEER or local cluster)")
+    add_peer(submit)
     submit.add_argument("--quiet", action="store_true", help="no live progress view")
-    submit.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_json(submit, "print the summary as JSON")
     _wait_options(submit)
-    submit.set_defaults(func=cmd_submit)
+    submit.set_defaults(func=_Command("tenant", "cmd_submit"))
 
     serve_p = sub.add_parser(
         "serve",
@@ -173,9 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve_p.add_argument("job", help="path to the job YAML (its directory is the workspace)")
     serve_p.add_argument("--host", default="127.0.0.1", help="gateway address (default loopback)")
     serve_p.add_argument("--port", type=int, default=0, help="gateway port (default: any free)")
-    serve_p.add_argument("--peer", help="a node's URL (default: $MERCATO_PEER or local cluster)")
-    serve_p.add_argument("--json", action="store_true", help="print the gateway as a JSON line")
-    serve_p.set_defaults(func=cmd_serve)
+    add_peer(serve_p)
+    add_json(serve_p, "print the gateway as a JSON line")
+    serve_p.set_defaults(func=_Command("tenant", "cmd_serve"))
 
     token_p = sub.add_parser(
         "token",
@@ -189,8 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     token_p.add_argument("--methods", default="GET,POST", help="comma-separated (GET,POST)")
     token_p.add_argument("--path", default="/", help="allowed path prefix (default /)")
     token_p.add_argument("--sub", default="", help="a label for the holder (logs only)")
-    token_p.add_argument("--json", action="store_true")
-    token_p.set_defaults(func=cmd_token)
+    add_json(token_p)
+    token_p.set_defaults(func=_Command("tenant", "cmd_token"))
 
     plan_p = sub.add_parser(
         "plan",
@@ -200,21 +202,21 @@ def build_parser() -> argparse.ArgumentParser:
         "with expected runtime and cost, or what is missing. Exit 1 if it cannot be placed.",
     )
     plan_p.add_argument("job", help="path to the job YAML")
-    plan_p.add_argument("--peer", help="a node's URL (default: $MERCATO_PEER or local cluster)")
-    plan_p.add_argument("--json", action="store_true")
+    add_peer(plan_p)
+    add_json(plan_p)
     plan_p.add_argument(
         "--parallel", type=int, default=8, help="trials at once, for the estimate (default 8)"
     )
-    plan_p.set_defaults(func=cmd_plan)
+    plan_p.set_defaults(func=_Command("tenant", "cmd_plan"))
 
     resume = sub.add_parser("resume", help="continue a job after the tenant stopped")
-    resume.add_argument("job", help="job id (or a unique prefix)")
+    add_job(resume)
     resume.add_argument("--parallel", type=int, default=8)
-    resume.add_argument("--peer", help="a node's URL (default: $MERCATO_PEER or local cluster)")
+    add_peer(resume)
     resume.add_argument("--quiet", action="store_true")
-    resume.add_argument("--json", action="store_true")
+    add_json(resume)
     _wait_options(resume)
-    resume.set_defaults(func=cmd_resume)
+    resume.set_defaults(func=_Command("tenant", "cmd_resume"))
 
     cancel = sub.add_parser(
         "cancel",
@@ -223,9 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(`submit` or `resume`) notices within a second, cancels its trials on the "
         "providers, releases every lease (paying the time used) and exits.",
     )
-    cancel.add_argument("job", help="job id (or a unique prefix)")
-    cancel.add_argument("--json", action="store_true", help="machine-readable output")
-    cancel.set_defaults(func=cmd_cancel)
+    add_job(cancel)
+    add_json(cancel)
+    cancel.set_defaults(func=_Command("tenant", "cmd_cancel"))
 
     jobs_p = sub.add_parser(
         "jobs",
@@ -233,8 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Every job in the tenant's store ($MERCATO_HOME/tenant): its state, "
         "trial counts by state, best value and spend so far.",
     )
-    jobs_p.add_argument("--json", action="store_true", help="machine-readable output")
-    jobs_p.set_defaults(func=cmd_jobs)
+    add_json(jobs_p)
+    jobs_p.set_defaults(func=_Command("tenant", "cmd_jobs"))
 
     status = sub.add_parser(
         "status",
@@ -243,9 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
         "ones), best trial, spend, and a table of its trials with their parameters, "
         "value, provider and detail.",
     )
-    status.add_argument("job", help="job id (or a unique prefix)")
-    status.add_argument("--json", action="store_true", help="machine-readable output")
-    status.set_defaults(func=cmd_status)
+    add_job(status)
+    add_json(status)
+    status.set_defaults(func=_Command("tenant", "cmd_status"))
 
     logs = sub.add_parser(
         "logs",
@@ -253,9 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="What one trial printed (stdout and stderr, as the provider streamed "
         "it), from the tenant's copy under $MERCATO_HOME/tenant/jobs/JOB/logs.",
     )
-    logs.add_argument("job", help="job id (or a unique prefix)")
+    add_job(logs)
     logs.add_argument("trial", type=int, help="trial number")
-    logs.set_defaults(func=cmd_logs)
+    logs.set_defaults(func=_Command("tenant", "cmd_logs"))
 
     results = sub.add_parser(
         "results",
@@ -264,11 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
         "summary, --json (a list of trials), or --csv (one column per parameter; nested "
         "parameters as dotted columns such as opt.lr).",
     )
-    results.add_argument("job", help="job id (or a unique prefix)")
+    add_job(results)
     fmt = results.add_mutually_exclusive_group()
-    fmt.add_argument("--json", action="store_true", help="machine-readable output")
+    add_json(fmt)
     fmt.add_argument("--csv", action="store_true", help="CSV, one row per trial")
-    results.set_defaults(func=cmd_results)
+    results.set_defaults(func=_Command("tenant", "cmd_results"))
 
     evid = sub.add_parser(
         "evidence",
@@ -278,9 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
         "command and workspace hash to re-run it, the providers dropped and the payments "
         "refused. --json adds every check, agreed ones too.",
     )
-    evid.add_argument("job", help="job id (or a unique prefix)")
-    evid.add_argument("--json", action="store_true", help="include every check")
-    evid.set_defaults(func=cmd_evidence)
+    add_job(evid)
+    add_json(evid, "include every check")
+    evid.set_defaults(func=_Command("tenant", "cmd_evidence"))
 
     order = sub.add_parser(
         "order",
@@ -308,18 +310,18 @@ def build_parser() -> argparse.ArgumentParser:
     order.add_argument("-k", type=int, default=8, help="providers to ask (default 8)")
     order.add_argument("--hold", type=float, default=0.0, help="seconds to hold the leases")
     order.add_argument("--keep", action="store_true", help="do not release the leases")
-    order.add_argument("--peer", help="a node's URL (default: $MERCATO_PEER or local cluster)")
-    order.add_argument("--json", action="store_true", help="machine-readable output")
-    order.set_defaults(func=cmd_order)
+    add_peer(order)
+    add_json(order)
+    order.set_defaults(func=_Command("tenant", "cmd_order"))
 
     leases = sub.add_parser(
         "leases",
         help="list leases and receipts from a node's or the tenant's store",
         description="Leases held on either side with their receipts and the ledger balance.",
     )
-    leases.add_argument("--home", help="a node home (default: $MERCATO_HOME/tenant)")
-    leases.add_argument("--json", action="store_true", help="machine-readable output")
-    leases.set_defaults(func=cmd_leases)
+    add_store_home(leases)
+    add_json(leases)
+    leases.set_defaults(func=_Command("tenant", "cmd_leases"))
 
     from node.cli.ledger import add_ledger_parser
 
@@ -337,12 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
     cup.add_argument(
         "--advert-ttl", type=float, default=6.0, help="advert lifetime in seconds (default 6)"
     )
-    cup.set_defaults(func=cmd_cluster_up)
+    cup.set_defaults(func=_Command("cluster", "cmd_cluster_up"))
     cst = cl_sub.add_parser("status", help="list each node with pid, address, devices, health")
-    cst.add_argument("--json", action="store_true", help="machine-readable output")
-    cst.set_defaults(func=cmd_cluster_status)
+    add_json(cst)
+    cst.set_defaults(func=_Command("cluster", "cmd_cluster_status"))
     cdn = cl_sub.add_parser("down", help="stop every node of the local cluster")
-    cdn.set_defaults(func=cmd_cluster_down)
+    cdn.set_defaults(func=_Command("cluster", "cmd_cluster_down"))
     return p
 
 

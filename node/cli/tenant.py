@@ -121,6 +121,15 @@ def _tenant_home() -> Path:
     return resolve_home() / "tenant"
 
 
+def _store_path(args: argparse.Namespace) -> Path:
+    """The store of ``--home`` (default: the tenant's), which must exist: for reading."""
+    home = Path(args.home) if args.home else _tenant_home()
+    path = home / "node.sqlite"
+    if not path.exists():
+        raise MercatoError(f"no store at {path} (pass --home of a node or tenant)")
+    return path
+
+
 async def _order(args: argparse.Namespace) -> dict[str, Any]:
     import hashlib
 
@@ -221,10 +230,7 @@ def cmd_leases(args: argparse.Namespace) -> int:
     from node.store.node_store import ReceiptRow, Store
     from node.views import lease_summary
 
-    home = Path(args.home) if args.home else _tenant_home()
-    path = home / "node.sqlite"
-    if not path.exists():
-        raise MercatoError(f"no store at {path} (pass --home of a node or tenant)")
+    path = _store_path(args)
     with Store(path) as store:
         leases = store.list_leases()
         receipts: dict[str, list[ReceiptRow]] = {}
@@ -256,7 +262,7 @@ def cmd_leases(args: argparse.Namespace) -> int:
         return EXIT_OK
     from rich.table import Table
 
-    table = Table(title=f"Leases ({home})")
+    table = Table(title=f"Leases ({path.parent})")
     for col in ("lease", "side", "counterparty", "units", "price (cr/dev-h)", "state", "paid"):
         table.add_column(col)
     for r in rows:

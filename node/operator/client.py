@@ -20,8 +20,7 @@ from typing import TYPE_CHECKING
 from pydantic import JsonValue, ValidationError
 
 from node.home import READY_FILE
-from node.operator.document import StatusDocument, offline_status, ready_info
-from node.operator.page import STATUS_PATH
+from node.operator.document import STATUS_PATH, StatusDocument, offline_status, ready_info
 from node.operator.prices import PRICES_PATH, PricesAnswer
 from protocol.envelope import seal
 from protocol.errors import MercatoError, error_from_code

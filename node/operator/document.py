@@ -53,6 +53,8 @@ LOOPBACK: tuple[Network, ...] = (
     ipaddress.IPv6Network("::1/128"),
 )
 
+#: Where the daemon serves this document as JSON (node.operator.status_page).
+STATUS_PATH = "/status.json"
 #: Task rows kept in the document; plots use every finished task listed.
 MAX_TASKS = 1000
 MAX_LEASES = 200
@@ -67,9 +69,12 @@ Metric = int | float
 
 
 class View(BaseModel):
-    """A part of the document: frozen, and a field nobody declared is an error."""
+    """A part of the document: frozen, and a field nobody declared is an error.
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    defer_build: built when a status is first asked for, not by an idle daemon.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
 
 class PeerView(View):

@@ -12,13 +12,12 @@ from dataclasses import dataclass
 
 from markupsafe import Markup
 
-from node.operator.document import StatusDocument, SweepView
+from node.operator.document import STATUS_PATH, StatusDocument, SweepView
 from node.operator.plots import sweep_plots
 from node.operator.templating import ENV
 
 #: Task rows drawn on the page (the plots still use every finished task of the document).
 MAX_TASK_ROWS = 200
-STATUS_PATH = "/status.json"
 
 
 @dataclass(frozen=True)

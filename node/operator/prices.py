@@ -40,7 +40,7 @@ MAX_CONTROL_BYTES = 64 * 1024
 class SavedFloor(BaseModel):
     """An operator's floor for a model, with the config floors it replaced."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     floor: NonNegativeInt
     config: list[int]
@@ -49,7 +49,7 @@ class SavedFloor(BaseModel):
 class PricesAnswer(BaseModel):
     """What ``POST /control/prices`` answers: the floors in effect after the update."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     floors: dict[str, int]
     prices: list[PriceView]

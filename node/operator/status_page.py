@@ -24,8 +24,7 @@ from aiohttp import web
 
 from node.net.http import error_response as _error
 from node.net.http import read_capped as _read_capped
-from node.operator.document import StatusSource, collect
-from node.operator.page import STATUS_PATH, render_page
+from node.operator.document import STATUS_PATH, StatusDocument, StatusSource, collect
 from node.operator.prices import MAX_CONTROL_BYTES, PRICES_PATH, apply_price_update
 from protocol.errors import ForbiddenError, MercatoError, http_status
 
@@ -52,6 +51,19 @@ def _check_allowed(source: StatusSource, request: web.Request) -> None:
         )
 
 
+def _render(doc: StatusDocument, refresh_s: int) -> str:
+    """The HTML page of ``doc``.
+
+    The page module (Jinja2, its templates, the plots) loads on the first request, in
+    this worker thread: a daemon nobody looks at never holds it (~2.5 MB resident,
+    docs/benchmarks.md, "Idle provider RSS"), and the first look does not stall the
+    event loop on the import.
+    """
+    from node.operator.page import render_page
+
+    return render_page(doc, refresh_s=refresh_s)
+
+
 async def handle_page(request: web.Request) -> web.Response:
     source = request.app[STATUS_KEY]
     try:
@@ -59,7 +71,8 @@ async def handle_page(request: web.Request) -> web.Response:
     except ForbiddenError as e:
         return web.Response(status=http_status(e), text=e.reason + "\n")
     # Drawing a page of a thousand trials takes a while: not on the event loop.
-    body = await asyncio.to_thread(render_page, collect(source), refresh_s=source.refresh_s)
+    # The document is collected here, on the loop that owns the state it reads.
+    body = await asyncio.to_thread(_render, collect(source), source.refresh_s)
     return web.Response(
         text=body,
         content_type="text/html",

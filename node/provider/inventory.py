@@ -77,7 +77,7 @@ Positive = Annotated[int, Field(ge=1, le=MAX_U63)]
 class DeviceDecl(BaseModel):
     """One ``[[devices]]`` entry: identical devices sold at one price floor."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, defer_build=True)
 
     model: str  # catalog name or alias; stored as the canonical catalog name
     count: Annotated[int, Field(ge=1, le=MAX_GROUP_SIZE)]
@@ -105,7 +105,7 @@ class DeviceDecl(BaseModel):
 class InterconnectDecl(BaseModel):
     """The ``[interconnect]`` section: the fabric the provider's devices share."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, defer_build=True)
 
     kind: FabricKind
     bandwidth: Annotated[int, Field(ge=0, le=MAX_U63)] | None = None  # bytes/s per direction

@@ -76,16 +76,16 @@ class JobStore:
         self.store._execute(f"INSERT INTO jobs ({cols}) VALUES ({marks})", tuple(row.values()))
 
     def get_job(self, job_id: str) -> JobRow | None:
-        rows = list(self.store._db.query("SELECT * FROM jobs WHERE job_id = ?", [job_id]))
+        rows = list(self.store._query("SELECT * FROM jobs WHERE job_id = ?", [job_id]))
         return _job_row(rows[0]) if rows else None
 
     def find_job(self, prefix: str) -> JobRow | None:
         """A job by id or unique id prefix."""
-        rows = list(self.store._db.query("SELECT * FROM jobs WHERE job_id LIKE ? || '%'", [prefix]))
+        rows = list(self.store._query("SELECT * FROM jobs WHERE job_id LIKE ? || '%'", [prefix]))
         return _job_row(rows[0]) if len(rows) == 1 else None
 
     def list_jobs(self) -> list[JobRow]:
-        return [_job_row(r) for r in self.store._db.query("SELECT * FROM jobs ORDER BY created_ms")]
+        return [_job_row(r) for r in self.store._query("SELECT * FROM jobs ORDER BY created_ms")]
 
     def set_job_state(self, job_id: str, state: JobState, now_ms: int, detail: str = "") -> None:
         """Move a job along market.lifecycle.JOB (IllegalTransitionError otherwise)."""
@@ -155,14 +155,12 @@ class JobStore:
         return True
 
     def trials(self, job_id: str) -> list[TrialRow]:
-        rows = self.store._db.query(
-            "SELECT * FROM trials WHERE job_id = ? ORDER BY number", [job_id]
-        )
+        rows = self.store._query("SELECT * FROM trials WHERE job_id = ? ORDER BY number", [job_id])
         return [_trial_row(r) for r in rows]
 
     def trial(self, job_id: str, number: int) -> TrialRow | None:
         rows = list(
-            self.store._db.query(
+            self.store._query(
                 "SELECT * FROM trials WHERE job_id = ? AND number = ?", [job_id, number]
             )
         )

@@ -1,4 +1,4 @@
-"""The node's SQLite store: one file per node, opened through sqlite-utils.
+"""The node's SQLite store: one file per node, through the standard library's sqlite3.
 
 The schema version is SQLite's ``PRAGMA user_version``; ``MIGRATIONS[n - 1]`` takes a
 store from version ``n - 1`` to ``n``. Each migration runs in its own ``BEGIN
@@ -17,11 +17,10 @@ import contextlib
 import hashlib
 import json
 import sqlite3
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 from market.lifecycle import LEASE, LeaseState
 from node.store.schema import (
@@ -64,30 +63,6 @@ class StoredAdvert:
     envelope: bytes
 
 
-def _import_sqlite_utils() -> Any:
-    """sqlite_utils, imported without numpy or pandas.
-
-    sqlite-utils imports numpy and pandas when they are installed (optuna brings numpy)
-    only to map their scalar types to column types on insert, which this store never
-    does; numpy alone is ~15 MB of resident memory in every idle provider daemon
-    (tests/node/test_idle_imports.py). While sqlite_utils is imported they are hidden
-    from it (``sys.modules[name] = None`` makes ``import name`` raise ImportError), then
-    visible again to whoever imports them later. Where one is already loaded (a tenant
-    that ran optuna first) nothing is hidden and sqlite-utils uses it as usual.
-    """
-    if "sqlite_utils" in sys.modules:
-        return sys.modules["sqlite_utils"]
-    hidden = [name for name in ("numpy", "pandas") if name not in sys.modules]
-    for name in hidden:
-        sys.modules[name] = None  # type: ignore[assignment]
-    try:
-        import sqlite_utils
-    finally:
-        for name in hidden:
-            del sys.modules[name]
-    return sqlite_utils
-
-
 class Store:
     """The node's SQLite store (WAL journal, foreign keys on, migrated on open)."""
 
@@ -113,7 +88,10 @@ class Store:
         except sqlite3.Error as e:
             raise StoreError(f"cannot open store {self.path}: {e}") from e
         try:
-            self._db: Any = _import_sqlite_utils().Database(conn, execute_plugins=False)
+            # sqlite3 directly, not sqlite-utils: that library (with click, dateutil and
+            # pluggy, and numpy when installed) cost every idle daemon ~3 MB of memory
+            # for a handful of queries (docs/benchmarks.md, "Idle provider RSS").
+            self._conn = conn
             self._configure(busy_timeout_ms)
             self._migrate()
         except sqlite3.DatabaseError as e:
@@ -149,7 +127,7 @@ class Store:
                 self._execute("COMMIT")
             except BaseException as e:
                 # Some errors (disk full, I/O) make SQLite roll back by itself.
-                if self._db.conn.in_transaction:
+                if self._conn.in_transaction:
                     self._execute("ROLLBACK")
                 if isinstance(e, sqlite3.Error):
                     raise MigrationError(
@@ -166,7 +144,14 @@ class Store:
             )
 
     def _execute(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
-        return cast(sqlite3.Cursor, self._db.execute(sql, params))
+        return self._conn.execute(sql, params)
+
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> Iterator[dict[str, Any]]:
+        """The rows of a SELECT, each a dict from column name to value."""
+        cursor = self._execute(sql, params)
+        names = [d[0] for d in cursor.description]
+        for row in cursor:
+            yield dict(zip(names, row, strict=True))
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -175,7 +160,7 @@ class Store:
         try:
             yield
         except BaseException:
-            if self._db.conn.in_transaction:
+            if self._conn.in_transaction:
                 self._execute("ROLLBACK")
             raise
         self._execute("COMMIT")
@@ -190,13 +175,13 @@ class Store:
     @property
     def journal_mode(self) -> str:
         """The journal mode in effect (``"wal"`` unless the file system cannot do WAL)."""
-        return str(self._db.journal_mode)
+        return str(self._execute("PRAGMA journal_mode").fetchone()[0])
 
     def close(self) -> None:
         """Close the connection; closing twice is harmless."""
         if not self._closed:
             self._closed = True
-            self._db.close()
+            self._conn.close()
 
     def __enter__(self) -> Store:
         return self
@@ -247,8 +232,8 @@ class Store:
 
     def list_peers(self, role: PeerRole | None = None) -> list[Peer]:
         """Known peers ordered by node id, optionally only those with ``role``."""
-        where, params = ("role = ?", [role]) if role is not None else (None, [])
-        rows = self._db["peers"].rows_where(where, params, order_by="node_id")
+        where, params = ("WHERE role = ?", [role]) if role is not None else ("", [])
+        rows = self._query(f"SELECT * FROM peers {where} ORDER BY node_id", params)
         return [Peer(**row) for row in rows]
 
     def remove_peer(self, node_id: str) -> bool:
@@ -283,7 +268,7 @@ class Store:
 
     def get_adverts(self, now_ms: int) -> list[StoredAdvert]:
         """Adverts not yet expired at ``now_ms`` (``expires_ms > now_ms``), by provider."""
-        rows = self._db.query(
+        rows = self._query(
             """
             SELECT provider, seq, expires_ms, received_ms, envelope FROM adverts
             WHERE expires_ms > ? ORDER BY provider
@@ -364,12 +349,12 @@ class Store:
         return True
 
     def get_lease(self, lease_id: str) -> LeaseRow | None:
-        rows = list(self._db.query("SELECT * FROM leases WHERE lease_id = ?", [lease_id]))
+        rows = list(self._query("SELECT * FROM leases WHERE lease_id = ?", [lease_id]))
         return _lease_row(rows[0]) if rows else None
 
     def list_leases(self, state: LeaseState | None = None) -> list[LeaseRow]:
         where, params = ("WHERE state = ?", [LeaseState(state).value]) if state else ("", [])
-        rows = self._db.query(f"SELECT * FROM leases {where} ORDER BY start_ms, lease_id", params)
+        rows = self._query(f"SELECT * FROM leases {where} ORDER BY start_ms, lease_id", params)
         return [_lease_row(r) for r in rows]
 
     # --- receipts and ledger --------------------------------------------------------
@@ -427,7 +412,7 @@ class Store:
             clauses.append("kind = ?")
             params.append(kind)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        rows = self._db.query(f"SELECT * FROM receipts {where} ORDER BY created_ms", params)
+        rows = self._query(f"SELECT * FROM receipts {where} ORDER BY created_ms", params)
         return [ReceiptRow(**r) for r in rows]
 
     def lease_paid(self, lease_id: str) -> int:
@@ -461,20 +446,20 @@ class Store:
                 },
             )
 
-        for r in self._db.query(
+        for r in self._query(
             "SELECT counterparty, COUNT(*) AS n, SUM(amount) AS booked FROM ledger"
             " GROUP BY counterparty"
         ):
             e = entry(r["counterparty"])
             e["lines"], e["booked"] = r["n"], r["booked"]
-        for r in self._db.query(
+        for r in self._query(
             "SELECT lease_id, provider, tenant, MAX(amount) AS top FROM receipts GROUP BY lease_id"
         ):
             other = r["tenant"] if r["provider"] == me else r["provider"]
             unsigned = r["top"] - self.lease_paid(r["lease_id"])
             if unsigned > 0:
                 entry(other)["unsigned"] += unsigned
-        for r in self._db.query("SELECT * FROM counterparties"):
+        for r in self._query("SELECT * FROM counterparties"):
             e = entry(r["node_id"])
             e["lapsed"], e["refused"] = r["lapsed"], r["refused"]
         return sorted(out.values(), key=lambda e: str(e["counterparty"]))
@@ -498,7 +483,7 @@ class Store:
         )
 
     def counterparty(self, node_id: str) -> dict[str, Any] | None:
-        rows = list(self._db.query("SELECT * FROM counterparties WHERE node_id = ?", [node_id]))
+        rows = list(self._query("SELECT * FROM counterparties WHERE node_id = ?", [node_id]))
         return rows[0] if rows else None
 
     def set_lease_end_reason(self, lease_id: str, reason: str) -> None:
@@ -512,7 +497,7 @@ class Store:
         return int(row[0])
 
     def ledger(self) -> list[dict[str, Any]]:
-        return list(self._db.query("SELECT * FROM ledger ORDER BY ts_ms, receipt_hash"))
+        return list(self._query("SELECT * FROM ledger ORDER BY ts_ms, receipt_hash"))
 
     # --- reputation -----------------------------------------------------------------
 
@@ -529,7 +514,7 @@ class Store:
         )
 
     def reputation(self) -> dict[str, dict[str, int]]:
-        rows = self._db.query("SELECT * FROM reputation")
+        rows = self._query("SELECT * FROM reputation")
         return {r.pop("provider"): r for r in rows}
 
 

@@ -96,7 +96,7 @@ class VerifyStore:
 
     def add_vote(self, check_id: int, vote: Vote, now_ms: int) -> None:
         rows = list(
-            self.store._db.query("SELECT votes FROM verify_checks WHERE check_id = ?", [check_id])
+            self.store._query("SELECT votes FROM verify_checks WHERE check_id = ?", [check_id])
         )
         votes = [*json.loads(rows[0]["votes"]), vote.to_json()]
         self.store._execute(
@@ -111,7 +111,7 @@ class VerifyStore:
         )
 
     def checks(self, job_id: str) -> list[dict[str, Any]]:
-        rows = self.store._db.query(
+        rows = self.store._query(
             "SELECT * FROM verify_checks WHERE job_id = ? ORDER BY check_id", [job_id]
         )
         out = []
@@ -124,7 +124,7 @@ class VerifyStore:
 
     def verified_numbers(self, job_id: str) -> set[int]:
         """Trials of ``job_id`` whose stored result a check confirmed."""
-        rows = self.store._db.query(
+        rows = self.store._query(
             "SELECT number FROM verify_checks WHERE job_id = ? AND verdict IN "
             "('agreed', 'check_lied', 'original_lied')",
             [job_id],
@@ -135,7 +135,7 @@ class VerifyStore:
 
     def trust(self, provider: str) -> Trust:
         rows = list(
-            self.store._db.query(
+            self.store._query(
                 "SELECT streak, verified, caught FROM verify_trust WHERE provider = ?", [provider]
             )
         )
@@ -167,16 +167,14 @@ class VerifyStore:
 
     def vetted(self, provider: str) -> bool:
         """Whether ``provider`` passed this tenant's canary before."""
-        rows = self.store._db.query(
+        rows = self.store._query(
             "SELECT 1 FROM verify_trust WHERE provider = ? AND canary_ms IS NOT NULL",
             [provider],
         )
         return bool(list(rows))
 
     def dropped(self) -> set[str]:
-        rows = self.store._db.query(
-            "SELECT provider FROM verify_trust WHERE dropped_ms IS NOT NULL"
-        )
+        rows = self.store._query("SELECT provider FROM verify_trust WHERE dropped_ms IS NOT NULL")
         return {r["provider"] for r in rows}
 
     # --- measured speed ---------------------------------------------------------
@@ -196,7 +194,7 @@ class VerifyStore:
         )
 
     def durations(self) -> list[tuple[str, str, int]]:
-        rows = self.store._db.query(
+        rows = self.store._query(
             "SELECT provider, trial, wall_ms FROM trial_durations "
             "ORDER BY recorded_ms DESC LIMIT ?",
             [self.MAX_DURATIONS],
@@ -217,11 +215,11 @@ class VerifyStore:
         )
 
     def refused(self, job_id: str | None = None) -> list[dict[str, Any]]:
-        rows = self.store._db.query("SELECT * FROM refused_payments ORDER BY created_ms")
+        rows = self.store._query("SELECT * FROM refused_payments ORDER BY created_ms")
         return [dict(r) for r in rows if job_id is None or r["job_id"] == job_id]
 
     def is_refused(self, lease_id: str) -> bool:
-        rows = self.store._db.query("SELECT 1 FROM refused_payments WHERE lease_id = ?", [lease_id])
+        rows = self.store._query("SELECT 1 FROM refused_payments WHERE lease_id = ?", [lease_id])
         return bool(list(rows))
 
 

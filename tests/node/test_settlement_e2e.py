@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,21 +19,19 @@ import pytest
 
 from node.config import NodeConfig, NodeSection, SettlementSection
 from node.daemon import Daemon
-from node.net.transport import HttpTransport
 from node.provider.inventory import DeviceDecl
-from node.store.node_store import LeaseRow, Store
+from node.store.node_store import LeaseRow
 from node.tenant.client import Tenant
 from node.tenant.taskclient import TaskClient
 from node.workspace import pack
 from protocol.envelope import Envelope
 from protocol.errors import PeerTimeoutError
-from protocol.identity import Identity
 from protocol.messages import DebitNote, Requirement, TaskAssign
+from tests.node.tenant.sellside import Closers, new_tenant
 
 JOB = hashlib.sha256(b"test_settlement_e2e").hexdigest()
 INTERVAL_MS = 1_000
 TIMEOUT_MS = 1_000
-Closers = list[Callable[[], Awaitable[None]]]
 
 
 class NeverCountersigns(Tenant):
@@ -66,18 +64,10 @@ async def provider(tmp_path: Path, closers: Closers, max_unpaid: int = 0) -> Dae
 async def tenant_of(
     tmp_path: Path, closers: Closers, cls: type[Tenant] = Tenant, name: str = "tenant"
 ) -> Tenant:
-    transport = HttpTransport()
-    store = Store(tmp_path / f"{name}.sqlite")
-
-    async def close() -> None:
-        await transport.close()
-        store.close()
-
-    closers.append(close)
-    return cls(
-        Identity.generate(),
-        store,
-        transport,
+    return new_tenant(
+        tmp_path / f"{name}.sqlite",
+        closers,
+        cls,
         debit_interval_ms=INTERVAL_MS,
         payment_timeout_ms=TIMEOUT_MS,
     )

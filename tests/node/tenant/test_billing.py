@@ -11,35 +11,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 
-from market.bidding import BidEngine, devices_from_groups
+from market.bidding import BidEngine
 from market.settlement import amount_owed
-from node.daemon import build_app
-from node.net.node import Node, NodeSettings
-from node.net.transport import HttpTransport
-from node.provider.inventory import DeviceDecl, build_inventory
+from node.net.node import Node
+from node.provider.inventory import DeviceDecl
 from node.provider.service import ProviderService
 from node.store.node_store import Store
 from node.tenant.client import ReceiptRejected, Tenant
 from node.tenant.taskclient import TaskClient
 from protocol.envelope import Envelope
 from protocol.errors import MercatoError
-from protocol.identity import Identity
 from protocol.messages import Accept, Award, Body, Requirement, TaskAssign, TaskQuery, TaskStatus
+from tests.node.tenant.sellside import Closers, Server, new_tenant, start_sell_side
 
 JOB = hashlib.sha256(b"test_billing").hexdigest()
 # 5 credits per device-hour: 30 days of one device is 3,600 credits.
 PRICEY = DeviceDecl(model="RTX-4090", count=1, price_floor=5_000_000, simulated=True)
 DAY_MS = 86_400_000
-
-Closers = list[Callable[[], Awaitable[None]]]
 
 
 class BackdatingProvider(ProviderService):
@@ -77,44 +70,11 @@ class StallingProvider(ProviderService):
         return TaskStatus(lease_id=q.lease_id, task_id=q.task_id, state="running")
 
 
-@dataclass
-class Server:
-    address: str
-    node_id: str
-    store: Store
-
-
 async def start_provider(
     store_path: Path, stack: Closers, service: type[ProviderService] = ProviderService
 ) -> Server:
-    """The daemon's wiring (node.daemon.Daemon.start) with ``service`` as the sell side."""
-    identity = Identity.generate()
-    store = Store(store_path)
-    transport = HttpTransport()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    address = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    node = Node(identity, NodeSettings(role="provider", address=address), transport)
-    inventory = build_inventory([PRICEY], detect=False)
-    engine = BidEngine(
-        identity.node_id,
-        devices_from_groups(inventory.device_groups(free=set(inventory.ids))),
-        inventory.interconnect_message(),
-    )
-    service(node, engine, store).start()
-    runner = web.AppRunner(build_app(node, {"node_id": identity.node_id}), access_log=None)
-    await runner.setup()
-    await web.SockSite(runner, sock).start()
-    await node.start()
-
-    async def close() -> None:
-        await runner.cleanup()
-        await node.close()
-        await transport.close()
-        store.close()
-
-    stack.append(close)
-    return Server(address, identity.node_id, store)
+    """The daemon's wiring with ``service`` as the sell side, selling PRICEY."""
+    return await start_sell_side(store_path, stack, PRICEY, service)
 
 
 @pytest.fixture
@@ -127,15 +87,7 @@ async def closers() -> AsyncIterator[Closers]:
 
 @pytest.fixture
 async def tenant(tmp_path: Path, closers: Closers) -> Tenant:
-    transport = HttpTransport()
-    store = Store(tmp_path / "tenant.sqlite")
-
-    async def close() -> None:
-        await transport.close()
-        store.close()
-
-    closers.append(close)
-    return Tenant(Identity.generate(), store, transport)
+    return new_tenant(tmp_path / "tenant.sqlite", closers)
 
 
 class TestBackdatingProvider:

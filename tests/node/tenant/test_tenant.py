@@ -11,27 +11,23 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 
-from market.bidding import BidEngine, ProviderLease, devices_from_groups
+from market.bidding import BidEngine, ProviderLease
 from market.lifecycle import LeaseState
 from market.settlement import amount_owed
 from node.config import NodeConfig, NodeSection
-from node.daemon import Daemon, build_app
-from node.net.node import Node, NodeSettings
-from node.net.transport import HttpTransport
-from node.provider.inventory import DeviceDecl, build_inventory
+from node.daemon import Daemon
+from node.net.node import Node
+from node.provider.inventory import DeviceDecl
 from node.provider.service import ProviderService
 from node.store.node_store import LeaseRow, ReceiptRow, Store
 from node.tenant.client import ReceiptRejected, Tenant
-from protocol.identity import Identity
 from protocol.messages import Receipt, Requirement
+from tests.node.tenant.sellside import Closers, Server, new_tenant, start_sell_side
 
 JOB = hashlib.sha256(b"test_tenant").hexdigest()
 RTX = DeviceDecl(model="RTX-4090", count=2, price_floor=350_000, simulated=True)
@@ -77,71 +73,28 @@ class LyingProvider(ProviderService):
         return raw
 
 
-@dataclass
-class Server:
-    """A provider on a real socket; ``store`` is its own SQLite file."""
-
-    address: str
-    node_id: str
-    store: Store
-
-
 def honest(r: Receipt) -> Receipt:
     return r
 
 
-async def start_provider(
-    store_path: Path, stack: list[Callable[[], Awaitable[None]]], lie: Lie = honest
-) -> Server:
-    """The daemon's wiring (node.daemon.Daemon.start) with LyingProvider as the service."""
-    identity = Identity.generate()
-    store = Store(store_path)
-    transport = HttpTransport()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    address = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    node = Node(identity, NodeSettings(role="provider", address=address), transport)
-    inventory = build_inventory([RTX], detect=False)
-    engine = BidEngine(
-        identity.node_id,
-        devices_from_groups(inventory.device_groups(free=set(inventory.ids))),
-        inventory.interconnect_message(),
+async def start_provider(store_path: Path, stack: Closers, lie: Lie = honest) -> Server:
+    """The daemon's wiring with LyingProvider as the sell side, selling RTX."""
+    return await start_sell_side(
+        store_path, stack, RTX, lambda node, engine, store: LyingProvider(node, engine, store, lie)
     )
-    LyingProvider(node, engine, store, lie).start()
-    runner = web.AppRunner(build_app(node, {"node_id": identity.node_id}), access_log=None)
-    await runner.setup()
-    await web.SockSite(runner, sock).start()
-    await node.start()
-
-    async def close() -> None:
-        await runner.cleanup()
-        await node.close()
-        await transport.close()
-        store.close()
-
-    stack.append(close)
-    return Server(address, identity.node_id, store)
 
 
 @pytest.fixture
-async def closers() -> AsyncIterator[list[Callable[[], Awaitable[None]]]]:
-    stack: list[Callable[[], Awaitable[None]]] = []
+async def closers() -> AsyncIterator[Closers]:
+    stack: Closers = []
     yield stack
     for close in reversed(stack):
         await close()
 
 
 @pytest.fixture
-async def tenant(tmp_path: Path, closers: list[Callable[[], Awaitable[None]]]) -> Tenant:
-    transport = HttpTransport()
-    store = Store(tmp_path / "tenant.sqlite")
-
-    async def close() -> None:
-        await transport.close()
-        store.close()
-
-    closers.append(close)
-    return Tenant(Identity.generate(), store, transport)
+async def tenant(tmp_path: Path, closers: Closers) -> Tenant:
+    return new_tenant(tmp_path / "tenant.sqlite", closers)
 
 
 async def lease_from(tenant: Tenant, address: str) -> LeaseRow:
@@ -156,7 +109,7 @@ async def lease_from(tenant: Tenant, address: str) -> LeaseRow:
 
 class TestHonestReceipt:
     async def test_a_real_daemons_receipt_is_countersigned_and_booked(
-        self, tmp_path: Path, tenant: Tenant, closers: list[Callable[[], Awaitable[None]]]
+        self, tmp_path: Path, tenant: Tenant, closers: Closers
     ) -> None:
         config = NodeConfig(
             node=NodeSection(listen_port=0, home=tmp_path / "daemon"),
@@ -203,7 +156,7 @@ class TestLyingProvider:
         case: str,
         tmp_path: Path,
         tenant: Tenant,
-        closers: list[Callable[[], Awaitable[None]]],
+        closers: Closers,
     ) -> None:
         lie, why = CASES[case]
         liar = await start_provider(tmp_path / "liar.sqlite", closers, lie)
@@ -234,7 +187,7 @@ class TestLyingProvider:
         assert liar.store.ledger() == []
 
     async def test_a_rejected_provider_ranks_below_an_equal_honest_one(
-        self, tmp_path: Path, tenant: Tenant, closers: list[Callable[[], Awaitable[None]]]
+        self, tmp_path: Path, tenant: Tenant, closers: Closers
     ) -> None:
         """Reputation is what the rejection is for: the next auction prefers the other."""
         lie = CASES["wrong_amount"][0]
