@@ -34,17 +34,6 @@ SEED_SIZE = 32
 SIGNATURE_SIZE = 64
 NODE_ID_RE = re.compile(r"^[a-z2-7]{32}$")
 
-#: RFC 8410 section 7: the DER of an unencrypted PKCS#8 Ed25519 private key (version 0,
-#: no attributes, no public key) is this prefix followed by the 32-byte seed; the file
-#: a node writes has exactly this shape. Anything else is left to cryptography's
-#: parser, whose module is loaded only then: an idle daemon does not hold it (with the
-#: RSA, DSA, EC and SSH code it brings, ~1 MB: docs/benchmarks.md, "Idle provider RSS").
-_PKCS8_ED25519_PREFIX = bytes.fromhex("302e020100300506032b657004220420")
-_PEM_PKCS8_RE = re.compile(
-    rb"\s*-----BEGIN PRIVATE KEY-----\r?\n([A-Za-z0-9+/=\r\n]+?)\r?\n"
-    rb"-----END PRIVATE KEY-----\s*"
-)
-
 #: The field prime of Curve25519 / edwards25519.
 _P = 2**255 - 19
 #: y coordinates of the eight points of order dividing 8 (the neutral point y=1, the
@@ -61,21 +50,6 @@ SMALL_ORDER_Y = frozenset(
         0x7A03AC9277FDC74EC6CC392CFA53202A0F67100D760B3CBA4FD84D3D706A17C7,
     }
 )
-
-
-def _pkcs8_ed25519_seed(pem: bytes) -> bytes | None:
-    """The seed of a PEM in the one layout a node writes, or None for any other."""
-    match = _PEM_PKCS8_RE.fullmatch(pem)
-    if match is None:
-        return None
-    try:
-        der = base64.b64decode(b"".join(match.group(1).split()), validate=True)
-    except ValueError:  # binascii.Error: bad padding
-        return None
-    prefix = _PKCS8_ED25519_PREFIX
-    if len(der) != len(prefix) + SEED_SIZE or not der.startswith(prefix):
-        return None
-    return der[len(prefix) :]
 
 
 def check_public_key(public_key: bytes) -> None:
@@ -158,19 +132,17 @@ class Identity:
 
     def to_pem(self) -> bytes:
         """PKCS#8 PEM of the private key, unencrypted: the daemon stores it mode 0600."""
-        der = _PKCS8_ED25519_PREFIX + self.seed()  # 48 bytes: one 64-character line
-        return (
-            b"-----BEGIN PRIVATE KEY-----\n"
-            + base64.b64encode(der)
-            + b"\n-----END PRIVATE KEY-----\n"
+        from cryptography.hazmat.primitives import serialization
+
+        return self.private_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
         )
 
     @classmethod
     def from_pem(cls, data: bytes) -> Identity:
         """Load an identity from PKCS#8 PEM; refuses keys that are not Ed25519."""
-        seed = _pkcs8_ed25519_seed(data)
-        if seed is not None:
-            return cls.from_seed(seed)
         from cryptography.hazmat.primitives import serialization
 
         key = serialization.load_pem_private_key(data, password=None)

@@ -1,4 +1,4 @@
-"""The node's SQLite store: one file per node, through the standard library's sqlite3.
+"""The node's SQLite store: one file per node, opened through sqlite-utils.
 
 The schema version is SQLite's ``PRAGMA user_version``; ``MIGRATIONS[n - 1]`` takes a
 store from version ``n - 1`` to ``n``. Each migration runs in its own ``BEGIN
@@ -17,10 +17,11 @@ import contextlib
 import hashlib
 import json
 import sqlite3
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from market.lifecycle import LEASE, LeaseState
 from node.store.schema import (
@@ -63,6 +64,30 @@ class StoredAdvert:
     envelope: bytes
 
 
+def _import_sqlite_utils() -> Any:
+    """sqlite_utils, imported without numpy or pandas.
+
+    sqlite-utils imports numpy and pandas when they are installed (optuna brings numpy)
+    only to map their scalar types to column types on insert, which this store never
+    does; numpy alone is ~15 MB of resident memory in every idle provider daemon
+    (tests/node/test_idle_imports.py). While sqlite_utils is imported they are hidden
+    from it (``sys.modules[name] = None`` makes ``import name`` raise ImportError), then
+    visible again to whoever imports them later. Where one is already loaded (a tenant
+    that ran optuna first) nothing is hidden and sqlite-utils uses it as usual.
+    """
+    if "sqlite_utils" in sys.modules:
+        return sys.modules["sqlite_utils"]
+    hidden = [name for name in ("numpy", "pandas") if name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None  # type: ignore[assignment]
+    try:
+        import sqlite_utils
+    finally:
+        for name in hidden:
+            del sys.modules[name]
+    return sqlite_utils
+
+
 class Store:
     """The node's SQLite store (WAL journal, foreign keys on, migrated on open)."""
 
@@ -88,10 +113,7 @@ class Store:
         except sqlite3.Error as e:
             raise StoreError(f"cannot open store {self.path}: {e}") from e
         try:
-            # sqlite3 directly, not sqlite-utils: that library (with click, dateutil and
-            # pluggy, and numpy when installed) cost every idle daemon ~3 MB of memory
-            # for a handful of queries (docs/benchmarks.md, "Idle provider RSS").
-            self._conn = conn
+            self._db: Any = _import_sqlite_utils().Database(conn, execute_plugins=False)
             self._configure(busy_timeout_ms)
             self._migrate()
         except sqlite3.DatabaseError as e:
@@ -127,7 +149,7 @@ class Store:
                 self._execute("COMMIT")
             except BaseException as e:
                 # Some errors (disk full, I/O) make SQLite roll back by itself.
-                if self._conn.in_transaction:
+                if self._db.conn.in_transaction:
                     self._execute("ROLLBACK")
                 if isinstance(e, sqlite3.Error):
                     raise MigrationError(
@@ -144,14 +166,11 @@ class Store:
             )
 
     def _execute(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
-        return self._conn.execute(sql, params)
+        return cast(sqlite3.Cursor, self._db.execute(sql, params))
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> Iterator[dict[str, Any]]:
         """The rows of a SELECT, each a dict from column name to value."""
-        cursor = self._execute(sql, params)
-        names = [d[0] for d in cursor.description]
-        for row in cursor:
-            yield dict(zip(names, row, strict=True))
+        return cast(Iterator[dict[str, Any]], self._db.query(sql, params))
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -160,7 +179,7 @@ class Store:
         try:
             yield
         except BaseException:
-            if self._conn.in_transaction:
+            if self._db.conn.in_transaction:
                 self._execute("ROLLBACK")
             raise
         self._execute("COMMIT")
@@ -175,13 +194,13 @@ class Store:
     @property
     def journal_mode(self) -> str:
         """The journal mode in effect (``"wal"`` unless the file system cannot do WAL)."""
-        return str(self._execute("PRAGMA journal_mode").fetchone()[0])
+        return str(self._db.journal_mode)
 
     def close(self) -> None:
         """Close the connection; closing twice is harmless."""
         if not self._closed:
             self._closed = True
-            self._conn.close()
+            self._db.close()
 
     def __enter__(self) -> Store:
         return self
@@ -232,8 +251,8 @@ class Store:
 
     def list_peers(self, role: PeerRole | None = None) -> list[Peer]:
         """Known peers ordered by node id, optionally only those with ``role``."""
-        where, params = ("WHERE role = ?", [role]) if role is not None else ("", [])
-        rows = self._query(f"SELECT * FROM peers {where} ORDER BY node_id", params)
+        where, params = ("role = ?", [role]) if role is not None else (None, [])
+        rows = self._db["peers"].rows_where(where, params, order_by="node_id")
         return [Peer(**row) for row in rows]
 
     def remove_peer(self, node_id: str) -> bool:

@@ -16,11 +16,10 @@ import sys
 from pathlib import Path
 
 # Imported by tenants (sweep search, tables) or by trials, never by an idle provider.
-HEAVY = ("numpy", "optuna", "rich", "torch", "pandas", "sklearn", "sqlite_utils")
+HEAVY = ("numpy", "optuna", "rich", "torch", "pandas", "sklearn")
 # Loaded on first use: the status page (Jinja2) on its first request, Slurm where
 # executor = "slurm", PyYAML and tarfile with a job file or a workspace, the tenant's,
-# the cluster's and the ledger's commands when they run, cryptography's key-file parsers
-# for a key file in another layout than the node writes.
+# the cluster's and the ledger's commands when they run.
 LAZY = (
     "jinja2",
     "markupsafe",
@@ -36,7 +35,6 @@ LAZY = (
     "node.cli.cluster",
     "node.cli.localcluster",
     "market.evidence",
-    "cryptography.hazmat.primitives.serialization",
 )
 
 # Runs `mercato provider run` in this process; once the daemon is ready, a thread notes
