@@ -45,7 +45,6 @@ from protocol.messages import (
     Interconnect,
     PeerInfo,
     PeerList,
-    unpack_digest,
 )
 from protocol.messages import (
     Directory as DirectoryMsg,
@@ -111,6 +110,8 @@ class VerifiedAdverts:
     def __init__(self, max_entries: int = 4096) -> None:
         self.max_entries = max_entries
         self._opened: OrderedDict[bytes, Envelope] = OrderedDict()
+        # Keys of _opened whose advert also passed check_advert (a pure function of it).
+        self._bounded: set[bytes] = set()
         self.hits = 0
         self.misses = 0
 
@@ -125,7 +126,26 @@ class VerifiedAdverts:
         env = open_envelope(raw, now_ms=now_ms, replay=None, limits=limits)
         self._opened[env.raw] = env
         if len(self._opened) > self.max_entries:
-            self._opened.popitem(last=False)
+            old, _ = self._opened.popitem(last=False)
+            self._bounded.discard(old)
+        return env
+
+    def open_advert(self, raw: bytes, now_ms: int, limits: codec.Limits) -> Envelope:
+        """``open`` and the advert's catalog bounds (``check_advert``), memoised together.
+
+        Both depend only on the bytes, so a copy that passed once passes again: a node
+        hears each advert from several peers, and the bounds check cost as much as the
+        rest of a duplicate's handling. Raises UnexpectedMessageError for an envelope
+        that is not an advert, ImplausibleAdvertError past the bounds (never kept).
+        """
+        env = self.open(raw, now_ms, limits)
+        if env.raw in self._bounded:
+            return env
+        if not isinstance(env.body, Advert):
+            raise UnexpectedMessageError(f"directory holds adverts, not {env.type}")
+        check_advert(env.body)  # 10,000 H100 at 2^63-1 FLOP/s is not a thing
+        if env.raw in self._opened:
+            self._bounded.add(env.raw)
         return env
 
 
@@ -380,16 +400,19 @@ class Node:
         replayed advert can never win because it never carries a higher ``seq``).
         Returns None when the advert is rejected (counted by code).
         """
+        offered = self._offer(raw)
+        return None if offered is None else offered[0]
+
+    def _offer(self, raw: bytes) -> tuple[Offer, Advert] | None:
+        """``ingest_advert``, also returning the advert (None when it was rejected)."""
         try:
-            env = self.verified.open(raw, self.clock(), self.limits)
-            if not isinstance(env.body, Advert):
-                raise UnexpectedMessageError(f"directory holds adverts, not {env.type}")
-            check_advert(env.body)  # 10,000 H100 at 2^63-1 FLOP/s is not a thing
+            env = self.verified.open_advert(raw, self.clock(), self.limits)
         except MercatoError as e:
             self.metrics.rejections.labels(e.code).inc()
             log.debug("dropped relayed advert: %s", e)
             return None
         advert = env.body
+        assert isinstance(advert, Advert)  # open_advert let nothing else through
         now = self.clock()
         # env.raw: the memo's copy, so identical adverts share one bytes object.
         result = self.directory.offer(advert, env.raw, now)
@@ -402,13 +425,13 @@ class Node:
             entry = self.directory.get(advert.provider)
             if entry is not None and self._on_advert is not None:
                 self._on_advert(entry)
-        return result
+        return result, advert
 
     async def _on_directory_request(self, env: Envelope) -> Body | bytes | None:
         req = env.body
         assert isinstance(req, DirectoryRequest)
-        missing, wanted, more = self.directory.diff(
-            unpack_digest(req.digest),
+        missing, wanted, more = self.directory.diff_packed(
+            req.digest,
             self.clock(),
             min(req.limit, self.settings.directory_page),
         )
@@ -470,10 +493,10 @@ class Node:
 
     def _ingest_news(self, raw: bytes) -> Entry | None:
         """Ingest ``raw``; the directory entry it made when it was news, else None."""
-        result = self.ingest_advert(raw)
-        if result is None or not result.accepted:
+        offered = self._offer(raw)
+        if offered is None or not offered[0].accepted:
             return None
-        return self.directory.get(self.verified.open(raw, self.clock(), self.limits).sender)
+        return self.directory.get(offered[1].provider)
 
     def _address_of(self, node_id: str) -> str:
         self._peer_index()
