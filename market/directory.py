@@ -59,11 +59,18 @@ class _Digest:
     position: dict[bytes, int]  # packed record -> its entry's index in ``live``
 
 
+def _record(provider: str, seq: int) -> bytes:
+    """One ``pack_digest`` record: the provider's 32 ASCII bytes, seq as 8 bytes."""
+    return provider.encode("ascii") + seq.to_bytes(8, "big")
+
+
 class Directory:
     """Newest live advert per provider."""
 
     def __init__(self) -> None:
         self._entries: dict[str, Entry] = {}
+        # provider -> its digest record (pack_digest of one), in the order of _entries.
+        self._records: dict[str, bytes] = {}
         # The digest's cache, or None once an advert was added or removed.
         self._packed: _Digest | None = None
         # At most the earliest expires_ms of any held advert (a lower bound: replacing
@@ -95,6 +102,7 @@ class Directory:
             if advert.seq == held.seq:
                 return Offer.DUPLICATE
         self._entries[advert.provider] = Entry(advert, envelope, now_ms)
+        self._records[advert.provider] = _record(advert.provider, advert.seq)
         self._packed = None
         self._next_expiry = min(self._next_expiry, advert.expires_ms)
         self.version += 1
@@ -103,6 +111,7 @@ class Directory:
     def remove(self, provider: str) -> bool:
         self._packed = None
         self.version += 1
+        self._records.pop(provider, None)
         return self._entries.pop(provider, None) is not None
 
     def expire(self, now_ms: int) -> list[str]:
@@ -112,6 +121,7 @@ class Directory:
         gone = [p for p, e in self._entries.items() if e.advert.expires_ms <= now_ms]
         for p in gone:
             del self._entries[p]
+            del self._records[p]
         if gone:
             self._packed = None
             self.version += 1
@@ -138,13 +148,24 @@ class Directory:
 
     def _digest(self, now_ms: int) -> _Digest:
         cached = self._packed
-        if cached is None or not cached.made_ms <= now_ms < cached.until_ms:
+        if cached is not None and cached.made_ms <= now_ms < cached.until_ms:
+            return cached
+        if now_ms < self._next_expiry:
+            # Every held advert is live: the records are kept, so the digest is one
+            # C-level sort and join, valid until the first expiry (or a change).
+            records = list(self._records.values())
+            cached = self._packed = _Digest(
+                b"".join(sorted(records)),
+                now_ms,
+                self._next_expiry,
+                list(self._entries.values()),
+                dict(zip(records, range(len(records)), strict=True)),
+            )
+        else:
             live = list(self.live(now_ms))
             until = min((e.advert.expires_ms for e in live), default=NEVER_MS)
             packed = pack_digest({e.provider: e.seq for e in live})
-            position = {
-                e.provider.encode("ascii") + e.seq.to_bytes(8, "big"): i for i, e in enumerate(live)
-            }
+            position = {self._records[e.provider]: i for i, e in enumerate(live)}
             cached = self._packed = _Digest(packed, now_ms, until, live, position)
         return cached
 

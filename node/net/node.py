@@ -189,6 +189,8 @@ class Node:
         self.verified = verified if verified is not None else VerifiedAdverts()
         self.capacity = capacity
         self.metrics = metrics or NodeMetrics()
+        self._in: dict[str, Any] = {}  # message type -> its messages_in child counter
+        self._out: dict[str, Any] = {}  # ... messages_out
         self.directory = Directory()
         self.peers: dict[str, Peer] = {}
         # Derived from peers, rebuilt after _peers_changed(): gossip samples peers and
@@ -242,7 +244,7 @@ class Node:
             handler = self.handlers.get(env.type)
             if handler is None:
                 raise UnexpectedMessageError(f"this node does not accept {env.type} messages")
-            self.metrics.messages_in.labels(env.type).inc()
+            self._count(self._in, self.metrics.messages_in, env.type)
             reply = await handler(env)
         except MercatoError as e:
             self.metrics.rejections.labels(e.code).inc()
@@ -253,6 +255,15 @@ class Node:
         if isinstance(reply, bytes):
             return reply
         return self.seal(reply, to=env.sender)
+
+    @staticmethod
+    def _count(children: dict[str, Any], counter: Any, message_type: str) -> None:
+        # labels() takes a lock and builds its key on every call; a message type's child
+        # counter never changes, so it is looked up once (two counts per message).
+        child = children.get(message_type)
+        if child is None:
+            child = children[message_type] = counter.labels(message_type)
+        child.inc()
 
     def seal(self, body: Body, to: str | None = None) -> bytes:
         return seal(self.identity, body, now_ms=self.clock(), nonce=self.nonce(), to=to)
@@ -267,7 +278,7 @@ class Node:
         ``sealed`` sends those envelope bytes instead of sealing ``body`` afresh (when
         the caller must keep the exact bytes, e.g. an award whose hash the accept names).
         """
-        self.metrics.messages_out.labels(body.TYPE).inc()
+        self._count(self._out, self.metrics.messages_out, body.TYPE)
         data = sealed if sealed is not None else self.seal(body, to=peer.node_id)
         try:
             raw = await self.transport.request(
