@@ -32,6 +32,12 @@ network splits into two halves for S seconds, and (``--crash F``) a fraction F o
 nodes crash during the partition and restart before it heals; after the heal the run
 waits until every live node holds every live provider's advert as of the heal.
 
+With ``--fabricators F`` the tenants run sweeps instead of bare leases: each lease
+holds one run of a trial, and results are spot-checked by the rule of
+market.verification (see ``Sweeps``); a fraction F of the providers make results up.
+The run then also reports verification's extra spend, when each fabricator was caught
+and whether any sweep's best came from one.
+
 Invariants, checked on every run (exit code 1 when one breaks): after every order,
 award and release a provider handles, and twice a second for all providers, its
 BidEngine's device accounting holds and its actively leased devices never exceed its
@@ -45,6 +51,8 @@ Usage::
     python bench/simulate.py                 # the table: N = 1000, 2000, 5000, 10000
     python bench/simulate.py --nodes 2000 --seed 3 --loss 0.05 --latency-ms 80
     python bench/simulate.py --quick         # N = 200, 500, 1000, shorter phases
+    python bench/simulate.py --nodes 500 --providers 50 --steady 300 --fabricators 0.1
+                                             # tenants run spot-checked sweeps (issue 16)
 
 The last line printed is ``converge_rounds=<r> msgs_per_node_s=<m>`` for the largest N
 (10,000 in the full table). docs/simulation.md has the figures and how they scale.

@@ -197,6 +197,7 @@ class Node:
         # looks up senders many times a second, far more often than the table changes.
         self._peer_list: list[Peer] | None = None
         self._address_by_id: dict[str, str] = {}
+        self._peer_infos: dict[tuple[str, str, Role], PeerInfo] = {}
         self.guard = ReplayGuard(settings.replay_window_ms, settings.clock_skew_ms)
         self.limiter = RateLimiter(settings.rate_per_s, settings.burst)
         self.limits = codec.Limits(max_size=settings.max_message_bytes)
@@ -383,11 +384,22 @@ class Node:
         if hello.address is not None and hello.role != "tenant":
             self.learn_peer(hello.address, env.sender, hello.role)
         known = [
-            PeerInfo(node_id=p.node_id, address=p.address, role=p.role)
+            self._peer_info(p.node_id, p.address, p.role)
             for p in self.sample_peers(50, exclude=[hello.address or ""])
             if p.node_id is not None
         ]
         return PeerList(peers=known)
+
+    def _peer_info(self, node_id: str, address: str, role: Role) -> PeerInfo:
+        """A peer as a peer list names it; built (validated) once per peer, not once per
+        hello: each answer lists 50 peers, most of them listed before."""
+        key = (node_id, address, role)
+        info = self._peer_infos.get(key)
+        if info is None:
+            if len(self._peer_infos) >= 2 * self.settings.max_peers:
+                self._peer_infos.clear()  # peers come and go: never more than a table's worth
+            info = self._peer_infos[key] = PeerInfo(node_id=node_id, address=address, role=role)
+        return info
 
     async def exchange_peers(self, peer: Peer) -> None:
         """Hello to ``peer``; learn the peers it knows."""
