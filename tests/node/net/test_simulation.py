@@ -310,7 +310,8 @@ class TestFabricatingProviders:
         assert v["fabricators"] == 3
         assert v["sweeps"] >= 4
         assert v["runs"]["check"] > 0
-        assert v["extra_spend_pct"] is not None and v["extra_spend_pct"] > 0
+        assert v["extra_spend_pct"] is not None
+        assert v["extra_spend_pct"] > 0
         # Fabricators won work and were caught, by every tenant they gave results to,
         # well before their 20th result to it; no honest provider was.
         assert v["fabricators_caught"] >= 2
