@@ -32,6 +32,12 @@ network splits into two halves for S seconds, and (``--crash F``) a fraction F o
 nodes crash during the partition and restart before it heals; after the heal the run
 waits until every live node holds every live provider's advert as of the heal.
 
+With ``--fabricators F`` the tenants run sweeps instead of bare leases: each lease
+holds one run of a trial, and results are spot-checked by the rule of
+market.verification (see ``Sweeps``); a fraction F of the providers make results up.
+The run then also reports verification's extra spend, when each fabricator was caught
+and whether any sweep's best came from one.
+
 Invariants, checked on every run (exit code 1 when one breaks): after every order,
 award and release a provider handles, and twice a second for all providers, its
 BidEngine's device accounting holds and its actively leased devices never exceed its
@@ -45,6 +51,8 @@ Usage::
     python bench/simulate.py                 # the table: N = 1000, 2000, 5000, 10000
     python bench/simulate.py --nodes 2000 --seed 3 --loss 0.05 --latency-ms 80
     python bench/simulate.py --quick         # N = 200, 500, 1000, shorter phases
+    python bench/simulate.py --nodes 500 --providers 50 --steady 300 --fabricators 0.1
+                                             # tenants run spot-checked sweeps (issue 16)
 
 The last line printed is ``converge_rounds=<r> msgs_per_node_s=<m>`` for the largest N
 (10,000 in the full table). docs/simulation.md has the figures and how they scale.
@@ -72,11 +80,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from market.bidding import BidEngine, Device, LeaseState
+from market.verification import Tolerance, Verdict, best_needs_check, compare, decide, should_check
 from node.net.node import Node, NodeSettings, VerifiedAdverts
 from node.net.simloop import VirtualTimeLoop
 from node.net.transport import MemoryNetwork
 from node.provider.service import ProviderService
 from node.store.node_store import LeaseRow, Store
+from node.store.verify_store import VerifyStore
 from node.tenant.client import AuctionReport, Tenant
 from protocol.envelope import Envelope, open_envelope
 from protocol.errors import MercatoError, PeerTimeoutError, PeerUnavailableError
@@ -137,6 +147,10 @@ class Params:
     budget_rounds: int = 60
     lease_hold_s: float = 10.0
     tenant_period_s: float = 2.0
+    #: Fraction of providers that fabricate results; None: tenants only lease (no trials,
+    #: no verification), as before issue 16. 0.0: an honest market with verification.
+    fabricators: float | None = None
+    sweep_trials: int = 24  # trials per sweep (the digits sweep's 24)
 
     @property
     def n_providers(self) -> int:
@@ -178,6 +192,7 @@ class Result:
     cpu_s: float = 0.0
     max_rss_mb: float = 0.0
     trace: str = ""
+    verification: dict[str, Any] = field(default_factory=dict)  # with --fabricators
 
 
 # --- network ----------------------------------------------------------------------
@@ -279,6 +294,7 @@ class Simulation:
             seed=self.rng.getrandbits(64), loss=params.loss, latency_s=params.latency_ms / 1000
         )
         self.verified = VerifiedAdverts(max_entries=4 * params.n_providers * 16)
+        self.fabricators: set[int] = set()  # member indices (drawn in _population)
         self.loop = asyncio.get_running_loop()
         self.trace = hashlib.sha256()
         self.result = Result(nodes=params.nodes, providers=params.n_providers, seed=params.seed)
@@ -305,6 +321,12 @@ class Simulation:
         step = (p.nodes - 1) / p.n_providers
         provider_at = {1 + int(i * step) for i in range(p.n_providers)}
         kinds += ["provider" if i in provider_at else "relay" for i in range(1, p.nodes)]
+        providers = [i for i, k in enumerate(kinds) if k == "provider"]
+        if p.fabricators:
+            chosen = seeded(p.seed, "fabricators").sample(
+                providers, round(p.fabricators * len(providers))
+            )
+            self.fabricators = set(chosen)
         members = []
         for i, kind in enumerate(kinds):
             seed = hashlib.sha256(f"mercato-sim:{p.seed}:{i}".encode()).digest()
@@ -544,11 +566,28 @@ class Simulation:
         t99 = t100 = math.nan
         step = self.p.interval_s / 8
         deadline = since + budget_s
+        # node -> (want, directory version, holds, valid until): a directory that did not
+        # change since the last poll still holds (or lacks) the same adverts until the
+        # first of them expires. Checking every node against every provider on every
+        # poll was O(N x providers), the simulation's own largest cost at 10,000 nodes.
+        known: dict[Node, tuple[dict[str, int], int, bool, int]] = {}
         while self.loop.time() <= deadline:
             wanted = want()
             nodes = self.live_nodes()
             now = self.now_ms()
-            holding = sum(1 for n in nodes if _holds(n, wanted, now))
+            holding = 0
+            for n in nodes:
+                seen = known.get(n)
+                version = n.directory.version
+                if seen is None or seen[0] is not wanted or seen[1] != version or now >= seen[3]:
+                    until = _holds_until(n, wanted, now)
+                    seen = known[n] = (
+                        wanted,
+                        version,
+                        until > now,
+                        until if until > now else _NEVER,
+                    )
+                holding += seen[2]
             elapsed = self.loop.time() - since
             if math.isnan(t99) and holding >= 0.99 * len(nodes):
                 t99 = elapsed
@@ -594,8 +633,13 @@ class Simulation:
             self._spawn(self.start_member(m, self.rng.uniform(0.0, p.join_s)))
         self._spawn(self.invariant_loop())
         await asyncio.sleep(p.join_s)
-        for t in range(len(self.tenants)):
-            self._spawn(self.tenant_loop(t))
+        if p.fabricators is not None:
+            self.sweeps = Sweeps(self)
+            for t in range(len(self.tenants)):
+                self._spawn(self.sweeps.tenant_loop(t))
+        else:
+            for t in range(len(self.tenants)):
+                self._spawn(self.tenant_loop(t))
         providers = [m for m in self.members if m.kind == "provider"]
 
         # Cold start: every provider's advert (any seq) at 99 % / 100 % of the nodes.
@@ -647,6 +691,9 @@ class Simulation:
         res.releases_failed = self.release_failures
         res.delivered, res.dropped = self.net.delivered, self.net.dropped
         res.verify_hits, res.verify_misses = self.verified.hits, self.verified.misses
+        if p.fabricators is not None:
+            res.verification = self.sweeps.figures()
+            self._event("verification", json.dumps(res.verification, sort_keys=True))
         self._event("final", self._directories_digest(), res.delivered, res.dropped)
         await self.close()
         self._fail_if_any()
@@ -748,6 +795,340 @@ class Simulation:
             tenant.store.close()
 
 
+# --- sweeps with spot checks (issue 16) ---------------------------------------------
+
+
+@dataclass
+class SimSweep:
+    """One tenant's sweep in progress: trial results, open checks, what is left to run."""
+
+    number: int
+    truth: list[float]  # what an honest provider's trial reports (loss: lower is better)
+    todo: list[int]  # trials waiting to be placed (first runs and re-runs)
+    running: int = 0  # leases holding one of this sweep's runs
+    results: dict[int, tuple[str, float]] = field(default_factory=dict)  # trial ->
+    checked: set[int] = field(default_factory=set)
+    checks: list[list[tuple[str, float]]] = field(default_factory=list)  # waiting: votes
+    reruns: set[int] = field(default_factory=set)  # trials re-run after a liar's discard
+
+
+class Sweeps:
+    """Tenants running sweeps on their leases and spot-checking the results.
+
+    The rule is market.verification's, as node.tenant.verify.Verifier runs it: each
+    result is re-run on another provider with the provider's check rate (from its streak
+    of checked-valid results, kept in the tenant's real VerifyStore) and the same
+    deterministic draw; a mismatch goes to a third provider (``decide``); the liar is
+    dropped by this tenant (``VerifyStore.drop``, never asked again), its results of the
+    sweep discarded and run again; the best is re-run before the sweep ends unless its
+    provider is trusted (``best_needs_check``). Which providers are asked is the real
+    Tenant.auction (market.asking's sampling, reputation, exclusions).
+
+    What is modelled: the trial itself. A lease holds one run for ``lease_hold_s`` (the
+    tenant pays for it through the real settlement); the run's metric is the trial's true
+    value on an honest provider, and on a fabricator a made-up one better than any honest
+    value (drawn at random, so two fabricators do not agree), as a provider that runs
+    nothing and answers "succeeded, loss ..." would. The task exchange (workspace upload,
+    sandbox, signed task result) is not simulated.
+    """
+
+    KINDS = ("trial", "rerun", "check", "decider")
+
+    def __init__(self, sim: Simulation) -> None:
+        self.sim = sim
+        self.p = sim.p
+        self.tolerance = Tolerance()
+        self.fab_ids = {sim.members[i].identity.node_id: i for i in sim.fabricators}
+        self.current: list[SimSweep | None] = [None] * len(sim.tenants)
+        self.sweep_no = [0] * len(sim.tenants)
+        self.spend: Counter[str] = Counter()  # micro-credits paid, by kind of run
+        self.runs: Counter[str] = Counter()
+        self.results: Counter[tuple[int, str]] = Counter()  # (tenant, provider) -> returned
+        self.caught_at: dict[tuple[int, str], int] = {}  # ... -> index of the catching result
+        self.wrongly_caught = 0  # honest providers found in a minority (goal 0)
+        self.unresolved = 0
+        self.sweeps_done = 0
+        self.fabricated_best = 0
+        self.fabricated_results = 0  # fabricated values that ended up in a finished sweep
+        # Spend of each tenant's first sweep (every provider new to it) and of later ones.
+        self.spend_by_sweep: list[Counter[str]] = [Counter(), Counter()]
+
+    def store(self, t: int) -> VerifyStore:
+        return VerifyStore(self.sim.tenants[t].store)
+
+    def _new_sweep(self, t: int) -> SimSweep:
+        self.sweep_no[t] += 1
+        n = self.sweep_no[t]
+        r = seeded(self.p.seed, "truth", t, n)
+        trials = self.p.sweep_trials
+        return SimSweep(n, [r.random() for _ in range(trials)], list(range(trials)))
+
+    def _next_job(self, t: int) -> tuple[str, int, list[tuple[str, float]] | None] | None:
+        """(kind, trial, votes of a check or None) to place next; None: nothing to place."""
+        sw = self.current[t]
+        if sw is None:
+            sw = self.current[t] = self._new_sweep(t)
+        if sw.checks:
+            votes = sw.checks.pop(0)
+            real = sum(1 for p, _ in votes if not p.startswith("#"))
+            return ("check" if real == 1 else "decider", -1, votes)
+        if sw.todo:
+            n = sw.todo.pop(0)
+            return ("rerun" if n in sw.reruns else "trial", n, None)
+        if sw.running:
+            return None
+        # Everything ran and was judged: the best is re-run first unless trusted, and
+        # again for the next best if it was discarded (Verifier.before_end).
+        if sw.results:
+            best = min(sw.results, key=lambda k: (sw.results[k][1], k))
+            owner, value = sw.results[best]
+            if best not in sw.checked and best_needs_check(self.store(t).trust(owner)):
+                return ("check", -1, [(owner, value), ("#trial", float(best))])
+        self._finish(t, sw)
+        return None
+
+    def _finish(self, t: int, sw: SimSweep) -> None:
+        self.sweeps_done += 1
+        best_owner = None
+        if sw.results:
+            best = min(sw.results, key=lambda k: (sw.results[k][1], k))
+            best_owner = sw.results[best][0]
+            self.fabricated_best += best_owner in self.fab_ids
+        self.fabricated_results += sum(1 for p, _ in sw.results.values() if p in self.fab_ids)
+        self.sim._event("sweep", t, sw.number, (best_owner or "-")[:8])
+        self.current[t] = None
+
+    async def tenant_loop(self, t: int) -> None:
+        """The tenant's sweeps: one auction per period, each lease holding one run."""
+        sim = self.sim
+        tenant = sim.tenants[t]
+        rng = seeded(self.p.seed, "tenant-loop", t)
+        while not sim._stopping:
+            await asyncio.sleep(self.p.tenant_period_s * rng.uniform(0.5, 1.5))
+            job = self._next_job(t)
+            if job is None:
+                continue
+            kind, number, votes = job
+            sw = self.current[t]
+            assert sw is not None
+            if votes is not None:
+                number = self._trial_of(votes)
+            involved = {p for p, _ in votes or [] if not p.startswith("#")}
+            shut = self.store(t).dropped() | involved
+            entry = sim.members[rng.randrange(len(sim.members))]
+            report = None
+            with contextlib.suppress(MercatoError):
+                await tenant.refresh(entry.address)
+                # A check goes to the most proven providers at hand, as Verifier's
+                # _better_checker sends it: cheap fabricators that answer alike would
+                # otherwise check each other. Newcomers check only when none is free.
+                tries = [shut]
+                if votes is not None:
+                    proven = self._proven(t, shut)
+                    if proven:
+                        others = {a.provider for a in tenant.adverts()} - proven
+                        tries.insert(0, shut | others)
+                for exclude in tries:
+                    report = await tenant.auction(
+                        Requirement(kind="gpu", min_memory_bytes=20 * 10**9),
+                        1,
+                        3_000_000,
+                        job_spec_hash=hashlib.sha256(f"sweep:{t}:{sw.number}".encode()).hexdigest(),
+                        k=4,
+                        bid_window_ms=BID_WINDOW_MS,
+                        lease_ms=60_000,
+                        heartbeat_interval_ms=60_000,
+                        exclude=sorted(exclude),
+                    )
+                    if report.leases:
+                        break
+                    sim.check_candidates(tenant, report)
+                    sim.auctions += 1
+            if report is None or not report.leases or self.current[t] is not sw:
+                self._put_back(sw, kind, number, votes)
+                continue
+            sim.check_candidates(tenant, report)
+            sim.auctions += 1
+            sim.leases += 1
+            lease = report.leases[0]
+            sim._event("sweep-lease", t, sw.number, kind, number, lease.provider[:8])
+            sw.running += 1
+            sim._spawn(self.run(t, sw, kind, number, votes, lease.lease_id))
+
+    def _proven(self, t: int, shut: set[str]) -> set[str]:
+        """Providers with the most checked-valid results for tenant ``t`` (at least one),
+        not in ``shut``: the best checkers at hand."""
+        vs = self.store(t)
+        verified = {p: vs.trust(p).verified for (u, p) in self.results if u == t and p not in shut}
+        top = max(verified.values(), default=0)
+        return {p for p, n in verified.items() if n > 0 and n >= top // 2}
+
+    @staticmethod
+    def _trial_of(votes: list[tuple[str, float]]) -> int:
+        # A check carries its trial number as a marker vote ("#trial", never counted).
+        marks = [int(v) for p, v in votes if p == "#trial"]
+        return marks[0] if marks else -1
+
+    def _put_back(
+        self, sw: SimSweep, kind: str, number: int, votes: list[tuple[str, float]] | None
+    ) -> None:
+        if votes is not None:
+            sw.checks.insert(0, votes)
+        elif number >= 0:
+            sw.todo.insert(0, number)
+
+    async def run(
+        self,
+        t: int,
+        sw: SimSweep,
+        kind: str,
+        number: int,
+        votes: list[tuple[str, float]] | None,
+        lease_id: str,
+    ) -> None:
+        """Hold the lease for one run, release it (paying through the real settlement),
+        and act on the result."""
+        sim = self.sim
+        tenant = sim.tenants[t]
+        try:
+            await asyncio.sleep(self.p.lease_hold_s)
+            row = tenant.store.get_lease(lease_id)
+            if row is None:
+                raise InvariantError(f"tenant lost its lease row {lease_id}")
+            try:
+                receipt = await tenant.release(row)
+            except MercatoError as e:  # the provider crashed, restarted or is cut off
+                sim.release_failures += 1
+                sim._event("release-failed", lease_id, e.code)
+                if self.current[t] is sw:
+                    self._put_back(sw, kind, number, votes)
+                return
+            if self.current[t] is not sw:
+                return  # (cannot happen: a sweep ends only with nothing running)
+            paid = receipt.amount
+            self.spend[kind] += paid
+            self.runs[kind] += 1
+            self.spend_by_sweep[min(sw.number, 2) - 1][kind] += paid
+            provider = row.provider
+            value = self.value(provider, sw, number, lease_id)
+            self.results[(t, provider)] += 1
+            sim._event("run", t, sw.number, kind, number, provider[:8], value)
+            if votes is None:
+                self.on_result(t, sw, number, provider, value, lease_id)
+            else:
+                self.on_vote(t, sw, [*votes, (provider, value)])
+        finally:
+            sw.running -= 1
+
+    def value(self, provider: str, sw: SimSweep, number: int, lease_id: str) -> float:
+        if provider in self.fab_ids:
+            # Made up, "better" than any honest (non-negative) loss; two never agree.
+            return -1.0 - seeded(self.p.seed, "fabricated", lease_id).random()
+        return sw.truth[number]
+
+    def on_result(
+        self, t: int, sw: SimSweep, number: int, provider: str, value: float, lease_id: str
+    ) -> None:
+        sw.results[number] = (provider, value)
+        vs = self.store(t)
+        job_id = f"sim{t}.{sw.number}"
+        if should_check(vs.trust(provider).rate, f"{job_id}:{number}:{lease_id}:{provider}"):
+            sw.checks.append([(provider, value), ("#trial", float(number))])
+
+    def on_vote(self, t: int, sw: SimSweep, votes: list[tuple[str, float]]) -> None:
+        """Judge a check as Verifier._judge does: agree, or a third decides."""
+        number = self._trial_of(votes)
+        real = [(p, v) for p, v in votes if not p.startswith("#")]
+        marker = [(p, v) for p, v in votes if p.startswith("#")]
+        (orig_p, orig_v), (chk_p, chk_v) = real[0], real[1]
+        if sw.results.get(number) != (orig_p, orig_v):
+            return  # the original was discarded meanwhile (its provider was caught)
+        vs = self.store(t)
+        if len(real) == 2:
+            if compare(orig_v, chk_v, self.tolerance) is Verdict.AGREED:
+                sw.checked.add(number)
+                self._valid(vs, orig_p, chk_p)
+            else:
+                sw.checks.insert(0, real + marker)  # a third provider decides
+            return
+        dec_p, dec_v = real[2]
+        verdict = decide(orig_v, chk_v, dec_v, self.tolerance)
+        self.sim._event("verdict", t, sw.number, number, verdict.value)
+        if verdict is Verdict.ORIGINAL_LIED:
+            self._valid(vs, chk_p, dec_p)
+            sw.results[number] = (chk_p, chk_v)
+            sw.checked.add(number)
+            self._caught(t, sw, orig_p)
+        elif verdict is Verdict.CHECK_LIED:
+            self._valid(vs, orig_p, dec_p)
+            sw.checked.add(number)
+            self._caught(t, sw, chk_p)
+        else:  # three answers: the trial is not reproducible, its result not used
+            self.unresolved += 1
+            sw.results.pop(number, None)
+
+    def _valid(self, vs: VerifyStore, *providers: str) -> None:
+        for p in providers:
+            vs.set_trust(p, vs.trust(p).valid())
+
+    def _caught(self, t: int, sw: SimSweep, liar: str) -> None:
+        vs = self.store(t)
+        vs.set_trust(liar, vs.trust(liar).lied())
+        vs.drop(liar, self.sim.now_ms())
+        self.caught_at.setdefault((t, liar), self.results[(t, liar)])
+        if liar not in self.fab_ids:
+            self.wrongly_caught += 1
+        # Its other results of the sweep are discarded and run again elsewhere.
+        for n, (p, _) in list(sw.results.items()):
+            if p == liar:
+                del sw.results[n]
+                sw.checked.discard(n)
+                sw.reruns.add(n)
+                sw.todo.append(n)
+        sw.checks = [[(p, v) for p, v in c if p != liar] for c in sw.checks if c[0][0] != liar]
+        sw.checks = [c for c in sw.checks if any(not p.startswith("#") for p, _ in c)]
+
+    def figures(self) -> dict[str, Any]:
+        """Extra spend of verification, when each fabricator was caught, fabricated bests."""
+        trial = self.spend["trial"]
+        extra = self.spend["check"] + self.spend["decider"] + self.spend["rerun"]
+        pairs = [
+            {
+                "fabricator": self.fab_ids[p],
+                "tenant": t,
+                "results": n,
+                "caught_at": self.caught_at.get((t, p)),
+            }
+            for (t, p), n in sorted(self.results.items())
+            if p in self.fab_ids
+        ]
+        reached = [x for x in pairs if x["results"] >= 20 or x["caught_at"] is not None]
+        by20 = [x for x in reached if x["caught_at"] is not None and x["caught_at"] <= 20]
+        halves = []
+        for h in self.spend_by_sweep:
+            base = h["trial"]
+            more = h["check"] + h["decider"] + h["rerun"]
+            halves.append(round(100 * more / base, 2) if base else None)
+        return {
+            "fabricators": len(self.fab_ids),
+            "sweeps": self.sweeps_done,
+            "runs": dict(sorted(self.runs.items())),
+            "spend": dict(sorted(self.spend.items())),
+            "extra_spend_pct": round(100 * extra / trial, 2) if trial else None,
+            "extra_spend_pct_first_later_sweeps": halves,
+            "caught_pairs": [x for x in pairs if x["caught_at"] is not None],
+            "uncaught_pairs": [x for x in pairs if x["caught_at"] is None],
+            "caught_by_20th": f"{len(by20)}/{len(reached)}",
+            "caught_by_20th_frac": round(len(by20) / len(reached), 4) if reached else None,
+            "fabricators_caught": len({x["fabricator"] for x in pairs if x["caught_at"]}),
+            "fabricators_active": len({x["fabricator"] for x in pairs}),
+            "wrongly_caught": self.wrongly_caught,
+            "unresolved": self.unresolved,
+            "fabricated_best": self.fabricated_best,
+            "fabricated_results_kept": self.fabricated_results,
+        }
+
+
 def check_engine(engine: BidEngine, who: str) -> None:
     """The provider's device accounting holds and it leases no more devices than it has."""
     try:
@@ -806,13 +1187,25 @@ def check_lease_rows(rows: Sequence[LeaseRow]) -> None:
             raise InvariantError(f"lease {row.lease_id}: the envelopes name another lease")
 
 
+_NEVER = 2**63
+
+
 def _holds(node: Node, want: dict[str, int], now_ms: int) -> bool:
+    return _holds_until(node, want, now_ms) > now_ms
+
+
+def _holds_until(node: Node, want: dict[str, int], now_ms: int) -> int:
+    """Until when (ms) ``node`` holds a live advert of every provider in ``want`` at its
+    seq or newer, if nothing changes; ``now_ms`` or earlier when it does not hold now.
+    (Without a change, a missing or old advert stays so, an expired one expired.)"""
     directory = node.directory
+    until = _NEVER
     for provider, seq in want.items():
         e = directory.get(provider)
         if e is None or e.seq < seq or e.advert.expires_ms <= now_ms:
-            return False
-    return True
+            return now_ms
+        until = min(until, e.advert.expires_ms)
+    return until
 
 
 def _open(raw: bytes) -> Envelope:
@@ -903,6 +1296,29 @@ def print_table(results: Sequence[Result]) -> None:
             f"growth: converge rounds = a + {b:.2f} x log2 N; news rounds = a + {bn:.2f} x "
             f"log2 N; msgs/node/s ~ N^{k:.2f}; bytes/node/s ~ N^{kb:.2f}; "
             f"busiest node ~ N^{kmax:.2f}"
+        )
+
+
+def print_verification(r: Result) -> None:
+    """The figures of spot-check replication in one run (--fabricators)."""
+    v = r.verification
+    print(
+        f"N={r.nodes} seed={r.seed}: {v['sweeps']} sweeps, runs {v['runs']}; "
+        f"extra spend {v['extra_spend_pct']} % (first sweeps / later: "
+        f"{v['extra_spend_pct_first_later_sweeps']}); {v['fabricators']} fabricators, "
+        f"{v['fabricators_active']} got work, {v['fabricators_caught']} caught; "
+        f"caught by 20th result {v['caught_by_20th']}; honest caught {v['wrongly_caught']}; "
+        f"fabricated best {v['fabricated_best']}"
+    )
+    for x in v["caught_pairs"]:
+        print(
+            f"  fabricator {x['fabricator']} caught by tenant {x['tenant']} at its result "
+            f"{x['caught_at']} ({x['results']} returned)"
+        )
+    for x in v["uncaught_pairs"]:
+        print(
+            f"  fabricator {x['fabricator']} not caught by tenant {x['tenant']} "
+            f"({x['results']} results)"
         )
 
 
@@ -1378,6 +1794,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--push-interval", type=float, default=0.0,
                     help="relay batching, s (default: the gossip interval)")  # fmt: skip
     ap.add_argument("--fanout", type=int, default=Params.fanout)
+    ap.add_argument("--fabricators", type=float, metavar="F",
+                    help="tenants run sweeps and spot-check results; a fraction F of "
+                         "providers fabricate them (0: an honest market)")  # fmt: skip
+    ap.add_argument("--steady", type=float, metavar="S",
+                    help="seconds of the steady-state phase (default 20)")  # fmt: skip
     ap.add_argument("--quick", action="store_true", help="N = 200, 500, 1000; short phases")
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--jobs", type=int, default=1, help="runs in parallel processes")
@@ -1408,11 +1829,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             interval_s=args.interval,
             push_interval_s=args.push_interval,
             fanout=args.fanout,
+            fabricators=args.fabricators,
         )
         if args.quick:
             params.join_s, params.steady_s, params.restart_after_s = 5.0, 8.0, 6.0
             params.partition_s = min(params.partition_s, 16.0)
             params.lease_hold_s = 4.0
+        if args.steady is not None:
+            params.steady_s = args.steady
         runs.append(params)
     results: list[Result] = []
     # Each run is its own process when --jobs > 1 (largest first: it takes longest).
@@ -1434,6 +1858,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{result.wall_s:.0f} s wall",
                 flush=True,
             )
+            if result.verification:
+                print_verification(result)
     results.sort(key=lambda r: r.nodes)
     if args.json is not None:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=1))

@@ -45,7 +45,6 @@ from protocol.messages import (
     Interconnect,
     PeerInfo,
     PeerList,
-    unpack_digest,
 )
 from protocol.messages import (
     Directory as DirectoryMsg,
@@ -111,6 +110,8 @@ class VerifiedAdverts:
     def __init__(self, max_entries: int = 4096) -> None:
         self.max_entries = max_entries
         self._opened: OrderedDict[bytes, Envelope] = OrderedDict()
+        # Keys of _opened whose advert also passed check_advert (a pure function of it).
+        self._bounded: set[bytes] = set()
         self.hits = 0
         self.misses = 0
 
@@ -125,7 +126,26 @@ class VerifiedAdverts:
         env = open_envelope(raw, now_ms=now_ms, replay=None, limits=limits)
         self._opened[env.raw] = env
         if len(self._opened) > self.max_entries:
-            self._opened.popitem(last=False)
+            old, _ = self._opened.popitem(last=False)
+            self._bounded.discard(old)
+        return env
+
+    def open_advert(self, raw: bytes, now_ms: int, limits: codec.Limits) -> Envelope:
+        """``open`` and the advert's catalog bounds (``check_advert``), memoised together.
+
+        Both depend only on the bytes, so a copy that passed once passes again: a node
+        hears each advert from several peers, and the bounds check cost as much as the
+        rest of a duplicate's handling. Raises UnexpectedMessageError for an envelope
+        that is not an advert, ImplausibleAdvertError past the bounds (never kept).
+        """
+        env = self.open(raw, now_ms, limits)
+        if env.raw in self._bounded:
+            return env
+        if not isinstance(env.body, Advert):
+            raise UnexpectedMessageError(f"directory holds adverts, not {env.type}")
+        check_advert(env.body)  # 10,000 H100 at 2^63-1 FLOP/s is not a thing
+        if env.raw in self._opened:
+            self._bounded.add(env.raw)
         return env
 
 
@@ -169,12 +189,15 @@ class Node:
         self.verified = verified if verified is not None else VerifiedAdverts()
         self.capacity = capacity
         self.metrics = metrics or NodeMetrics()
+        self._in: dict[str, Any] = {}  # message type -> its messages_in child counter
+        self._out: dict[str, Any] = {}  # ... messages_out
         self.directory = Directory()
         self.peers: dict[str, Peer] = {}
         # Derived from peers, rebuilt after _peers_changed(): gossip samples peers and
         # looks up senders many times a second, far more often than the table changes.
         self._peer_list: list[Peer] | None = None
         self._address_by_id: dict[str, str] = {}
+        self._peer_infos: dict[tuple[str, str, Role], PeerInfo] = {}
         self.guard = ReplayGuard(settings.replay_window_ms, settings.clock_skew_ms)
         self.limiter = RateLimiter(settings.rate_per_s, settings.burst)
         self.limits = codec.Limits(max_size=settings.max_message_bytes)
@@ -222,7 +245,7 @@ class Node:
             handler = self.handlers.get(env.type)
             if handler is None:
                 raise UnexpectedMessageError(f"this node does not accept {env.type} messages")
-            self.metrics.messages_in.labels(env.type).inc()
+            self._count(self._in, self.metrics.messages_in, env.type)
             reply = await handler(env)
         except MercatoError as e:
             self.metrics.rejections.labels(e.code).inc()
@@ -233,6 +256,15 @@ class Node:
         if isinstance(reply, bytes):
             return reply
         return self.seal(reply, to=env.sender)
+
+    @staticmethod
+    def _count(children: dict[str, Any], counter: Any, message_type: str) -> None:
+        # labels() takes a lock and builds its key on every call; a message type's child
+        # counter never changes, so it is looked up once (two counts per message).
+        child = children.get(message_type)
+        if child is None:
+            child = children[message_type] = counter.labels(message_type)
+        child.inc()
 
     def seal(self, body: Body, to: str | None = None) -> bytes:
         return seal(self.identity, body, now_ms=self.clock(), nonce=self.nonce(), to=to)
@@ -247,7 +279,7 @@ class Node:
         ``sealed`` sends those envelope bytes instead of sealing ``body`` afresh (when
         the caller must keep the exact bytes, e.g. an award whose hash the accept names).
         """
-        self.metrics.messages_out.labels(body.TYPE).inc()
+        self._count(self._out, self.metrics.messages_out, body.TYPE)
         data = sealed if sealed is not None else self.seal(body, to=peer.node_id)
         try:
             raw = await self.transport.request(
@@ -352,11 +384,22 @@ class Node:
         if hello.address is not None and hello.role != "tenant":
             self.learn_peer(hello.address, env.sender, hello.role)
         known = [
-            PeerInfo(node_id=p.node_id, address=p.address, role=p.role)
+            self._peer_info(p.node_id, p.address, p.role)
             for p in self.sample_peers(50, exclude=[hello.address or ""])
             if p.node_id is not None
         ]
         return PeerList(peers=known)
+
+    def _peer_info(self, node_id: str, address: str, role: Role) -> PeerInfo:
+        """A peer as a peer list names it; built (validated) once per peer, not once per
+        hello: each answer lists 50 peers, most of them listed before."""
+        key = (node_id, address, role)
+        info = self._peer_infos.get(key)
+        if info is None:
+            if len(self._peer_infos) >= 2 * self.settings.max_peers:
+                self._peer_infos.clear()  # peers come and go: never more than a table's worth
+            info = self._peer_infos[key] = PeerInfo(node_id=node_id, address=address, role=role)
+        return info
 
     async def exchange_peers(self, peer: Peer) -> None:
         """Hello to ``peer``; learn the peers it knows."""
@@ -380,16 +423,19 @@ class Node:
         replayed advert can never win because it never carries a higher ``seq``).
         Returns None when the advert is rejected (counted by code).
         """
+        offered = self._offer(raw)
+        return None if offered is None else offered[0]
+
+    def _offer(self, raw: bytes) -> tuple[Offer, Advert] | None:
+        """``ingest_advert``, also returning the advert (None when it was rejected)."""
         try:
-            env = self.verified.open(raw, self.clock(), self.limits)
-            if not isinstance(env.body, Advert):
-                raise UnexpectedMessageError(f"directory holds adverts, not {env.type}")
-            check_advert(env.body)  # 10,000 H100 at 2^63-1 FLOP/s is not a thing
+            env = self.verified.open_advert(raw, self.clock(), self.limits)
         except MercatoError as e:
             self.metrics.rejections.labels(e.code).inc()
             log.debug("dropped relayed advert: %s", e)
             return None
         advert = env.body
+        assert isinstance(advert, Advert)  # open_advert let nothing else through
         now = self.clock()
         # env.raw: the memo's copy, so identical adverts share one bytes object.
         result = self.directory.offer(advert, env.raw, now)
@@ -402,13 +448,13 @@ class Node:
             entry = self.directory.get(advert.provider)
             if entry is not None and self._on_advert is not None:
                 self._on_advert(entry)
-        return result
+        return result, advert
 
     async def _on_directory_request(self, env: Envelope) -> Body | bytes | None:
         req = env.body
         assert isinstance(req, DirectoryRequest)
-        missing, wanted, more = self.directory.diff(
-            unpack_digest(req.digest),
+        missing, wanted, more = self.directory.diff_packed(
+            req.digest,
             self.clock(),
             min(req.limit, self.settings.directory_page),
         )
@@ -470,10 +516,10 @@ class Node:
 
     def _ingest_news(self, raw: bytes) -> Entry | None:
         """Ingest ``raw``; the directory entry it made when it was news, else None."""
-        result = self.ingest_advert(raw)
-        if result is None or not result.accepted:
+        offered = self._offer(raw)
+        if offered is None or not offered[0].accepted:
             return None
-        return self.directory.get(self.verified.open(raw, self.clock(), self.limits).sender)
+        return self.directory.get(offered[1].provider)
 
     def _address_of(self, node_id: str) -> str:
         self._peer_index()

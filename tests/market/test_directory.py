@@ -238,3 +238,66 @@ class TestPackedDigest:
         d.offer(advert, raw, NOW)
         assert d.packed_digest(NOW + 10) == b""  # expired, not purged
         assert d.packed_digest(NOW + 1) == pack_digest({ids[0].node_id: 1})
+
+
+class TestDiffPacked:
+    """The packed diff every node answers pulls with gives exactly what ``diff`` gives."""
+
+    def test_same_answer_as_diff_on_random_digests(self, make: Maker, ids: list[Identity]) -> None:
+        import random
+
+        rng = random.Random(7)
+        strangers = [Identity.from_seed(bytes([100 + i]) * 32) for i in range(3)]
+        everyone = ids + strangers
+        made = {
+            (i.node_id, s, x): make(i, seq=s, expires_ms=NOW + x)
+            for i in ids
+            for s in (1, 2, 3)
+            for x in (5, TTL)
+        }
+        compared = 0
+        for _ in range(300):
+            d = Directory()
+            for ident in rng.sample(ids, rng.randint(0, len(ids))):
+                for s in sorted(rng.sample((1, 2, 3), rng.randint(1, 3))):
+                    advert, raw = made[(ident.node_id, s, rng.choice((5, TTL)))]
+                    d.offer(advert, raw, NOW)
+            now = NOW + rng.choice((0, 5, 10))
+            theirs = {i.node_id: rng.randint(0, 4) for i in rng.sample(everyone, rng.randint(0, 8))}
+            limit = rng.randint(1, 6)
+            want = d.diff(unpack_digest(pack_digest(theirs)), now, limit)  # as received
+            got = d.diff_packed(pack_digest(theirs), now, limit)
+            assert ([e.provider for e in got[0]], got[1], got[2]) == (
+                [e.provider for e in want[0]],
+                want[1],
+                want[2],
+            )
+            compared += bool(want[0] or want[1])
+        assert compared > 100  # most cases had something to send or to want
+
+    def test_a_peer_in_sync_is_sent_nothing(self, make: Maker, ids: list[Identity]) -> None:
+        d = Directory()
+        for ident in ids:
+            advert, raw = make(ident, seq=10)
+            d.offer(advert, raw, NOW)
+        assert d.diff_packed(d.packed_digest(NOW), NOW, limit=100) == ([], [], False)
+
+
+class TestExpire:
+    def test_expire_drops_exactly_the_expired_as_adverts_come_and_go(
+        self, make: Maker, ids: list[Identity]
+    ) -> None:
+        """The earliest-expiry bound that lets expire() skip the scan never hides one."""
+        d = Directory()
+        a, a_raw = make(ids[0], seq=1, expires_ms=NOW + 10)
+        b, b_raw = make(ids[1], seq=1, expires_ms=NOW + 20)
+        d.offer(a, a_raw, NOW)
+        d.offer(b, b_raw, NOW)
+        assert d.expire(NOW + 9) == []
+        assert d.expire(NOW + 10) == [ids[0].node_id]
+        newer, newer_raw = make(ids[1], seq=2, expires_ms=NOW + 15)  # expires earlier
+        d.offer(newer, newer_raw, NOW + 11)
+        assert d.expire(NOW + 14) == []
+        assert d.expire(NOW + 15) == [ids[1].node_id]
+        assert len(d) == 0
+        assert d.expire(NOW + 10**9) == []

@@ -511,3 +511,17 @@ class TestImplausibleAdverts:
         assert liar.node_id not in node.directory
         counted = node.metrics.rejections.labels("implausible_advert")._value.get()
         assert counted == 1
+        # The memo of verified adverts keeps no verdict of a refused one: every copy is
+        # refused and counted again, also by another node sharing the memo (as the
+        # simulation's nodes do).
+        assert node.ingest_advert(raw) is None
+        assert node.metrics.rejections.labels("implausible_advert")._value.get() == 2
+        other_settings = NodeSettings(role="bootstrap", address=address("b2"), bootstrap=[])
+        other = Node(
+            Identity.generate(),
+            other_settings,
+            net.transport(address("b2")),
+            verified=node.verified,
+        )
+        assert other.ingest_advert(raw) is None
+        assert liar.node_id not in other.directory

@@ -285,3 +285,41 @@ class TestDishonestParties:
         bound = 1 + p.payment_timeout_ms / p.debit_interval_ms
         assert 0 < r.provider_loss_max_intervals <= bound + 0.01
         assert 0 < r.settlement_share < 0.05
+
+
+class TestFabricatingProviders:
+    def test_fabricators_are_caught_and_never_give_a_sweep_its_best(self) -> None:
+        """Tenants spot-check sweeps on the simulated market (market.verification's rule,
+        the real VerifyStore and auction); a third of the providers make results up."""
+        sim = load_simulate()
+        p = sim.Params(
+            nodes=40,
+            providers=10,
+            tenants=3,
+            seed=4,
+            fabricators=0.3,
+            sweep_trials=8,
+            partition_s=0.0,
+            crash=0.0,
+            join_s=3.0,
+            steady_s=90.0,
+            lease_hold_s=4.0,
+        )
+        r = sim.run_once(p)
+        v = r.verification
+        assert v["fabricators"] == 3
+        assert v["sweeps"] >= 4
+        assert v["runs"]["check"] > 0
+        assert v["extra_spend_pct"] is not None
+        assert v["extra_spend_pct"] > 0
+        # Fabricators won work and were caught, by every tenant they gave results to,
+        # well before their 20th result to it; no honest provider was.
+        assert v["fabricators_caught"] >= 2
+        assert not v["uncaught_pairs"]
+        assert v["caught_pairs"]
+        assert all(x["caught_at"] <= 20 for x in v["caught_pairs"])
+        assert v["caught_by_20th_frac"] == 1.0
+        assert v["wrongly_caught"] == 0
+        # No sweep reported a made-up result as its best.
+        assert v["fabricated_best"] == 0
+        assert v["fabricated_results_kept"] == 0
