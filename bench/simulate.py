@@ -80,7 +80,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 from market.bidding import BidEngine, Device, LeaseState
-from market.verification import Tolerance, Verdict, best_needs_check, compare, decide, should_check
+from market.verification import (
+    Tolerance,
+    Verdict,
+    best_needs_check,
+    compare,
+    decide,
+    may_take_trial,
+    proven,
+    should_check,
+)
 from node.net.node import Node, NodeSettings, VerifiedAdverts
 from node.net.simloop import VirtualTimeLoop
 from node.net.transport import MemoryNetwork
@@ -810,6 +819,7 @@ class SimSweep:
     checked: set[int] = field(default_factory=set)
     checks: list[list[tuple[str, float]]] = field(default_factory=list)  # waiting: votes
     reruns: set[int] = field(default_factory=set)  # trials re-run after a liar's discard
+    taken: Counter[str] = field(default_factory=Counter)  # provider -> trials run for it
 
 
 class Sweeps:
@@ -923,7 +933,14 @@ class Sweeps:
                 # _better_checker sends it: cheap fabricators that answer alike would
                 # otherwise check each other. Newcomers check only when none is free.
                 tries = [shut]
-                if votes is not None:
+                if votes is None:
+                    # Room for newcomers in trials (market.verification.may_take_trial,
+                    # as Verifier.may_take applies it): while a proven provider is at
+                    # hand, one that is not gets NEWCOMER_TRIALS trials of the sweep.
+                    held = self._held_back(t, sw, shut, tenant)
+                    if held:
+                        tries.insert(0, shut | held)
+                else:
                     proven = self._proven(t, shut)
                     if proven:
                         others = {a.provider for a in tenant.adverts()} - proven
@@ -954,6 +971,18 @@ class Sweeps:
             sim._event("sweep-lease", t, sw.number, kind, number, lease.provider[:8])
             sw.running += 1
             sim._spawn(self.run(t, sw, kind, number, votes, lease.lease_id))
+
+    def _held_back(self, t: int, sw: SimSweep, shut: set[str], tenant: Tenant) -> set[str]:
+        """Providers that may not take another trial of ``sw`` (may_take_trial)."""
+        vs = self.store(t)
+        at_hand = {a.provider for a in tenant.adverts()} - shut
+        trust = {p: vs.trust(p) for p in at_hand}
+        any_proven = any(proven(tr) for tr in trust.values())
+        return {
+            p
+            for p, tr in trust.items()
+            if not may_take_trial(tr, sw.taken[p], proven_leased=any_proven)
+        }
 
     def _proven(self, t: int, shut: set[str]) -> set[str]:
         """Providers with the most checked-valid results for tenant ``t`` (at least one),
@@ -1014,6 +1043,7 @@ class Sweeps:
             self.results[(t, provider)] += 1
             sim._event("run", t, sw.number, kind, number, provider[:8], value)
             if votes is None:
+                sw.taken[provider] += 1
                 self.on_result(t, sw, number, provider, value, lease_id)
             else:
                 self.on_vote(t, sw, [*votes, (provider, value)])
