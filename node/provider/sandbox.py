@@ -470,13 +470,13 @@ class SandboxExecutor:
         """Close the lease's idle warm sandboxes (a running trial's closes when it ends)."""
         for w in [w for w in self._warm_idle if w.warm_key == lease_id]:
             self._warm_idle.remove(w)
-            w.close()
+            await self._retire(w)
 
     async def close(self) -> None:
         """Close every idle warm sandbox (the daemon's stop; trials were ended before)."""
         idle, self._warm_idle = self._warm_idle, []
         for w in idle:
-            w.close()
+            await self._retire(w)
 
     def _prepare(self, spec: TrialSpec) -> Path:
         trial_dir = self.root_dir / spec.task_id
@@ -791,9 +791,6 @@ class SandboxExecutor:
     async def _retire(self, w: _Warm) -> None:
         """Close a warm sandbox and remove its slot (the last trial's work dir)."""
         w.close()
-        for task_id, path in list(self._warm_dirs.items()):
-            if path.parent == w.slot:
-                del self._warm_dirs[task_id]
         await asyncio.to_thread(_remove_tree, w.slot)
 
     def _prepare_warm(self, spec: TrialSpec, slot: Path) -> tuple[Path, Path]:

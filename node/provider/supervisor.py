@@ -613,8 +613,9 @@ def serve(cfg: dict[str, Any]) -> tuple[list[str], int | None]:
                 raise ValueError("request too large")
             req = json.loads(_recv_exact(sock, size))
             argv = [str(a) for a in req["argv"]]
-            env = {str(k): str(v) for k, v in req["env"].items()}
             cwd = str(req["cwd"])
+            # bwrap sets PWD; here it is the trial's own work dir.
+            env = {"PWD": cwd, **{str(k): str(v) for k, v in req["env"].items()}}
             script = req.get("script")
             if script is not None and not (cfg.get("python") and 1 <= int(script) < len(argv)):
                 raise ValueError("no interpreter to run a script in")
@@ -626,7 +627,6 @@ def serve(cfg: dict[str, Any]) -> tuple[list[str], int | None]:
         pid = os.fork()
         if pid == 0:
             try:
-                os.setsid()
                 os.dup2(out, 1)
                 os.dup2(out, 2)
                 os.closerange(3, max(3, resource.getrlimit(resource.RLIMIT_NOFILE)[0]))
@@ -637,6 +637,8 @@ def serve(cfg: dict[str, Any]) -> tuple[list[str], int | None]:
                 if script is None:
                     for sig in (signal.SIGINT, signal.SIGPIPE, signal.SIGXFSZ):
                         signal.signal(sig, signal.SIG_DFL)
+                    os.environ.clear()
+                    os.environ.update(env)
                     return argv, None
                 # What a fresh interpreter sets up: Ctrl-C as KeyboardInterrupt, and
                 # SIGPIPE / SIGXFSZ ignored (errors instead).
@@ -704,7 +706,7 @@ def run_script(argv: list[str], script: int) -> None:
         tb = exc.__traceback__
         while tb is not None and tb.tb_frame.f_code.co_filename != path:
             tb = tb.tb_next
-        sys.excepthook(type(exc), exc, tb)
+        sys.excepthook(type(exc), exc.with_traceback(tb), tb)
         raise SystemExit(130 if isinstance(exc, KeyboardInterrupt) else 1) from None
 
 
