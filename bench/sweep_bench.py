@@ -343,6 +343,10 @@ def main(argv: list[str] | None = None) -> int:
             f"before it (job stored, auction): {c['before']:.2f} s; "
             f"after it (leases released, receipts): {c['after']:.2f} s"
         )
+        print(
+            f"against the ideal ({n} x {work} s / {s} slots = {ideal:.2f} s): "
+            f"pool {ideal / pool_wall:.2f}, cluster {ideal / c['wall']:.2f}"
+        )
         print(f"efficiency={pool_wall / c['wall']:.2f}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
