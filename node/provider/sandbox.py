@@ -713,11 +713,15 @@ class SandboxExecutor:
         on_metrics: MetricsCallback | None,
     ) -> TrialOutcome:
         """Run ``spec`` in a warm sandbox of its key: an idle one of the same spec or a new one."""
-        base_env = self._env(spec, "/", "/tmp")  # the runner's own: HOME is per trial
-        python = _runner_python(spec.argv, base_env)
+        # The runner starts with the provider's variables and those that shape how an
+        # interpreter starts (locale, time zone, PYTHON*): only those make its key. The
+        # rest (a sweep's seed, the trial's devices) comes with each trial.
+        trial_env = self._env(spec, "/", "/tmp")
+        base_env = {k: v for k, v in trial_env.items() if k in _RUNNER_VARS or _shapes_start(k)}
+        python = _runner_python(spec.argv, trial_env)
         key = (
             spec.warm_key,
-            tuple(sorted(base_env.items())),
+            tuple(sorted((k, v) for k, v in base_env.items() if _shapes_start(k))),
             spec.device_nodes,
             spec.network,
             spec.limits,
@@ -1106,6 +1110,15 @@ class _Process:
 
 
 # --- warm sandboxes ----------------------------------------------------------------
+
+
+#: The variables a warm runner starts with besides those of :func:`_shapes_start`.
+_RUNNER_VARS = ("PATH", "USER", "LOGNAME", "HOME", "TMPDIR")
+
+
+def _shapes_start(name: str) -> bool:
+    """Whether an environment variable changes how a Python interpreter starts."""
+    return name.startswith(("PYTHON", "LC_")) or name in ("LANG", "LANGUAGE", "TZ")
 
 
 def _runner_python(argv: Sequence[str], env: dict[str, str]) -> str | None:

@@ -246,13 +246,19 @@ class TestNothingCarriesOver:
             "tmp": sorted(os.listdir("/tmp")),
             "shm": sorted(os.listdir("/dev/shm")),
             "env": sorted(k for k in os.environ if k.startswith("LEAKED")),
+            "seed": os.environ["MERCATO_SEED"],
             "fds": sorted(int(f) for f in os.listdir("/proc/self/fd")),
             "others": [p for p in pids if p not in (1, os.getppid(), os.getpid())],
         }))
         """
-        one = await executor.run(make_spec(workspace, first, task_id="one"))
+        # Each trial of a sweep has its own seed: the sandbox is shared all the same.
+        one = await executor.run(
+            make_spec(workspace, first, task_id="one", env={"MERCATO_SEED": "1"})
+        )
         assert one.state is TrialState.SUCCEEDED, one.log_path.read_text()
-        two = await executor.run(make_spec(workspace, second, task_id="two"))
+        two = await executor.run(
+            make_spec(workspace, second, task_id="two", env={"MERCATO_SEED": "2"})
+        )
         assert slot_of(executor, "one") == slot_of(executor, "two")
         seen = record(two)
         assert seen["work"] == ["data.txt", "one.py", "two.py"]
@@ -262,6 +268,7 @@ class TestNothingCarriesOver:
         assert not {"left-in-tmp", "dir", "daemon-alive"} & set(seen["tmp"])
         assert seen["shm"] == []
         assert seen["env"] == []
+        assert seen["seed"] == "2"
         assert seen["fds"] == [0, 1, 2, 3]  # 3: the listing's own
         assert seen["others"] == []
 
@@ -301,7 +308,7 @@ class TestNothingCarriesOver:
         await executor.run(make_spec(workspace, "pass", task_id="k1", warm_key="leaseA"))
         await executor.run(make_spec(workspace, "pass", task_id="k2", warm_key="leaseB"))
         await executor.run(
-            make_spec(workspace, "pass", task_id="k3", warm_key="leaseB", env={"X": "1"})
+            make_spec(workspace, "pass", task_id="k3", warm_key="leaseB", env={"LANG": "C"})
         )
         slots = {slot_of(executor, t) for t in ("k1", "k2", "k3")}
         assert len(slots) == 3
