@@ -299,6 +299,15 @@ def probe_trial_uid(uid: int) -> str | None:
     return None
 
 
+def _has_pidfd() -> bool:
+    """Whether this kernel has pidfd_open (5.3+), which a warm sandbox is watched with."""
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except (AttributeError, OSError):
+        return False
+    return True
+
+
 def _is_under(path: str, parent: str) -> bool:
     return path == parent or path.startswith(parent.rstrip("/") + "/")
 
@@ -379,7 +388,7 @@ class SandboxExecutor:
             self._seccomp = str(self.root_dir / ".seccomp.bpf")
             try:
                 seccomp.write_filter(self._seccomp)
-                if warm and self.supports_warm:
+                if warm and self.supports_warm and _has_pidfd():
                     self._seccomp_warm = str(self.root_dir / ".seccomp-warm.bpf")
                     seccomp.write_filter(self._seccomp_warm, seccomp.WARM_REFUSED)
             except seccomp.SeccompUnavailableError as exc:
