@@ -87,6 +87,28 @@ for strangers' code):
 * RAM-backed ``/tmp`` and ``/dev/shm``: tmpfs sizes (bwrap ``--size``; a bwrap too
   old for it gets no ``/dev/shm`` at all).
 
+Warm sandboxes: a trial whose spec has a ``warm_key`` (the provider passes the lease
+id) runs in a sandbox kept for the next trial with the same key and the same sandbox
+shape (devices, network, limits, the variables that shape an interpreter's start), one
+per lease slot (:class:`_Warm`). The supervisor and bwrap run as above, but inside,
+``supervisor.py warm`` does what ``enter`` does (capabilities dropped, ``trial_uid``,
+RLIMIT_NPROC) and then stays as the *runner*: non-dumpable, a child subreaper, talking
+to the daemon over a socketpair (descriptor 5) that only the daemon holds the other end
+of. Per trial the daemon empties the slot directory (bound read-write into the sandbox
+in place of ``<task_id>/work``) and copies the workspace into a fresh ``<task_id>/`` in
+it, then sends argv, environment and work dir with the write end of the trial's own
+output pipe (SCM_RIGHTS). The runner forks; the child closes every other descriptor and
+execs the command, or, for ``python script.py`` under the runner's interpreter, runs
+the script in place (no new interpreter; node.provider.supervisor.run_script). When the
+trial's main process ends the runner kills every other process in the pid namespace,
+reaps them all (its rusage is the trial's), empties ``/tmp`` and ``/dev/shm``, checks
+that no process, SysV IPC object or change to its own priority or affinity is left,
+and answers. Any doubt (an unclean answer, no answer, a timeout or cancel, a tripped
+limit) closes the sandbox; the next trial starts a new one. Idle ones close after
+:data:`WARM_IDLE_S`, with their lease (``lease_close``) or with the executor
+(``close``). docs/operators.md says what a warm sandbox does not isolate (one pid and
+IPC namespace across a lease's trials, one uid, one hash seed).
+
 Stopping: on timeout or cancel the supervisor gets SIGTERM and passes it to every
 process of the trial (not to bwrap, whose death would tear the sandbox down at
 once), so a trial can save its state; after ``kill_grace_s`` the supervisor's
