@@ -142,6 +142,19 @@ class TestStartsLikeAFreshInterpreter:
             seen["file"] = "<work>/c1.py"
             assert seen == fresh
 
+    async def test_each_trial_draws_its_own_random_numbers(
+        self, executor: SandboxExecutor, workspace: Path
+    ) -> None:
+        # The runner has not imported random: each child seeds it afresh, as a new
+        # interpreter would (a sweep's trials must not share one random stream).
+        code = "import json, random; print(json.dumps({'r': random.random()}))"
+        draws = [
+            record(await executor.run(make_spec(workspace, code, task_id=f"rnd{n}")))["r"]
+            for n in range(3)
+        ]
+        assert slot_of(executor, "rnd0") == slot_of(executor, "rnd2")
+        assert len(set(draws)) == 3
+
     async def test_env_python_form_and_non_python_commands(
         self, executor: SandboxExecutor, workspace: Path
     ) -> None:
