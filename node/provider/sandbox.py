@@ -7,10 +7,13 @@ network (unless allowed), or outlive its timeout.
 Layout under ``root_dir`` (mode 0700)::
 
     .seccomp.bpf        the compiled seccomp filter (node.provider.seccomp), written at start
+    .seccomp-warm.bpf   the same with mq_open refused, for warm sandboxes
     <task_id>/          mode 0700, recreated fresh for every run of the task
         work/           a copy of the workspace: the trial's cwd and HOME, writable
                         (owned by ``trial_uid`` when the provider runs as root)
         output.log      the trial's output within the cap
+    .warm-<n>/          a warm sandbox's slot (see "Warm sandboxes" below), bound in it
+        <task_id>/      the running (or last) trial's work dir, the slot's only entry
 
 The workspace is **copied**, not bind-mounted: trials write checkpoints and results
 next to their code, and each trial of a sweep must start from the same pristine
