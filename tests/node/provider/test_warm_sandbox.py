@@ -372,6 +372,23 @@ class TestTheRunnerIsOutOfReach:
         for what in ("socket", "fds", "mem", "environ"):
             assert seen[what] == "PermissionError", (what, seen)
 
+    async def test_a_trial_sees_only_its_own_slot_not_other_leases(
+        self, executor: SandboxExecutor, workspace: Path
+    ) -> None:
+        other = await executor.run(
+            make_spec(workspace, "open('secret', 'w').write('b')", task_id="o1", warm_key="leaseB")
+        )
+        assert other.state is TrialState.SUCCEEDED
+        code = """
+        import json, os, sys
+        print(json.dumps({"root": sorted(os.listdir(sys.argv[1]))}))
+        """
+        seen = record(
+            await executor.run(make_spec(workspace, code, str(executor.root_dir), task_id="o2"))
+        )
+        assert (executor.root_dir / ".warm-1" / "o1" / "secret").exists()  # leaseB's, idle
+        assert seen == {"root": [slot_of(executor, "o2").name]}
+
     async def test_a_trial_that_kills_the_runner_fails_alone(
         self, executor: SandboxExecutor, workspace: Path
     ) -> None:
