@@ -40,8 +40,12 @@ with ``executor = "slurm"`` fronting a one-node Slurm cluster started for the ru
 a Slurm allocation and each trial a job step (``srun``) running the same sandbox. A
 local provider whose model the job does not ask for stands by (a cluster needs one).
 
+By default the job verifies as any job does (a canary per provider, spot checks that
+run some trials twice: docs/benchmarks.md, "Verified results"), which the pool does
+not; ``--no-verify`` (``verify: off``) compares the schedulers alone.
+
 Run: ``python bench/sweep_bench.py [--trials 200] [--slots 4] [--sleep 0.5]
-[--executor sandbox|slurm]``
+[--executor sandbox|slurm] [--no-verify]``
 """
 
 from __future__ import annotations
@@ -78,7 +82,7 @@ print(json.dumps({"value": ((x.a * 10 + x.b) * 7919) % 1000 / 1000}), flush=True
 PROVIDERS = 4
 
 
-def job_yaml(trials: int, sleep: float, accelerator: str = "any") -> str:
+def job_yaml(trials: int, sleep: float, accelerator: str = "any", verify: bool = True) -> str:
     # A grid of two small value lists, as sweeps have (a 200-value list would mostly
     # measure Optuna comparing 200-choice distributions at every ask).
     if trials % 10:
@@ -97,13 +101,15 @@ sweep:
 resources: {{accelerator: {accelerator}}}
 budget: {{max_price: 5 credits, max_spend: 100 credits}}
 limits: {{trial_timeout: 1m, max_output: 64KB, retries: 2}}
-"""
+""" + ("" if verify else "verify: off\n")
 
 
-def write_workspace(where: Path, trials: int, sleep: float, accelerator: str = "any") -> Path:
+def write_workspace(
+    where: Path, trials: int, sleep: float, accelerator: str = "any", verify: bool = True
+) -> Path:
     where.mkdir(parents=True)
     (where / "trial.py").write_text(TRIAL)
-    (where / "sweep.yaml").write_text(job_yaml(trials, sleep, accelerator))
+    (where / "sweep.yaml").write_text(job_yaml(trials, sleep, accelerator, verify))
     return where / "sweep.yaml"
 
 
@@ -257,13 +263,17 @@ def run_cluster(job: Path, slots: int, home: Path, executor: str = "sandbox") ->
             rows = JobStore(store).trials(summary.job.job_id)
             leases = [x for x in store.list_leases() if x.job_id == summary.job.job_id]
         provider_ms = []
+        every = re.compile(rf"task {re.escape(summary.job.job_id)}\.\S+ (?:\(lease \S+\) )?\w+ in ")
+        runs = 0
         pattern = re.compile(
             rf"task {re.escape(summary.job.job_id)}\.\d+\.\d+ (?:\(lease \S+\) )?\w+ in (\d+) ms"
         )
         for n in nodes:
             log = Path(n.home) / "logs" / "node.log"
             if n.role == "provider" and log.exists():
-                provider_ms += [int(m[1]) for m in pattern.finditer(log.read_text())]
+                text = log.read_text()
+                provider_ms += [int(m[1]) for m in pattern.finditer(text)]
+                runs += len(every.findall(text))
         started = [r.started_ms for r in rows if r.started_ms is not None]
         finished = [r.finished_ms for r in rows if r.finished_ms is not None]
         return {
@@ -276,6 +286,7 @@ def run_cluster(job: Path, slots: int, home: Path, executor: str = "sandbox") ->
             "before": (min(started) - t0_ms) / 1000 if rows else 0.0,
             "after": (end_ms - max(finished)) / 1000 if rows else 0.0,
             "provider_ms": provider_ms,
+            "runs": runs,
             "leases": [(x.provider[:8], x.units, x.model) for x in leases],
             "cpu": (tenant_cpu, daemons_cpu),
         }
@@ -296,12 +307,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slots", type=int, default=4)
     parser.add_argument("--sleep", type=float, default=0.5)
     parser.add_argument("--executor", choices=("sandbox", "slurm"), default="sandbox")
+    parser.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="the job without spot checks and canaries (the pool verifies nothing either)",
+    )
     args = parser.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="sweep-bench-"))
     try:
         accelerator = SLURM_MODEL if args.executor == "slurm" else "any"
-        job = write_workspace(tmp / "job", args.trials, args.sleep, accelerator)
+        job = write_workspace(tmp / "job", args.trials, args.sleep, accelerator, not args.no_verify)
         n, s, work = args.trials, args.slots, args.sleep
         ideal = n * work / s
         print(f"{n} trials of {work} s on {s} slots: ideal {ideal:.2f} s", flush=True)
@@ -331,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{tenant_cpu + daemons_cpu:.1f} ({(tenant_cpu + daemons_cpu) / n * 1000:.0f} "
             f"ms/trial) = tenant {tenant_cpu:.1f} + daemons and their trials {daemons_cpu:.1f}"
         )
+        print(f"tasks run on providers (spot checks and canaries included): {c['runs']}")
         if c["provider_ms"]:
             print(
                 f"per trial, process start to exit: pool mean "
@@ -342,6 +359,10 @@ def main(argv: list[str] | None = None) -> int:
             f"cluster trial span (first assignment to last result): {c['span']:.2f} s; "
             f"before it (job stored, auction): {c['before']:.2f} s; "
             f"after it (leases released, receipts): {c['after']:.2f} s"
+        )
+        print(
+            f"against the ideal ({n} x {work} s / {s} slots = {ideal:.2f} s): "
+            f"pool {ideal / pool_wall:.2f}, cluster {ideal / c['wall']:.2f}"
         )
         print(f"efficiency={pool_wall / c['wall']:.2f}")
     finally:

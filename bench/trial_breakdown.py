@@ -12,8 +12,11 @@ so the machine's load hits every layer alike:
    the executor's copy of the workspace, ``posix_spawn`` of the supervisor (its own
    ``python -I -S``), rlimits, the fork and exec of the trial, the reaping, the output
    collector, removing the trial directory.
-3. ``sandbox``: ``SandboxExecutor(use_bwrap=True).run``: the same inside bubblewrap
-   (namespaces, the read-only root's mounts, seccomp, ``supervisor.py enter``).
+3. ``sandbox``: ``SandboxExecutor(use_bwrap=True, warm=False).run``: the same inside
+   bubblewrap (namespaces, the read-only root's mounts, seccomp, ``supervisor.py enter``).
+4. ``warm``: ``SandboxExecutor(use_bwrap=True).run`` with a ``warm_key``: the trial in
+   the sandbox kept from the round before, started by its runner (a fork, no new
+   interpreter, no bwrap); its copy into the emptied slot, the runner's clean-up after.
 
 For the executor layers the script also times, from the provider's side: the copy of
 the workspace (``_prepare``), the spawn to the trial's exit (``run`` minus the copy),
@@ -23,7 +26,8 @@ The difference between layers is what each adds per trial. The exchange with the
 tenant (assignment, long poll, signed result, the tenant's store) is the cluster's
 overhead per trial in ``bench/sweep_bench.py`` minus the sandbox layer here.
 
-The last line printed is ``interp_ms=<i> bare_ms=<a> supervisor_ms=<b> sandbox_ms=<c>`` (medians).
+The last line printed is ``interp_ms=<i> bare_ms=<a> supervisor_ms=<b> sandbox_ms=<c>
+warm_ms=<d>`` (medians).
 
 Run: ``python bench/trial_breakdown.py [--rounds 30]``
 """
@@ -67,27 +71,45 @@ def bare(workspace: Path, scratch: Path, n: int) -> float:
 
 
 async def executor_run(
-    ex: SandboxExecutor, workspace: Path, n: int, parts: dict[str, list[float]]
+    ex: SandboxExecutor,
+    workspace: Path,
+    n: int,
+    parts: dict[str, list[float]],
+    warm_key: str | None = None,
 ) -> float:
-    spec = TrialSpec(task_id=f"t{n}", argv=ARGV, workspace=workspace, timeout_s=60)
-    prepare = ex._prepare
+    spec = TrialSpec(
+        task_id=f"t{n}", argv=ARGV, workspace=workspace, timeout_s=60, warm_key=warm_key
+    )
     took: dict[str, float] = {}
+    if warm_key is None:
+        prepare = ex._prepare
 
-    def timed_prepare(s: TrialSpec) -> Path:
-        t = time.perf_counter()
-        try:
-            return prepare(s)
-        finally:
-            took["copy"] = time.perf_counter() - t
+        def timed_prepare(s: TrialSpec) -> Path:
+            t = time.perf_counter()
+            try:
+                return prepare(s)
+            finally:
+                took["copy"] = time.perf_counter() - t
 
-    ex._prepare = timed_prepare  # type: ignore[method-assign]
+        ex._prepare = timed_prepare  # type: ignore[method-assign]
+    else:
+        prepare_warm = ex._prepare_warm
+
+        def timed_prepare_warm(s: TrialSpec, slot: Path) -> tuple[Path, Path]:
+            t = time.perf_counter()
+            try:
+                return prepare_warm(s, slot)
+            finally:
+                took["copy"] = time.perf_counter() - t
+
+        ex._prepare_warm = timed_prepare_warm  # type: ignore[method-assign]
     t0 = time.perf_counter()
     outcome = await ex.run(spec)
     t1 = time.perf_counter()
+    if outcome.exit_code != 0:
+        raise SystemExit(f"trial failed: {outcome}: {outcome.log_path.read_text()}")
     ex.discard(spec.task_id)
     t2 = time.perf_counter()
-    if outcome.exit_code != 0:
-        raise SystemExit(f"trial failed: {outcome}")
     parts["copy"].append(took["copy"])
     parts["spawn to exit"].append(t1 - t0 - took["copy"])
     parts["discard"].append(t2 - t1)
@@ -103,16 +125,28 @@ async def main_async(rounds: int) -> int:
         plain = SandboxExecutor(
             tmp / "plain", use_bwrap=False, allow_unsandboxed=True, hidden_paths=[tmp / "h"]
         )
-        boxed = SandboxExecutor(tmp / "boxed", use_bwrap=True, hidden_paths=[tmp / "h"])
-        times: dict[str, list[float]] = {"interp": [], "bare": [], "supervisor": [], "sandbox": []}
-        parts: dict[str, dict[str, list[float]]] = {
-            k: {"copy": [], "spawn to exit": [], "discard": []} for k in ("supervisor", "sandbox")
+        boxed = SandboxExecutor(tmp / "boxed", use_bwrap=True, hidden_paths=[tmp / "h"], warm=False)
+        warm = SandboxExecutor(tmp / "warm", use_bwrap=True, hidden_paths=[tmp / "h"])
+        times: dict[str, list[float]] = {
+            "interp": [],
+            "bare": [],
+            "supervisor": [],
+            "sandbox": [],
+            "warm": [],
         }
+        parts: dict[str, dict[str, list[float]]] = {
+            k: {"copy": [], "spawn to exit": [], "discard": []}
+            for k in ("supervisor", "sandbox", "warm")
+        }
+        # The warm sandbox's first trial starts it (a cold start): not one of the rounds.
+        await executor_run(warm, workspace, -1, {k: [] for k in parts["warm"]}, "bench")
         for n in range(rounds):
             times["interp"].append(await asyncio.to_thread(interp))
             times["bare"].append(await asyncio.to_thread(bare, workspace, tmp / "bare", n))
             times["supervisor"].append(await executor_run(plain, workspace, n, parts["supervisor"]))
             times["sandbox"].append(await executor_run(boxed, workspace, n, parts["sandbox"]))
+            times["warm"].append(await executor_run(warm, workspace, n, parts["warm"], "bench"))
+        await warm.close()
         med = {k: statistics.median(v) * 1000 for k, v in times.items()}
         print(f"{rounds} rounds, interleaved; medians in ms (p90 in brackets)")
         for k, v in times.items():
@@ -122,7 +156,8 @@ async def main_async(rounds: int) -> int:
                 print(f"      {part:<15}{statistics.median(xs) * 1000:7.1f}")
         print(
             f"  supervisor adds {med['supervisor'] - med['bare']:.1f} ms over bare; "
-            f"bubblewrap adds {med['sandbox'] - med['supervisor']:.1f} ms over the supervisor"
+            f"bubblewrap adds {med['sandbox'] - med['supervisor']:.1f} ms over the supervisor; "
+            f"warm saves {med['sandbox'] - med['warm']:.1f} ms of the sandbox's"
         )
         print(" ".join(f"{k}_ms={v:.1f}" for k, v in med.items()))
     finally:

@@ -170,6 +170,9 @@ class SandboxSection(_Section):
     max_workspace_bytes: Annotated[int, Field(gt=0)] = 256 << 20
     # When the daemon runs as root, trials run as this uid (never 0, never a login user's).
     trial_uid: Annotated[int, Field(gt=0, lt=1 << 31)] = 2_000_000_000
+    # Keep one sandbox per lease slot across the lease's trials (a fresh work dir, /tmp,
+    # /dev/shm and process tree per trial; see docs/operators.md); false: one per trial.
+    warm: bool = True
 
 
 class WorkspacesSection(_Section):

@@ -265,10 +265,13 @@ class Daemon:
             on_peer=lambda p: _persist_peer(store, p, wall_clock_ms()),
         )
         slurm: SlurmExecutor | None = None
+        local: SandboxExecutor | None = None
 
         async def close_slurm() -> None:
             if slurm is not None:  # after the node: give back every allocation leases held
                 await slurm.close()
+            if local is not None:  # after the node (its trials ended): idle warm sandboxes
+                await local.close()
 
         steps.push_async_callback(close_slurm)
         # Registered before the node starts (closing an unstarted node is a no-op), so
@@ -320,7 +323,9 @@ class Daemon:
                     allow_network=sb.allow_network,
                     hidden_paths=[home.path],
                     trial_uid=sb.trial_uid,
+                    warm=sb.warm,
                 )
+                local = executor
             inv = inventory
 
             def device_env(ids: tuple[str, ...]) -> dict[str, str]:

@@ -117,6 +117,9 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,255}")
 _MAX_ENV_VARS = 256
 _MAX_ARGV = 4096
 _MAX_ARGV_BYTES = 1024 * 1024
+_FILE_NAME = re.compile(r"[A-Za-z0-9._-]{1,255}")
+_MAX_FILES = 64
+_MAX_FILES_BYTES = 1024 * 1024
 
 
 class ExecutorError(MercatoError):
@@ -207,7 +210,12 @@ class TrialSpec:
     ``device_ids`` to the trial and overrides ``env``. ``network`` asks for the
     host's network; the executor refuses it unless the provider allows it.
     ``metric`` names the metric the sweep optimises (reported back as
-    ``TrialOutcome.metric_value``).
+    ``TrialOutcome.metric_value``). ``files`` are small files (name -> text) written
+    into the trial's own copy of the workspace, over what the workspace holds (a
+    sweep's parameters file): plain names, no directories. ``warm_key`` lets an
+    executor that can run consecutive trials in one kept sandbox (node.provider.sandbox)
+    do so for trials with the same key (the provider uses the lease id); ``None``: a
+    fresh sandbox for this trial.
     """
 
     task_id: str
@@ -222,6 +230,8 @@ class TrialSpec:
     network: bool = False
     limits: ResourceLimits = field(default_factory=ResourceLimits)
     metric: str | None = None
+    files: Mapping[str, str] = field(default_factory=dict)
+    warm_key: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.task_id, str) or not _TASK_ID.fullmatch(self.task_id):
@@ -263,6 +273,24 @@ class TrialSpec:
             raise InvalidTrialSpecError(f"max_output_bytes must be an int >= 0, got {cap!r}")
         if not isinstance(self.limits, ResourceLimits):
             raise InvalidTrialSpecError("limits must be a ResourceLimits")
+        files = dict(self.files)
+        if len(files) > _MAX_FILES:
+            raise InvalidTrialSpecError(f"at most {_MAX_FILES} files, got {len(files)}")
+        for name, text in files.items():
+            if (
+                not isinstance(name, str)
+                or not _FILE_NAME.fullmatch(name)
+                or name in (".", "..")
+                or not isinstance(text, str)
+            ):
+                raise InvalidTrialSpecError(f"file name {name!r} must be a plain file name")
+        if sum(len(t.encode()) for t in files.values()) > _MAX_FILES_BYTES:
+            raise InvalidTrialSpecError("files hold more than 1 MiB")
+        object.__setattr__(self, "files", files)
+        if self.warm_key is not None and (
+            not isinstance(self.warm_key, str) or not _TASK_ID.fullmatch(self.warm_key)
+        ):
+            raise InvalidTrialSpecError(f"warm key {self.warm_key!r} is not a valid id")
 
 
 @dataclass(frozen=True, kw_only=True)

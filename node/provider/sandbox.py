@@ -7,10 +7,13 @@ network (unless allowed), or outlive its timeout.
 Layout under ``root_dir`` (mode 0700)::
 
     .seccomp.bpf        the compiled seccomp filter (node.provider.seccomp), written at start
+    .seccomp-warm.bpf   the same with mq_open refused, for warm sandboxes
     <task_id>/          mode 0700, recreated fresh for every run of the task
         work/           a copy of the workspace: the trial's cwd and HOME, writable
                         (owned by ``trial_uid`` when the provider runs as root)
         output.log      the trial's output within the cap
+    .warm-<n>/          a warm sandbox's slot (see "Warm sandboxes" below), bound in it
+        <task_id>/      the running (or last) trial's work dir, the slot's only entry
 
 The workspace is **copied**, not bind-mounted: trials write checkpoints and results
 next to their code, and each trial of a sweep must start from the same pristine
@@ -87,6 +90,28 @@ for strangers' code):
 * RAM-backed ``/tmp`` and ``/dev/shm``: tmpfs sizes (bwrap ``--size``; a bwrap too
   old for it gets no ``/dev/shm`` at all).
 
+Warm sandboxes: a trial whose spec has a ``warm_key`` (the provider passes the lease
+id) runs in a sandbox kept for the next trial with the same key and the same sandbox
+shape (devices, network, limits, the variables that shape an interpreter's start), one
+per lease slot (:class:`_Warm`). The supervisor and bwrap run as above, but inside,
+``supervisor.py warm`` does what ``enter`` does (capabilities dropped, ``trial_uid``,
+RLIMIT_NPROC) and then stays as the *runner*: non-dumpable, a child subreaper, talking
+to the daemon over a socketpair (descriptor 5) that only the daemon holds the other end
+of. Per trial the daemon empties the slot directory (bound read-write into the sandbox
+in place of ``<task_id>/work``) and copies the workspace into a fresh ``<task_id>/`` in
+it, then sends argv, environment and work dir with the write end of the trial's own
+output pipe (SCM_RIGHTS). The runner forks; the child closes every other descriptor and
+execs the command, or, for ``python script.py`` under the runner's interpreter, runs
+the script in place (no new interpreter; node.provider.supervisor.run_script). When the
+trial's main process ends the runner kills every other process in the pid namespace,
+reaps them all (its rusage is the trial's), empties ``/tmp`` and ``/dev/shm``, checks
+that no process, SysV IPC object or change to its own priority or affinity is left,
+and answers. Any doubt (an unclean answer, no answer, a timeout or cancel, a tripped
+limit) closes the sandbox; the next trial starts a new one. Idle ones close after
+:data:`WARM_IDLE_S`, with their lease (``lease_close``) or with the executor
+(``close``). docs/operators.md says what a warm sandbox does not isolate (one pid and
+IPC namespace across a lease's trials, one uid, one hash seed).
+
 Stopping: on timeout or cancel the supervisor gets SIGTERM and passes it to every
 process of the trial (not to bwrap, whose death would tear the sandbox down at
 once), so a trial can save its state; after ``kill_grace_s`` the supervisor's
@@ -123,6 +148,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -130,7 +156,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import mercato_trial
 from market.lifecycle import TrialState
@@ -204,6 +230,12 @@ TRIAL_OOM_SCORE_ADJ = 500
 #: 2^31, so no login user, container or tool that reads uids as signed ints meets it.
 DEFAULT_TRIAL_UID = 2_000_000_000
 _SUPERVISOR = os.path.abspath(supervisor.__file__)
+#: An idle warm sandbox is closed after this many seconds without a trial.
+WARM_IDLE_S = 30.0
+#: At most this many warm sandboxes wait idle at once (the longest idle closes first).
+MAX_WARM_IDLE = 64
+#: The runner's answer is a small JSON object; anything longer is a broken runner.
+_MAX_REPLY = 1 << 16
 #: Control nodes every CUDA process opens, besides the /dev/nvidiaN of its own GPUs.
 NVIDIA_CONTROL_NODES = ("nvidiactl", "nvidia-uvm", "nvidia-uvm-tools", "nvidia-modeset")
 
@@ -292,6 +324,15 @@ def probe_trial_uid(uid: int) -> str | None:
     return None
 
 
+def _has_pidfd() -> bool:
+    """Whether this kernel has pidfd_open (5.3+), which a warm sandbox is watched with."""
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except (AttributeError, OSError):
+        return False
+    return True
+
+
 def _is_under(path: str, parent: str) -> bool:
     return path == parent or path.startswith(parent.rstrip("/") + "/")
 
@@ -331,6 +372,7 @@ class SandboxExecutor:
         bwrap_path: str | None = None,
         trial_uid: int | None = DEFAULT_TRIAL_UID,
         device_root: Path | str = "/dev",
+        warm: bool = True,
     ) -> None:
         self.root_dir = Path(_absolute(root_dir))
         self._device_root = _absolute(device_root)
@@ -361,12 +403,19 @@ class SandboxExecutor:
         self._running: dict[str, _Running] = {}
         self.root_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._seccomp: str | None = None
+        self._seccomp_warm: str | None = None
+        self._warm_idle: list[_Warm] = []
+        self._warm_seq = 0
+        self._warm_dirs: dict[str, Path] = {}
         self.trial_uid: int | None = None
         if self._bwrap is not None:
             # A name no task id can take (they never start with a dot).
             self._seccomp = str(self.root_dir / ".seccomp.bpf")
             try:
                 seccomp.write_filter(self._seccomp)
+                if warm and self.supports_warm and _has_pidfd():
+                    self._seccomp_warm = str(self.root_dir / ".seccomp-warm.bpf")
+                    seccomp.write_filter(self._seccomp_warm, seccomp.WARM_REFUSED)
             except seccomp.SeccompUnavailableError as exc:
                 raise SandboxUnavailableError(
                     f"{exc}; trials never run in a sandbox without a seccomp filter"
@@ -384,10 +433,19 @@ class SandboxExecutor:
                         why,
                     )
 
+    #: Whether this executor may keep a sandbox warm across trials (a subclass that
+    #: launches the supervisor elsewhere, such as a Slurm step, may not).
+    supports_warm: ClassVar[bool] = True
+
     @property
     def sandboxed(self) -> bool:
         """Whether trials run inside bubblewrap."""
         return self._bwrap is not None
+
+    @property
+    def warm(self) -> bool:
+        """Whether trials with a ``warm_key`` reuse a warm sandbox (see :class:`_Warm`)."""
+        return self._seccomp_warm is not None
 
     async def run(
         self,
@@ -405,6 +463,8 @@ class SandboxExecutor:
         running = _Running()
         self._running[spec.task_id] = running
         try:
+            if self.warm and spec.warm_key is not None:
+                return await self._run_warm(spec, running, on_output, on_metrics)
             trial_dir = await asyncio.to_thread(self._prepare, spec)
             return await self._run(spec, trial_dir, running, on_output, on_metrics)
         finally:
@@ -421,28 +481,59 @@ class SandboxExecutor:
         return True
 
     def discard(self, task_id: str) -> None:
-        """Delete a finished trial's directory (work dir and log) once it is shipped."""
+        """Delete a finished trial's directory (work dir and log) once it is shipped.
+
+        A warm trial's work dir is in its sandbox's slot, which the next trial there
+        empties before it starts (or closing the sandbox removes): not removed here,
+        where it would race that next trial's start.
+        """
         if task_id in self._running:
             raise TrialAlreadyRunningError(f"trial {task_id} is still running")
+        self._warm_dirs.pop(task_id, None)
         _remove_tree(self.root_dir / task_id)
 
     def work_dir(self, task_id: str) -> Path:
         """Where a trial works: its DiLoCo mailbox (node/provider/sync.py) lives there."""
-        return self.root_dir / task_id / WORK_DIR
+        warm = self._warm_dirs.get(task_id)
+        return warm if warm is not None else self.root_dir / task_id / WORK_DIR
+
+    async def lease_open(self, lease_id: str, device_ids: Sequence[str]) -> None:
+        """Nothing to hold up front: a warm sandbox starts with a lease's first trial."""
+
+    async def lease_close(self, lease_id: str) -> None:
+        """Close the lease's idle warm sandboxes (a running trial's closes when it ends)."""
+        for w in [w for w in self._warm_idle if w.warm_key == lease_id]:
+            self._warm_idle.remove(w)
+            await self._retire(w)
+
+    async def close(self) -> None:
+        """Close every idle warm sandbox (the daemon's stop; trials were ended before)."""
+        idle, self._warm_idle = self._warm_idle, []
+        for w in idle:
+            await self._retire(w)
 
     def _prepare(self, spec: TrialSpec) -> Path:
         trial_dir = self.root_dir / spec.task_id
         _remove_tree(trial_dir)
         trial_dir.mkdir(mode=0o700)
-        work = trial_dir / WORK_DIR
+        self._copy_workspace(spec, trial_dir / WORK_DIR)
+        if not self.sandboxed:
+            (trial_dir / "tmp").mkdir(mode=0o700)
+        return trial_dir
+
+    def _copy_workspace(self, spec: TrialSpec, work: Path) -> None:
+        """The trial's own copy of the workspace, with ``spec.files`` written over it."""
         shutil.copytree(spec.workspace, work, symlinks=True, copy_function=_copy_regular)
+        for name, text in spec.files.items():
+            target = work / name
+            # A link or directory of that name in the workspace is replaced, never followed.
+            if target.is_symlink() or target.exists():
+                _remove_tree(target)
+            target.write_text(text)
         # The trial runs without CAP_DAC_OVERRIDE even as root: its cwd must be its own.
         work.chmod(0o700)
         if self.trial_uid is not None:
             _chown_tree(work, self.trial_uid)
-        if not self.sandboxed:
-            (trial_dir / "tmp").mkdir(mode=0o700)
-        return trial_dir
 
     def _env(self, spec: TrialSpec, work: str, tmp: str) -> dict[str, str]:
         env = {"PATH": f"{os.path.dirname(sys.executable)}:{_PATH}", "LANG": "C.UTF-8"}
@@ -453,7 +544,14 @@ class SandboxExecutor:
         env.update(spec.device_env)
         return env
 
-    def _bwrap_argv(self, spec: TrialSpec, work: str, env: dict[str, str]) -> list[str]:
+    def _bwrap_argv(
+        self,
+        spec: TrialSpec,
+        work: str,
+        env: dict[str, str],
+        warm: dict[str, Any] | None = None,
+    ) -> list[str]:
+        """bwrap's command line for ``spec``; with ``warm``, a runner's (``work`` its slot)."""
         probe = self._bwrap
         assert probe is not None
         assert probe.path is not None
@@ -478,7 +576,7 @@ class SandboxExecutor:
                 args += ["--unshare-user", "--disable-userns"]
             args += ["--cap-drop", "ALL"]
         args += ["--die-with-parent", "--new-session"]
-        if self._seccomp is not None:
+        if self._seccomp is not None or warm is not None:
             args += ["--seccomp", str(supervisor.SECCOMP_FD)]
         # Read-only /proc: the trial may be uid 0 outside the sandbox (a provider run as
         # root), and a root-owned, writable /proc/sys/kernel/core_pattern would let it
@@ -522,6 +620,13 @@ class SandboxExecutor:
         for key, value in env.items():
             args += ["--setenv", key, value]
         enter = {"uid": self.trial_uid, "cwd": work, "limits": _sandbox_rlimits(spec)}
+        if warm is not None:
+            enter.update(warm, cwd="/")
+            return [
+                *args,
+                "--",
+                *(sys.executable, "-I", "-S", _SUPERVISOR, "warm", json.dumps(enter)),
+            ]
         return [
             *args,
             "--",
@@ -632,6 +737,115 @@ class SandboxExecutor:
                 state = TrialState.SUCCEEDED if proc.exit_code == 0 else TrialState.FAILED
             return self._outcome(spec, state, proc, collector, log_path)
 
+    # --- warm sandboxes --------------------------------------------------------------
+
+    async def _run_warm(
+        self,
+        spec: TrialSpec,
+        running: _Running,
+        on_output: OutputCallback | None,
+        on_metrics: MetricsCallback | None,
+    ) -> TrialOutcome:
+        """Run ``spec`` in a warm sandbox of its key: an idle one of the same spec or a new one."""
+        # The runner starts with the provider's variables and those that shape how an
+        # interpreter starts (locale, time zone, PYTHON*): only those make its key. The
+        # rest (a sweep's seed, the trial's devices) comes with each trial.
+        trial_env = self._env(spec, "/", "/tmp")
+        base_env = {k: v for k, v in trial_env.items() if k in _RUNNER_VARS or _shapes_start(k)}
+        python = _runner_python(spec.argv, trial_env)
+        key = (
+            spec.warm_key,
+            tuple(sorted((k, v) for k, v in base_env.items() if _shapes_start(k))),
+            spec.device_nodes,
+            spec.network,
+            spec.limits,
+            python,
+        )
+        w = await self._take_warm(spec, key, base_env, python)
+        keep = False
+        try:
+            trial_dir, work = await asyncio.to_thread(self._prepare_warm, spec, w.slot)
+            self._warm_dirs[spec.task_id] = work
+            env = self._env(spec, str(work), "/tmp")
+            log_path = trial_dir / LOG_FILE
+            with log_path.open("wb") as log:
+                collector = OutputCollector(log, spec.max_output_bytes, on_output, on_metrics)
+                if running.cancel.is_set():
+                    keep = True
+                    return self._outcome(spec, TrialState.CANCELLED, None, collector, log_path)
+                end = await w.run_trial(
+                    spec,
+                    env,
+                    str(work),
+                    _script_index(spec.argv, env, python),
+                    collector,
+                    running.cancel,
+                    self.kill_grace_s,
+                )
+                keep = end.keep
+                collector.close()
+                return self._outcome(spec, end.state, end, collector, log_path)
+        finally:
+            if keep:
+                w.idle_since = time.monotonic()
+                self._warm_idle.append(w)
+                while len(self._warm_idle) > MAX_WARM_IDLE:
+                    await self._retire(self._warm_idle.pop(0))
+            else:
+                await self._retire(w)
+
+    async def _take_warm(
+        self, spec: TrialSpec, key: tuple[Any, ...], env: dict[str, str], python: str | None
+    ) -> _Warm:
+        now = time.monotonic()
+        for w in list(self._warm_idle):
+            if w.exited.done() or now - w.idle_since > WARM_IDLE_S:
+                self._warm_idle.remove(w)
+                await self._retire(w)
+        for w in self._warm_idle:
+            if w.key == key:
+                self._warm_idle.remove(w)
+                return w
+        for w in [w for w in self._warm_idle if w.warm_key == spec.warm_key]:
+            # The same lease with another spec (env, devices, limits): never reused now.
+            self._warm_idle.remove(w)
+            await self._retire(w)
+        self._warm_seq += 1
+        slot = self.root_dir / f".warm-{self._warm_seq}"
+        await asyncio.to_thread(self._make_slot, slot)
+        assert self._seccomp_warm is not None
+        cfg = {"python": python, "scratch": ["/tmp", "/dev/shm"]}
+        command = self._bwrap_argv(spec, str(slot), env, cfg)
+        return _Warm.spawn(
+            command, env, slot, spec, key, python, self._seccomp_warm, self.trial_uid
+        )
+
+    def _make_slot(self, slot: Path) -> None:
+        _remove_tree(slot)  # one left by an earlier run of the daemon
+        slot.mkdir(mode=0o700)
+        if self.trial_uid is not None:
+            os.chown(slot, self.trial_uid, self.trial_uid)
+
+    async def _retire(self, w: _Warm) -> None:
+        """Close a warm sandbox and remove its slot (the last trial's work dir)."""
+        w.close()
+        await asyncio.to_thread(_remove_tree, w.slot)
+
+    def _prepare_warm(self, spec: TrialSpec, slot: Path) -> tuple[Path, Path]:
+        """The trial's log dir, and its fresh work dir, alone in the emptied slot."""
+        trial_dir = self.root_dir / spec.task_id
+        _remove_tree(trial_dir)
+        trial_dir.mkdir(mode=0o700)
+        # The trial owned the slot: whatever it left there or did to it is undone.
+        slot.chmod(0o700)
+        if self.trial_uid is not None:
+            os.chown(slot, self.trial_uid, self.trial_uid)
+        for entry in os.scandir(slot):
+            _remove_tree(Path(entry.path))
+        work = slot / spec.task_id
+        self._copy_workspace(spec, work)
+        return trial_dir, work
+
     def _launcher(self, spec: TrialSpec) -> tuple[list[str], dict[str, str]]:
         """A command that starts the supervisor elsewhere (e.g. ``srun ...``) and its env.
 
@@ -645,7 +859,7 @@ class SandboxExecutor:
         self,
         spec: TrialSpec,
         state: TrialState,
-        proc: _Process | None,
+        proc: _Process | _Ended | None,
         collector: OutputCollector,
         log_path: Path,
     ) -> TrialOutcome:
@@ -927,3 +1141,375 @@ class _Process:
             self._poller.cancel()
         if not self._exited.done():
             self._exited.cancel()
+
+
+# --- warm sandboxes ----------------------------------------------------------------
+
+
+#: The variables a warm runner starts with besides those of :func:`_shapes_start`.
+_RUNNER_VARS = ("PATH", "USER", "LOGNAME", "HOME", "TMPDIR")
+
+
+def _shapes_start(name: str) -> bool:
+    """Whether an environment variable changes how a Python interpreter starts."""
+    return name.startswith(("PYTHON", "LC_")) or name in ("LANG", "LANGUAGE", "TZ")
+
+
+def _runner_python(argv: Sequence[str], env: dict[str, str]) -> str | None:
+    """The interpreter a warm runner runs under so it can start Python trials itself.
+
+    The trial's own interpreter (``python3``, or ``/usr/bin/env python3``, found on its
+    PATH) when that is this daemon's Python; None (the runner only execs) when the
+    tenant sets any PYTHON* variable (they change how an interpreter starts, and the
+    runner's start must be the provider's alone) or the command is something else.
+    """
+    if any(k.startswith("PYTHON") and k != "PYTHONUNBUFFERED" for k in env):
+        return None
+    first = _interpreter_at(argv, env)
+    if first is None:
+        return None
+    exe = shutil.which(argv[first], path=env.get("PATH"))
+    if exe is None or os.path.realpath(exe) != os.path.realpath(sys.executable):
+        return None
+    return os.path.abspath(exe)
+
+
+def _interpreter_at(argv: Sequence[str], env: dict[str, str]) -> int | None:
+    """Index of the command proper: 1 after a bare ``/usr/bin/env``, else 0."""
+    if os.path.basename(argv[0]) != "env":
+        return 0
+    exe = shutil.which(argv[0], path=env.get("PATH"))
+    if exe is None or os.path.realpath(exe) not in ("/usr/bin/env", "/bin/env"):
+        return None
+    return 1 if len(argv) > 1 and not argv[1].startswith("-") and "=" not in argv[1] else None
+
+
+def _script_index(argv: Sequence[str], env: dict[str, str], python: str | None) -> int | None:
+    """Index of the script when ``argv`` is ``python SCRIPT ARGS`` under the runner's Python."""
+    if python is None:
+        return None
+    first = _interpreter_at(argv, env)
+    if first is None or first + 1 >= len(argv):
+        return None
+    exe = shutil.which(argv[first], path=env.get("PATH"))
+    script = argv[first + 1]
+    if exe is None or os.path.abspath(exe) != python or not script or script.startswith("-"):
+        return None
+    return first + 1
+
+
+@dataclass
+class _Ended:
+    """How a trial on a warm sandbox ended; ``keep``: the sandbox may take another."""
+
+    state: TrialState
+    exit_code: int | None
+    wall_ms: int
+    cpu_ms: int
+    max_rss_bytes: int
+    keep: bool
+
+
+class _Pipe:
+    """A trial's output pipe on the event loop, fed to its collector."""
+
+    def __init__(self, fd: int, collector: OutputCollector) -> None:
+        self._fd = fd
+        self._collector = collector
+        self._loop = asyncio.get_running_loop()
+        self._eof: asyncio.Future[None] = self._loop.create_future()
+        os.set_blocking(fd, False)
+        self._loop.add_reader(fd, self._readable)
+
+    def _readable(self) -> None:
+        try:
+            data = os.read(self._fd, _READ_CHUNK)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._loop.remove_reader(self._fd)
+            if not self._eof.done():
+                self._eof.set_result(None)
+        else:
+            self._collector.feed(data)
+
+    async def drain(self) -> None:
+        """Wait for the end of output (every holder gone), for at most ``_DRAIN_S``."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._eof), _DRAIN_S)
+
+    def close(self) -> None:
+        if not self._eof.done():
+            self._loop.remove_reader(self._fd)
+            self._eof.cancel()
+        os.close(self._fd)
+
+
+class _Warm:
+    """One warm sandbox: a supervisor, bubblewrap and the runner inside, kept across trials.
+
+    The provider holds one end of a socketpair; the runner (node.provider.supervisor,
+    :func:`~node.provider.supervisor.serve`) the other, on descriptor 5, which no trial
+    inherits. Per trial the provider sends argv, environment and work dir, with the
+    write end of the trial's own output pipe; the runner answers with the trial's exit
+    status, rusage and whether the sandbox is clean for another trial. The supervisor's
+    own output (bwrap's errors, a tripped memory or disk watch) goes to the trial
+    running at the time. Any doubt closes the sandbox.
+    """
+
+    def __init__(
+        self,
+        pid: int,
+        sock: socket.socket,
+        log_fd: int,
+        slot: Path,
+        key: tuple[Any, ...],
+        warm_key: str | None,
+    ) -> None:
+        self.pid = pid
+        self.sock = sock
+        self.slot = slot
+        self.key = key
+        self.warm_key = warm_key
+        self.idle_since = time.monotonic()
+        self.collector: OutputCollector | None = None
+        self.exit_code: int | None = None
+        self._log_fd = log_fd
+        self._loop = asyncio.get_running_loop()
+        self.exited: asyncio.Future[None] = self._loop.create_future()
+        self._closed = False
+        os.set_blocking(log_fd, False)
+        self._loop.add_reader(log_fd, self._log_readable)
+        self._pidfd = os.pidfd_open(pid)
+        self._loop.add_reader(self._pidfd, self._pidfd_readable)
+
+    @classmethod
+    def spawn(
+        cls,
+        command: list[str],
+        env: dict[str, str],
+        slot: Path,
+        spec: TrialSpec,
+        key: tuple[Any, ...],
+        python: str | None,
+        seccomp_path: str,
+        trial_uid: int | None,
+    ) -> _Warm:
+        """Start the supervisor, bwrap and the runner for trials like ``spec``."""
+        config = json.dumps(
+            {
+                "parent": os.getpid(),
+                "cwd": str(slot),
+                "limits": _rlimits(spec, True),
+                "skip": 2,
+                "usage": os.devnull,
+                "status": None,
+                "seccomp": seccomp_path,
+                "trial_uid": trial_uid,
+                "nice": TRIAL_NICE,
+                "oom_score_adj": TRIAL_OOM_SCORE_ADJ,
+                "memory_bytes": spec.limits.trial_memory_bytes,
+                # The slot holds only the running trial's work dir.
+                "disk_bytes": spec.limits.disk_bytes,
+                "disk_path": str(slot),
+                "control": True,
+            }
+        )
+        argv = [sys.executable, "-I", "-S", _SUPERVISOR, config, *command]
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        read_fd, write_fd = os.pipe()
+        # dup2 onto the same number would keep close-on-exec: never pass fd 5 as is.
+        control = os.dup(theirs.fileno()) if theirs.fileno() == supervisor.CONTROL_FD else -1
+        try:
+            pid = os.posix_spawn(
+                argv[0],
+                argv,
+                env,
+                file_actions=[
+                    (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                    (os.POSIX_SPAWN_DUP2, write_fd, 1),
+                    (os.POSIX_SPAWN_DUP2, write_fd, 2),
+                    (
+                        os.POSIX_SPAWN_DUP2,
+                        control if control >= 0 else theirs.fileno(),
+                        supervisor.CONTROL_FD,
+                    ),
+                ],
+                setsid=True,
+            )
+        except BaseException:
+            os.close(read_fd)
+            mine.close()
+            raise
+        finally:
+            os.close(write_fd)
+            theirs.close()
+            if control >= 0:
+                os.close(control)
+        mine.setblocking(False)
+        logger.debug("warm sandbox %s started (runner python %s)", slot.name, python)
+        return cls(pid, mine, read_fd, slot, key, spec.warm_key)
+
+    def _log_readable(self) -> None:
+        try:
+            data = os.read(self._log_fd, _READ_CHUNK)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._loop.remove_reader(self._log_fd)
+        elif self.collector is not None:
+            self.collector.feed(data)
+        else:
+            logger.info("warm sandbox %s: %s", self.slot.name, data[:500])
+
+    def _pidfd_readable(self) -> None:
+        self._loop.remove_reader(self._pidfd)
+        if not self.exited.done():
+            self.exited.set_result(None)
+
+    async def run_trial(
+        self,
+        spec: TrialSpec,
+        env: dict[str, str],
+        work: str,
+        script: int | None,
+        collector: OutputCollector,
+        cancel: asyncio.Event,
+        grace_s: float,
+    ) -> _Ended:
+        """Run one trial here; on any doubt the caller closes the sandbox (``keep`` false)."""
+        request = json.dumps(
+            {"argv": list(spec.argv), "env": env, "cwd": work, "script": script}
+        ).encode()
+        out_r, out_w = os.pipe()
+        pipe = _Pipe(out_r, collector)
+        self.collector = collector
+        started = time.monotonic()
+        state: TrialState | None = None
+        reply: dict[str, Any] | None = None
+        try:
+            try:
+                await asyncio.wait_for(
+                    self._send(len(request).to_bytes(4, "big") + request, out_w), spec.timeout_s
+                )
+            finally:
+                os.close(out_w)
+            answer = asyncio.create_task(self._reply())  # awaited or cancelled below
+            cancelled = asyncio.create_task(cancel.wait())
+            try:
+                waiters: list[asyncio.Future[Any]] = [answer, self.exited, cancelled]
+                await asyncio.wait(
+                    waiters, timeout=spec.timeout_s, return_when=asyncio.FIRST_COMPLETED
+                )
+                if not answer.done() and not self.exited.done():
+                    state = TrialState.CANCELLED if cancel.is_set() else TrialState.TIMED_OUT
+                    # To the supervisor, which passes it on to the trial's processes; the
+                    # runner ignores it, reaps the trial and still answers with its usage.
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(self.pid, signal.SIGTERM)
+                    await asyncio.wait(
+                        waiters[:2], timeout=grace_s, return_when=asyncio.FIRST_COMPLETED
+                    )
+                if answer.done() and not answer.cancelled():
+                    if answer.exception() is None:
+                        reply = answer.result()
+                    else:
+                        logger.info(
+                            "warm sandbox %s: no answer: %r", self.slot.name, answer.exception()
+                        )
+            finally:
+                answer.cancel()
+                cancelled.cancel()
+            wall_ms = round((time.monotonic() - started) * 1000)
+            if reply is not None:
+                await pipe.drain()
+        finally:
+            pipe.close()
+        why = None if reply is None else reply["unclean"]
+        keep = reply is not None and state is None and why is None and not self.exited.done()
+        if why is not None:
+            logger.info("warm sandbox %s closes: %s", self.slot.name, why)
+        if not keep:
+            self.close()  # reaps the supervisor: its status stands for a runner that died
+        self.collector = None
+        if reply is None:
+            return _Ended(
+                state or TrialState.FAILED,
+                self.exit_code,
+                wall_ms,
+                0,
+                0,
+                keep=False,
+            )
+        status = int(reply["status"])
+        # The runner's word, bounded by what the trial's wall time allows on this host.
+        cpu_ms = min(round(reply["cpu_s"] * 1000), wall_ms * (os.cpu_count() or 1))
+        return _Ended(
+            state or (TrialState.SUCCEEDED if status == 0 else TrialState.FAILED),
+            status,
+            wall_ms,
+            max(0, cpu_ms),
+            int(reply["maxrss_kib"]) * 1024,
+            keep=keep,
+        )
+
+    async def _send(self, data: bytes, fd: int) -> None:
+        # The descriptor rides on the first bytes; the rest (a long argv) follows.
+        sent = socket.send_fds(self.sock, [data], [fd])
+        if sent < len(data):
+            await self._loop.sock_sendall(self.sock, data[sent:])
+
+    async def _recv_exact(self, n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            part = await self._loop.sock_recv(self.sock, n - len(buf))
+            if not part:
+                raise EOFError("the runner closed its socket")
+            buf += part
+        return buf
+
+    async def _reply(self) -> dict[str, Any]:
+        size = int.from_bytes(await self._recv_exact(4), "big")
+        if size > _MAX_REPLY:
+            raise ValueError(f"the runner's answer is {size} bytes")
+        reply = json.loads(await self._recv_exact(size))
+        if not (
+            isinstance(reply, dict)
+            and type(reply.get("status")) is int
+            and 0 <= reply["status"] <= 255
+            and type(reply.get("cpu_s")) in (int, float)
+            and reply["cpu_s"] >= 0
+            and type(reply.get("maxrss_kib")) is int
+            and reply["maxrss_kib"] >= 0
+            and (reply.get("unclean") is None or isinstance(reply["unclean"], str))
+        ):
+            raise ValueError("the runner's answer is malformed")
+        return reply
+
+    def close(self) -> None:
+        """Kill the whole sandbox and reap its supervisor (fast: SIGKILL, then wait4)."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+        _, status, _ = os.wait4(self.pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        self.exit_code = 128 - code if code < 0 else code
+        # What the supervisor said last (a tripped watch) still reaches the trial.
+        with contextlib.suppress(OSError):
+            while data := os.read(self._log_fd, _READ_CHUNK):
+                if self.collector is not None:
+                    self.collector.feed(data)
+        self._loop.remove_reader(self._log_fd)
+        self._loop.remove_reader(self._pidfd)
+        os.close(self._log_fd)
+        os.close(self._pidfd)
+        if not self.exited.done():
+            self.exited.cancel()

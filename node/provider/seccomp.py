@@ -37,6 +37,11 @@ Refused, and why:
   ``settimeofday``, ``clock_settime``: host-wide settings, devices and logs.
 * ``ioctl`` ``TIOCSTI`` and ``TIOCLINUX``: typing into a terminal someone else reads.
 
+A warm sandbox (node.provider.sandbox: one sandbox for consecutive trials of a lease
+slot) also refuses ``mq_open`` (:data:`WARM_REFUSED`): a POSIX message queue lives as
+long as the IPC namespace, there is no way to list the queues without mounting their
+file system, and one left by a trial would reach the next.
+
 Only the native architecture is allowed: a 32-bit (``int 0x80``) or x32 system call
 kills the trial, because the numbers of those tables would bypass the rules.
 """
@@ -98,6 +103,8 @@ REFUSED = (
     "settimeofday",
     "clock_settime",
 )
+#: Refused in warm sandboxes only (see the module docstring).
+WARM_REFUSED = ("mq_open",)
 #: clone(2) flags that make a namespace (linux/sched.h).
 CLONE_NEW_FLAGS = (
     0x00020000,  # CLONE_NEWNS
@@ -119,8 +126,11 @@ class SeccompUnavailableError(RuntimeError):
     """libseccomp (or its Python binding) is missing: no filter can be built here."""
 
 
-def compile_filter() -> bytes:
-    """The BPF program (``struct sock_filter`` array) that bubblewrap loads."""
+def compile_filter(extra: tuple[str, ...] = ()) -> bytes:
+    """The BPF program (``struct sock_filter`` array) that bubblewrap loads.
+
+    ``extra``: more system calls refused (``EPERM``), e.g. :data:`WARM_REFUSED`.
+    """
     try:
         import pyseccomp as sc
     except (ImportError, OSError) as exc:  # the binding loads libseccomp.so.2 on import
@@ -129,7 +139,7 @@ def compile_filter() -> bytes:
         ) from exc
     refuse = sc.ERRNO(errno.EPERM)
     flt = sc.SyscallFilter(sc.ALLOW)
-    for name in REFUSED:
+    for name in (*REFUSED, *extra):
         try:
             flt.add_rule(refuse, name)
         except (ValueError, OSError):
@@ -150,9 +160,9 @@ def compile_filter() -> bytes:
     return program
 
 
-def write_filter(path: str | os.PathLike[str]) -> None:
-    """Compile the filter into ``path`` (mode 0600), atomically."""
-    program = compile_filter()
+def write_filter(path: str | os.PathLike[str], extra: tuple[str, ...] = ()) -> None:
+    """Compile the filter (``extra`` refused too) into ``path`` (mode 0600), atomically."""
+    program = compile_filter(extra)
     tmp = f"{os.fspath(path)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:

@@ -336,7 +336,12 @@ class SlurmExecutor(SandboxExecutor):
     ``devices`` maps each sold device id to its node and node-local GPU index;
     ``owner`` (the provider's node id) names its allocations, so a restarted daemon
     finds and cancels what an earlier run of it left (and nobody else's).
+
+    No warm sandboxes: each trial is its own job step (``srun``), which Slurm accounts,
+    signals and cleans up per step; a runner kept across steps would sit outside that.
     """
+
+    supports_warm = False
 
     def __init__(
         self,

@@ -54,6 +54,13 @@ from typing import Any, NoReturn
 #: Descriptor numbers bubblewrap's command line refers to (``--seccomp 3``, ``--userns 4``).
 SECCOMP_FD = 3
 USERNS_FD = 4
+#: A warm sandbox's control socket (the provider's end of a socketpair), passed down to
+#: the runner inside (see :func:`serve`).
+CONTROL_FD = 5
+#: Most bytes of one request to the runner (argv and env are each capped at 1 MiB-ish
+#: by the trial spec; this bounds what the runner reads whatever the provider sent).
+MAX_REQUEST_BYTES = 8 << 20
+_PR_SET_DUMPABLE = 4
 _PR_SET_PDEATHSIG = 1
 _PR_CAPBSET_DROP = 24
 _PR_SET_CHILD_SUBREAPER = 36
@@ -304,8 +311,15 @@ def supervise(cfg: dict[str, Any], argv: list[str]) -> NoReturn:
     if cfg["parent"] is not None and os.getppid() != cfg["parent"]:
         os._exit(SETUP_FAILED)
     os.chdir(cfg["cwd"])
-    # The descriptors the provider did not mean to pass go before the limits shrink.
-    os.closerange(3, max(3, resource.getrlimit(resource.RLIMIT_NOFILE)[0]))
+    # The descriptors the provider did not mean to pass go before the limits shrink
+    # (all but a warm sandbox's control socket, which goes down to its runner).
+    top = max(3, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    if cfg.get("control"):
+        os.closerange(3, CONTROL_FD)
+        os.closerange(CONTROL_FD + 1, top)
+        os.set_inheritable(CONTROL_FD, True)
+    else:
+        os.closerange(3, top)
     try:
         if cfg.get("seccomp"):
             _open_on(cfg["seccomp"], SECCOMP_FD)
@@ -389,6 +403,12 @@ def enter(cfg: dict[str, Any], argv: list[str]) -> NoReturn:
     kernel counts it per user *per namespace*: set outside, it would also count
     every process of the daemon's user.
     """
+    _become_trial(cfg)
+    _exec(argv)
+
+
+def _become_trial(cfg: dict[str, Any]) -> None:
+    """Drop every capability, become ``uid`` (if given), chdir, set the limits; or exit."""
     try:
         uid = cfg.get("uid")
         if uid is not None:
@@ -409,13 +429,293 @@ def enter(cfg: dict[str, Any], argv: list[str]) -> NoReturn:
     except (OSError, ValueError) as exc:
         _say(f"cannot set the trial up: {exc}")
         os._exit(SETUP_FAILED)
-    _exec(argv)
+
+
+# --- a warm sandbox: one runner, many trials ------------------------------------
+#
+# node.provider.sandbox keeps one sandbox per lease slot across the trials of a lease
+# ("warm"). Inside it this file runs as the *runner* instead of exec'ing one trial:
+# ``warm`` does what ``enter`` does (capabilities dropped, ``trial_uid``, RLIMIT_NPROC),
+# then serves requests on CONTROL_FD, a socket only the provider holds the other end
+# of. Per request it forks a fresh child that closes every other descriptor and runs
+# the trial; when the trial's main process ends it kills every other process of the
+# sandbox's pid namespace, reaps them all, empties /tmp and /dev/shm and checks that
+# nothing is left before it answers. The runner never runs trial code itself, so a
+# child carries nothing of an earlier trial.
+
+
+def warm(cfg: dict[str, Any]) -> NoReturn:
+    """Inside the sandbox: become the trial's user, then serve trials (see :func:`serve`).
+
+    With ``python`` set, the runner re-executes itself under that interpreter without
+    ``-I -S`` (the environment bwrap set is the provider's, with no PYTHON* variable
+    of the tenant's), so a child can run ``python script.py`` without starting an
+    interpreter: it starts as ``python script.py`` would, only earlier.
+    """
+    _become_trial(cfg)
+    _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+    python = cfg.get("python")
+    if python:
+        try:
+            os.execv(python, [python, os.path.abspath(__file__), "serve", json.dumps(cfg)])
+        except OSError as exc:
+            _say(f"cannot start the runner: {exc.strerror}")
+            os._exit(SETUP_FAILED)
+    job = serve(cfg)
+    _exec(job[0])
+
+
+def _recv_exact(sock: Any, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        part = sock.recv(n - len(buf))
+        if not part:
+            raise EOFError
+        buf += part
+    return buf
+
+
+def _send_reply(sock: Any, reply: dict[str, Any]) -> None:
+    data = json.dumps(reply).encode()
+    sock.sendall(len(data).to_bytes(4, "big") + data)
+
+
+def _snapshot(roots: list[str]) -> set[str]:
+    """Every path under ``roots`` at the runner's start, on their own file systems.
+
+    bwrap makes the parents of its mount points in the sandbox's ``/tmp`` when the
+    provider's directories lie under ``/tmp``: those stay, everything else goes.
+    """
+    seen: set[str] = set()
+    for root in roots:
+        with contextlib.suppress(OSError):
+            dev = os.lstat(root).st_dev
+            stack = [root]
+            while stack:
+                for entry in os.scandir(stack.pop()):
+                    seen.add(entry.path)
+                    if (
+                        entry.is_dir(follow_symlinks=False)
+                        and entry.stat(follow_symlinks=False).st_dev == dev
+                    ):
+                        stack.append(entry.path)
+    return seen
+
+
+def _empty_dir(path: str, keep: set[str], dev: int) -> None:
+    """Remove everything under ``path`` the trial made (not in ``keep``), never ``path``."""
+    for entry in os.scandir(path):
+        full = entry.path
+        st = entry.stat(follow_symlinks=False)
+        is_dir = entry.is_dir(follow_symlinks=False)
+        if full in keep:
+            if is_dir and st.st_dev == dev:
+                _empty_dir(full, keep, dev)
+            continue
+        if is_dir:
+            if st.st_dev != dev:
+                raise OSError(f"{full} is a mount the sandbox did not start with")
+            os.chmod(full, 0o700)
+            _empty_dir(full, keep, dev)
+            os.rmdir(full)
+        else:
+            os.unlink(full)
+
+
+def _state() -> tuple[int, list[int]]:
+    """What a trial could change of the runner that its successors would inherit."""
+    return os.getpriority(os.PRIO_PROCESS, 0), sorted(os.sched_getaffinity(0))
+
+
+def _leftovers(scratch: list[str], keep: set[str], state: tuple[int, list[int]]) -> str | None:
+    """Why the sandbox is not clean for another trial, or None once it is."""
+    for path in scratch:
+        try:
+            _empty_dir(path, keep, os.lstat(path).st_dev)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            return f"cannot empty {path}: {exc}"
+    mine = {"1", str(os.getpid())}
+    try:
+        alive = [p for p in os.listdir("/proc") if p.isdigit() and p not in mine]
+    except OSError as exc:
+        return f"cannot list processes: {exc}"
+    if alive:
+        return f"processes {', '.join(alive[:5])} outlived the trial"
+    for kind in ("shm", "msg", "sem"):
+        # SysV IPC objects live as long as the IPC namespace, the sandbox's: one left
+        # behind would be seen by the next trial, so the sandbox goes instead.
+        try:
+            with open(f"/proc/sysvipc/{kind}") as f:
+                if len(f.read().splitlines()) > 1:
+                    return f"the trial left SysV {kind} objects"
+        except FileNotFoundError:
+            continue
+    if _state() != state:
+        return "the trial changed the runner's priority or CPU affinity"
+    return None
+
+
+def _reap_trial(main: int) -> tuple[int, float, int]:
+    """Reap the trial's whole tree: its status, CPU seconds and largest RSS (KiB).
+
+    Once its main process is gone every other process of the pid namespace (all of
+    them the trial's: bwrap's pid 1 and this runner are spared by kill(-1)) is killed,
+    as the cold path's supervisor does; a subreaper, the runner reaps them all.
+    """
+    code: int | None = None
+    cpu = 0.0
+    rss = 0
+    while True:
+        try:
+            pid, status, usage = os.wait4(-1, 0)
+        except ChildProcessError:
+            break
+        cpu += usage.ru_utime + usage.ru_stime
+        rss = max(rss, usage.ru_maxrss)
+        if pid == main:
+            code = os.waitstatus_to_exitcode(status)
+        if code is not None:
+            with contextlib.suppress(OSError):
+                os.kill(-1, signal.SIGKILL)
+    if code is None:
+        code = -int(signal.SIGKILL)
+    return (128 - code if code < 0 else code), cpu, rss
+
+
+def serve(cfg: dict[str, Any]) -> tuple[list[str], int | None]:
+    """The runner's loop; returns only in a trial's child: ``(argv, script)``.
+
+    ``script`` set: ``argv[script]`` is a Python script to run here as the interpreter
+    ``argv[script - 1]`` would (:func:`run_script`); else exec ``argv``. The parent
+    never returns: it exits when the provider closes the socket or when the sandbox is
+    not clean after a trial.
+    """
+    import socket
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=CONTROL_FD)
+    # Not dumpable: the trial (the same uid) cannot open /proc/<runner>/{mem,fd,environ}.
+    _prctl(_PR_SET_DUMPABLE, 0)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        # SIGTERM on a timeout is for the trial; the runner reaps it and answers.
+        signal.signal(sig, signal.SIG_IGN)
+    state = _state()
+    scratch = list(cfg.get("scratch", ["/tmp", "/dev/shm"]))
+    keep = _snapshot(scratch)
+    while True:
+        try:
+            head, fds, _, _ = socket.recv_fds(sock, 4, 4)
+            if not head:
+                os._exit(0)
+            size = int.from_bytes(head + _recv_exact(sock, 4 - len(head)), "big")
+            if size > MAX_REQUEST_BYTES:
+                raise ValueError("request too large")
+            req = json.loads(_recv_exact(sock, size))
+            argv = [str(a) for a in req["argv"]]
+            cwd = str(req["cwd"])
+            # bwrap sets PWD; here it is the trial's own work dir.
+            env = {"PWD": cwd, **{str(k): str(v) for k, v in req["env"].items()}}
+            script = req.get("script")
+            if script is not None and not (cfg.get("python") and 1 <= int(script) < len(argv)):
+                raise ValueError("no interpreter to run a script in")
+            if len(fds) != 1 or not argv:
+                raise ValueError("a request passes one descriptor and a command")
+        except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError):
+            os._exit(0)  # the provider is gone or confused: the sandbox ends
+        out = fds[0]
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.dup2(out, 1)
+                os.dup2(out, 2)
+                os.closerange(3, max(3, resource.getrlimit(resource.RLIMIT_NOFILE)[0]))
+                _prctl(_PR_SET_DUMPABLE, 1)
+                os.chdir(cwd)
+                for sig in (signal.SIGTERM, signal.SIGHUP):
+                    signal.signal(sig, signal.SIG_DFL)
+                if script is None:
+                    for sig in (signal.SIGINT, signal.SIGPIPE, signal.SIGXFSZ):
+                        signal.signal(sig, signal.SIG_DFL)
+                    os.environ.clear()
+                    os.environ.update(env)
+                    return argv, None
+                # What a fresh interpreter sets up: Ctrl-C as KeyboardInterrupt, and
+                # SIGPIPE / SIGXFSZ ignored (errors instead).
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                os.environ.clear()
+                os.environ.update(env)
+                return argv, int(script)
+            except OSError as exc:
+                _say(f"cannot set the trial up: {exc}")
+                os._exit(SETUP_FAILED)
+        os.close(out)
+        started = time.monotonic()
+        status, cpu, rss = _reap_trial(pid)
+        wall = time.monotonic() - started
+        why = _leftovers(scratch, keep, state)
+        try:
+            _send_reply(
+                sock,
+                {"status": status, "cpu_s": cpu, "maxrss_kib": rss, "wall_s": wall, "unclean": why},
+            )
+        except OSError:
+            os._exit(0)
+        if why is not None:
+            os._exit(0)
+
+
+def run_script(argv: list[str], script: int) -> None:
+    """Run ``script`` as ``python script.py ARGS`` does, in this (freshly forked) process.
+
+    ``__main__`` is a new module named after the script's absolute path, ``sys.argv``
+    and ``sys.path[0]`` are what the interpreter would set; an uncaught exception
+    prints its traceback (without the runner's frames) and exits 1. Returning lets
+    the interpreter end as usual: atexit handlers, non-daemon threads, flushed output.
+    """
+    import builtins
+    from importlib.machinery import SourceFileLoader
+
+    path = os.path.abspath(argv[script])
+    sys.argv = argv[script:]
+    sys.orig_argv = argv[script - 1 :]
+    sys.path[0] = os.path.dirname(os.path.realpath(path))
+    try:
+        with open(path, "rb") as f:
+            source = f.read()
+    except OSError as exc:
+        name = argv[script - 1]
+        sys.stderr.write(f"{name}: can't open file {path!r}: [Errno {exc.errno}] {exc.strerror}\n")
+        raise SystemExit(2) from None
+    module = type(sys)("__main__")
+    module.__dict__.update(
+        {
+            "__file__": path,
+            "__cached__": None,
+            "__builtins__": builtins,
+            "__loader__": SourceFileLoader("__main__", path),
+            "__annotations__": {},
+        }
+    )
+    sys.modules["__main__"] = module
+    try:
+        exec(compile(source, path, "exec"), module.__dict__)
+    except SystemExit:
+        raise
+    except BaseException as exc:
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_frame.f_code.co_filename != path:
+            tb = tb.tb_next
+        sys.excepthook(type(exc), exc.with_traceback(tb), tb)
+        raise SystemExit(130 if isinstance(exc, KeyboardInterrupt) else 1) from None
 
 
 def main(args: list[str]) -> NoReturn:
     """``supervisor.py CONFIG COMMAND...``, ``enter CONFIG COMMAND...`` or ``probe UID``."""
     if len(args) >= 3 and args[0] == "enter":
         enter(json.loads(args[1]), args[2:])
+    if len(args) == 2 and args[0] == "warm":
+        warm(json.loads(args[1]))
     if len(args) == 2 and args[0] == "probe":
         try:
             _user_namespace(int(args[1]), int(args[1]), USERNS_FD)
@@ -430,4 +730,12 @@ def main(args: list[str]) -> NoReturn:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    if len(sys.argv) == 3 and sys.argv[1] == "serve":
+        # The runner under the trial's interpreter: a child comes back here to run its
+        # trial, and the interpreter's own exit (atexit, threads, flush) ends it.
+        _argv, _script = serve(json.loads(sys.argv[2]))
+        if _script is None:
+            _exec(_argv)
+        run_script(_argv, _script)
+    else:
+        main(sys.argv[1:])

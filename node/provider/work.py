@@ -214,7 +214,6 @@ class WorkService:
         self.executor = executor
         self.root = root
         self.workspaces = root / "workspaces"
-        self.staging = root / "staging"
         self.device_env = device_env or (lambda ids: {"MERCATO_DEVICES": ",".join(ids)})
         self.device_nodes = device_nodes or (lambda ids: [])
         self.limits = limits or ResourceLimits()
@@ -243,7 +242,6 @@ class WorkService:
             return
         self._started = True
         self.workspaces.mkdir(parents=True, exist_ok=True)
-        self.staging.mkdir(parents=True, exist_ok=True)
         self._forget_stale_workspaces()
         self.node.handlers.update(
             {
@@ -567,22 +565,6 @@ class WorkService:
             )
             self.node.spawn(self._run(task, lease))
 
-    def _workspace_for(self, task: Task) -> Path:
-        """The workspace a task starts from: its tenant's, or a copy with its small files.
-
-        Blocking (a copy of up to max_files entries): run it in a thread.
-        """
-        a = task.assign
-        ws = self._ws_dir(task.tenant, a.workspace_hash)
-        if not a.files:
-            return ws
-        staged = self.staging / task.run_id
-        shutil.rmtree(staged, ignore_errors=True)
-        shutil.copytree(ws, staged)
-        for name, content in a.files.items():
-            (staged / name).write_text(content)
-        return staged
-
     async def _run(self, task: Task, lease: ProviderLease) -> None:
         a = task.assign
         started = self.node.clock()
@@ -602,10 +584,14 @@ class WorkService:
             if isinstance(self.executor, LeaseAwareExecutor):
                 await self.executor.lease_open(lease.lease_id, lease.devices)
             try:
+                # The task's small files go into the executor's own copy of the workspace
+                # (one copy per trial); a service's task never shares a warm sandbox.
                 spec = TrialSpec(
                     task_id=task.run_id,
                     argv=list(a.command),
-                    workspace=await asyncio.to_thread(self._workspace_for, task),
+                    workspace=self._ws_dir(task.tenant, a.workspace_hash),
+                    files=dict(a.files),
+                    warm_key=None if service_socket(dict(a.env)) else a.lease_id,
                     timeout_s=a.timeout_ms / 1000,
                     env=dict(a.env),
                     device_ids=task.devices,
@@ -623,9 +609,6 @@ class WorkService:
                 log.exception("task %s could not run", a.task_id)
                 task.log += f"\n[mercato] task could not run: {e}\n".encode()
                 state = "failed"
-            finally:
-                staged = self.staging / task.run_id
-                await asyncio.to_thread(shutil.rmtree, staged, ignore_errors=True)
             if outcome is not None and outcome.metrics_dropped:
                 self._note_dropped(task, outcome.metrics_dropped)
             finished = self.node.clock()

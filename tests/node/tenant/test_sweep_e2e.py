@@ -246,14 +246,22 @@ def tasks_started(c: Cluster, job_id: str) -> dict[int, list[str]]:
 
 
 def trial_processes(job_id: str) -> list[int]:
-    """Pids of processes whose command line names a task of ``job_id``."""
+    """Pids of processes whose command line or work directory names a task of ``job_id``.
+
+    A fresh sandbox names its trial's work dir on bwrap's command line; a trial forked
+    by a warm sandbox's runner works in a directory named after its task.
+    """
     needle = f"{job_id[:40]}.".encode()
     pids = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
+            named = b""
             with contextlib.suppress(OSError):
-                if needle in (proc / "cmdline").read_bytes():
-                    pids.append(int(proc.name))
+                named += (proc / "cmdline").read_bytes()
+            with contextlib.suppress(OSError):
+                named += os.readlink(proc / "cwd").encode()
+            if needle in named:
+                pids.append(int(proc.name))
     return pids
 
 
