@@ -65,6 +65,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from market.catalog import UnknownDeviceModel, lookup
+from market.serving import SOCKET_NAME
 from market.settlement import MICRO_PER_CREDIT
 from protocol.codec import encode
 from protocol.errors import MercatoError
@@ -971,8 +972,6 @@ class TrainingConfig(_Model):
         return self.batch_size * self.sequence_length
 
 
-#: A service's socket: a plain relative name in its work directory (``$MERCATO_SERVICE_SOCKET``).
-SOCKET_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 #: A health path the provider probes: absolute, printable, no query tricks.
 HEALTH_PATH = re.compile(r"^/[A-Za-z0-9_./~-]{0,255}$")
 MAX_REPLICAS = 16

@@ -17,9 +17,14 @@ States (one table, ``TRANSITIONS``)::
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+#: A service's socket: a plain relative name in its work directory (``$MERCATO_SERVICE_SOCKET``).
+#: Here, not in market.jobspec, so that the provider checks it without loading the job
+#: file's models (an idle daemon does not hold them: docs/benchmarks.md, "Idle provider RSS").
+SOCKET_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 #: Failed probes in a row that take a READY replica out of the rotation.
 FAILS_TO_UNHEALTHY = 2
 #: How long an UNHEALTHY replica may stay so before it is replaced.

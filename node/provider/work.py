@@ -21,8 +21,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from market.bidding import LeaseState, ProviderLease
-from market.jobspec import SOCKET_NAME
 from market.lifecycle import TrialState
+from market.serving import SOCKET_NAME
 from node.config import WorkspacesSection
 from node.net.node import Node
 from node.provider.executor import (

@@ -35,6 +35,7 @@ LAZY = (
     "node.cli.cluster",
     "node.cli.localcluster",
     "market.evidence",
+    "market.jobspec",
 )
 
 # Runs `mercato provider run` in this process; once the daemon is ready, a thread notes
