@@ -142,6 +142,7 @@ class TestDilocoAcrossProviders:
         assert plan["order"]["devices_per_unit"] == 1
 
     def test_the_loss_goes_down_and_every_outer_step_completes(self, home: Path) -> None:
+        wait_all_free(home)
         job = job_file(home, "run", world=4, steps=2000)  # 4 outer steps
         out = mercato(home, "submit", str(job), "--json")
         assert out.returncode == 0, out.stdout + out.stderr
@@ -167,6 +168,7 @@ class TestDilocoAcrossProviders:
         assert all(x.state == "ended" for x in mine)
 
     def test_int8_pseudo_gradients_also_train(self, home: Path) -> None:
+        wait_all_free(home)  # the previous test's leases end after its job does
         job = job_file(home, "int8", world=3, steps=1500, compression="int8")
         out = mercato(home, "submit", str(job), "--json")
         summary = json.loads(out.stdout)
