@@ -11,6 +11,9 @@ metric) with the same number of slots run through, in this order:
 * Ray Tune, ``reuse_actors=True``: the same, each slot's actor kept across trials.
 * Mercato: ``sweep_bench.run_cluster``, a 4-provider local cluster; every trial goes
   through the auction's leases, the bubblewrap sandbox, signed results and the store.
+  Twice: as a tenant runs it by default, with spot checks (a sample of results re-run
+  on another provider, and a canary per new provider: work the other schedulers do
+  not do, so not counted in the ideal), and with ``verify: off``, the schedulers alone.
 
 Each Ray trial runs the trial's command as a subprocess, as the pool and Mercato do, so
 every side pays the same interpreter start and the same work; what differs is the
@@ -24,7 +27,8 @@ absolute figures move with the load; the ratios of one run are what count.
 Ray is an optional benchmark dependency: ``pip install -e '.[bench]'`` (pinned in
 pyproject.toml). Without it the Ray rows are skipped, with a line saying how to add it.
 
-The last line printed is ``efficiency pool=<x> ray=<y> ray_reuse=<z> mercato=<w>``.
+The last line printed is
+``efficiency pool=<x> ray=<y> ray_reuse=<z> mercato=<w> mercato_unverified=<v>``.
 
 Run: ``python bench/ray_compare.py [--trials 40] [--slots 4] [--sleep 0.5]``
 """
@@ -140,17 +144,23 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"ray reuse_actors: {walls['ray_reuse']:.2f} s", flush=True)
             finally:
                 ray.shutdown()
-        c = sweep_bench.run_cluster(job, s, tmp / "home")
-        walls["mercato"] = c["wall"]
-        if c["succeeded"] != n:
-            print(f"mercato ran {c['succeeded']}/{n} trials ({c['state']})")
+        unverified = sweep_bench.write_workspace(tmp / "job-unverified", n, work, verify=False)
+        for key, where, home in (
+            ("mercato", job, "home"),
+            ("mercato_unverified", unverified, "home-unverified"),
+        ):
+            c = sweep_bench.run_cluster(where, s, tmp / home)
+            walls[key] = c["wall"]
+            if c["succeeded"] != n:
+                print(f"{key} ran {c['succeeded']}/{n} trials ({c['state']})")
 
         print(f"\n{'scheduler':<26}{'wall s':>9}{'efficiency':>12}{'ms/trial over S':>17}")
         labels = {
             "pool": "local process pool",
             "ray": "Ray Tune (default)",
             "ray_reuse": "Ray Tune (reuse_actors)",
-            "mercato": "Mercato (local cluster)",
+            "mercato": "Mercato (spot checks on)",
+            "mercato_unverified": "Mercato (verify: off)",
         }
         for key, label in labels.items():
             wall = walls.get(key)
