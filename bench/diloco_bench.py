@@ -313,7 +313,7 @@ def main() -> None:
     else:
         sweep = {lr: ddp_baseline(args.outer, args.inner, lr) for lr in (0.01, 0.03)}
         sim = {c: simulate(args.outer, args.inner, c) for c in ("fp32", "int8")}
-        sim["overlapped"] = simulate(args.outer, args.inner, "fp32", ahead=args.inner // 2)
+        sim["overlapped"] = simulate(args.outer, args.inner, "fp32", ahead=args.inner // 4)
     best_lr = min(sweep, key=lambda lr: sweep[lr][-1])
     ddp = sweep[best_lr]
     full = killed = None

@@ -28,7 +28,7 @@ Use with torch::
 With ``DiLoCo(model, overlap=True)`` the worker does not wait: ``step()`` hands the
 pseudo-gradient over and returns, the next round's inner steps run while the outer step
 travels, and ``poll()`` (call it after every inner step) applies the answer the moment it
-arrives (or waits for it once ``max_ahead`` inner steps, half a round by default,
+arrives (or waits for it once ``max_ahead`` inner steps, a quarter of a round by default,
 are in flight): the global parameters plus the inner steps taken since the hand-over (their
 change is rebased onto the global parameters, and counts in the next pseudo-gradient,
 measured from the global parameters as usual). The tenant's side does not change. Only
@@ -207,7 +207,7 @@ class DiLoCo:
         # waits for it. A worker that is persistently faster than the slowest waits the
         # same time either way; waiting early keeps its steps from going stale (their
         # gradients are taken before the outer step they are rebased onto).
-        self.max_ahead = max(1, self.inner_steps // 2) if max_ahead is None else max_ahead
+        self.max_ahead = max(1, self.inner_steps // 4) if max_ahead is None else max_ahead
         self._ahead = 0
 
     def _flat(self) -> Any:
