@@ -947,8 +947,6 @@ class _Process:
 
     def __init__(self, pid: int, read_fd: int, started: float, collector: OutputCollector) -> None:
         self.pid = pid
-        self._read_fd = read_fd
-        self._collector = collector
         self._started = started
         self._loop = asyncio.get_running_loop()
         self._exited: asyncio.Future[None] = self._loop.create_future()
@@ -959,9 +957,7 @@ class _Process:
         self.cpu_ms = 0
         self.max_rss_bytes = 0
         self.usage_path = ""
-        self._eof: asyncio.Future[None] = self._loop.create_future()
-        os.set_blocking(read_fd, False)
-        self._loop.add_reader(read_fd, self._readable)
+        self._output = _Pipe(read_fd, collector)
         try:
             self._pidfd = os.pidfd_open(pid)
         except (AttributeError, OSError):
@@ -1108,31 +1104,13 @@ class _Process:
 
     # --- output -------------------------------------------------------------------
 
-    def _readable(self) -> None:
-        try:
-            data = os.read(self._read_fd, _READ_CHUNK)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self._loop.remove_reader(self._read_fd)
-            if not self._eof.done():
-                self._eof.set_result(None)
-        else:
-            self._collector.feed(data)
-
     async def drain(self) -> None:
         """Read what is left of the output after the exit, for at most ``_DRAIN_S``."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._eof), _DRAIN_S)
+        await self._output.drain()
 
     def close(self) -> None:
         """Stop watching the pipe and the pidfd and release them."""
-        if not self._eof.done():
-            self._loop.remove_reader(self._read_fd)
-            self._eof.cancel()
-        os.close(self._read_fd)
+        self._output.close()
         if self._pidfd >= 0:
             self._loop.remove_reader(self._pidfd)
             os.close(self._pidfd)
@@ -1211,7 +1189,8 @@ class _Ended:
 
 
 class _Pipe:
-    """A trial's output pipe on the event loop, fed to its collector."""
+    """A trial's output pipe on the event loop, fed to its collector (both the cold
+    path's ``_Process`` and a warm sandbox's trials read their output through it)."""
 
     def __init__(self, fd: int, collector: OutputCollector) -> None:
         self._fd = fd
