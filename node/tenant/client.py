@@ -342,6 +342,17 @@ class Tenant:
             await self._settle(lease, reply)
         return True
 
+    async def heartbeat_until_lost(
+        self, lease: LeaseRow, interval_ms: int, misses: int = 3
+    ) -> None:
+        """Heartbeat ``lease`` every ``interval_ms``; return once the provider has not
+        answered ``misses`` in a row (a gang or a service replica then counts it lost)."""
+        missed, seq = 0, 0
+        while missed < misses:
+            await asyncio.sleep(interval_ms / 1000)
+            seq += 1
+            missed = 0 if await self.heartbeat(lease, seq) else missed + 1
+
     def stop_billing(self, lease: LeaseRow, now_ms: int) -> None:
         """We no longer want this lease's time (e.g. a trial past its trial_timeout).
 

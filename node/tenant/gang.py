@@ -206,7 +206,9 @@ class GangRunner:
 
             # Owned here: the first to finish decides, the finally block ends the others.
             follow = asyncio.create_task(client.follow(task_id, on_log))
-            beat = asyncio.create_task(self._heartbeats(lease))
+            beat = asyncio.create_task(
+                self.tenant.heartbeat_until_lost(lease, self.heartbeat_interval_ms)
+            )
             stop = asyncio.create_task(self._cancelled.wait())
             try:
                 done, _ = await asyncio.wait(
@@ -234,11 +236,3 @@ class GangRunner:
                     f.cancel()
                     with contextlib.suppress(asyncio.CancelledError, MercatoError):
                         await f
-
-    async def _heartbeats(self, lease: LeaseRow) -> None:
-        """Return when the provider stopped answering three heartbeats in a row."""
-        misses, seq = 0, 0
-        while misses < 3:
-            await asyncio.sleep(self.heartbeat_interval_ms / 1000)
-            seq += 1
-            misses = 0 if await self.tenant.heartbeat(lease, seq) else misses + 1

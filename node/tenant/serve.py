@@ -336,7 +336,9 @@ class ServeRunner:
                 logf.flush()
 
             follow = asyncio.ensure_future(client.follow(task_id, on_log))
-            beat = asyncio.ensure_future(self._heartbeats(lease))
+            beat = asyncio.ensure_future(
+                self.tenant.heartbeat_until_lost(lease, self.heartbeat_interval_ms)
+            )
             probe = asyncio.ensure_future(self._probe_loop(replica))
             stop = asyncio.ensure_future(self._stop.wait())
             watched = {follow, beat, probe, stop}
@@ -361,14 +363,6 @@ class ServeRunner:
                     f.cancel()
                     with contextlib.suppress(asyncio.CancelledError, MercatoError):
                         await f
-
-    async def _heartbeats(self, lease: LeaseRow) -> None:
-        """Return when the provider stopped answering three heartbeats in a row."""
-        misses, seq = 0, 0
-        while misses < 3:
-            await asyncio.sleep(self.heartbeat_interval_ms / 1000)
-            seq += 1
-            misses = 0 if await self.tenant.heartbeat(lease, seq) else misses + 1
 
     async def _probe_loop(self, replica: Replica) -> None:
         """Probe the health path through the provider; return once the replica is LOST."""
