@@ -18,6 +18,7 @@ import hashlib
 import json
 import sqlite3
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -128,9 +129,30 @@ class Store:
         # WAL lets CLI readers run while the daemon writes; NORMAL syncs at checkpoints
         # only, which in WAL mode can lose the last commits on power loss but never
         # corrupts the file (https://www.sqlite.org/pragma.html#pragma_synchronous).
-        self._execute("PRAGMA journal_mode = WAL")
+        self._enable_wal(busy_timeout_ms)
         self._execute("PRAGMA synchronous = NORMAL")
         self._execute("PRAGMA foreign_keys = ON")
+
+    def _enable_wal(self, busy_timeout_ms: int) -> None:
+        """Switch to WAL, waiting up to the busy timeout for another opener's lock.
+
+        Changing the journal mode needs the file to itself, and SQLite answers "database
+        is locked" at once instead of calling the busy handler. Two processes that open a
+        new store at the same moment (`mercato status` while the first `mercato submit`
+        creates it) would make one of them fail; the loser waits and tries again. Once
+        the file is in WAL the statement changes nothing and takes no lock.
+        """
+        deadline = time.monotonic() + busy_timeout_ms / 1000
+        pause = 0.001
+        while True:
+            try:
+                self._execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
 
     def _migrate(self) -> None:
         known = len(self._migrations)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sqlite3
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -154,6 +158,45 @@ class TestJournal:
         finally:
             other.close()
         assert store.get_meta("from") == "other"
+
+
+class TestConcurrentOpen:
+    def test_processes_opening_a_new_store_at_once_all_succeed(self, tmp_path: Path) -> None:
+        # `mercato status` polled while the first `mercato submit` creates the tenant's
+        # store: whoever loses the race to switch the new file to WAL must wait for the
+        # other, not fail with "database is locked" (a CI run lost a job this way).
+        # Each process imports first, then waits for its "go" line, so the opens meet.
+        opener = (
+            "import sys; from node.store.node_store import Store\n"
+            "for line in sys.stdin: Store(line.strip()).close()\n"
+        )
+        root = Path(__file__).resolve().parents[3]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", opener],
+                cwd=root,
+                stdin=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+            for _ in range(4)
+        ]
+        for round_ in range(40):
+            path = tmp_path / f"race-{round_}.sqlite"
+            for proc in procs:
+                assert proc.stdin is not None
+                with contextlib.suppress(BrokenPipeError):  # it failed: reported below
+                    proc.stdin.write(f"{path}\n".encode())
+                    proc.stdin.flush()
+            time.sleep(0.05)
+        failures = []
+        for proc in procs:
+            _, err = proc.communicate(timeout=60)
+            if proc.returncode != 0:
+                failures.append(err.decode().strip().splitlines()[-1])
+        assert failures == []
+        with Store(tmp_path / "race-0.sqlite") as store:
+            assert store.journal_mode == "wal"
+            assert store.schema_version == SCHEMA_VERSION
 
 
 class TestAdverts:

@@ -164,6 +164,9 @@ class Tenant:
         """The one job of this tenant, once the submit has stored it."""
 
         def one() -> str | None:
+            for proc in self.procs:  # a submit that died early never stores its job: say why
+                if proc.poll() not in (None, 0):
+                    raise AssertionError(f"{proc.args[3:]} exited early:\n{self.output(proc)}")
             if not self.store_path.exists():
                 return None
             with Store(self.store_path) as store:
