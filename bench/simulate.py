@@ -293,6 +293,12 @@ def seeded(seed: int, *parts: object) -> random.Random:
     return random.Random(":".join(str(p) for p in (seed, *parts)))
 
 
+def seeded_secret(seed: int, tenant: int) -> bytes:
+    """Tenant ``tenant``'s draw key (VerifyStore.draw_secret is random; here it follows
+    the run's seed, so a run replays exactly)."""
+    return hashlib.sha256(f"{seed}:draw-secret:{tenant}".encode()).digest()
+
+
 class Simulation:
     """One run: builds the network, drives the timeline, checks invariants, measures."""
 
@@ -1062,7 +1068,8 @@ class Sweeps:
         sw.results[number] = (provider, value)
         vs = self.store(t)
         job_id = f"sim{t}.{sw.number}"
-        if should_check(vs.trust(provider).rate, f"{job_id}:{number}:{lease_id}:{provider}"):
+        key = f"{job_id}:{number}:{lease_id}:{provider}"
+        if should_check(vs.trust(provider).rate, key, seeded_secret(self.p.seed, t)):
             sw.checks.append([(provider, value), ("#trial", float(number))])
 
     def on_vote(self, t: int, sw: SimSweep, votes: list[tuple[str, float]]) -> None:

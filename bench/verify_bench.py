@@ -33,23 +33,28 @@ Reported:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 from dataclasses import dataclass, field
 
 from market.verification import (
+    MAX_VOTES,
     Tolerance,
     Trust,
     Verdict,
     best_needs_check,
     compare,
-    decide,
+    liars,
     may_take_trial,
     proven,
     should_check,
 )
 
 TOL = Tolerance()
+#: The tenant's draw key (node.store.verify_store.VerifyStore.draw_secret), fixed here so
+#: a run replays exactly.
+SECRET = hashlib.sha256(b"verify_bench tenant").digest()
 
 
 @dataclass
@@ -104,21 +109,30 @@ def run_sweep(m: Market, s: int, trials: int, leased: int, rng: random.Random) -
             m.trust[original] = m.t(original).valid()
             m.trust[checker] = m.t(checker).valid()
             return
-        deciders = [p for p in others if p != checker]
-        if not deciders:
-            return
-        decider = rng.choice(deciders)
-        cost["extra"] += 1
-        v3 = run(n, decider)
-        verdict = decide(value[n], v2, v3, TOL)
-        liar = {Verdict.ORIGINAL_LIED: original, Verdict.CHECK_LIED: checker}.get(verdict)
-        if liar is None:
-            return
+        voters, values = [original, checker], [value[n], v2]
+        bad = liars(values, TOL)
+        while bad is None and len(voters) < MAX_VOTES:  # as Verifier._judge: ask another
+            deciders = [p for p in others if p not in voters]
+            if not deciders:
+                return
+            voters.append(rng.choice(deciders))
+            cost["extra"] += 1
+            values.append(run(n, voters[-1]))
+            bad = liars(values, TOL)
+        if bad is None:
+            return  # unresolved: nobody blamed
+        honest = [k for k in range(len(voters)) if k not in bad]
+        for k in honest:
+            m.trust[voters[k]] = m.t(voters[k]).valid()
+        for k in bad:
+            caught(n, voters[k], (values[honest[0]], voters[honest[0]]) if k == 0 else None)
+
+    def caught(n: int, liar: str, replacement: tuple[float, str] | None) -> None:
         m.trust[liar] = m.t(liar).lied()
         m.dropped.add(liar)
         m.caught_at.setdefault(liar, m.results[liar])
-        if liar == original:
-            value[n], owner[n] = v2, checker
+        if replacement is not None:
+            value[n], owner[n] = replacement
         for k, p in list(owner.items()):
             if p == liar and k != n:
                 del owner[k], value[k]
@@ -142,7 +156,7 @@ def run_sweep(m: Market, s: int, trials: int, leased: int, rng: random.Random) -
         i += 1
         taken[p] = taken.get(p, 0) + 1
         owner[n], value[n] = p, run(n, p)
-        if should_check(m.t(p).rate, f"{s}:{n}:{i}:{p}"):
+        if should_check(m.t(p).rate, f"{s}:{n}:{i}:{p}", SECRET):
             check(n)
         if not queue:  # the end of the sweep: the best is checked unless trusted
             for _ in range(trials):

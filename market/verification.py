@@ -20,14 +20,19 @@ results that were *checked and found valid*, and is then checked with probabilit
   dishonest after a long honest streak is still caught, on average within 100
   results (BOINC has no floor).
 
-Everything here is pure: the draw is a hash of the trial, the provider and the job
-seed, so a run and its resume decide alike, and the bench can replay the rule.
+Everything here is pure: the draw is an HMAC of the trial and the provider under the
+tenant's secret key, so a run and its resume decide alike and the bench can replay the
+rule, while the provider, who sees the job id, the trial number and the task id,
+cannot tell which of its results will be re-run (were it keyed by those alone, a
+provider could run exactly the trials about to be checked and fabricate the rest,
+never caught: tests/node/tenant/test_verify_e2e.py::TestPredictedChecks).
 """
 
 from __future__ import annotations
 
 import enum
 import hashlib
+import hmac
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -52,15 +57,22 @@ def check_rate(
     return max(floor, min(initial, Fraction(1, streak)))
 
 
-def draw(key: str) -> Fraction:
-    """A uniform number in [0, 1) from ``key``: the same key always draws the same."""
-    digest = hashlib.sha256(key.encode()).digest()
+#: Bytes of the tenant's draw key: 256 bits, as HMAC-SHA256's own block of security.
+DRAW_SECRET_BYTES = 32
+
+
+def draw(key: str, secret: bytes) -> Fraction:
+    """A uniform number in [0, 1) from ``key`` under ``secret``: the same key always
+    draws the same, and without ``secret`` nobody can tell what it draws."""
+    if len(secret) < DRAW_SECRET_BYTES:
+        raise ValueError(f"a draw secret needs {DRAW_SECRET_BYTES} bytes, got {len(secret)}")
+    digest = hmac.new(secret, key.encode(), hashlib.sha256).digest()
     return Fraction(int.from_bytes(digest[:8], "big"), 1 << 64)
 
 
-def should_check(rate: Fraction, key: str) -> bool:
+def should_check(rate: Fraction, key: str, secret: bytes) -> bool:
     """Whether the result named by ``key`` is re-run at probability ``rate``."""
-    return draw(key) < rate
+    return draw(key, secret) < rate
 
 
 def trial_seed(job_seed: int, number: int) -> int:
@@ -92,7 +104,8 @@ class Verdict(enum.StrEnum):
     AGREED = "agreed"  # the check matches the original: both are right
     ORIGINAL_LIED = "original_lied"  # the decider sides with the check
     CHECK_LIED = "check_lied"  # the decider sides with the original
-    UNRESOLVED = "unresolved"  # three different answers: the trial is not reproducible
+    BOTH_LIED = "both_lied"  # a fourth vote sided with the first decider
+    UNRESOLVED = "unresolved"  # no two of MAX_VOTES answers agree: not reproducible
 
 
 def compare(original: float, check: float, tolerance: Tolerance) -> Verdict | None:
@@ -109,6 +122,32 @@ def decide(original: float, check: float, decider: float, tolerance: Tolerance) 
     if with_check and not with_original:
         return Verdict.ORIGINAL_LIED
     return Verdict.UNRESOLVED
+
+
+#: Votes on one trial (the original, the check, then deciders) before it is called
+#: unreproducible. Three answers that all differ come from a program that ignores its
+#: seed, or from two liars among three providers (two fabricators rarely agree on a
+#: made-up value); a fourth vote tells them apart: if it agrees with one of the three,
+#: the other two lied. Without it both liars walked away and kept the original's result.
+MAX_VOTES = 4
+
+
+def liars(values: Sequence[float], tolerance: Tolerance) -> tuple[int, ...] | None:
+    """Which votes lied, once two of ``values`` agree; None while no two agree.
+
+    The first two votes that agree (in voting order) are the truth; a vote that agrees
+    with neither of them lied. ``()``: nobody did.
+    """
+    for i, a in enumerate(values):
+        for j in range(i + 1, len(values)):
+            b = values[j]
+            if tolerance.agree(a, b):
+                return tuple(
+                    k
+                    for k, v in enumerate(values)
+                    if not (tolerance.agree(v, a) or tolerance.agree(v, b))
+                )
+    return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -330,6 +330,17 @@ class Store:
         row = self._execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else str(row[0])
 
+    def setdefault_meta(self, key: str, value: str) -> str:
+        """The value under ``key``; stores ``value`` there first if there is none (one
+        statement: two processes asking at once both get the value stored first)."""
+        self._execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
+            (key, value),
+        )
+        stored = self.get_meta(key)
+        assert stored is not None  # meta rows are never deleted
+        return stored
+
     def set_meta(self, key: str, value: str) -> None:
         """Store ``value`` under ``key``, replacing any previous value."""
         self._execute(

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import base64
 import json
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from market.verification import Trust
+from market.verification import DRAW_SECRET_BYTES, Trust
 from node.store.node_store import Store
 
 
@@ -133,6 +134,12 @@ class VerifyStore:
 
     # --- trust ------------------------------------------------------------------
 
+    def draw_secret(self) -> bytes:
+        """The tenant's key for the spot-check draw (market.verification.draw), made on
+        first use and kept, so a resumed sweep checks the same results. Never sent."""
+        made = secrets.token_hex(DRAW_SECRET_BYTES)
+        return bytes.fromhex(self.store.setdefault_meta("verify_draw_secret", made))
+
     def trust(self, provider: str) -> Trust:
         rows = list(
             self.store._query(
@@ -229,9 +236,10 @@ def evidence(store: Store, job_id: str) -> dict[str, Any]:
     checks = vs.checks(job_id)
     disputes = []
     for c in checks:
-        votes = {v["role"]: v for v in c["votes"]}
+        votes = {v["role"]: v for v in reversed(c["votes"])}  # the first of each role
         if "decider" not in votes:
             continue
+        caught = c["liar"].split(",") if c["liar"] else []
         disputes.append(
             {
                 "number": c["number"],
@@ -242,10 +250,12 @@ def evidence(store: Store, job_id: str) -> dict[str, Any]:
                 "spec_hash": c["spec_hash"],
                 "metric": c["metric"],
                 "verdict": c["verdict"],
-                "liar": c["liar"],
+                "liar": caught[0] if caught else None,
+                "liars": caught,  # two when a fourth vote showed original and check lied
                 "original": votes.get("original"),
                 "check": votes.get("check"),
                 "decider": votes.get("decider"),
+                "deciders": [v for v in c["votes"] if v["role"] == "decider"],
             }
         )
     return {

@@ -31,14 +31,14 @@ from market.matching import rank
 from market.verification import (
     CANARY_METRIC,
     CANARY_ROUNDS,
+    MAX_VOTES,
     Tolerance,
     Trust,
     Verdict,
     best_needs_check,
     canary_answer,
     canary_command,
-    compare,
-    decide,
+    liars,
     may_take_trial,
     proven,
     should_check,
@@ -55,7 +55,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("mercato.verify")
 
 #: Times a check is placed (a provider failing to run it) before it is given up.
-MAX_CHECK_ATTEMPTS = 3
+MAX_CHECK_ATTEMPTS = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +107,7 @@ class Verifier:
         self.held_back: set[str] = set()  # newcomers whose room was used: not leased again
         self.held_back_units = 0  # lease units they held, counted as held by the sweep
         self._trusts: dict[str, Trust] = {}  # the store's verify_trust rows, read once
+        self.secret = self.vs.draw_secret()  # keys the draw: providers cannot predict it
 
     # --- hooks ------------------------------------------------------------------
 
@@ -127,7 +128,8 @@ class Verifier:
             return
         provider = slot.lease.provider
         rate = self.rate if self.rate is not None else self.vs.trust(provider).rate
-        if should_check(rate, f"{self.r.job_id}:{number}:{task_id}:{provider}"):
+        key = f"{self.r.job_id}:{number}:{task_id}:{provider}"
+        if should_check(rate, key, self.secret):
             self._open(
                 number,
                 params,
@@ -479,38 +481,39 @@ class Verifier:
         return run.result, run.envelope
 
     def _judge(self, check: PendingCheck) -> bool:
-        """Act on the votes so far; False if a decider is still needed."""
+        """Act on the votes so far; False if another decider is still needed."""
         now = self.r.tenant.clock()
-        original, second = check.votes[0], check.votes[1]
-        if len(check.votes) == 2:
-            if compare(original.value, second.value, self.tolerance) is None:
+        votes = check.votes
+        bad = liars([v.value for v in votes], self.tolerance)
+        if bad is None:
+            if len(votes) < MAX_VOTES:
                 log.warning(
-                    "trial %d: %s says %g, %s says %g: asking a third provider",
+                    "trial %d: %s disagree: asking another provider",
                     check.number,
-                    original.provider[:8],
-                    original.value,
-                    second.provider[:8],
-                    second.value,
+                    ", ".join(f"{v.provider[:8]} says {v.value:g}" for v in votes),
                 )
                 return False
-            self.vs.close_check(check.check_id, Verdict.AGREED.value, None, now)
-            self._valid(original.provider, second.provider)
-            return True
-        third = check.votes[2]
-        verdict = decide(original.value, second.value, third.value, self.tolerance)
-        liar = {
-            Verdict.ORIGINAL_LIED: original.provider,
-            Verdict.CHECK_LIED: second.provider,
-        }.get(verdict)
-        self.vs.close_check(check.check_id, verdict.value, liar, now)
-        if verdict is Verdict.ORIGINAL_LIED:
-            self._valid(second.provider, third.provider)
-            self.r.caught(liar or "", check.number, replacement=second)
-        elif verdict is Verdict.CHECK_LIED:
-            self._valid(original.provider, third.provider)
-            self.r.caught(liar or "", check.number, replacement=None)
-        else:
+            self.vs.close_check(check.check_id, Verdict.UNRESOLVED.value, None, now)
             self.r.unreproducible(check.number)
+            return True
+        honest = [v for k, v in enumerate(votes) if k not in bad]
+        self._valid(*{v.provider for v in honest})
+        if not bad:
+            self.vs.close_check(check.check_id, Verdict.AGREED.value, None, now)
+            return True
+        verdict = (
+            Verdict.CHECK_LIED
+            if 0 not in bad
+            else Verdict.BOTH_LIED
+            if len(bad) > 1
+            else Verdict.ORIGINAL_LIED
+        )
+        caught = [votes[k].provider for k in bad]
+        self.vs.close_check(check.check_id, verdict.value, ",".join(caught), now)
+        for k in bad:
+            # The trial takes the value the honest votes agreed on if its original lied.
+            replacement = honest[0] if k == 0 else None
+            self.r.caught(votes[k].provider, check.number, replacement=replacement)
         return True
 
     def _valid(self, *providers: str) -> None:

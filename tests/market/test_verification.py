@@ -11,6 +11,7 @@ from market.matching import rank
 from market.verification import (
     CANARY_METRIC,
     FLOOR_RATE,
+    MAX_VOTES,
     NEWCOMER_TRIALS,
     PROVEN_STREAK,
     UNKNOWN_RATE,
@@ -23,6 +24,7 @@ from market.verification import (
     check_rate,
     compare,
     decide,
+    liars,
     may_take_trial,
     measured_flops,
     proven,
@@ -55,9 +57,24 @@ class TestCheckRate:
 
     def test_the_draw_is_deterministic_and_near_its_rate(self) -> None:
         keys = [f"job:{n}:task:provider" for n in range(4000)]
-        picks = [should_check(Fraction(1, 4), k) for k in keys]
-        assert picks == [should_check(Fraction(1, 4), k) for k in keys]
+        secret = bytes(range(32))
+        picks = [should_check(Fraction(1, 4), k, secret) for k in keys]
+        assert picks == [should_check(Fraction(1, 4), k, secret) for k in keys]
         assert 900 < sum(picks) < 1100
+
+    def test_without_the_tenants_key_the_draw_cannot_be_told(self) -> None:
+        # A provider sees every part of the key (job id, trial number, task id, its
+        # own id); only the tenant's secret decides. Another key picks other results,
+        # no better than chance: 4000 draws at 1/2 agree about half the time.
+        keys = [f"job:{n}:task:provider" for n in range(4000)]
+        mine = [should_check(Fraction(1, 2), k, b"\x01" * 32) for k in keys]
+        guess = [should_check(Fraction(1, 2), k, b"\x02" * 32) for k in keys]
+        agree = sum(a == b for a, b in zip(mine, guess, strict=True))
+        assert 1800 < agree < 2200
+
+    def test_a_short_draw_secret_is_refused(self) -> None:
+        with pytest.raises(ValueError, match="32 bytes"):
+            should_check(Fraction(1, 2), "job:1:task:provider", b"short")
 
 
 class TestRoomForNewcomers:
@@ -112,6 +129,17 @@ class TestDisputes:
         assert decide(1e-6, 0.64, 0.64, self.tol) is Verdict.ORIGINAL_LIED
         assert decide(0.64, 1e-6, 0.64, self.tol) is Verdict.CHECK_LIED
         assert decide(0.1, 0.2, 0.3, self.tol) is Verdict.UNRESOLVED
+
+    def test_votes_name_every_liar_once_two_agree(self) -> None:
+        assert liars([0.64, 0.64], self.tol) == ()
+        assert liars([1e-6, 0.64, 0.64], self.tol) == (0,)
+        assert liars([0.64, 1e-6, 0.64], self.tol) == (1,)
+        # Two fabricators, the original and the check, then the honest decider: no two
+        # agree until a fourth vote sides with the decider, and then both are named.
+        assert liars([77.5, 1e-6, 0.64], self.tol) is None
+        assert liars([77.5, 1e-6, 0.64, 0.64], self.tol) == (0, 1)
+        assert liars([0.1, 0.2, 0.3, 0.4], self.tol) is None  # a program ignoring its seed
+        assert MAX_VOTES == 4
 
 
 class TestMeasuredSpeed:

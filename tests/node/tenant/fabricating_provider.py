@@ -9,17 +9,24 @@ a provider that wants to be paid without computing would run.
 
 It runs a tenant's canary (market.verification.canary_command) honestly, as a careful
 cheat would, unless ``$FABRICATE_CANARY`` is set: then it fabricates that too.
+
+With ``$FABRICATE_UNCHECKED=<rate>`` it is a cheat that tries to predict the tenant's
+spot checks: it computes the tenant's draw (market.verification.should_check) from
+what it sees - the task id (the job id and the trial number), its own node id
+(``$FABRICATE_NODE_ID``) - and a guess of the tenant's secret key, runs honestly the
+trials it predicts will be re-run at ``rate``, and fabricates the others.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import node.daemon
-from market.verification import CANARY_METRIC
+from market.verification import CANARY_METRIC, should_check
 from node.cli.main import main
 from node.provider.executor import TrialOutcome, TrialSpec, TrialState
 from node.provider.sandbox import SandboxExecutor
@@ -32,6 +39,8 @@ class FabricatingExecutor(SandboxExecutor):
         self, spec: TrialSpec, on_output: Any = None, on_metrics: Any = None
     ) -> TrialOutcome:
         if CANARY_METRIC in " ".join(spec.argv) and not os.environ.get("FABRICATE_CANARY"):
+            return await super().run(spec, on_output, on_metrics)
+        if predicted_checked(spec.task_id):
             return await super().run(spec, on_output, on_metrics)
         name = os.environ.get("FABRICATE_METRIC", "loss")
         value = float(os.environ.get("FABRICATE_VALUE", "1e-06"))
@@ -59,6 +68,18 @@ class FabricatingExecutor(SandboxExecutor):
             output_truncated=False,
             log_path=log_path,
         )
+
+
+def predicted_checked(task_id: str) -> bool:
+    """Whether the tenant's draw, as far as this provider can compute it, re-runs the
+    trial of ``task_id`` (``job.number.attempt``); False when not predicting."""
+    rate = os.environ.get("FABRICATE_UNCHECKED")
+    if not rate:
+        return False
+    job_id, number, _ = task_id.rsplit(".", 2)
+    provider = os.environ["FABRICATE_NODE_ID"]
+    guess = bytes(32)  # the tenant's draw secret never leaves it: the cheat can only guess
+    return should_check(Fraction(rate), f"{job_id}:{number}:{task_id}:{provider}", guess)
 
 
 if __name__ == "__main__":

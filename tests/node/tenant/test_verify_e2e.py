@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 import test_sweep_e2e as sweep_e2e
+import yaml
 
 from market.verification import NEWCOMER_TRIALS, PROVEN_STREAK, Trust, trial_seed
 from node.cli import localcluster as cluster
@@ -65,7 +66,7 @@ def fabricating_provider(
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env={**os.environ, "MERCATO_HOME": rec.home, **env},
+            env={**os.environ, "MERCATO_HOME": rec.home, "FABRICATE_NODE_ID": rec.node_id, **env},
         )
     try:
         cluster._wait_ready(rec, proc, time.monotonic() + 60)
@@ -173,6 +174,46 @@ class TestFabricatingProvider:
             refused = [r for r in evidence["refused_payments"] if r["provider"] == lazy.node_id]
             assert refused
             assert "canary" in refused[0]["reason"]
+
+
+class TestPredictedChecks:
+    def test_a_provider_cannot_tell_which_results_will_be_checked(
+        self, market: tuple[sweep_e2e.Cluster, str], tmp_path: Path
+    ) -> None:
+        """The draw that picks the results to re-run must be secret to the tenant.
+
+        The cheat computes the draw from what it sees (job id and trial number in the
+        task id, its own node id), runs the trials it expects to be re-run and answers
+        a made-up, unremarkable loss (never the best, so the best check does not meet
+        it) for the others. Were the draw computable, it would be paid for every
+        fabricated trial and never caught. 32 trials at a fixed rate of 1/2: it
+        fabricates about half of those it gets, and each of them is re-run with
+        probability 1/2 whatever it predicted.
+        """
+        c, _ = market
+        where = tmp_path / "job"
+        job = sweep_e2e.job_file(where)
+        spec = yaml.safe_load(job.read_text())
+        spec["sweep"]["parameters"]["x"] = {"values": [-1, 0, 0.5, 1, 2, 2.5, 3, 3.5]}
+        spec["sweep"]["parameters"]["y"] = {"values": [-2, -1, 0, 1]}
+        spec["verify"] = {"rate": 0.5}
+        job.write_text(yaml.safe_dump(spec))
+        with (
+            fabricating_provider(
+                c, "predictor", price=500, FABRICATE_UNCHECKED="1/2", FABRICATE_VALUE="77.5"
+            ) as cheat,
+            sweep_e2e.tenant_at(tmp_path / "tenant-home", c) as tenant,
+        ):
+            proc = tenant.run("submit", str(job), "--quiet", "--json", "--parallel", "4")
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+            job_id = json.loads(proc.stdout)["job_id"]
+            assert any(x.provider == cheat.node_id for x in tenant.leases(job_id))
+            results = tenant.json("results", job_id)
+            assert len(results) == 32
+            evidence = tenant.json("evidence", job_id)
+            assert all(t["value"] != 77.5 for t in results), "a fabricated result was kept"
+            assert cheat.node_id in evidence["dropped"]
+            assert any(cheat.node_id in d["liars"] for d in evidence["disputes"])
 
 
 class TestOneProvider:
