@@ -81,11 +81,11 @@ from typing import Any, Literal
 
 from market.bidding import BidEngine, Device, LeaseState
 from market.verification import (
+    MAX_VOTES,
     Tolerance,
     Verdict,
     best_needs_check,
-    compare,
-    decide,
+    liars,
     may_take_trial,
     proven,
     should_check,
@@ -1073,36 +1073,43 @@ class Sweeps:
             sw.checks.append([(provider, value), ("#trial", float(number))])
 
     def on_vote(self, t: int, sw: SimSweep, votes: list[tuple[str, float]]) -> None:
-        """Judge a check as Verifier._judge does: agree, or a third decides."""
+        """Judge a check as Verifier._judge does: the first two votes that agree are the
+        truth, a vote agreeing with neither lied; until two agree another provider is
+        asked, up to MAX_VOTES, then the trial is not reproducible."""
         number = self._trial_of(votes)
         real = [(p, v) for p, v in votes if not p.startswith("#")]
         marker = [(p, v) for p, v in votes if p.startswith("#")]
-        (orig_p, orig_v), (chk_p, chk_v) = real[0], real[1]
+        orig_p, orig_v = real[0]
         if sw.results.get(number) != (orig_p, orig_v):
             return  # the original was discarded meanwhile (its provider was caught)
         vs = self.store(t)
-        if len(real) == 2:
-            if compare(orig_v, chk_v, self.tolerance) is Verdict.AGREED:
-                sw.checked.add(number)
-                self._valid(vs, orig_p, chk_p)
-            else:
-                sw.checks.insert(0, real + marker)  # a third provider decides
-            return
-        dec_p, dec_v = real[2]
-        verdict = decide(orig_v, chk_v, dec_v, self.tolerance)
-        self.sim._event("verdict", t, sw.number, number, verdict.value)
-        if verdict is Verdict.ORIGINAL_LIED:
-            self._valid(vs, chk_p, dec_p)
-            sw.results[number] = (chk_p, chk_v)
-            sw.checked.add(number)
-            self._caught(t, sw, orig_p)
-        elif verdict is Verdict.CHECK_LIED:
-            self._valid(vs, orig_p, dec_p)
-            sw.checked.add(number)
-            self._caught(t, sw, chk_p)
-        else:  # three answers: the trial is not reproducible, its result not used
-            self.unresolved += 1
+        bad = liars([v for _, v in real], self.tolerance)
+        if bad is None:
+            if len(real) < MAX_VOTES:
+                sw.checks.insert(0, real + marker)  # another provider decides
+                return
+            self.sim._event("verdict", t, sw.number, number, Verdict.UNRESOLVED.value)
+            self.unresolved += 1  # the trial is not reproducible, its result not used
             sw.results.pop(number, None)
+            return
+        honest = [pv for k, pv in enumerate(real) if k not in bad]
+        self._valid(vs, *dict.fromkeys(p for p, _ in honest))
+        sw.checked.add(number)
+        if len(real) > 2 or bad:
+            verdict = (
+                Verdict.AGREED
+                if not bad
+                else Verdict.CHECK_LIED
+                if 0 not in bad
+                else Verdict.BOTH_LIED
+                if len(bad) > 1
+                else Verdict.ORIGINAL_LIED
+            )
+            self.sim._event("verdict", t, sw.number, number, verdict.value)
+        if 0 in bad:
+            sw.results[number] = honest[0]
+        for k in bad:
+            self._caught(t, sw, real[k][0])
 
     def _valid(self, vs: VerifyStore, *providers: str) -> None:
         for p in providers:
