@@ -95,6 +95,31 @@ TEMPLATES = (
 )
 
 
+def wait_all_free(home: Path, env: dict[str, str], timeout_s: float = 90.0) -> None:
+    """Until every provider advertises all its devices free (as the e2e test waits).
+
+    Right after ``cluster up`` the adverts are still spreading, and after a job its
+    leases are released and the adverts renewed only a moment later; a plan made before
+    that finds no split that fits.
+    """
+    total = sum(t.count for t in TEMPLATES)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        out = subprocess.run(
+            [sys.executable, "-m", "node.cli", "market", "--json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        free = json.loads(out.stdout) if out.returncode == 0 else []
+        if sum(int(r["free_units"]) for r in free) >= total:
+            return
+        time.sleep(0.5)
+    raise SystemExit(f"not every device advertised free after {timeout_s:.0f} s")
+
+
 def run_job(
     home: Path,
     name: str,
@@ -114,6 +139,7 @@ def run_job(
     (d / "job.yaml").write_text(job)
     env = {**os.environ, "MERCATO_HOME": str(home)}
     env.pop("MERCATO_PEER", None)
+    wait_all_free(home, env)
     began = time.monotonic()
     proc = subprocess.Popen(
         [sys.executable, "-m", "node.cli", "submit", str(d / "job.yaml"), "--json"],
@@ -145,10 +171,16 @@ def run_job(
                     killed_at = time.monotonic()
                     killed = rec.name
         time.sleep(0.05)
-    stdout, _ = proc.communicate(timeout=900)
+    # Not communicate(): it reads stderr too, racing the reader thread for lines (the
+    # bench lost some of the tenant's events that way).
+    proc.wait(timeout=900)
+    assert proc.stdout is not None
+    stdout = proc.stdout.read()
     reader.join(5)
     wall = time.monotonic() - began
     summary = json.loads(stdout)
+    if summary["state"] != "done":
+        print(f"{name}: {summary}\n{''.join(err[-20:])}", file=sys.stderr)
     logs = home / "tenant" / "jobs" / summary["job_id"] / "logs" / "diloco"
     workers: dict[str, Any] = {}
     for path in sorted(logs.glob("w*.log")):
@@ -168,7 +200,7 @@ def run_job(
     after_kill = [
         f"+{t - killed_at:.2f} s {x.strip().split('] ', 1)[-1]}"
         for t, x in zip(seen, err, strict=False)
-        if killed is not None and t >= killed_at and "live worker" not in x
+        if killed is not None and t >= killed_at and "live worker" not in x and x.strip()
     ]
     first_step_after = next(
         (
