@@ -282,7 +282,9 @@ def ddp_sweep(outer: int, inner: int, lrs: tuple[float, ...], model: dict[str, i
         return {lr: f.result() for lr, f in runs.items()}
 
 
-def simulate(outer: int, inner: int, compression: str, ahead: int = 0) -> list[float]:
+def simulate(
+    outer: int, inner: int, compression: str, ahead: int = 0, model: dict[str, int] | None = None
+) -> list[float]:
     """The same DiLoCo schedule in one process: W workers, the tenant's outer loop.
 
     Each worker is examples/diloco's inner loop (same shard, seed, AdamW and schedule);
@@ -298,7 +300,7 @@ def simulate(outer: int, inner: int, compression: str, ahead: int = 0) -> list[f
     from market.diloco import OuterLoop, decode_blob
     from mercato_trial.diloco import encode
 
-    train = example()
+    train = example(model)
     torch.set_num_threads(1)
     shards = [train.shard(w) for w in range(WORKERS)]
     x_eval, y_eval = train.held_out()
