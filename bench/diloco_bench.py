@@ -27,16 +27,18 @@ OpenDiLoCo's and INTELLECT-1's figures; the wait for the last outer step is coun
 
 Two configurations. The default is long enough that training, not start-up, is what
 is measured: an 87,056-parameter model (embeddings of 32, two hidden layers of 256,
-batch 512), H = 500, 16 outer steps (8,000 inner steps, about a minute of training per
-worker when 3 workers share 2 cores), the provider killed after outer step 8; the
+batch 512), H = 500, 16 outer steps (8,000 inner steps of 3.5 ms of one core: about
+45 s of training per worker when 3 workers share 2 free cores, 150 s measured at load
+average 5-17), the provider killed after outer step 8; the
 in-process DiLoCo simulations are left out (their cost is that of 9 more workers).
 ``--short`` is the first one: the 3,408-parameter model, 12 outer steps, about 5 s of
 training per worker, killed after outer step 2, with the simulations. Every worker and
 every baseline runs torch on one thread (torch.set_num_threads(1)): 3 workers on a
 2-core machine must not oversubscribe it.
 
-Run: ``python bench/diloco_bench.py [--short] [--outer N] [--inner H]`` (about 5 minutes;
-``--short`` about 2). Writes bench/results/diloco.json and docs/diloco-loss.svg
+Run: ``python bench/diloco_bench.py [--short] [--outer N] [--inner H]`` (976 s measured
+at load average 5-17, most of it the DDP sweep; ``--cluster-only`` 333 s; ``--short``
+about 2 minutes). Writes bench/results/diloco.json and docs/diloco-loss.svg
 (``--short``: diloco-short.json and diloco-loss-short.svg).
 """
 
