@@ -25,15 +25,30 @@ first inner step until it holds the final global parameters (measured by the wor
 the join before the first step is start-up, not training, and is left out, as in
 OpenDiLoCo's and INTELLECT-1's figures; the wait for the last outer step is counted).
 
-Run: ``python bench/diloco_bench.py [--outer 12] [--inner 500]`` (about 2 minutes).
-Writes bench/results/diloco.json and docs/diloco-loss.svg.
+Two configurations. The default is long enough that training, not start-up, is what
+is measured: an 87,056-parameter model (embeddings of 32, two hidden layers of 256,
+batch 512), H = 500, 16 outer steps (8,000 inner steps of 3.5 ms of one core: about
+45 s of training per worker when 3 workers share 2 free cores, 150 s measured at load
+average 5-17), the provider killed after outer step 8; the
+in-process DiLoCo simulations are left out (their cost is that of 9 more workers).
+``--short`` is the first one: the 3,408-parameter model, 12 outer steps, about 5 s of
+training per worker, killed after outer step 2, with the simulations. Every worker and
+every baseline runs torch on one thread (torch.set_num_threads(1)): 3 workers on a
+2-core machine must not oversubscribe it.
+
+Run: ``python bench/diloco_bench.py [--short] [--outer N] [--inner H]`` (976 s measured
+at load average 5-17, most of it the DDP sweep; ``--cluster-only`` 333 s; ``--short``
+about 2 minutes). Writes bench/results/diloco.json and docs/diloco-loss.svg
+(``--short``: diloco-short.json and diloco-loss-short.svg).
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import importlib.util
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -51,6 +66,11 @@ from node.cli import localcluster as cluster  # noqa: E402
 from node.cli.localcluster import Template  # noqa: E402
 
 WORKERS = 3
+#: The model and batch of each configuration (examples/diloco/train.py's options).
+MODELS = {
+    "long": {"embed": 32, "hidden": 256, "layers": 2, "batch": 512, "shard": 200_000},
+    "short": {},
+}
 JOB = """
 name: diloco-bench
 kind: training
@@ -60,7 +80,7 @@ training:
   tokens_per_step: 8192
   sync: {{method: diloco, inner_steps: {inner}, round_timeout: 20s, compression: {compression}}}
   steps: {steps}
-  command: [train.py]
+  command: [train.py{args}]
   metric: {{name: loss, goal: minimize}}
 resources:
   accelerator: gpu
@@ -77,16 +97,51 @@ TEMPLATES = (
 )
 
 
+def wait_all_free(home: Path, env: dict[str, str], timeout_s: float = 90.0) -> None:
+    """Until every provider advertises all its devices free (as the e2e test waits).
+
+    Right after ``cluster up`` the adverts are still spreading, and after a job its
+    leases are released and the adverts renewed only a moment later; a plan made before
+    that finds no split that fits.
+    """
+    total = sum(t.count for t in TEMPLATES)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        out = subprocess.run(
+            [sys.executable, "-m", "node.cli", "market", "--json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        free = json.loads(out.stdout) if out.returncode == 0 else []
+        if sum(int(r["free_units"]) for r in free) >= total:
+            return
+        time.sleep(0.5)
+    raise SystemExit(f"not every device advertised free after {timeout_s:.0f} s")
+
+
 def run_job(
-    home: Path, name: str, outer: int, inner: int, compression: str, kill_after: int | None
+    home: Path,
+    name: str,
+    outer: int,
+    inner: int,
+    compression: str,
+    kill_after: int | None,
+    model: dict[str, int],
 ) -> dict[str, Any]:
     d = home / name
     d.mkdir()
     (d / "train.py").write_text((ROOT / "examples" / "diloco" / "train.py").read_text())
-    job = JOB.format(world=WORKERS, inner=inner, steps=outer * inner, compression=compression)
+    args = "".join(f', "--{k}", "{v}"' for k, v in model.items())
+    job = JOB.format(
+        world=WORKERS, inner=inner, steps=outer * inner, compression=compression, args=args
+    )
     (d / "job.yaml").write_text(job)
     env = {**os.environ, "MERCATO_HOME": str(home)}
     env.pop("MERCATO_PEER", None)
+    wait_all_free(home, env)
     began = time.monotonic()
     proc = subprocess.Popen(
         [sys.executable, "-m", "node.cli", "submit", str(d / "job.yaml"), "--json"],
@@ -96,14 +151,18 @@ def run_job(
         text=True,
     )
     err: list[str] = []
+    seen: list[float] = []  # when each line of err arrived (monotonic)
 
     def read() -> None:
         assert proc.stderr is not None
-        err.extend(iter(proc.stderr.readline, ""))
+        for line in iter(proc.stderr.readline, ""):
+            seen.append(time.monotonic())
+            err.append(line)
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     killed = None
+    killed_at = 0.0
     while kill_after is not None and killed is None and proc.poll() is None:
         if any(f"outer step {kill_after}/" in x for x in err):
             started = [x for x in err if "started on" in x]
@@ -111,12 +170,19 @@ def run_job(
             for rec in cluster.load_state(cluster.cluster_root(home)):
                 if rec.node_id.startswith(prefix) and rec.role == "provider":
                     os.kill(rec.pid, signal.SIGKILL)
+                    killed_at = time.monotonic()
                     killed = rec.name
-        time.sleep(0.1)
-    stdout, _ = proc.communicate(timeout=600)
+        time.sleep(0.05)
+    # Not communicate(): it reads stderr too, racing the reader thread for lines (the
+    # bench lost some of the tenant's events that way).
+    proc.wait(timeout=900)
+    assert proc.stdout is not None
+    stdout = proc.stdout.read()
     reader.join(5)
     wall = time.monotonic() - began
     summary = json.loads(stdout)
+    if summary["state"] != "done":
+        print(f"{name}: {summary}\n{''.join(err[-20:])}", file=sys.stderr)
     logs = home / "tenant" / "jobs" / summary["job_id"] / "logs" / "diloco"
     workers: dict[str, Any] = {}
     for path in sorted(logs.glob("w*.log")):
@@ -131,36 +197,63 @@ def run_job(
             "wall_s": final[-1]["wall_s"] if final else None,
         }
     steps = [x.strip().split("] ", 1)[-1] for x in err if "outer step" in x]
+    # Each event after the kill with the seconds since the kill: how long the tenant took
+    # to know (the first refused connection), to count the worker lost, to replace it.
+    after_kill = [
+        f"+{t - killed_at:.2f} s {x.strip().split('] ', 1)[-1]}"
+        for t, x in zip(seen, err, strict=False)
+        if killed is not None and t >= killed_at and "live worker" not in x and x.strip()
+    ]
+    first_step_after = next(
+        (
+            t - killed_at
+            for t, x in zip(seen, err, strict=False)
+            if killed and t >= killed_at and "outer step" in x
+        ),
+        None,
+    )
     return {
         "state": summary["state"],
         "killed": killed,
         "wall_s": wall,
         "workers": workers,
         "outer_steps": steps,
-        "events": [x.strip().split("] ", 1)[-1] for x in err if "lost" in x or "replacement" in x],
+        "events": [
+            x.strip().split("] ", 1)[-1]
+            for x in err
+            if "lost" in x or "replacement" in x or "unreachable" in x
+        ],
+        "after_kill": after_kill,
+        "first_outer_step_after_kill_s": first_step_after,
     }
 
 
-def example() -> Any:
-    """examples/diloco/train.py as a module: its data, model and schedule."""
+def example(model: dict[str, int] | None = None) -> Any:
+    """examples/diloco/train.py as a module: its data, model and schedule, configured as
+    the job's command line configures it."""
     spec = importlib.util.spec_from_file_location("train", ROOT / "examples/diloco/train.py")
     assert spec is not None
     assert spec.loader is not None
     train = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train)
+    train.configure([f"--{k}={v}" for k, v in (model or {}).items()])
     return train
 
 
-def ddp_baseline(outer: int, inner: int, peak: float) -> list[float]:
-    """DDP over 3 ranks, in one process: the mean of the shards' gradients every step."""
+def ddp_baseline(outer: int, inner: int, peak: float, model: dict[str, int]) -> list[float]:
+    """DDP over 3 ranks, in one process: the mean of the shards' gradients every step.
+
+    The 3 shards' batches go through the model as one (the mean over the concatenation
+    is the mean of the 3 batch means: what DDP's all-reduce averages), one torch thread.
+    """
     import torch
 
-    train = example()
+    train = example(model)
     torch.set_num_threads(1)
     shards = [train.shard(w) for w in range(WORKERS)]
     x_eval, y_eval = train.held_out()
-    model = train.make_model()
-    opt = torch.optim.AdamW(model.parameters(), lr=peak, weight_decay=0.01)
+    net = train.make_model()
+    opt = torch.optim.AdamW(net.parameters(), lr=peak, weight_decay=0.01)
     gens = [torch.Generator().manual_seed(7 + w) for w in range(WORKERS)]
     total = outer * inner
     curve = []
@@ -170,17 +263,30 @@ def ddp_baseline(outer: int, inner: int, peak: float) -> list[float]:
             for group in opt.param_groups:
                 group["lr"] = train.lr_at(step, total, peak)
             opt.zero_grad()
+            xs, ys = [], []
             for (x, y), gen in zip(shards, gens, strict=True):
                 idx = torch.randint(0, len(x), (train.BATCH,), generator=gen)
-                (train.loss_of(model, x[idx], y[idx]) / WORKERS).backward()
+                xs.append(x[idx])
+                ys.append(y[idx])
+            train.loss_of(net, torch.cat(xs), torch.cat(ys)).backward()
             opt.step()
             step += 1
         with torch.no_grad():
-            curve.append(train.loss_of(model, x_eval, y_eval).item())
+            curve.append(train.loss_of(net, x_eval, y_eval).item())
     return curve
 
 
-def simulate(outer: int, inner: int, compression: str, ahead: int = 0) -> list[float]:
+def ddp_sweep(outer: int, inner: int, lrs: tuple[float, ...], model: dict[str, int]) -> Any:
+    """The DDP baseline at each learning rate, two processes at a time (two cores)."""
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=2, mp_context=ctx) as pool:
+        runs = {lr: pool.submit(ddp_baseline, outer, inner, lr, model) for lr in lrs}
+        return {lr: f.result() for lr, f in runs.items()}
+
+
+def simulate(
+    outer: int, inner: int, compression: str, ahead: int = 0, model: dict[str, int] | None = None
+) -> list[float]:
     """The same DiLoCo schedule in one process: W workers, the tenant's outer loop.
 
     Each worker is examples/diloco's inner loop (same shard, seed, AdamW and schedule);
@@ -196,7 +302,7 @@ def simulate(outer: int, inner: int, compression: str, ahead: int = 0) -> list[f
     from market.diloco import OuterLoop, decode_blob
     from mercato_trial.diloco import encode
 
-    train = example()
+    train = example(model)
     torch.set_num_threads(1)
     shards = [train.shard(w) for w in range(WORKERS)]
     x_eval, y_eval = train.held_out()
@@ -285,8 +391,10 @@ def svg(curves: dict[str, list[float]], path: Path, floor: float) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--outer", type=int, default=12)
+    ap.add_argument("--short", action="store_true", help="the 5-second configuration")
+    ap.add_argument("--outer", type=int, default=None, help="16 (--short: 12)")
     ap.add_argument("--inner", type=int, default=500)
+    ap.add_argument("--kill-after", type=int, default=None, help="outer step (8; --short: 2)")
     ap.add_argument("--no-cluster", action="store_true", help="only the in-process runs")
     ap.add_argument(
         "--cluster-only",
@@ -294,26 +402,36 @@ def main() -> None:
         help="only the cluster runs; the in-process figures are read from the last results",
     )
     args = ap.parse_args()
+    config = "short" if args.short else "long"
+    model = MODELS[config]
+    if args.outer is None:
+        args.outer = 12 if args.short else 16
+    kill_after = args.kill_after or (2 if args.short else args.outer // 2)
     import torch
 
-    train = example()
+    train = example(model)
     params = sum(p.numel() for p in train.make_model().parameters())
     floor = train.floor(*train.held_out())
     blobs = {c: 20 + b * params for c, b in (("fp32", 4), ("int8", 1))}
     ddp_step = 2 * (WORKERS - 1) * params * 4 // WORKERS
     began = time.monotonic()
     load_before = os.getloadavg()
-    out = ROOT / "bench" / "results" / "diloco.json"
+    suffix = "-short" if args.short else ""
+    out = ROOT / "bench" / "results" / f"diloco{suffix}.json"
+    sim: dict[str, list[float]] = {}
     if args.cluster_only:
         last = json.loads(out.read_text())
         if (last["outer_steps"], last["inner_steps"]) != (args.outer, args.inner):
             raise SystemExit("--cluster-only: the last results are of another schedule")
         sweep = {float(lr): c for lr, c in last["ddp_sweep"].items()}
-        sim = {c: last[f"diloco_simulated_{c}"] for c in ("fp32", "int8", "overlapped")}
+        for c in ("fp32", "int8", "overlapped"):
+            if last.get(f"diloco_simulated_{c}"):
+                sim[c] = last[f"diloco_simulated_{c}"]
     else:
-        sweep = {lr: ddp_baseline(args.outer, args.inner, lr) for lr in (0.01, 0.03)}
-        sim = {c: simulate(args.outer, args.inner, c) for c in ("fp32", "int8")}
-        sim["overlapped"] = simulate(args.outer, args.inner, "fp32", ahead=args.inner // 4)
+        sweep = ddp_sweep(args.outer, args.inner, (0.01, 0.03), model)
+        if args.short:
+            sim = {c: simulate(args.outer, args.inner, c) for c in ("fp32", "int8")}
+            sim["overlapped"] = simulate(args.outer, args.inner, "fp32", ahead=args.inner // 4)
     best_lr = min(sweep, key=lambda lr: sweep[lr][-1])
     ddp = sweep[best_lr]
     full = killed = None
@@ -321,8 +439,8 @@ def main() -> None:
         home = Path(tempfile.mkdtemp(prefix="diloco-bench-"))
         cluster.up(4, home=home, templates=TEMPLATES)
         try:
-            full = run_job(home, "full", args.outer, args.inner, "fp32", None)
-            killed = run_job(home, "killed", args.outer, args.inner, "fp32", 2)
+            full = run_job(home, "full", args.outer, args.inner, "fp32", None, model)
+            killed = run_job(home, "killed", args.outer, args.inner, "fp32", kill_after, model)
         finally:
             cluster.down(home=home)
 
@@ -332,6 +450,9 @@ def main() -> None:
         return max((w["curve"] for w in run["workers"].values()), key=len)
 
     result = {
+        "config": config,
+        "model": model,
+        "kill_after_outer_step": kill_after,
         "workers": WORKERS,
         "inner_steps": args.inner,
         "outer_steps": args.outer,
@@ -341,9 +462,9 @@ def main() -> None:
         "ddp_sweep": {str(lr): c for lr, c in sweep.items()},
         "ddp_best_lr": best_lr,
         "ddp_curve": ddp,
-        "diloco_simulated_fp32": sim["fp32"],
-        "diloco_simulated_int8": sim["int8"],
-        "diloco_simulated_overlapped": sim["overlapped"],
+        "diloco_simulated_fp32": sim.get("fp32"),
+        "diloco_simulated_int8": sim.get("int8"),
+        "diloco_simulated_overlapped": sim.get("overlapped"),
         "diloco": full,
         "diloco_one_provider_killed": killed,
         "bytes_per_worker_per_outer_step": blobs,
@@ -359,8 +480,9 @@ def main() -> None:
     if full is not None and killed is not None:
         curves["DiLoCo, 3 providers, overlapped"] = market_curve(full)
         curves["DiLoCo, one provider killed"] = market_curve(killed)
-    curves["DiLoCo simulated in one process"] = sim["fp32"]
-    svg(curves, ROOT / "docs" / "diloco-loss.svg", floor)
+    if "fp32" in sim:
+        curves["DiLoCo simulated in one process"] = sim["fp32"]
+    svg(curves, ROOT / "docs" / f"diloco-loss{suffix}.svg", floor)
 
     def gap(v: float) -> str:
         return f"{(v / ddp[-1] - 1) * 100:+.1f} %, excess over the floor {v - floor:.4f}"
@@ -373,8 +495,8 @@ def main() -> None:
     for c, curve in sim.items():
         print(f"DiLoCo simulated, {c:<10}      {curve[-1]:.4f} ({gap(curve[-1])})")
     if full is not None and killed is not None:
-        for label, run in (("3 providers", full), ("one killed ", killed)):
-            v = market_curve(run)[-1]
+        for label, r in (("3 providers", full), ("one killed ", killed)):
+            v = market_curve(r)[-1]
             print(f"DiLoCo market, {label}        {v:.4f} ({gap(v)})")
     for c, b in blobs.items():
         print(
@@ -393,8 +515,12 @@ def main() -> None:
         slowest = max(whole.values(), key=lambda v: v["inner_s"])
         bound = {k: round(v["inner_s"] / slowest["inner_s"], 3) for k, v in whole.items()}
         print(f"  bound set by the slowest worker's pace: {bound}")
-        for e in run["events"]:
+        for e in run["after_kill"]:
             print(f"  {e}")
+        if run["first_outer_step_after_kill_s"] is not None:
+            print(f"  first outer step {run['first_outer_step_after_kill_s']:.2f} s after the kill")
+        inner = {k: round(v["inner_s"], 1) for k, v in whole.items()}
+        print(f"  seconds inside inner steps per worker: {inner}")
     print(f"load average before {load_before}, after {result['load_average_after']}")
     print(f"wall {result['bench_wall_s']:.0f} s")
 

@@ -28,8 +28,9 @@ Use with torch::
 With ``DiLoCo(model, overlap=True)`` the worker does not wait: ``step()`` hands the
 pseudo-gradient over and returns, the next round's inner steps run while the outer step
 travels, and ``poll()`` (call it after every inner step) applies the answer the moment it
-arrives (or waits for it once ``max_ahead`` inner steps, a quarter of a round by default,
-are in flight): the global parameters plus the inner steps taken since the hand-over (their
+arrives (or waits for it once ``max_ahead`` inner steps are in flight; by default a
+quarter of a round in the first rounds, half a round after, see :func:`default_ahead`):
+the global parameters plus the inner steps taken since the hand-over (their
 change is rebased onto the global parameters, and counts in the next pseudo-gradient,
 measured from the global parameters as usual). The tenant's side does not change. Only
 the last outer step (``MERCATO_DILOCO_OUTER_STEPS``) is waited for, so the job ends on
@@ -155,6 +156,24 @@ def exchange(seq: int, blob: bytes, root: str | Path = ".") -> bytes:
     return wait_for(seq, root)
 
 
+def default_ahead(inner_steps: int, outer_steps: int | None, landed: int) -> int:
+    """Inner steps a worker may take with an outer step in flight, ``landed`` steps in.
+
+    A quarter of a round while the job is young, half a round once ``max(3, a quarter of
+    the outer steps)`` outer steps have landed. Steps taken in flight are computed before
+    the outer step they are rebased onto, so they are stale by that step; the outer steps
+    are largest while the loss still falls steeply (the first ones), which is where half
+    a round of stale steps cost a short job its progress (a 3-outer-step int8 job ended
+    above its first step's loss). Later the outer steps are small and the longer window
+    hides more of the relay and of the slower workers (bench/diloco_bench.py). A job of
+    at most 3 outer steps (or whose worker is not told how many) stays at a quarter.
+    """
+    quarter = max(1, inner_steps // 4)
+    if outer_steps is None or landed < max(3, -(-outer_steps // 4)):
+        return quarter
+    return max(quarter, inner_steps // 2)
+
+
 def _torch() -> Any:
     import torch
 
@@ -206,9 +225,16 @@ class DiLoCo:
         # Inner steps a worker may take while its outer step is in flight before poll()
         # waits for it. A worker that is persistently faster than the slowest waits the
         # same time either way; waiting early keeps its steps from going stale (their
-        # gradients are taken before the outer step they are rebased onto).
-        self.max_ahead = max(1, self.inner_steps // 4) if max_ahead is None else max_ahead
+        # gradients are taken before the outer step they are rebased onto). None: the
+        # schedule of default_ahead, set at each hand-over.
+        self._fixed_ahead = max_ahead
+        self.max_ahead = self._ahead_now()
         self._ahead = 0
+
+    def _ahead_now(self) -> int:
+        if self._fixed_ahead is not None:
+            return self._fixed_ahead
+        return default_ahead(self.inner_steps, self.outer_steps, self.outer_step)
 
     def _flat(self) -> Any:
         return self.torch.cat([p.detach().reshape(-1).float() for p in self.params])
@@ -300,4 +326,5 @@ class DiLoCo:
         hand_over(self.seq, encode(delta, self.compression), self.root)
         self._handed = self._flat()
         self._ahead = 0
+        self.max_ahead = self._ahead_now()
         self.sync_s += time.monotonic() - began

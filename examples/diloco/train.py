@@ -20,6 +20,7 @@ time inside inner steps over wall time from its first inner step until it holds 
 final global parameters.
 """
 
+import argparse
 import bisect
 import math
 import os
@@ -35,6 +36,9 @@ VOCAB = 16
 CONTEXT = 2
 SHARD = 30_000  # characters of text per worker
 BATCH = 64
+EMBED = 16  # width of a character's embedding
+HIDDEN = 64  # width of each hidden layer
+LAYERS = 1  # hidden layers
 LR = 0.01  # AdamW peak learning rate of the inner steps
 WARMUP = 0.05  # of all inner steps, then cosine down to 10 % of LR
 
@@ -75,13 +79,29 @@ def held_out() -> tuple[torch.Tensor, torch.Tensor]:
 
 def make_model() -> torch.nn.Module:
     torch.manual_seed(0)  # the same starting point everywhere (the first join wins anyway)
-    return torch.nn.Sequential(
-        torch.nn.Embedding(VOCAB, 16),
-        torch.nn.Flatten(),
-        torch.nn.Linear(16 * CONTEXT, 64),
-        torch.nn.GELU(),
-        torch.nn.Linear(64, VOCAB),
-    )
+    layers: list[torch.nn.Module] = [torch.nn.Embedding(VOCAB, EMBED), torch.nn.Flatten()]
+    width = EMBED * CONTEXT
+    for _ in range(LAYERS):
+        layers += [torch.nn.Linear(width, HIDDEN), torch.nn.GELU()]
+        width = HIDDEN
+    return torch.nn.Sequential(*layers, torch.nn.Linear(width, VOCAB))
+
+
+def configure(argv: list[str] | None = None) -> None:
+    """The model's size and the batch from the command line (the job file's command).
+
+    The defaults are the small model (3,408 parameters) that runs in seconds; the
+    benchmark's longer configuration passes e.g. ``--hidden 256 --layers 2 --batch 512``.
+    """
+    global SHARD, BATCH, EMBED, HIDDEN, LAYERS
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shard", type=int, default=SHARD)
+    ap.add_argument("--batch", type=int, default=BATCH)
+    ap.add_argument("--embed", type=int, default=EMBED)
+    ap.add_argument("--hidden", type=int, default=HIDDEN)
+    ap.add_argument("--layers", type=int, default=LAYERS)
+    a = ap.parse_args(argv)
+    SHARD, BATCH, EMBED, HIDDEN, LAYERS = a.shard, a.batch, a.embed, a.hidden, a.layers
 
 
 def lr_at(step: int, total: int, peak: float = LR) -> float:
@@ -98,6 +118,7 @@ def loss_of(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.T
 
 
 def main() -> None:
+    configure()
     distributed = "RANK" in os.environ
     if distributed:
         torch.distributed.init_process_group("gloo")

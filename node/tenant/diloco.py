@@ -8,11 +8,13 @@ every blob with ``sync_query``, runs the outer step (market.diloco.OuterLoop: av
 Nesterov) and pushes the new global parameters back with ``sync_chunk``. Both ways
 each blob is hashed (SHA-256) and refused on a mismatch.
 
-Elastic: a worker whose provider stops answering (heartbeats, queries) or whose task
-fails is dropped from the round, which steps with whoever reported by its deadline;
-a replacement is leased (not on a provider already lost) and joins from the current
-global parameters. Each lease is released at the end with its receipt, so every
-provider is paid for the time it held its devices, and a lost one for nothing more.
+Elastic: a worker whose provider cannot be reached (connection refused or cut) is left
+out of the round at once: the round steps with the others and does not wait for its
+deadline; should the worker come back, what it reports counts in the next round. Three
+failures in a row, or a failed task, lose the worker; a replacement is leased (not on
+a provider already lost) and joins from the current global parameters. Each lease is
+released at the end with its receipt, so every provider is paid for the time it held
+its devices, and a lost one for nothing more.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from node.store.node_store import LeaseRow, Store
 from node.tenant.client import Tenant
 from node.tenant.gang import DEFAULT_MAX_PRICE, RunReport
 from node.tenant.taskclient import TaskClient
-from protocol.errors import MercatoError
+from protocol.errors import MercatoError, PeerUnavailableError
 from protocol.messages import SyncChunk, SyncQuery, SyncStatus, TaskAssign, TaskResult
 
 log = logging.getLogger("mercato.diloco")
@@ -61,10 +63,28 @@ class Worker:
     seq: int = 0
     alive: bool = True
     replacement: bool = False
+    #: Its provider could not be reached at the last try: rounds do not wait for it.
+    suspect: bool = False
+    unreachable_at: float | None = None  # monotonic, when it first failed to answer
     result: TaskResult | None = None
     answered: asyncio.Event = field(default_factory=asyncio.Event)
     bytes_up: int = 0
     bytes_down: int = 0
+
+
+def waited_for(workers: list[Worker]) -> set[str]:
+    """The workers a round waits for before its deadline.
+
+    The live workers of the first lease whose provider answers, and replacements once
+    their first pseudo-gradient has been answered. A worker whose provider refused the
+    last connection is not waited for (it counts if it reports in time). A replacement
+    still starting (upload, imports) must not hold up a round, nor its first
+    pseudo-gradient, which comes H inner steps after a join in mid-round: it counts in
+    whichever round is open when it comes, and the replacement waits for that round.
+    """
+    return {
+        w.name for w in workers if w.alive and not w.suspect and (w.seq > 1 or not w.replacement)
+    }
 
 
 @dataclass
@@ -240,8 +260,10 @@ class DilocoRunner:
                     timeout_s=20,
                 )
                 misses = 0
+                self._reached(w)
             except MercatoError as e:
                 misses += 1
+                self._unreachable(w, e)
                 if misses >= MAX_MISSES:
                     raise WorkerLost(f"{w.name}: {e}") from e
                 await asyncio.sleep(RETRY_S)
@@ -287,8 +309,10 @@ class DilocoRunner:
                     timeout_s=30,
                 )
                 misses = 0
+                self._reached(w)
             except MercatoError as e:
                 misses += 1
+                self._unreachable(w, e)
                 if misses >= MAX_MISSES:
                     raise WorkerLost(f"{w.name}: {e}") from e
                 await asyncio.sleep(RETRY_S)
@@ -365,13 +389,39 @@ class DilocoRunner:
         if w.result.state != "succeeded" and not self.loop.done:
             self._lose(w, f"task {w.result.state} (exit {w.result.exit_code})")
 
+    def _unreachable(self, w: Worker, e: MercatoError) -> None:
+        """Its provider did not answer: leave the worker out of the rounds until it does.
+
+        A refused or cut connection (PeerUnavailableError) is evidence enough to stop
+        waiting for it; a slow answer (a timeout, e.g. a loaded provider) is not: the
+        round's deadline covers that. The worker stays in the job (a restarted daemon
+        comes back); three failures in a row lose it.
+        """
+        if not isinstance(e, PeerUnavailableError):
+            return
+        if w.suspect or not w.alive:
+            return
+        w.suspect = True
+        w.unreachable_at = time.monotonic()
+        self.on_event(f"worker {w.name}: provider unreachable, the round goes on without it")
+        self._changed.set()
+
+    def _reached(self, w: Worker) -> None:
+        if w.suspect:
+            w.suspect, w.unreachable_at = False, None
+            self.on_event(f"worker {w.name}: provider answers again")
+            self._changed.set()
+
     def _lose(self, w: Worker, why: str) -> None:
         if not w.alive:
             return
         w.alive = False
         w.answered.set()
         self.loop.pending.pop(w.name, None)
-        self.on_event(f"worker {w.name} on {w.lease.provider[:12]} lost: {why}")
+        since = ""
+        if w.unreachable_at is not None:
+            since = f" ({time.monotonic() - w.unreachable_at:.2f} s after it was first unreachable)"
+        self.on_event(f"worker {w.name} on {w.lease.provider[:12]} lost: {why}{since}")
         if w.lease.provider not in self.lost_providers:
             self.lost_providers.append(w.lease.provider)
             self.store.record_outcome(w.lease.provider, "failed")
@@ -427,9 +477,7 @@ class DilocoRunner:
         while not self.loop.done and not self._cancelled.is_set():
             if not any(w.alive for w in self.workers) and self.replacements_left <= 0:
                 return
-            # Waited for: the live workers of the first lease, and replacements once they
-            # have joined: one still starting (upload, imports) must not hold up a round.
-            live = {w.name for w in self.workers if w.alive and (w.seq > 0 or not w.replacement)}
+            live = waited_for(self.workers)
             if self.loop.ready(live, self.tenant.clock()):
                 began = time.monotonic()
                 reporters = self.loop.step()

@@ -158,3 +158,66 @@ class TestOverlap:
         monkeypatch.delenv(helper.OUTER_STEPS_ENV)
         sync = helper.DiLoCo(model(), root=env, overlap=True)
         assert not sync.overlap  # it could not know which answer ends the job
+
+
+class TestDefaultAhead:
+    """``max_ahead`` left to its default: a quarter of a round while the job is young,
+    half a round after (mercato_trial.diloco.default_ahead)."""
+
+    def ahead_per_round(
+        self, env: Path, monkeypatch: pytest.MonkeyPatch, inner: int, outer: int
+    ) -> list[int]:
+        """How many inner steps the worker took in flight before it waited, per round.
+
+        The tenant (the real OuterLoop) answers only once the worker waits for it, so
+        every round runs to the worker's own limit.
+        """
+        monkeypatch.setenv(helper.INNER_STEPS_ENV, str(inner))
+        monkeypatch.setenv(helper.OUTER_STEPS_ENV, str(outer))
+        box = env / helper.SYNC_DIR
+        m = model()
+        sync = helper.DiLoCo(m, root=env, overlap=True)
+        loop = OuterLoop(total_steps=outer, round_timeout_ms=1_000)
+        answer(box, 0, loop.join([1.0, 2.0, 3.0]))
+        sync.start()
+        waited_at: list[int] = []
+        real_wait = helper.wait_for
+
+        def tenant_answers_when_waited_for(
+            seq: int, root: Any = ".", poll_s: float = 0.02
+        ) -> bytes:
+            if not (box / f"in-{seq}.bin").exists():
+                waited_at.append(sync._ahead)
+                tenant_step(loop, box, seq)
+            return real_wait(seq, root, poll_s)
+
+        monkeypatch.setattr(helper, "wait_for", tenant_answers_when_waited_for)
+        while not sync.done:
+            for _ in range(sync.inner_steps):
+                inner_step(m)
+                sync.poll()
+            sync.step()
+        assert sync.outer_step == outer
+        return waited_at
+
+    def test_a_long_job_runs_half_a_round_ahead_after_its_first_rounds(
+        self, env: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        waits = self.ahead_per_round(env, monkeypatch, inner=8, outer=12)
+        # Rounds 1-3 hand over with 0-2 outer steps landed: a quarter (2 steps). From
+        # round 4 on, half (4 steps). Round 12 is the last: handed over and waited for
+        # at once (its count is the previous round's).
+        assert waits[:-1] == [2, 2, 2] + [4] * 8
+        assert len(waits) == 12
+
+    def test_a_short_job_stays_at_a_quarter_of_a_round(
+        self, env: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # 3 outer steps, as the int8 end-to-end job: never more than a quarter ahead.
+        assert self.ahead_per_round(env, monkeypatch, inner=8, outer=3)[:-1] == [2, 2]
+
+    def test_the_schedule(self) -> None:
+        assert [helper.default_ahead(500, 12, k) for k in range(12)] == [125] * 3 + [250] * 9
+        assert [helper.default_ahead(500, 20, k) for k in (4, 5)] == [125, 250]
+        assert helper.default_ahead(500, None, 100) == 125  # not told the last step
+        assert helper.default_ahead(2, 12, 11) == 1  # never 0: a step always fits

@@ -237,6 +237,15 @@ class TestElastic:
         assert "lost" in text, text
         assert "replacement" in text, text
         assert "outer step 8/8" in text
+        # The tenant knew at the first refused connection, not three tries later: from
+        # then on the rounds step with the two survivors without waiting for the dead one.
+        lines = [x.split("] ", 1)[-1].strip() for x in err]
+        gone = next(i for i, x in enumerate(lines) if "round goes on without it" in x)
+        lost = next(i for i, x in enumerate(lines) if " lost: " in x)
+        assert gone < lost, text
+        after = [x for x in lines[gone:] if x.startswith("outer step")]
+        assert after, text
+        assert "of 2 live worker(s)" in after[0], text
         with Store(home / "tenant" / "node.sqlite") as store:
             mine = [x for x in store.list_leases() if x.job_id == summary["job_id"]]
         # The replacement ran on another provider than the one killed.
