@@ -37,6 +37,9 @@ LAZY = (
     "market.evidence",
     "market.jobspec",
 )
+# Never loaded by the daemon: frozenlist's C++ extension (the C++ runtime, ~1 MB) for
+# aiohttp's signal lists, where frozenlist's pure-Python FrozenList serves alike.
+NEVER = ("frozenlist._frozenlist",)
 
 # Runs `mercato provider run` in this process; once the daemon is ready, a thread notes
 # the modules it holds, loads the status page once, and stops the daemon with SIGTERM.
@@ -89,6 +92,8 @@ class TestIdleProviderImports:
         assert heavy == [], f"an idle provider daemon imports {heavy}"
         lazy = sorted(idle & set(LAZY))
         assert lazy == [], f"an idle provider daemon imports {lazy} before they are used"
+        never = sorted(set(run["after"]) & set(NEVER))
+        assert never == [], f"the provider daemon loads {never}"
         # The page that loads on first use answers that first request in full.
         assert "node.operator.page" in run["after"]
         page = run["page"]
