@@ -115,7 +115,8 @@ base = rss()
 import atexit
 def dump():
     with open(os.environ["IDLE_RSS_DUMP"], "w") as f:
-        json.dump({"start_kB": base, "own_kB": own, "parent": parent, "modules": sorted(sys.modules)}, f)
+        dump = {"start_kB": base, "own_kB": own, "parent": parent}
+        json.dump(dict(dump, modules=sorted(sys.modules)), f)
 import signal
 def stop(signum, frame):
     dump()
