@@ -47,9 +47,8 @@ from node.net.http import error_response, read_capped
 from node.net.metrics import CONTENT_TYPE, NodeMetrics
 from node.net.node import Node, NodeSettings, Peer, wall_clock_ms
 from node.net.transport import ENVELOPE_CONTENT_TYPE, P2P_PATH, HttpTransport
-from node.operator.client import local_url
-from node.operator.document import StatusSource
 from node.operator.prices import PriceFloors
+from node.operator.source import StatusSource, local_url
 from node.operator.status_page import add_routes
 from node.provider.endpoint import EndpointService
 from node.provider.executor import ResourceLimits

@@ -17,7 +17,8 @@ from pathlib import Path
 
 # Imported by tenants (sweep search, tables) or by trials, never by an idle provider.
 HEAVY = ("numpy", "optuna", "rich", "torch", "pandas", "sklearn")
-# Loaded on first use: the status page (Jinja2) on its first request, Slurm where
+# Loaded on first use: the status page (Jinja2) and the status document on the first
+# request for them, Slurm where
 # executor = "slurm", PyYAML and tarfile with a job file or a workspace, the tenant's,
 # the cluster's and the ledger's commands when they run.
 LAZY = (
@@ -27,6 +28,8 @@ LAZY = (
     "tarfile",
     "difflib",
     "node.operator.page",
+    "node.operator.document",
+    "node.operator.client",
     "node.operator.plots",
     "node.operator.templating",
     "node.provider.slurm",
