@@ -39,6 +39,7 @@ LAZY = (
     "node.cli.localcluster",
     "market.evidence",
     "market.jobspec",
+    "pydantic.networks",
 )
 # Never loaded by the daemon: frozenlist's C++ extension (the C++ runtime, ~1 MB) for
 # aiohttp's signal lists, where frozenlist's pure-Python FrozenList serves alike.
