@@ -44,7 +44,7 @@ from node.home import READY_FILE, NodeHome, resolve_home
 from node.net.addresses import AddressPolicy
 from node.net.edge import ConnectionGate, EdgeLimits
 from node.net.http import error_response, read_capped
-from node.net.metrics import CONTENT_TYPE, NodeMetrics
+from node.net.metrics import NodeMetrics, content_type
 from node.net.node import Node, NodeSettings, Peer, wall_clock_ms
 from node.net.transport import ENVELOPE_CONTENT_TYPE, P2P_PATH, HttpTransport
 from node.operator.prices import PriceFloors
@@ -137,7 +137,7 @@ async def handle_directory(request: web.Request) -> web.Response:
 
 async def handle_metrics(request: web.Request) -> web.Response:
     node = request.app[NODE_KEY]
-    return web.Response(body=node.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+    return web.Response(body=node.metrics.render(), headers={"Content-Type": content_type()})
 
 
 def build_app(

@@ -18,7 +18,7 @@ from pathlib import Path
 # Imported by tenants (sweep search, tables) or by trials, never by an idle provider.
 HEAVY = ("numpy", "optuna", "rich", "torch", "pandas", "sklearn")
 # Loaded on first use: the status page (Jinja2) and the status document on the first
-# request for them, Slurm where
+# request for them, prometheus_client on the first scrape of /metrics, Slurm where
 # executor = "slurm", PyYAML and tarfile with a job file or a workspace, the tenant's,
 # the cluster's and the ledger's commands when they run.
 LAZY = (
@@ -40,6 +40,7 @@ LAZY = (
     "market.evidence",
     "market.jobspec",
     "pydantic.networks",
+    "prometheus_client",
 )
 # Never loaded by the daemon: frozenlist's C++ extension (the C++ runtime, ~1 MB) for
 # aiohttp's signal lists, where frozenlist's pure-Python FrozenList serves alike.
