@@ -106,7 +106,7 @@ class TestMetricsExposition:
         metrics = NodeMetrics()
         with pytest.raises(ValueError, match="non-negative"):
             metrics.rejections.labels("x").inc(-1)
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="expected 1 label values"):
             metrics.rejections.labels("x", "y")
         with pytest.raises(ValueError, match="duplicate"):
             metrics.counter("mercato_rejections", "again")
