@@ -43,8 +43,9 @@ LAZY = (
     "prometheus_client",
 )
 # Never loaded by the daemon: frozenlist's C++ extension (the C++ runtime, ~1 MB) for
-# aiohttp's signal lists, where frozenlist's pure-Python FrozenList serves alike.
-NEVER = ("frozenlist._frozenlist",)
+# aiohttp's signal lists, where frozenlist's pure-Python FrozenList serves alike; the
+# seccomp filter's compiler (libseccomp), run once at start in a child.
+NEVER = ("frozenlist._frozenlist", "pyseccomp")
 
 # Runs `mercato provider run` in this process; once the daemon is ready, a thread notes
 # the modules it holds, loads the status page once, and stops the daemon with SIGTERM.
