@@ -219,7 +219,7 @@ class Daemon:
         cls, config: NodeConfig, home: NodeHome | None, steps: contextlib.AsyncExitStack
     ) -> Daemon:
         home = home or NodeHome(config.node.home or resolve_home())
-        identity = home.load_or_create_identity()
+        identity = home.load_or_create_identity(codec_in_child=True)
         store = Store(home.store_path)
         steps.callback(store.close)
         inventory: Inventory | None = None

@@ -18,7 +18,8 @@ from pathlib import Path
 # Imported by tenants (sweep search, tables) or by trials, never by an idle provider.
 HEAVY = ("numpy", "optuna", "rich", "torch", "pandas", "sklearn")
 # Loaded on first use: the status page (Jinja2) and the status document on the first
-# request for them, prometheus_client on the first scrape of /metrics, Slurm where
+# request for them, prometheus_client on the first scrape of /metrics, cryptography's
+# serialization (and PEM codec) only in the child that reads the key file, Slurm where
 # executor = "slurm", PyYAML and tarfile with a job file or a workspace, the tenant's,
 # the cluster's and the ledger's commands when they run.
 LAZY = (
@@ -41,6 +42,7 @@ LAZY = (
     "market.jobspec",
     "pydantic.networks",
     "prometheus_client",
+    "cryptography.hazmat.primitives.serialization",
 )
 # Never loaded by the daemon: frozenlist's C++ extension (the C++ runtime, ~1 MB) for
 # aiohttp's signal lists, where frozenlist's pure-Python FrozenList serves alike; the
