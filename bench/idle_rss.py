@@ -10,15 +10,19 @@ MB here are 1000 kB of VmRSS, as in docs/benchmarks.md.
 Two modes:
 
 - ``--venv A --venv B [--rounds 3]``: alternates the venvs round by round (so the
-  machine's load hits each alike) and prints one line per run, then the median per venv.
+  machine's load hits each alike); each run measures a daemon's first run on a fresh
+  home (it creates its key and store) and then its restart on that home, and prints
+  one line per run, then the medians per venv. The daemon is started as the operator
+  starts it: the venv's ``mercato`` script.
   Build each venv as a plain install of one commit: ``python -m venv /tmp/v &&
   /tmp/v/bin/pip install <tree>`` (no extras, so optuna and numpy are installed, as an
   operator's would be).
 - ``--venv A --breakdown``: runs the daemon once with an import hook that notes the
   resident set before and after each module's import (its own share: the children's
   deltas are subtracted), then prints the heaviest modules and top-level packages, the
-  resident set by mapping (libraries, malloc heap, anonymous: pymalloc's arenas) and,
-  from the daemon's own ``tracemalloc``-free view, how many modules it holds.
+  resident set by mapping (libraries, malloc heap, anonymous: pymalloc's arenas) and
+  how many modules it holds. Imports made by a function at run time name the
+  function's file and line instead of an importing module.
 
 Run: ``python bench/idle_rss.py --venv /tmp/v-old --venv /tmp/v-new --rounds 3``
 """
@@ -138,8 +142,15 @@ def _start(python: Path, workdir: Path, hook: bool) -> subprocess.Popen[bytes]:
     home = workdir / "home"
     config = workdir / "p.toml"
     config.write_text(CONFIG.format(home=home))
+    (home / "daemon.json").unlink(missing_ok=True)
     args = ["provider", "run", "--config", str(config)]
-    cmd = [str(python), "-c", _HOOK, *args] if hook else [str(python), "-m", "node.cli", *args]
+    mercato = python.parent / "mercato"  # the operator's command, where installed
+    if hook:
+        cmd = [str(python), "-c", _HOOK, *args]
+    elif mercato.exists():
+        cmd = [str(mercato), *args]
+    else:
+        cmd = [str(python), "-m", "node.cli", *args]
     env = dict(os.environ, IDLE_RSS_DUMP=str(workdir / "dump.json"))
     log = (workdir / "log").open("wb")
     proc = subprocess.Popen(cmd, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -152,16 +163,25 @@ def _start(python: Path, workdir: Path, hook: bool) -> subprocess.Popen[bytes]:
     return proc
 
 
-def measure(python: Path, settle: float) -> int:
-    """VmRSS (kB) of an idle daemon `settle` seconds after it wrote daemon.json."""
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
+
+
+def measure(python: Path, settle: float) -> tuple[int, int]:
+    """VmRSS (kB) of an idle daemon `settle` seconds after it wrote daemon.json: on its
+    first run (a fresh home: it creates its key and store), then restarted on that home
+    (what a daemon is for most of its life)."""
     with tempfile.TemporaryDirectory(prefix="idle-rss-") as tmp:
-        proc = _start(python, Path(tmp), hook=False)
-        try:
-            time.sleep(settle)
-            return _rss_kb(proc.pid)
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=30)
+        rss = []
+        for _run in ("first", "restart"):
+            proc = _start(python, Path(tmp), hook=False)
+            try:
+                time.sleep(settle)
+                rss.append(_rss_kb(proc.pid))
+            finally:
+                _stop(proc)
+        return rss[0], rss[1]
 
 
 def _smaps(pid: int) -> Counter[str]:
@@ -245,18 +265,22 @@ def main() -> None:
     if args.breakdown:
         breakdown(pythons[0], args.settle, args.top)
         return
-    results: dict[Path, list[int]] = {venv: [] for venv in args.venv}
+    results: dict[Path, list[tuple[int, int]]] = {venv: [] for venv in args.venv}
     for round_ in range(args.rounds):
         for venv, python in zip(args.venv, pythons, strict=True):
-            kb = measure(python, args.settle)
-            results[venv].append(kb)
-            load = Path("/proc/loadavg").read_text().split()[:3]
+            first, restart = measure(python, args.settle)
+            results[venv].append((first, restart))
+            load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
             print(
-                f"round {round_ + 1} {venv}: {kb / 1000:.1f} MB (load {' '.join(load)})", flush=True
+                f"round {round_ + 1} {venv}: first run {first / 1000:.1f} MB, "
+                f"restarted {restart / 1000:.1f} MB (load {load})",
+                flush=True,
             )
-    for venv, kbs in results.items():
-        runs = ", ".join(f"{kb / 1000:.1f}" for kb in kbs)
-        print(f"{venv}: median {statistics.median(kbs) / 1000:.1f} MB ({runs})")
+    for venv, runs in results.items():
+        for i, what in enumerate(("first run", "restarted")):
+            kbs = [run[i] for run in runs]
+            each = ", ".join(f"{kb / 1000:.1f}" for kb in kbs)
+            print(f"{venv} {what}: median {statistics.median(kbs) / 1000:.1f} MB ({each})")
     sys.stdout.flush()
 
 
