@@ -16,7 +16,6 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    IPvAnyNetwork,
     ValidationError,
     field_validator,
     model_validator,
@@ -33,6 +32,24 @@ class ConfigError(MercatoError):
     """The configuration file is missing, unparsable or invalid."""
 
     code = "bad_config"
+
+
+def _network(value: object) -> object:
+    """A client network as pydantic's IPvAnyNetwork reads one (``ipaddress.ip_network``:
+    host bits set are refused), with its one clear error.
+
+    IPvAnyNetwork itself lives in pydantic.networks, whose import every daemon would
+    hold for this one field (~0.3 MB, docs/benchmarks.md "Idle provider RSS").
+    """
+    if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
+        return value
+    try:
+        return ipaddress.ip_network(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError("value is not a valid IPv4 or IPv6 network") from None
+
+
+Network = Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network, BeforeValidator(_network)]
 
 
 class _Section(BaseModel):
@@ -197,7 +214,7 @@ class StatusSection(_Section):
 
     # Client networks allowed to use them. The page shows tenants' commands and metrics,
     # so by default only this host; /control/prices also needs the node's own signature.
-    allow_from: list[IPvAnyNetwork] = [
+    allow_from: list[Network] = [
         ipaddress.IPv4Network("127.0.0.0/8"),
         ipaddress.IPv6Network("::1/128"),
     ]

@@ -44,12 +44,11 @@ from node.home import READY_FILE, NodeHome, resolve_home
 from node.net.addresses import AddressPolicy
 from node.net.edge import ConnectionGate, EdgeLimits
 from node.net.http import error_response, read_capped
-from node.net.metrics import CONTENT_TYPE, NodeMetrics
+from node.net.metrics import NodeMetrics, content_type
 from node.net.node import Node, NodeSettings, Peer, wall_clock_ms
 from node.net.transport import ENVELOPE_CONTENT_TYPE, P2P_PATH, HttpTransport
-from node.operator.client import local_url
-from node.operator.document import StatusSource
 from node.operator.prices import PriceFloors
+from node.operator.source import StatusSource, local_url
 from node.operator.status_page import add_routes
 from node.provider.endpoint import EndpointService
 from node.provider.executor import ResourceLimits
@@ -138,7 +137,7 @@ async def handle_directory(request: web.Request) -> web.Response:
 
 async def handle_metrics(request: web.Request) -> web.Response:
     node = request.app[NODE_KEY]
-    return web.Response(body=node.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+    return web.Response(body=node.metrics.render(), headers={"Content-Type": content_type()})
 
 
 def build_app(
@@ -220,7 +219,7 @@ class Daemon:
         cls, config: NodeConfig, home: NodeHome | None, steps: contextlib.AsyncExitStack
     ) -> Daemon:
         home = home or NodeHome(config.node.home or resolve_home())
-        identity = home.load_or_create_identity()
+        identity = home.load_or_create_identity(codec_in_child=True)
         store = Store(home.store_path)
         steps.callback(store.close)
         inventory: Inventory | None = None

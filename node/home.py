@@ -21,6 +21,7 @@ from pathlib import Path
 
 from cryptography.exceptions import UnsupportedAlgorithm
 
+from node import keycodec
 from protocol.errors import LocalProtocolError, MercatoError
 from protocol.identity import Identity
 
@@ -85,27 +86,38 @@ class NodeHome:
         """The directory for daemon logs."""
         return self.path / LOG_DIR
 
-    def load_or_create_identity(self) -> Identity:
+    def load_or_create_identity(self, *, codec_in_child: bool = False) -> Identity:
         """Load this node's identity, generating and saving a new one on first run.
 
         Raises InsecureKeyFileError if the key file is accessible by group or others,
         and KeyFileError if it cannot be read or does not hold an Ed25519 key.
+
+        ``codec_in_child``: the PEM is read or written by cryptography in a short-lived
+        child (node.keycodec), so a daemon that runs for months never holds the codec
+        (~1.2 MB); a CLI command, done in a moment, converts it here.
         """
         try:
-            return self._load()
+            return self._load(codec_in_child)
         except FileNotFoundError:
             pass
         identity = Identity.generate()
-        if self._install(identity.to_pem()):
+        if codec_in_child:
+            try:
+                pem = keycodec.pem_from_seed(identity.seed())
+            except keycodec.KeyCodecError as e:
+                raise KeyFileError(f"cannot write key file {self.key_path}: {e}") from e
+        else:
+            pem = identity.to_pem()
+        if self._install(pem):
             return identity
         # Another process created the key between our load and our install: use theirs.
         try:
-            return self._load()
+            return self._load(codec_in_child)
         except FileNotFoundError as e:
             # e.g. a dangling symlink: the name exists, but there is no file behind it.
             raise KeyFileError(f"cannot read key file {self.key_path}: {e.strerror}") from e
 
-    def _load(self) -> Identity:
+    def _load(self, codec_in_child: bool = False) -> Identity:
         """Read and check the key file; FileNotFoundError means there is none yet."""
         path = self.key_path
         try:
@@ -133,7 +145,11 @@ class NodeHome:
         finally:
             os.close(fd)
         try:
+            if codec_in_child:
+                return Identity.from_seed(keycodec.seed_from_pem(data))
             return Identity.from_pem(data)
+        except keycodec.KeyCodecError as e:
+            raise KeyFileError(f"cannot read key file {path}: {e}") from e
         except (ValueError, TypeError, UnsupportedAlgorithm, LocalProtocolError) as e:
             raise KeyFileError(
                 f"key file {path} does not hold an unencrypted PKCS#8 PEM Ed25519 private "

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +16,37 @@ from node.cli.common import EXIT_OK
 # --- provider -------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _python_frozenlist() -> Iterator[None]:
+    """While the daemon's modules import, frozenlist picks its pure-Python FrozenList.
+
+    aiohttp keeps its signal lists (on_startup, on_cleanup, tracing hooks) in
+    frozenlist's FrozenList, filled once at start; its compiled version is a C++
+    extension whose loading maps the C++ runtime (libstdc++), ~1 MB of an idle daemon's
+    resident set for lists nobody touches while it serves (docs/benchmarks.md, "Idle
+    provider RSS"). ``FROZENLIST_NO_EXTENSIONS`` is frozenlist's own switch between the
+    two (both are its public ``FrozenList``); it is read once, when frozenlist is first
+    imported, so it is set only around that and taken out again: trials and supervisors
+    this daemon starts never see it. tests/node/test_idle_imports.py fails if the
+    compiled module is loaded anyway.
+    """
+    name = "FROZENLIST_NO_EXTENSIONS"
+    before = os.environ.get(name)
+    os.environ[name] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
+
+
 def cmd_provider_run(args: argparse.Namespace) -> int:
     from node.config import ConfigError, load_config
-    from node.daemon import run_daemon, setup_logging
+
+    with _python_frozenlist():
+        from node.daemon import run_daemon, setup_logging
     from node.home import NodeHome, resolve_home
 
     config = load_config(Path(args.config))

@@ -52,12 +52,6 @@ def control_url(home: Path) -> tuple[str, dict[str, JsonValue]]:
     return url.rstrip("/"), info
 
 
-def local_url(listen_host: str, port: int) -> str:
-    """How a process on this host reaches a daemon listening on ``listen_host``."""
-    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(listen_host, listen_host)
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -9,7 +9,8 @@ from rich.table import Table
 from rich.text import Text
 
 from market.settlement import format_credits
-from node.operator.document import ClusterView, PriceView, StatusDocument
+from node.operator.document import ClusterView, StatusDocument
+from node.operator.prices import PriceView
 
 
 def print_status(doc: StatusDocument, console: Console) -> None:

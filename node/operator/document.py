@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import ipaddress
 import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -32,29 +30,19 @@ from pydantic import BaseModel, ConfigDict, JsonValue
 from market.bidding import BidEngine, LeaseState
 from market.settlement import amount_owed
 from node.home import READY_FILE
+from node.operator.prices import PriceView
+from node.operator.source import STATUS_PATH as STATUS_PATH
+from node.operator.source import StatusSource
 from protocol import codec
 from protocol.errors import MercatoError
 from protocol.messages import TaskResult
 
 if TYPE_CHECKING:
     from node.config import NodeConfig
-    from node.net.node import Node
-    from node.operator.prices import PriceFloors
-    from node.provider.endpoint import EndpointService
-    from node.provider.service import ProviderService
     from node.provider.slurm import ClusterStatus
     from node.provider.work import Task, WorkService
     from node.store.node_store import ReceiptRow, Store
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-#: Loopback only: what ``[status] allow_from`` defaults to.
-LOOPBACK: tuple[Network, ...] = (
-    ipaddress.IPv4Network("127.0.0.0/8"),
-    ipaddress.IPv6Network("::1/128"),
-)
-
-#: Where the daemon serves this document as JSON (node.operator.status_page).
-STATUS_PATH = "/status.json"
 #: Task rows kept in the document; plots use every finished task listed.
 MAX_TASKS = 1000
 MAX_LEASES = 200
@@ -118,13 +106,6 @@ class DeviceView(View):
     task_id: str | None = None
     simulated: bool | None = None
     count: int | None = None
-
-
-class PriceView(View):
-    model: str
-    floor: int
-    config_floor: int | None
-    override: bool
 
 
 class TaskView(View):
@@ -291,24 +272,6 @@ class StatusDocument(View):
 
 
 # --- building it ------------------------------------------------------------------
-
-
-@dataclass
-class StatusSource:
-    """Everything the operator endpoints read; the daemon builds one."""
-
-    node: Node
-    info: Mapping[str, object]  # daemon.json as the daemon wrote it
-    store: Store | None = None
-    provider: ProviderService | None = None
-    work: WorkService | None = None
-    endpoint: EndpointService | None = None
-    floors: PriceFloors | None = None
-    allow_from: Sequence[Network] = LOOPBACK
-    refresh_s: int = 5
-    started_ms: int = field(default_factory=lambda: time.time_ns() // 1_000_000)
-    #: What the cluster behind the executor is doing (node.provider.slurm).
-    cluster: Callable[[], ClusterStatus] | None = None
 
 
 def collect(source: StatusSource) -> StatusDocument:

@@ -19,7 +19,6 @@ from pydantic import BaseModel, ConfigDict, NonNegativeInt, ValidationError
 
 from market.bidding import BidEngine
 from market.settlement import format_credits
-from node.operator.document import PriceView
 from protocol.envelope import open_envelope
 from protocol.errors import NotFoundError, SenderMismatchError, UnexpectedMessageError
 from protocol.messages import PriceUpdate
@@ -35,6 +34,21 @@ PRICES_PATH = "/control/prices"
 FLOORS_META_KEY = "price_floors"
 #: A price update is a few hundred bytes; nothing bigger is read.
 MAX_CONTROL_BYTES = 64 * 1024
+
+
+class PriceView(BaseModel):
+    """A model's price floor in the status document (node.operator.document).
+
+    Defined here, not with the document's other parts: the daemon holds a PriceFloors
+    from its start, the document only once someone asks for it.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
+
+    model: str
+    floor: int
+    config_floor: int | None
+    override: bool
 
 
 class SavedFloor(BaseModel):

@@ -19,14 +19,18 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from node.net.http import error_response as _error
 from node.net.http import read_capped as _read_capped
-from node.operator.document import STATUS_PATH, StatusDocument, StatusSource, collect
 from node.operator.prices import MAX_CONTROL_BYTES, PRICES_PATH, apply_price_update
+from node.operator.source import STATUS_PATH, StatusSource
 from protocol.errors import ForbiddenError, MercatoError, http_status
+
+if TYPE_CHECKING:
+    from node.operator.document import StatusDocument
 
 log = logging.getLogger("mercato.status")
 
@@ -64,6 +68,17 @@ def _render(doc: StatusDocument, refresh_s: int) -> str:
     return render_page(doc, refresh_s=refresh_s)
 
 
+def _collect(source: StatusSource) -> StatusDocument:
+    """The status document of ``source``.
+
+    node.operator.document (its models, built on first use) is imported by the first
+    request that asks for it: a daemon nobody looks at never holds it.
+    """
+    from node.operator.document import collect
+
+    return collect(source)
+
+
 async def handle_page(request: web.Request) -> web.Response:
     source = request.app[STATUS_KEY]
     try:
@@ -72,7 +87,7 @@ async def handle_page(request: web.Request) -> web.Response:
         return web.Response(status=http_status(e), text=e.reason + "\n")
     # Drawing a page of a thousand trials takes a while: not on the event loop.
     # The document is collected here, on the loop that owns the state it reads.
-    body = await asyncio.to_thread(_render, collect(source), source.refresh_s)
+    body = await asyncio.to_thread(_render, _collect(source), source.refresh_s)
     return web.Response(
         text=body,
         content_type="text/html",
@@ -92,7 +107,7 @@ async def handle_status_json(request: web.Request) -> web.Response:
         _check_allowed(source, request)
     except ForbiddenError as e:
         return _error(e)
-    return web.json_response(collect(source).json_body(), headers={"Cache-Control": "no-store"})
+    return web.json_response(_collect(source).json_body(), headers={"Cache-Control": "no-store"})
 
 
 async def handle_prices(request: web.Request) -> web.Response:

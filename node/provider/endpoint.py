@@ -32,7 +32,6 @@ from pathlib import Path
 
 import aiohttp
 from aiohttp import web
-from prometheus_client import Counter, Histogram
 
 from market.bidding import LeaseState
 from market.capability import authorize
@@ -180,17 +179,14 @@ class EndpointService:
         self.upstream_timeout_s = upstream_timeout_s
         self._upstreams: dict[str, _Upstream] = {}
         self.stats: dict[str, ServiceStats] = {}
-        r = node.metrics.registry
-        self.requests = Counter(
+        self.requests = node.metrics.counter(
             "mercato_service_requests",
             "Requests to tenants' services by outcome (ok, 5xx, refused codes, unavailable)",
             ["outcome"],
-            registry=r,
         )
-        self.latency = Histogram(
+        self.latency = node.metrics.histogram(
             "mercato_service_latency_seconds",
             "Time from a request's arrival to its service's answer head",
-            registry=r,
         )
         provider.on_lease_end.append(lambda lease: self._forget(lease.lease_id))
 

@@ -44,13 +44,22 @@ file system, and one left by a trial would reach the next.
 
 Only the native architecture is allowed: a 32-bit (``int 0x80``) or x32 system call
 kills the trial, because the numbers of those tables would bypass the rules.
+
+The daemon compiles the filters once, at start, in a short-lived child process (this
+module run as a program): libseccomp and its binding are needed for nothing else, and
+loaded in the daemon they would stay resident for its lifetime (~0.3 MB of an idle
+daemon, docs/benchmarks.md "Idle provider RSS"). The program is the same bytes.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import subprocess
+import sys
 import tempfile
+import threading
+from pathlib import Path
 
 REFUSED = (
     "io_uring_setup",
@@ -162,7 +171,7 @@ def compile_filter(extra: tuple[str, ...] = ()) -> bytes:
 
 def write_filter(path: str | os.PathLike[str], extra: tuple[str, ...] = ()) -> None:
     """Compile the filter (``extra`` refused too) into ``path`` (mode 0600), atomically."""
-    program = compile_filter(extra)
+    program = compiled_filter(tuple(extra))
     tmp = f"{os.fspath(path)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
@@ -170,3 +179,67 @@ def write_filter(path: str | os.PathLike[str], extra: tuple[str, ...] = ()) -> N
     finally:
         os.close(fd)
     os.replace(tmp, path)
+
+
+#: What the child compiles besides what is asked: the daemon needs both at start.
+_VARIANTS: tuple[tuple[str, ...], ...] = ((), WARM_REFUSED)
+#: Bound on the child's run (an import and a compile: well under a second).
+_COMPILE_TIMEOUT_S = 120.0
+
+
+#: Programs compiled in this process, by the extra system calls they refuse.
+_compiled: dict[tuple[str, ...], bytes] = {}
+_compiled_lock = threading.Lock()
+
+
+def compiled_filter(extra: tuple[str, ...] = ()) -> bytes:
+    """:func:`compile_filter` of ``extra``, compiled in a child process (with the daemon's
+    usual variants, so one child serves a daemon's start), once per process.
+
+    Raises SeccompUnavailableError with the child's reason if it cannot compile.
+    """
+    with _compiled_lock:
+        if extra not in _compiled:
+            _compiled.update(_compile_in_child(tuple(dict.fromkeys((*_VARIANTS, extra)))))
+        return _compiled[extra]
+
+
+def _compile_in_child(variants: tuple[tuple[str, ...], ...]) -> dict[tuple[str, ...], bytes]:
+    # The child finds this tree as the parent did; appended, so it shadows nothing.
+    boot = (
+        "import sys; sys.path.append(sys.argv[1]); "
+        "from node.provider.seccomp import _main; sys.exit(_main(sys.argv[2:]))"
+    )
+    root = str(Path(__file__).resolve().parents[2])
+    args = [sys.executable, "-c", boot, root, *(",".join(v) for v in variants)]
+    try:
+        proc = subprocess.run(args, capture_output=True, timeout=_COMPILE_TIMEOUT_S, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SeccompUnavailableError(f"cannot run the seccomp filter compiler: {exc}") from exc
+    if proc.returncode != 0:
+        lines = proc.stderr.decode(errors="replace").strip().splitlines()
+        reason = lines[-1] if lines else f"exit status {proc.returncode}"
+        raise SeccompUnavailableError(reason)
+    out, programs = proc.stdout, {}
+    for variant in variants:
+        size = int.from_bytes(out[:4], "big")
+        program, out = out[4 : 4 + size], out[4 + size :]
+        if not program or len(program) % 8 or len(program) != size:
+            raise SeccompUnavailableError("the seccomp filter compiler produced no valid program")
+        programs[variant] = program
+    return programs
+
+
+def _main(variants: list[str]) -> int:
+    """The child: each argument a comma-separated list of extra system calls refused;
+    writes each compiled program, length first (4 bytes, big-endian), to stdout."""
+    out = sys.stdout.buffer
+    try:
+        programs = [compile_filter(tuple(v.split(",")) if v else ()) for v in variants]
+    except SeccompUnavailableError as exc:
+        print(exc, file=sys.stderr)
+        return 3
+    for program in programs:
+        out.write(len(program).to_bytes(4, "big") + program)
+    out.flush()
+    return 0

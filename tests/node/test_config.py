@@ -103,6 +103,18 @@ class TestLoadConfig:
         assert any("devices.0.count" in line for line in lines)
         assert any("gossip.intervl_s" in line for line in lines)
 
+    def test_status_allow_from_takes_networks_and_names_a_bad_one(self, tmp_path: Path) -> None:
+        config = parse_config(GOOD + '[status]\nallow_from = ["10.0.0.0/8", "fd00::/8"]\n')
+        assert [str(n) for n in config.status.allow_from] == ["10.0.0.0/8", "fd00::/8"]
+        for bad in ('"10.0.0.1/8"', '"ten"', "1.5"):  # host bits set, not a network, a float
+            text = GOOD + f'[status]\nallow_from = ["127.0.0.0/8", {bad}]\n'
+            with pytest.raises(ConfigError) as info:
+                load_config(write(tmp_path, text))
+            lines = info.value.reason.splitlines()
+            assert len(lines) == 1, lines
+            assert "status.allow_from.1" in lines[0]
+            assert "not a valid IPv4 or IPv6 network" in lines[0]
+
     def test_a_missing_file(self, tmp_path: Path) -> None:
         path = tmp_path / "nope.toml"
         with pytest.raises(ConfigError, match="cannot read") as info:

@@ -61,6 +61,17 @@ class TestLayout:
 
 
 class TestIdentity:
+    @pytest.fixture(autouse=True, params=[False, True], ids=["in_process", "codec_in_child"])
+    def _codec(self, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+        # Every case holds both ways: the CLI's (the PEM converted in this process) and
+        # the daemon's (converted by cryptography in a child, node.keycodec).
+        real = NodeHome.load_or_create_identity
+
+        def load(home: NodeHome, **_: bool) -> Identity:
+            return real(home, codec_in_child=request.param)
+
+        monkeypatch.setattr(NodeHome, "load_or_create_identity", load)
+
     def test_first_run_creates_a_0600_key_and_leaves_no_temp_files(self, tmp_path: Path) -> None:
         home = NodeHome(tmp_path)
         identity = home.load_or_create_identity()
@@ -206,3 +217,15 @@ class TestIdentity:
         on_disk = Identity.from_pem((home / "identity.pem").read_bytes())
         assert node_ids == {on_disk.node_id}
         assert sorted(p.name for p in home.iterdir()) == ["identity.pem", "logs"]
+
+
+def test_a_key_codec_that_cannot_run_is_a_key_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = NodeHome(tmp_path)
+    identity = home.load_or_create_identity()
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-python"))
+    with pytest.raises(KeyFileError, match="cannot run the key codec"):
+        home.load_or_create_identity(codec_in_child=True)
+    monkeypatch.undo()
+    assert home.load_or_create_identity(codec_in_child=True).node_id == identity.node_id

@@ -17,7 +17,9 @@ from pathlib import Path
 
 # Imported by tenants (sweep search, tables) or by trials, never by an idle provider.
 HEAVY = ("numpy", "optuna", "rich", "torch", "pandas", "sklearn")
-# Loaded on first use: the status page (Jinja2) on its first request, Slurm where
+# Loaded on first use: the status page (Jinja2) and the status document on the first
+# request for them, prometheus_client on the first scrape of /metrics, cryptography's
+# serialization (and PEM codec) only in the child that reads the key file, Slurm where
 # executor = "slurm", PyYAML and tarfile with a job file or a workspace, the tenant's,
 # the cluster's and the ledger's commands when they run.
 LAZY = (
@@ -27,6 +29,8 @@ LAZY = (
     "tarfile",
     "difflib",
     "node.operator.page",
+    "node.operator.document",
+    "node.operator.client",
     "node.operator.plots",
     "node.operator.templating",
     "node.provider.slurm",
@@ -36,7 +40,14 @@ LAZY = (
     "node.cli.localcluster",
     "market.evidence",
     "market.jobspec",
+    "pydantic.networks",
+    "prometheus_client",
+    "cryptography.hazmat.primitives.serialization",
 )
+# Never loaded by the daemon: frozenlist's C++ extension (the C++ runtime, ~1 MB) for
+# aiohttp's signal lists, where frozenlist's pure-Python FrozenList serves alike; the
+# seccomp filter's compiler (libseccomp), run once at start in a child.
+NEVER = ("frozenlist._frozenlist", "pyseccomp")
 
 # Runs `mercato provider run` in this process; once the daemon is ready, a thread notes
 # the modules it holds, loads the status page once, and stops the daemon with SIGTERM.
@@ -89,6 +100,8 @@ class TestIdleProviderImports:
         assert heavy == [], f"an idle provider daemon imports {heavy}"
         lazy = sorted(idle & set(LAZY))
         assert lazy == [], f"an idle provider daemon imports {lazy} before they are used"
+        never = sorted(set(run["after"]) & set(NEVER))
+        assert never == [], f"the provider daemon loads {never}"
         # The page that loads on first use answers that first request in full.
         assert "node.operator.page" in run["after"]
         page = run["page"]

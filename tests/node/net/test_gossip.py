@@ -509,13 +509,13 @@ class TestImplausibleAdverts:
         raw = seal(liar, advert, now_ms=now_ms(), nonce=os.urandom(16))
         assert node.ingest_advert(raw) is None
         assert liar.node_id not in node.directory
-        counted = node.metrics.rejections.labels("implausible_advert")._value.get()
+        counted = node.metrics.rejection_counts()["implausible_advert"]
         assert counted == 1
         # The memo of verified adverts keeps no verdict of a refused one: every copy is
         # refused and counted again, also by another node sharing the memo (as the
         # simulation's nodes do).
         assert node.ingest_advert(raw) is None
-        assert node.metrics.rejections.labels("implausible_advert")._value.get() == 2
+        assert node.metrics.rejection_counts()["implausible_advert"] == 2
         other_settings = NodeSettings(role="bootstrap", address=address("b2"), bootstrap=[])
         other = Node(
             Identity.generate(),

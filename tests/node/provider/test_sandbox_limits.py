@@ -331,6 +331,28 @@ class TestSeccomp:
         refused = outcome.metric_history[0]
         assert refused == dict.fromkeys(refused, "EPERM")
 
+    def test_the_filters_compiled_in_a_child_are_libseccomps_own(self, tmp_path: Path) -> None:
+        # The daemon compiles in a child (no libseccomp in the daemon); what it writes
+        # must be the very program libseccomp compiles here, for each variant.
+        from node.provider import seccomp
+
+        for extra in ((), seccomp.WARM_REFUSED):
+            path = tmp_path / f"filter{len(extra)}.bpf"
+            seccomp.write_filter(path, extra)
+            assert path.read_bytes() == seccomp.compile_filter(extra)
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+    def test_a_compiler_that_cannot_run_is_a_clear_error(
+        self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    ) -> None:
+        from node.provider import seccomp
+
+        monkeypatch.setattr(seccomp, "_compiled", {})
+        monkeypatch.setattr(sys, "executable", str(tmp_path / "no-python"))
+        with pytest.raises(seccomp.SeccompUnavailableError, match="cannot run the seccomp"):
+            seccomp.write_filter(tmp_path / "f.bpf")
+        assert not (tmp_path / "f.bpf").exists()
+
 
 def test_supervisor_is_a_module_of_its_own() -> None:
     """The supervisor is bound into sandboxes alone: it may import nothing of Mercato."""
