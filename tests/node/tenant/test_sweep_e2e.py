@@ -358,12 +358,19 @@ class TestProviderKilled:
             job_id = tenant.job_id()
 
             def busy_provider() -> str | None:
-                running = [t.provider for t in tenant.trials(job_id) if t.state == "running"]
-                if not running:
-                    return None
-                return max(set(running), key=running.count)
+                # A provider running a trial with the next one already queued behind it
+                # (the tenant keeps one queued per unit, so no slot waits for a round trip).
+                trials = tenant.trials(job_id)
+                running = [t.provider for t in trials if t.state == "running"]
+                queued = {t.provider for t in trials if t.detail == "queued at the provider"}
+                return next((p for p in running if p in queued), None)
 
-            victim = wait_for(busy_provider, "trials running on a provider")
+            victim = wait_for(busy_provider, "a provider running a trial with one queued")
+            queued_there = {
+                t.number
+                for t in tenant.trials(job_id)
+                if t.provider == victim and t.detail == "queued at the provider"
+            }
             os.kill(c.provider(victim).pid, signal.SIGKILL)
             killed_ms = time.time() * 1000
 
@@ -375,6 +382,11 @@ class TestProviderKilled:
             for t in retried:
                 assert t.provider != victim
                 assert t.attempts >= 2
+            # The trials queued on the dead provider ran elsewhere, once each.
+            done = {t.number: t for t in trials}
+            for number in queued_there:
+                assert done[number].state == "succeeded"
+                assert done[number].provider != victim
             for t in trials:
                 if t.provider == victim:  # finished there before it died
                     assert t.finished_ms is not None
@@ -537,6 +549,14 @@ class TestCancel:
         job_id = tenant.job_id()
         # Each trial runs in a sandbox whose command line names its task (its work dir).
         wait_for(lambda: trial_processes(job_id), "a trial process to start")
+        # Behind each running trial the next one waits at its provider (60 s sleepers:
+        # none ends before the cancel, so none of those may ever start).
+        queued = wait_for(
+            lambda: [
+                t.task_id for t in tenant.trials(job_id) if t.detail == "queued at the provider"
+            ],
+            "trials queued at their providers",
+        )
 
         cancelled = tenant.run("cancel", job_id)
         assert cancelled.returncode == 0, cancelled.stderr
@@ -559,6 +579,9 @@ class TestCancel:
             rf"task {re.escape(job_id)}\.\d+\.\d+ (?:\(lease \S+\) )?cancelled in",
             shared_cluster.provider_log(),
         )
+        started = re.findall(r"task (\S+) started under lease", shared_cluster.provider_log())
+        assert queued
+        assert not set(queued) & set(started)
 
 
 class TestResultsAndLogs:
