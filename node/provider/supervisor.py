@@ -41,15 +41,21 @@ The namespace is new for each trial, so the kernel counts processes per trial.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import json
-import os
-import resource
-import signal
 import sys
-import time
-from typing import Any, NoReturn
+
+#: The modules of the interpreter before this file imported any: what a fresh
+#: ``python script.py`` has too. A warm runner's child may shadow the others (see
+#: :func:`_drop_shadowed`).
+AT_START = frozenset(sys.modules)
+
+import contextlib  # noqa: E402 (after AT_START on purpose)
+import ctypes  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import resource  # noqa: E402
+import signal  # noqa: E402
+import time  # noqa: E402
+from typing import Any, NoReturn  # noqa: E402
 
 #: Descriptor numbers bubblewrap's command line refers to (``--seccomp 3``, ``--userns 4``).
 SECCOMP_FD = 3
@@ -678,20 +684,21 @@ def preload(names: list[str]) -> frozenset[str]:
     on the runner's path). A child has its own copy of them (fork), so nothing a trial
     does to one reaches the next trial. The runner's objects are then frozen out of
     the collector: a child's collections never walk (and so never copy) the runner's
-    pages. Returns every module the imports added; a name that fails to import is
-    said on the runner's output and skipped.
+    pages. Returns every module a fresh interpreter would not have (these and the
+    runner's own); a name that fails to import is said on the runner's output and
+    skipped.
     """
     import gc
     import importlib
 
-    before = set(sys.modules)
     for name in names:
         try:
             importlib.import_module(name)
         except Exception as exc:  # an operator's list: a bad name must not end the runner
             _say(f"cannot preload {name}: {exc!r}")
     gc.freeze()
-    return frozenset(set(sys.modules) - before)
+    # The runner's own imports (json, ctypes...) count too: a fresh interpreter has none.
+    return frozenset(set(sys.modules) - AT_START)
 
 
 def _drop_shadowed(preloaded: frozenset[str], directory: str) -> None:
@@ -704,7 +711,8 @@ def _drop_shadowed(preloaded: frozenset[str], directory: str) -> None:
     """
     if not preloaded:
         return
-    tops = {name.partition(".")[0] for name in preloaded}
+    # A built-in module (time, _json...) is found before any file of the path.
+    tops = {name.partition(".")[0] for name in preloaded} - set(sys.builtin_module_names)
     try:
         entries = os.listdir(directory)
     except OSError:
