@@ -248,6 +248,11 @@ def tasks_started(c: Cluster, job_id: str) -> dict[int, list[str]]:
     return out
 
 
+def started_tasks(provider_log: str) -> set[str]:
+    """Task ids the providers handed to their executors (a queued task is not one)."""
+    return set(re.findall(r"task (\S+) started under lease", provider_log))
+
+
 def trial_processes(job_id: str) -> list[int]:
     """Pids of processes whose command line or work directory names a task of ``job_id``.
 
@@ -357,20 +362,25 @@ class TestProviderKilled:
             submit = tenant.start("submit", str(job), "--quiet", "--parallel", "4")
             job_id = tenant.job_id()
 
-            def busy_provider() -> str | None:
+            def busy_provider() -> tuple[str, set[int]] | None:
                 # A provider running a trial with the next one already queued behind it
                 # (the tenant keeps one queued per unit, so no slot waits for a round trip).
-                trials = tenant.trials(job_id)
-                running = [t.provider for t in trials if t.state == "running"]
-                queued = {t.provider for t in trials if t.detail == "queued at the provider"}
-                return next((p for p in running if p in queued), None)
+                started = started_tasks(c.provider_log())
+                assigned = [t for t in tenant.trials(job_id) if t.state == "running"]
+                for t in assigned:
+                    if t.task_id in started:
+                        queued = {
+                            q.number
+                            for q in assigned
+                            if q.provider == t.provider and q.task_id not in started
+                        }
+                        if queued:
+                            return t.provider, queued
+                return None
 
-            victim = wait_for(busy_provider, "a provider running a trial with one queued")
-            queued_there = {
-                t.number
-                for t in tenant.trials(job_id)
-                if t.provider == victim and t.detail == "queued at the provider"
-            }
+            victim, queued_there = wait_for(
+                busy_provider, "a provider running a trial with one queued"
+            )
             os.kill(c.provider(victim).pid, signal.SIGKILL)
             killed_ms = time.time() * 1000
 
@@ -549,14 +559,18 @@ class TestCancel:
         job_id = tenant.job_id()
         # Each trial runs in a sandbox whose command line names its task (its work dir).
         wait_for(lambda: trial_processes(job_id), "a trial process to start")
+
         # Behind each running trial the next one waits at its provider (60 s sleepers:
         # none ends before the cancel, so none of those may ever start).
-        queued = wait_for(
-            lambda: [
-                t.task_id for t in tenant.trials(job_id) if t.detail == "queued at the provider"
-            ],
-            "trials queued at their providers",
-        )
+        def queued_now() -> set[str] | None:
+            # Once every unit runs a trial (its canary done), the rest assigned wait.
+            started = started_tasks(shared_cluster.provider_log())
+            assigned = {t.task_id for t in tenant.trials(job_id) if t.state == "running"}
+            if len(assigned & started) < 3:
+                return None
+            return assigned - started
+
+        queued = wait_for(queued_now, "trials queued at their providers")
 
         cancelled = tenant.run("cancel", job_id)
         assert cancelled.returncode == 0, cancelled.stderr
@@ -579,9 +593,7 @@ class TestCancel:
             rf"task {re.escape(job_id)}\.\d+\.\d+ (?:\(lease \S+\) )?cancelled in",
             shared_cluster.provider_log(),
         )
-        started = re.findall(r"task (\S+) started under lease", shared_cluster.provider_log())
-        assert queued
-        assert not set(queued) & set(started)
+        assert not queued & started_tasks(shared_cluster.provider_log())
 
 
 class TestResultsAndLogs:
