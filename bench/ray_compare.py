@@ -39,6 +39,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -151,6 +152,16 @@ def main(argv: list[str] | None = None) -> int:
         ):
             c = sweep_bench.run_cluster(where, s, tmp / home)
             walls[key] = c["wall"]
+            if c["gaps_ms"]:
+                print(
+                    f"{key}: submit to the first task's start {c['first_start_ms']:.0f} ms; "
+                    f"per device, a task's end to the next one's start median "
+                    f"{statistics.median(c['gaps_ms']):.0f} ms; a task's start to its "
+                    f"signed result median {statistics.median(c['held_ms']):.0f} ms "
+                    f"(runner {statistics.median(c['provider_ms']):.0f} ms); the last "
+                    f"task's end to the end of submit {c['after_last_ms']:.0f} ms",
+                    flush=True,
+                )
             if c["succeeded"] != n:
                 print(f"{key} ran {c['succeeded']}/{n} trials ({c['state']})")
 

@@ -218,6 +218,53 @@ gpus = [{{ type = "sim", model = "{SLURM_MODEL}", price_floor = 100000, simulate
     return rec, proc
 
 
+_LOG_LINE = re.compile(
+    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) INFO mercato\.work: task (\S+) "
+    r"(?:started under lease \S+ on (\S+)|\w+ in \d+ ms)",
+    re.M,
+)
+
+
+def slot_timeline(nodes: list[Any], job_id: str, t0_ms: float, end_ms: float) -> dict[str, Any]:
+    """From the providers' logs: each device's idle gap between the end of one task and
+    the start of the next, each task's time from its start to its result (the runner's
+    wall time, ``provider_ms``, plus the provider's work around it), and the sweep's
+    fixed cost before the first task starts on a provider and after the last ends (ms).
+    A task's start is when the provider hands it to its executor; its end when its
+    signed result is ready."""
+    gaps: list[float] = []
+    held: list[float] = []
+    starts: list[float] = []
+    ends: list[float] = []
+    for n in nodes:
+        log = Path(n.home) / "logs" / "node.log"
+        if n.role != "provider" or not log.exists():
+            continue
+        begun: dict[str, tuple[str, float]] = {}  # task -> (devices, start ms)
+        last_end: dict[str, float] = {}  # devices -> end of their last task
+        for m in _LOG_LINE.finditer(log.read_text()):
+            if not m[3].startswith(job_id):
+                continue
+            at = time.mktime(time.strptime(m[1], "%Y-%m-%d %H:%M:%S")) * 1000 + int(m[2])
+            if m[4] is not None:
+                begun[m[3]] = (m[4], at)
+                if m[4] in last_end:
+                    gaps.append(at - last_end[m[4]])
+                starts.append(at)
+            elif m[3] in begun:
+                last_end[begun[m[3]][0]] = at
+                ends.append(at)
+                held.append(at - begun[m[3]][1])
+    if not starts or not ends:
+        return {"gaps_ms": [], "held_ms": [], "first_start_ms": 0.0, "after_last_ms": 0.0}
+    return {
+        "gaps_ms": gaps,
+        "held_ms": held,
+        "first_start_ms": min(starts) - t0_ms,
+        "after_last_ms": end_ms - max(ends),
+    }
+
+
 def run_cluster(job: Path, slots: int, home: Path, executor: str = "sandbox") -> dict[str, Any]:
     """Submit the job to a fresh cluster under ``home`` (4 sandbox providers, or one
     provider fronting Slurm); figures out."""
@@ -274,6 +321,7 @@ def run_cluster(job: Path, slots: int, home: Path, executor: str = "sandbox") ->
                 text = log.read_text()
                 provider_ms += [int(m[1]) for m in pattern.finditer(text)]
                 runs += len(every.findall(text))
+        timeline = slot_timeline(nodes, summary.job.job_id, t0_ms, end_ms)
         started = [r.started_ms for r in rows if r.started_ms is not None]
         finished = [r.finished_ms for r in rows if r.finished_ms is not None]
         return {
@@ -289,6 +337,7 @@ def run_cluster(job: Path, slots: int, home: Path, executor: str = "sandbox") ->
             "runs": runs,
             "leases": [(x.provider[:8], x.units, x.model) for x in leases],
             "cpu": (tenant_cpu, daemons_cpu),
+            **timeline,
         }
     finally:
         if slurm_proc is not None:
@@ -354,6 +403,16 @@ def main(argv: list[str] | None = None) -> int:
                 f"{statistics.mean(pool_each) * 1000:.0f} ms; cluster (provider-side, "
                 f"sandbox included) mean {statistics.mean(c['provider_ms']):.0f} ms, "
                 f"p95 {sorted(c['provider_ms'])[int(0.95 * (len(c['provider_ms']) - 1))]} ms"
+            )
+        if c["gaps_ms"]:
+            g = sorted(c["gaps_ms"])
+            print(
+                f"per device, end of a task to the start of the next (provider log): median "
+                f"{statistics.median(g):.0f} ms, p90 {g[int(0.9 * (len(g) - 1))]:.0f} ms; "
+                f"start to signed result median {statistics.median(c['held_ms']):.0f} ms "
+                f"(runner's wall {statistics.median(c['provider_ms']):.0f} ms); "
+                f"submit to the first task's start {c['first_start_ms']:.0f} ms, last "
+                f"task's end to the end of submit {c['after_last_ms']:.0f} ms"
             )
         print(
             f"cluster trial span (first assignment to last result): {c['span']:.2f} s; "

@@ -18,6 +18,14 @@ so the machine's load hits every layer alike:
    the sandbox kept from the round before, started by its runner (a fork, no new
    interpreter, no bwrap); its copy into the emptied slot, the runner's clean-up after.
 
+5. ``phases``: the warm layer once more with a probe trial (``sweep_bench.TRIAL``'s
+   body between two readings of the monotonic clock, which the sandbox shares), so a
+   warm trial splits into: the provider's work before it asks the runner (``before
+   send``: the slot emptied, the workspace copied, the log opened), the runner's fork
+   to the script's first line (``to script``), the script itself (``script``: its
+   imports, argparse, the metric line), and its last line to the runner's answer at
+   the provider (``to answer``: the child's exit, the reaping, the clean-up checks).
+
 For the executor layers the script also times, from the provider's side: the copy of
 the workspace (``_prepare``), the spawn to the trial's exit (``run`` minus the copy),
 and the removal of the trial directory (``discard``, done after the result ships).
@@ -116,6 +124,52 @@ async def executor_run(
     return t2 - t0
 
 
+PROBE = (
+    "import time, sys\n"
+    "sys.stdout.write('first %r\\n' % time.monotonic())\n"
+    + sweep_bench.TRIAL.split('"""', 2)[2]
+    + "sys.stdout.write('last %r\\n' % time.monotonic())\n"
+)
+
+
+async def probe_run(ex: SandboxExecutor, workspace: Path, n: int) -> dict[str, float]:
+    """One warm probe trial, split at the runner's request and answer (see ``phases``)."""
+    marks: dict[str, float] = {}
+    warm_type = type(next(iter(ex._warm_idle)))
+    send, reply = warm_type._send, warm_type._reply
+
+    async def timed_send(self: object, data: bytes, fd: int) -> None:
+        marks["send"] = time.monotonic()
+        await send(self, data, fd)  # type: ignore[arg-type]
+
+    async def timed_reply(self: object) -> dict[str, object]:
+        answer = await reply(self)  # type: ignore[arg-type]
+        marks["answer"] = time.monotonic()
+        return answer
+
+    warm_type._send, warm_type._reply = timed_send, timed_reply  # type: ignore[method-assign]
+    argv = ["python3", "probe.py", "--a", "1", "--b", "2", "--sleep", "0"]
+    spec = TrialSpec(task_id=f"p{n}", argv=argv, workspace=workspace, timeout_s=60, warm_key="p")
+    out: list[bytes] = []
+    t0 = time.monotonic()
+    try:
+        outcome = await ex.run(spec, out.append)
+    finally:
+        warm_type._send, warm_type._reply = send, reply  # type: ignore[method-assign]
+    ex.discard(spec.task_id)
+    text = b"".join(out).decode()
+    if outcome.exit_code != 0:
+        raise SystemExit(f"probe failed: {text}")
+    first = float(text.split("first ")[1].split()[0])
+    last = float(text.split("last ")[1].split()[0])
+    return {
+        "before send": marks["send"] - t0,
+        "to script": first - marks["send"],
+        "script": last - first,
+        "to answer": marks["answer"] - last,
+    }
+
+
 async def main_async(rounds: int) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="trial-breakdown-"))
     try:
@@ -138,15 +192,22 @@ async def main_async(rounds: int) -> int:
             k: {"copy": [], "spawn to exit": [], "discard": []}
             for k in ("supervisor", "sandbox", "warm")
         }
+        (workspace / "probe.py").write_text(PROBE)
+        probe = SandboxExecutor(tmp / "probe", use_bwrap=True, hidden_paths=[tmp / "h"])
+        phases: dict[str, list[float]] = {}
         # The warm sandbox's first trial starts it (a cold start): not one of the rounds.
         await executor_run(warm, workspace, -1, {k: [] for k in parts["warm"]}, "bench")
+        await executor_run(probe, workspace, -1, {k: [] for k in parts["warm"]}, "p")
         for n in range(rounds):
             times["interp"].append(await asyncio.to_thread(interp))
             times["bare"].append(await asyncio.to_thread(bare, workspace, tmp / "bare", n))
             times["supervisor"].append(await executor_run(plain, workspace, n, parts["supervisor"]))
             times["sandbox"].append(await executor_run(boxed, workspace, n, parts["sandbox"]))
             times["warm"].append(await executor_run(warm, workspace, n, parts["warm"], "bench"))
+            for phase, took in (await probe_run(probe, workspace, n)).items():
+                phases.setdefault(phase, []).append(took)
         await warm.close()
+        await probe.close()
         med = {k: statistics.median(v) * 1000 for k, v in times.items()}
         print(f"{rounds} rounds, interleaved; medians in ms (p90 in brackets)")
         for k, v in times.items():
@@ -154,6 +215,9 @@ async def main_async(rounds: int) -> int:
             print(f"  {k:<11}{med[k]:7.1f}  [{p90:6.1f}]")
             for part, xs in parts.get(k, {}).items():
                 print(f"      {part:<15}{statistics.median(xs) * 1000:7.1f}")
+        print("  warm phases (probe trial):")
+        for phase, xs in phases.items():
+            print(f"      {phase:<15}{statistics.median(xs) * 1000:7.1f}")
         print(
             f"  supervisor adds {med['supervisor'] - med['bare']:.1f} ms over bare; "
             f"bubblewrap adds {med['sandbox'] - med['supervisor']:.1f} ms over the supervisor; "

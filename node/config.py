@@ -166,6 +166,23 @@ class SettlementSection(_Section):
         )
 
 
+#: A module a warm sandbox's runner may preload: a dotted Python name, nothing else.
+PRELOAD_NAME = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
+#: What a warm runner imports for its Python trials unless the operator says otherwise:
+#: standard-library modules sweep programs commonly import (argparse and json are what
+#: a trial parsing its parameters and printing a metric needs). None of them keeps a
+#: state a child could share with the next: random reseeds in each forked child.
+DEFAULT_WARM_PRELOAD = (
+    "argparse",
+    "json",
+    "math",
+    "random",
+    "dataclasses",
+    "pathlib",
+    "logging",
+)
+
+
 class SandboxSection(_Section):
     """How tenant code runs on this provider. Untrusted code is sandboxed by default."""
 
@@ -190,6 +207,11 @@ class SandboxSection(_Section):
     # Keep one sandbox per lease slot across the lease's trials (a fresh work dir, /tmp,
     # /dev/shm and process tree per trial; see docs/operators.md); false: one per trial.
     warm: bool = True
+    # Modules a warm sandbox's runner imports once, so Python trials forked from it find
+    # them imported (multiprocessing's forkserver preload); see docs/operators.md.
+    warm_preload: list[Annotated[str, Field(pattern=PRELOAD_NAME)]] = Field(
+        default_factory=lambda: list(DEFAULT_WARM_PRELOAD), max_length=256
+    )
 
 
 class WorkspacesSection(_Section):

@@ -323,6 +323,7 @@ class Daemon:
                     hidden_paths=[home.path],
                     trial_uid=sb.trial_uid,
                     warm=sb.warm,
+                    warm_preload=sb.warm_preload,
                 )
                 local = executor
             inv = inventory

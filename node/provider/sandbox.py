@@ -160,6 +160,7 @@ from typing import Any, ClassVar
 
 import mercato_trial
 from market.lifecycle import TrialState
+from node.config import DEFAULT_WARM_PRELOAD
 from node.home import resolve_home
 from node.provider import seccomp, supervisor
 from node.provider.executor import (
@@ -373,8 +374,11 @@ class SandboxExecutor:
         trial_uid: int | None = DEFAULT_TRIAL_UID,
         device_root: Path | str = "/dev",
         warm: bool = True,
+        warm_preload: Sequence[str] = DEFAULT_WARM_PRELOAD,
     ) -> None:
         self.root_dir = Path(_absolute(root_dir))
+        #: Modules each warm runner imports for its Python trials (supervisor.preload).
+        self.warm_preload = list(warm_preload)
         self._device_root = _absolute(device_root)
         self.allow_network = allow_network
         self.kill_grace_s = kill_grace_s
@@ -814,7 +818,7 @@ class SandboxExecutor:
         slot = self.root_dir / f".warm-{self._warm_seq}"
         await asyncio.to_thread(self._make_slot, slot)
         assert self._seccomp_warm is not None
-        cfg = {"python": python, "scratch": ["/tmp", "/dev/shm"]}
+        cfg = {"python": python, "scratch": ["/tmp", "/dev/shm"], "preload": self.warm_preload}
         command = self._bwrap_argv(spec, str(slot), env, cfg)
         return _Warm.spawn(
             command, env, slot, spec, key, python, self._seccomp_warm, self.trial_uid

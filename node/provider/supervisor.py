@@ -41,15 +41,21 @@ The namespace is new for each trial, so the kernel counts processes per trial.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import json
-import os
-import resource
-import signal
 import sys
-import time
-from typing import Any, NoReturn
+
+#: The modules of the interpreter before this file imported any: what a fresh
+#: ``python script.py`` has too. A warm runner's child may shadow the others (see
+#: :func:`_drop_shadowed`).
+AT_START = frozenset(sys.modules)
+
+import contextlib  # noqa: E402 (after AT_START on purpose)
+import ctypes  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import resource  # noqa: E402
+import signal  # noqa: E402
+import time  # noqa: E402
+from typing import Any, NoReturn  # noqa: E402
 
 #: Descriptor numbers bubblewrap's command line refers to (``--seccomp 3``, ``--userns 4``).
 SECCOMP_FD = 3
@@ -584,11 +590,12 @@ def _reap_trial(main: int) -> tuple[int, float, int]:
     return (128 - code if code < 0 else code), cpu, rss
 
 
-def serve(cfg: dict[str, Any]) -> tuple[list[str], int | None]:
-    """The runner's loop; returns only in a trial's child: ``(argv, script)``.
+def serve(cfg: dict[str, Any]) -> tuple[list[str], int | None, frozenset[str]]:
+    """The runner's loop; returns only in a trial's child: ``(argv, script, preloaded)``.
 
     ``script`` set: ``argv[script]`` is a Python script to run here as the interpreter
-    ``argv[script - 1]`` would (:func:`run_script`); else exec ``argv``. The parent
+    ``argv[script - 1]`` would (:func:`run_script`); else exec ``argv``. ``preloaded``:
+    the modules the runner imported for its children (:func:`preload`). The parent
     never returns: it exits when the provider closes the socket or when the sandbox is
     not clean after a trial.
     """
@@ -603,6 +610,9 @@ def serve(cfg: dict[str, Any]) -> tuple[list[str], int | None]:
     state = _state()
     scratch = list(cfg.get("scratch", ["/tmp", "/dev/shm"]))
     keep = _snapshot(scratch)
+    # Only a runner that runs scripts itself (under the trial's interpreter) preloads:
+    # an exec'd command starts from nothing anyway.
+    preloaded = preload(list(cfg.get("preload", []))) if cfg.get("python") else frozenset()
     while True:
         try:
             head, fds, _, _ = socket.recv_fds(sock, 4, 4)
@@ -639,13 +649,13 @@ def serve(cfg: dict[str, Any]) -> tuple[list[str], int | None]:
                         signal.signal(sig, signal.SIG_DFL)
                     os.environ.clear()
                     os.environ.update(env)
-                    return argv, None
+                    return argv, None, preloaded
                 # What a fresh interpreter sets up: Ctrl-C as KeyboardInterrupt, and
                 # SIGPIPE / SIGXFSZ ignored (errors instead).
                 signal.signal(signal.SIGINT, signal.default_int_handler)
                 os.environ.clear()
                 os.environ.update(env)
-                return argv, int(script)
+                return argv, int(script), preloaded
             except OSError as exc:
                 _say(f"cannot set the trial up: {exc}")
                 os._exit(SETUP_FAILED)
@@ -665,13 +675,61 @@ def serve(cfg: dict[str, Any]) -> tuple[list[str], int | None]:
             os._exit(0)
 
 
-def run_script(argv: list[str], script: int) -> None:
+def preload(names: list[str]) -> frozenset[str]:
+    """Import ``names`` once in the runner, so no trial's child imports them again.
+
+    What multiprocessing's forkserver does with its preload list: a child forked from
+    the runner finds them in ``sys.modules``, the same modules a fresh interpreter
+    would import (the provider's own standard library; the trial's directory is not
+    on the runner's path). A child has its own copy of them (fork), so nothing a trial
+    does to one reaches the next trial. The runner's objects are then frozen out of
+    the collector: a child's collections never walk (and so never copy) the runner's
+    pages. Returns every module a fresh interpreter would not have (these and the
+    runner's own); a name that fails to import is said on the runner's output and
+    skipped.
+    """
+    import gc
+    import importlib
+
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # an operator's list: a bad name must not end the runner
+            _say(f"cannot preload {name}: {exc!r}")
+    gc.freeze()
+    # The runner's own imports (json, ctypes...) count too: a fresh interpreter has none.
+    return frozenset(set(sys.modules) - AT_START)
+
+
+def _drop_shadowed(preloaded: frozenset[str], directory: str) -> None:
+    """Forget every preloaded module when the script's directory could shadow one.
+
+    A fresh ``python script.py`` imports ``json.py`` (or a ``json/`` package) next to
+    the script before the standard library's, and so do the modules that import it:
+    when any entry of ``directory`` bears the name of a preloaded module, the child
+    imports everything as a fresh interpreter would.
+    """
+    if not preloaded:
+        return
+    # A built-in module (time, _json...) is found before any file of the path.
+    tops = {name.partition(".")[0] for name in preloaded} - set(sys.builtin_module_names)
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return
+    if any(entry.partition(".")[0] in tops for entry in entries):
+        for name in preloaded:
+            sys.modules.pop(name, None)
+
+
+def run_script(argv: list[str], script: int, preloaded: frozenset[str] = frozenset()) -> None:
     """Run ``script`` as ``python script.py ARGS`` does, in this (freshly forked) process.
 
     ``__main__`` is a new module named after the script's absolute path, ``sys.argv``
     and ``sys.path[0]`` are what the interpreter would set; an uncaught exception
-    prints its traceback (without the runner's frames) and exits 1. Returning lets
-    the interpreter end as usual: atexit handlers, non-daemon threads, flushed output.
+    prints its traceback (without the runner's frames) and exits 1 (raises
+    SystemExit, as the script's own ``sys.exit`` does). :func:`end` then ends the
+    child as the interpreter would.
     """
     import builtins
     from importlib.machinery import SourceFileLoader
@@ -680,6 +738,7 @@ def run_script(argv: list[str], script: int) -> None:
     sys.argv = argv[script:]
     sys.orig_argv = argv[script - 1 :]
     sys.path[0] = os.path.dirname(os.path.realpath(path))
+    _drop_shadowed(preloaded, sys.path[0])
     try:
         with open(path, "rb") as f:
             source = f.read()
@@ -710,6 +769,54 @@ def run_script(argv: list[str], script: int) -> None:
         raise SystemExit(130 if isinstance(exc, KeyboardInterrupt) else 1) from None
 
 
+def exit_status(code: object) -> int:
+    """The exit status of ``SystemExit(code)``, as the interpreter reports it."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code if -(1 << 31) <= code < 1 << 31 else -1
+    # Anything else is printed on stderr and the status is 1 (sys.exit("message")).
+    with contextlib.suppress(Exception):
+        print(code, file=sys.stderr)
+    return 1
+
+
+def end(status: int) -> NoReturn:
+    """End a trial's child the way the interpreter ends, then ``_exit``.
+
+    What ``python script.py`` does on the way out and a trial can see: wait for its
+    non-daemon threads, run its atexit handlers, drop its ``__main__`` globals (a file
+    left open there is flushed), flush stdout and stderr (a failed stdout flush makes
+    the status 120). What it skips is tearing down every module, the runner's
+    preloaded ones included: in a forked child that copies each page of the runner it
+    touches, milliseconds per trial for nothing the trial can observe. multiprocessing
+    ends its forked children with ``os._exit`` for the same reason.
+    """
+    import atexit
+    import gc
+
+    threading = sys.modules.get("threading")
+    if threading is not None:
+        with contextlib.suppress(Exception):
+            threading._shutdown()
+    atexit._run_exitfuncs()
+    main_module = sys.modules.get("__main__")
+    if main_module is not None:
+        with contextlib.suppress(Exception):
+            main_module.__dict__.clear()
+    gc.collect()
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name, None)
+        if stream is None or getattr(stream, "closed", False):
+            continue
+        try:
+            stream.flush()
+        except Exception:
+            if name == "stdout":
+                status = 120
+    os._exit(status)
+
+
 def main(args: list[str]) -> NoReturn:
     """``supervisor.py CONFIG COMMAND...``, ``enter CONFIG COMMAND...`` or ``probe UID``."""
     if len(args) >= 3 and args[0] == "enter":
@@ -733,9 +840,14 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "serve":
         # The runner under the trial's interpreter: a child comes back here to run its
         # trial, and the interpreter's own exit (atexit, threads, flush) ends it.
-        _argv, _script = serve(json.loads(sys.argv[2]))
+        _argv, _script, _preloaded = serve(json.loads(sys.argv[2]))
         if _script is None:
             _exec(_argv)
-        run_script(_argv, _script)
+        try:
+            run_script(_argv, _script, _preloaded)
+            _status = 0
+        except SystemExit as _exit:
+            _status = exit_status(_exit.code)
+        end(_status)
     else:
         main(sys.argv[1:])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import sys
 import textwrap
 from pathlib import Path
@@ -217,6 +218,99 @@ class TestStartsLikeAFreshInterpreter:
         assert outcome.exit_code == 1
         assert "SyntaxError" in outcome.log_path.read_text()
         assert slot_of(executor, "x1") == slot_of(executor, "x4")
+
+    async def test_the_end_is_a_fresh_interpreters_end(
+        self, executor: SandboxExecutor, workspace: Path, tmp_path: Path, home: Path
+    ) -> None:
+        # The runner's child ends with _exit once the interpreter's visible steps are
+        # done: what a trial left unflushed still arrives, exit statuses are the same.
+        cold = SandboxExecutor(tmp_path / "cold", hidden_paths=[home], warm=False)
+        endings = {
+            "unflushed": """
+                import os, sys
+                out = os.fdopen(os.dup(1), "w")
+                out.write("from a file left open\\n")
+                sys.stdout.write("buffered, never flushed\\n")
+                """,
+            "message": "import sys; print('before'); sys.exit('bye')",
+            "status": "raise SystemExit(7)",
+            "none": "import sys; sys.exit()",
+            "interrupt": "raise KeyboardInterrupt",
+        }
+        for name, code in endings.items():
+            fresh = await cold.run(make_spec(workspace, code, task_id=f"c-{name}"))
+            warm = await executor.run(make_spec(workspace, code, task_id=f"w-{name}"))
+            assert (warm.exit_code, lines(warm)) == (fresh.exit_code, lines(fresh)), name
+        assert slot_of(executor, "w-unflushed") == slot_of(executor, "w-interrupt")
+
+
+def lines(outcome: TrialOutcome) -> list[str]:
+    """A trial's output lines in order of text, its script's path left out."""
+    text = re.sub(r'"/[^"]*/[cw]-(\w+)\.py"', r'"\1.py"', outcome.log_path.read_text())
+    return sorted(text.splitlines())
+
+
+class TestPreloadedModules:
+    async def test_a_trial_finds_them_imported_and_pristine_whatever_the_last_did(
+        self, executor: SandboxExecutor, workspace: Path
+    ) -> None:
+        spoil = """
+        import argparse, json, random
+        json.MARK = "left by the first trial"
+        json.dumps = None
+        argparse.ArgumentParser = None
+        random.seed(1)
+        """
+        look = """
+        import json, sys, random
+        print(json.dumps({
+            "preloaded": sorted({"argparse", "json"} & set(sys.modules)),
+            "mark": hasattr(json, "MARK"),
+            "parser": sys.modules["argparse"].ArgumentParser is not None,
+            "r": random.random(),
+        }))
+        """
+        first = await executor.run(make_spec(workspace, spoil, task_id="m1"))
+        assert first.exit_code == 0, first.log_path.read_text()
+        seen = [
+            record(await executor.run(make_spec(workspace, look, task_id=f"m{n}"))) for n in (2, 3)
+        ]
+        assert slot_of(executor, "m1") == slot_of(executor, "m3")
+        for s in seen:
+            # Imported before the script's first line, by the runner, not by the script.
+            assert s["preloaded"] == ["argparse", "json"]
+            assert (s["mark"], s["parser"]) == (False, True)
+        # random.seed(1) of the first trial seeds nobody else; each trial draws its own.
+        import random as host_random
+
+        host_random.seed(1)
+        assert len({s["r"] for s in seen} | {host_random.random()}) == 3
+
+    async def test_a_workspace_module_shadows_a_preloaded_one_as_in_a_fresh_interpreter(
+        self, executor: SandboxExecutor, workspace: Path
+    ) -> None:
+        (workspace / "json.py").write_text("def dumps(x):\n    return 'the workspace json'\n")
+        code = "import json; print(json.dumps(1))"
+        outcome = await executor.run(make_spec(workspace, code, task_id="sh1"))
+        assert outcome.log_path.read_text() == "the workspace json\n"
+        (workspace / "json.py").unlink()
+        outcome = await executor.run(make_spec(workspace, code, task_id="sh2"))
+        assert outcome.log_path.read_text() == "1\n"
+        assert slot_of(executor, "sh1") == slot_of(executor, "sh2")
+
+    async def test_a_module_that_cannot_be_preloaded_is_skipped(
+        self, bwrap: None, workspace: Path, tmp_path: Path, home: Path
+    ) -> None:
+        ex = SandboxExecutor(
+            tmp_path / "odd", hidden_paths=[home], warm_preload=["no_such_module_here", "json"]
+        )
+        try:
+            code = "import sys; print(sorted({'json', 'argparse'} & set(sys.modules)))"
+            outcome = await ex.run(make_spec(workspace, code, task_id="np1"))
+            assert outcome.exit_code == 0
+            assert outcome.log_path.read_text().splitlines()[-1] == "['json']"
+        finally:
+            await ex.close()
 
 
 class TestNothingCarriesOver:

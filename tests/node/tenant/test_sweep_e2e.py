@@ -248,6 +248,11 @@ def tasks_started(c: Cluster, job_id: str) -> dict[int, list[str]]:
     return out
 
 
+def started_tasks(provider_log: str) -> set[str]:
+    """Task ids the providers handed to their executors (a queued task is not one)."""
+    return set(re.findall(r"task (\S+) started under lease", provider_log))
+
+
 def trial_processes(job_id: str) -> list[int]:
     """Pids of processes whose command line or work directory names a task of ``job_id``.
 
@@ -357,13 +362,25 @@ class TestProviderKilled:
             submit = tenant.start("submit", str(job), "--quiet", "--parallel", "4")
             job_id = tenant.job_id()
 
-            def busy_provider() -> str | None:
-                running = [t.provider for t in tenant.trials(job_id) if t.state == "running"]
-                if not running:
-                    return None
-                return max(set(running), key=running.count)
+            def busy_provider() -> tuple[str, set[int]] | None:
+                # A provider running a trial with the next one already queued behind it
+                # (the tenant keeps one queued per unit, so no slot waits for a round trip).
+                started = started_tasks(c.provider_log())
+                assigned = [t for t in tenant.trials(job_id) if t.state == "running"]
+                for t in assigned:
+                    if t.task_id in started:
+                        queued = {
+                            q.number
+                            for q in assigned
+                            if q.provider == t.provider and q.task_id not in started
+                        }
+                        if queued:
+                            return t.provider, queued
+                return None
 
-            victim = wait_for(busy_provider, "trials running on a provider")
+            victim, queued_there = wait_for(
+                busy_provider, "a provider running a trial with one queued"
+            )
             os.kill(c.provider(victim).pid, signal.SIGKILL)
             killed_ms = time.time() * 1000
 
@@ -375,6 +392,11 @@ class TestProviderKilled:
             for t in retried:
                 assert t.provider != victim
                 assert t.attempts >= 2
+            # The trials queued on the dead provider ran elsewhere, once each.
+            done = {t.number: t for t in trials}
+            for number in queued_there:
+                assert done[number].state == "succeeded"
+                assert done[number].provider != victim
             for t in trials:
                 if t.provider == victim:  # finished there before it died
                     assert t.finished_ms is not None
@@ -538,6 +560,18 @@ class TestCancel:
         # Each trial runs in a sandbox whose command line names its task (its work dir).
         wait_for(lambda: trial_processes(job_id), "a trial process to start")
 
+        # Behind each running trial the next one waits at its provider (60 s sleepers:
+        # none ends before the cancel, so none of those may ever start).
+        def queued_now() -> set[str] | None:
+            # Once every unit runs a trial (its canary done), the rest assigned wait.
+            started = started_tasks(shared_cluster.provider_log())
+            assigned = {t.task_id for t in tenant.trials(job_id) if t.state == "running"}
+            if len(assigned & started) < 3:
+                return None
+            return assigned - started
+
+        queued = wait_for(queued_now, "trials queued at their providers")
+
         cancelled = tenant.run("cancel", job_id)
         assert cancelled.returncode == 0, cancelled.stderr
         assert submit.wait(timeout=60) != 0, tenant.output(submit)
@@ -559,6 +593,7 @@ class TestCancel:
             rf"task {re.escape(job_id)}\.\d+\.\d+ (?:\(lease \S+\) )?cancelled in",
             shared_cluster.provider_log(),
         )
+        assert not queued & started_tasks(shared_cluster.provider_log())
 
 
 class TestResultsAndLogs:
