@@ -17,6 +17,15 @@ verifies. What is simulated is only the world around them:
   Ed25519 signatures are deterministic, so one seed gives byte-identical runs (the
   trace digest printed at the end is the same in any process, any PYTHONHASHSEED).
 
+What the nodes share to save the simulator's time, none of it a shortcut of a check:
+one ``VerifiedAdverts`` memo (an advert's bytes are opened, signature-checked and
+bounds-checked once for all nodes; each node still offers it to its own directory, whose
+verdict depends on what that node holds) and the process-wide memo of directory-request
+digests that passed their checks (``protocol.messages``, a pure function of the bytes,
+the same in the daemon). Every request and reply envelope is sealed by its sender and
+opened, signature-checked and validated by its receiver. The garbage collector is
+run and its survivors frozen every 5 simulated seconds (``_collect_and_freeze``).
+
 Population: one bootstrap node, ``--providers`` providers that advertise and sell
 (default N/50, so the directory grows with the network), and relays for the rest:
 daemons that keep, serve and gossip the directory but sell nothing. A full directory
