@@ -259,8 +259,15 @@ class _DigestMemo:
             self._size -= len(old)
 
 
-#: 4 MiB: five whole digests of the largest directory a request may describe.
-_CHECKED_DIGESTS = _DigestMemo(4 << 20)
+#: 512 KiB in a daemon: several digests of a 2,000-provider directory (80 KB each), a
+#: bounded cost next to its ~64 MB; bench/simulate.py, whose 10,000 simulated nodes
+#: share one process and one 400 KB digest, raises it (``remember_checked_digests``).
+_CHECKED_DIGESTS = _DigestMemo(512 << 10)
+
+
+def remember_checked_digests(max_bytes: int) -> None:
+    """Bound the process-wide memo of checked ``directory_request`` digests."""
+    _CHECKED_DIGESTS.max_bytes = max_bytes
 
 
 def pack_digest(held: Mapping[str, int]) -> bytes:
