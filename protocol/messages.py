@@ -18,9 +18,9 @@ from __future__ import annotations
 import functools
 import ipaddress
 import math
+import operator
 import re
 from collections.abc import Iterator, Mapping
-from itertools import pairwise
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
@@ -231,6 +231,45 @@ MAX_DIGEST_RECORDS = 20_000
 _DIGEST_RE = re.compile(rb"(?:[a-z2-7]{32}[\x00-\x7f][\x00-\xff]{7})*", re.DOTALL)
 
 
+class _DigestMemo:
+    """Packed digests that passed ``DirectoryRequest``'s checks, at most ``max_bytes`` of
+    them (oldest forgotten first).
+
+    The checks are a pure function of the bytes, and nodes whose directories agree send
+    the same digest: every node receives one per gossip round, and checking it (one
+    record per provider) grew with the directory. Only digests that passed are kept.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._held: dict[bytes, None] = {}
+        self._size = 0
+
+    def __contains__(self, digest: bytes) -> bool:
+        return digest in self._held
+
+    def add(self, digest: bytes) -> None:
+        if len(digest) > self.max_bytes or digest in self._held:
+            return
+        self._held[digest] = None
+        self._size += len(digest)
+        while self._size > self.max_bytes:
+            old = next(iter(self._held))
+            del self._held[old]
+            self._size -= len(old)
+
+
+#: 512 KiB in a daemon: several digests of a 2,000-provider directory (80 KB each), a
+#: bounded cost next to its ~64 MB; bench/simulate.py, whose 10,000 simulated nodes
+#: share one process and one 400 KB digest, raises it (``remember_checked_digests``).
+_CHECKED_DIGESTS = _DigestMemo(512 << 10)
+
+
+def remember_checked_digests(max_bytes: int) -> None:
+    """Bound the process-wide memo of checked ``directory_request`` digests."""
+    _CHECKED_DIGESTS.max_bytes = max_bytes
+
+
 def pack_digest(held: Mapping[str, int]) -> bytes:
     """Pack ``provider -> seq`` as a ``directory_request`` digest (sorted by provider)."""
     return b"".join(p.encode("ascii") + s.to_bytes(8, "big") for p, s in sorted(held.items()))
@@ -261,6 +300,8 @@ class DirectoryRequest(Body):
     @model_validator(mode="after")
     def _packed(self) -> DirectoryRequest:
         d = self.digest
+        if d in _CHECKED_DIGESTS:
+            return self
         if len(d) % DIGEST_RECORD:
             raise ValueError(f"digest length {len(d)} is not a multiple of {DIGEST_RECORD}")
         if len(d) > MAX_DIGEST_RECORDS * DIGEST_RECORD:
@@ -268,8 +309,9 @@ class DirectoryRequest(Body):
         if _DIGEST_RE.fullmatch(d) is None:
             raise ValueError("digest record with a malformed node id or a seq above 2^63-1")
         ids = [d[i : i + 32] for i in range(0, len(d), DIGEST_RECORD)]
-        if any(a >= b for a, b in pairwise(ids)):
+        if any(map(operator.ge, ids, ids[1:])):  # pairwise, in C
             raise ValueError("digest records not sorted by provider, or repeated")
+        _CHECKED_DIGESTS.add(d)
         return self
 
 

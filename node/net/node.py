@@ -138,6 +138,12 @@ class VerifiedAdverts:
         rest of a duplicate's handling. Raises UnexpectedMessageError for an envelope
         that is not an advert, ImplausibleAdvertError past the bounds (never kept).
         """
+        env = self._opened.get(raw)
+        if env is not None and raw in self._bounded:
+            # The common case, once per copy a node hears: one lookup, no further call.
+            self.hits += 1
+            self._opened.move_to_end(raw)
+            return env
         env = self.open(raw, now_ms, limits)
         if env.raw in self._bounded:
             return env
@@ -428,21 +434,22 @@ class Node:
 
     def _offer(self, raw: bytes) -> tuple[Offer, Advert] | None:
         """``ingest_advert``, also returning the advert (None when it was rejected)."""
+        now = self.clock()
         try:
-            env = self.verified.open_advert(raw, self.clock(), self.limits)
+            env = self.verified.open_advert(raw, now, self.limits)
         except MercatoError as e:
             self.metrics.rejections.labels(e.code).inc()
             log.debug("dropped relayed advert: %s", e)
             return None
         advert = env.body
         assert isinstance(advert, Advert)  # open_advert let nothing else through
-        now = self.clock()
         # env.raw: the memo's copy, so identical adverts share one bytes object.
         result = self.directory.offer(advert, env.raw, now)
         if result is Offer.EXPIRED:
             self.metrics.rejections.labels("expired_advert").inc()
         if result.accepted:
-            self.metrics.adverts.set(len(self.directory))
+            if result is Offer.NEW:  # a newer advert replaces one: the count stays
+                self.metrics.adverts.set(len(self.directory))
             if advert.provider != self.node_id:
                 self.learn_peer(advert.address, advert.provider, "provider")
             entry = self.directory.get(advert.provider)

@@ -549,6 +549,29 @@ class TestRejections:
         data = seal_raw(PROVIDER, "directory_request", {"digest": digest, "limit": 10})
         assert code_of(data) == "invalid_field", why
 
+    def test_checked_digests_are_remembered_but_rejections_are_not(self) -> None:
+        # Good digests are memoised (nodes in sync send the same bytes); a bad one must
+        # fail every time, also right after a good digest of the same length passed.
+        good = m.pack_digest({PROVIDER.node_id: 1, TENANT.node_id: 2})
+        bad = good[40:] + good[:40]  # the same two records, out of order
+        for _ in range(2):
+            req = open_(seal_raw(PROVIDER, "directory_request", {"digest": good, "limit": 10}))
+            assert isinstance(req.body, m.DirectoryRequest)
+            data = seal_raw(PROVIDER, "directory_request", {"digest": bad, "limit": 10})
+            assert code_of(data) == "invalid_field"
+
+    def test_digest_memo_keeps_at_most_its_bytes(self) -> None:
+        memo = m._DigestMemo(max_bytes=100)
+        first, second, third = (bytes([i]) * 40 for i in range(3))
+        for d in (first, second, third):
+            memo.add(d)
+        assert first not in memo
+        assert second in memo
+        assert third in memo
+        memo.add(b"x" * 101)  # larger than the whole memo: not kept
+        assert b"x" * 101 not in memo
+        assert third in memo
+
     def test_packed_digest_round_trip(self) -> None:
         held = {TENANT.node_id: 2**63 - 1, PROVIDER.node_id: 0, "a" * 32: 1_700_000_000_000}
         packed = m.pack_digest(held)
