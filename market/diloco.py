@@ -325,6 +325,28 @@ class OuterLoop:
             return True
         return now_ms >= min(self.joined.values()) + self.round_timeout_ms
 
+    def join_due(
+        self, joined_step: int, joined_ms: int, now_ms: int, *, others_running: bool
+    ) -> bool:
+        """Whether a worker that joined mid-run at outer step ``joined_step`` (a
+        replacement) gets its answer now.
+
+        At the next round boundary: answered then, it starts a whole round with the
+        others from the newest global parameters, and its first pseudo-gradient comes
+        with theirs. Answered at once, it trained from older parameters and its first
+        pseudo-gradient came H inner steps after a join in mid-round, in the next round,
+        which it then waited for (0.74-0.89 of its time in inner steps in
+        bench/diloco_bench.py, depending on where in the round it joined). At once when
+        nobody else could close the round, when the job is done, or after
+        ``round_timeout_ms`` (a round that never closes does not hold it longer).
+        """
+        return (
+            self.done
+            or self.outer_step > joined_step
+            or not others_running
+            or now_ms >= joined_ms + self.round_timeout_ms
+        )
+
     def answer(self) -> bytes:
         """The global parameters as a worker receives them (fp32, with the step and done)."""
         assert self.optimizer is not None

@@ -12,7 +12,9 @@ Elastic: a worker whose provider cannot be reached (connection refused or cut) i
 out of the round at once: the round steps with the others and does not wait for its
 deadline; should the worker come back, what it reports counts in the next round. Three
 failures in a row, or a failed task, lose the worker; a replacement is leased (not on
-a provider already lost) and joins from the current global parameters. Each lease is
+a provider already lost); its join is answered when the round open at that moment
+closes, so it starts a whole round with the others from the newest global parameters
+(market.diloco.OuterLoop.join_due). Each lease is
 released at the end with its receipt, so every provider is paid for the time it held
 its devices, and a lost one for nothing more.
 """
@@ -63,6 +65,8 @@ class Worker:
     seq: int = 0
     alive: bool = True
     replacement: bool = False
+    #: A replacement whose join was answered at a round boundary: waited for at once.
+    aligned: bool = False
     #: Its provider could not be reached at the last try: rounds do not wait for it.
     suspect: bool = False
     unreachable_at: float | None = None  # monotonic, when it first failed to answer
@@ -76,14 +80,17 @@ def waited_for(workers: list[Worker]) -> set[str]:
     """The workers a round waits for before its deadline.
 
     The live workers of the first lease whose provider answers, and replacements once
-    their first pseudo-gradient has been answered. A worker whose provider refused the
-    last connection is not waited for (it counts if it reports in time). A replacement
-    still starting (upload, imports) must not hold up a round, nor its first
-    pseudo-gradient, which comes H inner steps after a join in mid-round: it counts in
-    whichever round is open when it comes, and the replacement waits for that round.
+    they joined at a round boundary (OuterLoop.join_due) or had their first
+    pseudo-gradient answered. A worker whose provider refused the last connection is
+    not waited for (it counts if it reports in time). A replacement still starting
+    (upload, imports) must not hold up a round; one answered in mid-round (the round
+    timed out while it waited) has its first pseudo-gradient count in whichever round is
+    open when it comes.
     """
     return {
-        w.name for w in workers if w.alive and not w.suspect and (w.seq > 1 or not w.replacement)
+        w.name
+        for w in workers
+        if w.alive and not w.suspect and (w.seq > 1 or not w.replacement or w.aligned)
     }
 
 
@@ -338,8 +345,12 @@ class DilocoRunner:
                 except BlobError as e:
                     raise WorkerLost(f"{w.name}: {e}") from e
                 if w.seq == 0:
+                    step = self.loop.outer_step
                     self.loop.join(blob.values, worker=w.name, now_ms=self.tenant.clock())
-                    await self._start_together()
+                    if w.replacement and step > 0:
+                        await self._join_at_boundary(w, step)
+                    else:
+                        await self._start_together()
                     answer = self.loop.answer()
                 else:
                     if self.loop.done:
@@ -362,6 +373,24 @@ class DilocoRunner:
             follow.cancel()
             with contextlib.suppress(asyncio.CancelledError, MercatoError):
                 await follow
+
+    async def _join_at_boundary(self, w: Worker, step: int) -> None:
+        """Hold a replacement's join answer until the round open when it joined closes
+        (OuterLoop.join_due), so that it starts a whole round with the others."""
+        joined_ms = self.tenant.clock()
+        began = time.monotonic()
+        while not self._cancelled.is_set() and w.alive:
+            others = any(o.alive and o is not w and o.seq > 0 for o in self.workers)
+            if self.loop.join_due(step, joined_ms, self.tenant.clock(), others_running=others):
+                break
+            await asyncio.sleep(0.02)
+        w.aligned = self.loop.outer_step > step and not self.loop.done
+        self.on_event(
+            f"worker {w.name} starts at outer step {self.loop.outer_step} "
+            f"({time.monotonic() - began:.2f} s after it joined"
+            f"{', at the round boundary' if w.aligned else ''})"
+        )
+        self._changed.set()
 
     async def _start_together(self) -> None:
         """Hold a join's answer until the first lease's live workers have all joined.

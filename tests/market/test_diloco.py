@@ -264,6 +264,31 @@ class TestStartTogether:
         assert not loop.started({"a", "b"}, now_ms=20_999)
         assert loop.started({"a", "b"}, now_ms=21_000)
 
+    def test_a_replacement_joining_mid_round_starts_at_the_next_boundary(self) -> None:
+        # Answered at once it trained from older parameters, and its first
+        # pseudo-gradient landed in the next round, which it then waited for.
+        loop = OuterLoop(total_steps=5, round_timeout_ms=20_000)
+        loop.join([0.0], worker="a", now_ms=0)
+        loop.report("a", array("f", [1.0]), now_ms=500)
+        loop.step()
+        joined_at = loop.outer_step
+        loop.join([5.0], worker="r", now_ms=900)
+        assert not loop.join_due(joined_at, 900, 5_000, others_running=True)
+        loop.report("a", array("f", [1.0]), now_ms=6_000)
+        loop.step()
+        assert loop.join_due(joined_at, 900, 6_000, others_running=True)
+
+    def test_a_held_join_is_answered_when_nobody_could_close_the_round(self) -> None:
+        loop = OuterLoop(total_steps=5, round_timeout_ms=20_000)
+        loop.join([0.0], worker="a", now_ms=0)
+        loop.report("a", array("f", [1.0]), now_ms=500)
+        loop.step()
+        assert loop.join_due(1, 900, 900, others_running=False)  # the others are gone
+        assert not loop.join_due(1, 900, 20_899, others_running=True)
+        assert loop.join_due(1, 900, 20_900, others_running=True)  # a round's timeout
+        loop.total_steps = 1  # the job is done: nothing to wait for
+        assert loop.join_due(1, 900, 901, others_running=True)
+
     def test_a_replacement_joining_mid_run_does_not_wait(self) -> None:
         loop = OuterLoop(total_steps=3, round_timeout_ms=20_000)
         loop.join([0.0], worker="a", now_ms=0)

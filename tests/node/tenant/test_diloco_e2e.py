@@ -246,6 +246,14 @@ class TestElastic:
         after = [x for x in lines[gone:] if x.startswith("outer step")]
         assert after, text
         assert "of 2 live worker(s)" in after[0], text
+        # The replacement's join is answered when the round open at its join closes, so
+        # it trains whole rounds with the others and every round after has all three.
+        start = next((x for x in lines if " starts at outer step " in x), None)
+        if start is not None and "8/8" not in "".join(lines[: lines.index(start)]):
+            assert "at the round boundary" in start, text
+            later = [x for x in lines[lines.index(start) :] if x.startswith("outer step")]
+            assert later, text
+            assert all(x.split(": ", 1)[1].startswith("3 of 3 ") for x in later[1:]), text
         with Store(home / "tenant" / "node.sqlite") as store:
             mine = [x for x in store.list_leases() if x.job_id == summary["job_id"]]
         # The replacement ran on another provider than the one killed.

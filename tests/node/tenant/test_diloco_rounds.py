@@ -47,6 +47,16 @@ class TestWaitedFor:
         w3.seq = 2  # its first pseudo-gradient was answered: it is in step now
         assert waited_for(ws) == {"w0", "w2", "w3"}
 
+    def test_a_replacement_started_at_a_round_boundary_is_waited_for_at_once(self) -> None:
+        # Its join was held until the round closed (OuterLoop.join_due): its first
+        # pseudo-gradient belongs to the round the others are in, so the round waits
+        # for it instead of closing a few inner steps before it comes.
+        ws = [worker("w0", seq=5), worker("w2", seq=5)]
+        w3 = worker("w3", replacement=True, seq=1, aligned=True)
+        ws.append(w3)
+        assert waited_for(ws) == {"w0", "w2", "w3"}
+        assert round_steps_at(ws, ["w0", "w2"]) == 20_000  # the deadline, if it never comes
+
     def test_lost_workers_are_not_waited_for(self) -> None:
         ws = [worker("w0", seq=2), worker("w1", seq=2, alive=False)]
         assert waited_for(ws) == {"w0"}
