@@ -407,6 +407,10 @@ class TestCli:
     async def test_an_order_that_leases_fewer_units_than_asked_fails_and_says_so(
         self, tenant: Tenant, fleet: Fleet
     ) -> None:
+        # Every advert fresh and every device free first: under load a provider's
+        # re-advert can lag its 10 s TTL, and an earlier test's leases may still be
+        # ending, and the order then found "no provider in the directory".
+        await wait_idle(tenant, fleet)
         # More gpu units than the whole fleet has: the auction leases what there is.
         args = ("order", "--units", "64", "--kind", "gpu", "--json")
         proc = await asyncio.to_thread(
