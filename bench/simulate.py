@@ -98,6 +98,7 @@ from market.verification import (
     may_take_trial,
     proven,
     should_check,
+    verdict_of,
 )
 from node.net.node import Node, NodeSettings, VerifiedAdverts
 from node.net.simloop import VirtualTimeLoop
@@ -1110,16 +1111,7 @@ class Sweeps:
         self._valid(vs, *dict.fromkeys(p for p, _ in honest))
         sw.checked.add(number)
         if len(real) > 2 or bad:
-            verdict = (
-                Verdict.AGREED
-                if not bad
-                else Verdict.CHECK_LIED
-                if 0 not in bad
-                else Verdict.BOTH_LIED
-                if len(bad) > 1
-                else Verdict.ORIGINAL_LIED
-            )
-            self.sim._event("verdict", t, sw.number, number, verdict.value)
+            self.sim._event("verdict", t, sw.number, number, verdict_of(bad).value)
         if 0 in bad:
             sw.results[number] = honest[0]
         for k in bad:

@@ -113,15 +113,14 @@ def compare(original: float, check: float, tolerance: Tolerance) -> Verdict | No
     return Verdict.AGREED if tolerance.agree(original, check) else None
 
 
-def decide(original: float, check: float, decider: float, tolerance: Tolerance) -> Verdict:
-    """The majority of three: the provider whose value the other two do not share lied."""
-    with_original = tolerance.agree(decider, original)
-    with_check = tolerance.agree(decider, check)
-    if with_original and not with_check:
+def verdict_of(bad: Sequence[int]) -> Verdict:
+    """What :func:`liars`' answer ``bad`` (indices of the votes that lied; 0 is the
+    original) comes to: AGREED when nobody lied."""
+    if not bad:
+        return Verdict.AGREED
+    if 0 not in bad:
         return Verdict.CHECK_LIED
-    if with_check and not with_original:
-        return Verdict.ORIGINAL_LIED
-    return Verdict.UNRESOLVED
+    return Verdict.BOTH_LIED if len(bad) > 1 else Verdict.ORIGINAL_LIED
 
 
 #: Votes on one trial (the original, the check, then deciders) before it is called

@@ -43,6 +43,7 @@ from market.verification import (
     proven,
     should_check,
     trial_seed,
+    verdict_of,
 )
 from node.store.verify_store import VerifyStore, Vote
 from node.tenant.taskclient import TaskClient
@@ -501,13 +502,7 @@ class Verifier:
         if not bad:
             self.vs.close_check(check.check_id, Verdict.AGREED.value, None, now)
             return True
-        verdict = (
-            Verdict.CHECK_LIED
-            if 0 not in bad
-            else Verdict.BOTH_LIED
-            if len(bad) > 1
-            else Verdict.ORIGINAL_LIED
-        )
+        verdict = verdict_of(bad)
         caught = [votes[k].provider for k in bad]
         self.vs.close_check(check.check_id, verdict.value, ",".join(caught), now)
         for k in bad:

@@ -23,7 +23,6 @@ from market.verification import (
     catch_probability,
     check_rate,
     compare,
-    decide,
     liars,
     may_take_trial,
     measured_flops,
@@ -31,6 +30,7 @@ from market.verification import (
     should_check,
     slowness,
     trial_seed,
+    verdict_of,
 )
 from protocol.messages import Advert, Requirement
 
@@ -126,9 +126,11 @@ class TestDisputes:
         assert compare(float("inf"), float("inf"), self.tol) is Verdict.AGREED
 
     def test_the_minority_of_three_lied(self) -> None:
-        assert decide(1e-6, 0.64, 0.64, self.tol) is Verdict.ORIGINAL_LIED
-        assert decide(0.64, 1e-6, 0.64, self.tol) is Verdict.CHECK_LIED
-        assert decide(0.1, 0.2, 0.3, self.tol) is Verdict.UNRESOLVED
+        assert verdict_of(liars([1e-6, 0.64, 0.64], self.tol) or ()) is Verdict.ORIGINAL_LIED
+        assert verdict_of(liars([0.64, 1e-6, 0.64], self.tol) or ()) is Verdict.CHECK_LIED
+        assert liars([0.1, 0.2, 0.3], self.tol) is None  # unresolved so far
+        assert verdict_of(liars([77.5, 1e-6, 0.64, 0.64], self.tol) or ()) is Verdict.BOTH_LIED
+        assert verdict_of(()) is Verdict.AGREED
 
     def test_votes_name_every_liar_once_two_agree(self) -> None:
         assert liars([0.64, 0.64], self.tol) == ()
