@@ -1192,6 +1192,17 @@ class _Ended:
     keep: bool
 
 
+def _read_available(fd: int) -> bytes | None:
+    """What a non-blocking pipe holds now: None if nothing yet, ``b""`` at its end (a
+    read error ends it too)."""
+    try:
+        return os.read(fd, _READ_CHUNK)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""
+
+
 class _Pipe:
     """A trial's output pipe on the event loop, fed to its collector (both the cold
     path's ``_Process`` and a warm sandbox's trials read their output through it)."""
@@ -1205,12 +1216,9 @@ class _Pipe:
         self._loop.add_reader(fd, self._readable)
 
     def _readable(self) -> None:
-        try:
-            data = os.read(self._fd, _READ_CHUNK)
-        except BlockingIOError:
+        data = _read_available(self._fd)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             self._loop.remove_reader(self._fd)
             if not self._eof.done():
@@ -1336,12 +1344,9 @@ class _Warm:
         return cls(pid, mine, read_fd, slot, key, spec.warm_key)
 
     def _log_readable(self) -> None:
-        try:
-            data = os.read(self._log_fd, _READ_CHUNK)
-        except BlockingIOError:
+        data = _read_available(self._log_fd)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             self._loop.remove_reader(self._log_fd)
         elif self.collector is not None:
