@@ -32,7 +32,7 @@ from node.provider.executor import (
     TrialSpec,
     TrialState,
 )
-from node.provider.sandbox import SandboxExecutor, SandboxUnavailableError, probe_bwrap
+from node.provider.sandbox import SandboxExecutor, SandboxUnavailableError
 
 KEY_TEXT = "-----BEGIN PRIVATE KEY----- provider secret"
 HOST_HAS_CA_CERTS = os.path.isdir("/etc/ssl/certs")
@@ -58,13 +58,6 @@ def spawn(argv, **kwargs):
         time.sleep(0.01)
     return child
 """
-
-
-@pytest.fixture
-def bwrap() -> None:
-    probe = probe_bwrap()
-    if not probe.ok:
-        pytest.skip(f"bubblewrap cannot run on this machine: {probe.reason}")
 
 
 @pytest.fixture

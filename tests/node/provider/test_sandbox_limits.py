@@ -24,16 +24,9 @@ from market.catalog import lookup
 from node.daemon import nvidia_device_nodes
 from node.provider.executor import ResourceLimits, TrialOutcome, TrialSpec, TrialState
 from node.provider.inventory import DetectedGpu, DeviceDecl, build_inventory
-from node.provider.sandbox import SandboxExecutor, probe_bwrap
+from node.provider.sandbox import SandboxExecutor
 
 ROOT = os.geteuid() == 0
-
-
-@pytest.fixture
-def bwrap() -> None:
-    probe = probe_bwrap()
-    if not probe.ok:
-        pytest.skip(f"bubblewrap cannot run on this machine: {probe.reason}")
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from node.provider.executor import (
     TrialSpec,
     TrialState,
 )
-from node.provider.sandbox import SandboxExecutor, probe_bwrap
+from node.provider.sandbox import SandboxExecutor
 
 KEY_TEXT = "-----BEGIN PRIVATE KEY----- provider secret"
 
@@ -58,13 +58,6 @@ print(json.dumps({
     "pgid": os.getpgid(0) == os.getpid(),
 }))
 """
-
-
-@pytest.fixture
-def bwrap() -> None:
-    probe = probe_bwrap()
-    if not probe.ok:
-        pytest.skip(f"bubblewrap cannot run on this machine: {probe.reason}")
 
 
 @pytest.fixture
