@@ -149,7 +149,7 @@ class Store:
                 self._execute("PRAGMA journal_mode = WAL")
                 return
             except sqlite3.OperationalError as e:
-                if "locked" not in str(e) or time.monotonic() >= deadline:
+                if e.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
                     raise
             time.sleep(pause)
             pause = min(pause * 2, 0.05)
