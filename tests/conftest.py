@@ -78,3 +78,17 @@ def sealed_advert() -> AdvertSealer:
         return seal(identity, advert, now_ms=now_ms, nonce=os.urandom(16))
 
     return make
+
+
+@pytest.fixture
+def bwrap() -> None:
+    """Skip, saying why, where bubblewrap cannot run on this machine (the sandbox tests).
+
+    Here and not in a conftest.py of their own: tests import this module as ``conftest``
+    (PCIE, rtx_group), and a second conftest.py would shadow it on sys.path.
+    """
+    from node.provider.sandbox import probe_bwrap
+
+    probe = probe_bwrap()
+    if not probe.ok:
+        pytest.skip(f"bubblewrap cannot run on this machine: {probe.reason}")
