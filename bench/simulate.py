@@ -85,12 +85,15 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
 
 from market.bidding import BidEngine, Device, LeaseState
 from market.verification import (
+    FLOOR_RATE,
     MAX_VOTES,
+    UNKNOWN_RATE,
     Tolerance,
     Verdict,
     best_needs_check,
@@ -104,9 +107,9 @@ from node.net.node import Node, NodeSettings, VerifiedAdverts
 from node.net.simloop import VirtualTimeLoop
 from node.net.transport import MemoryNetwork
 from node.provider.service import ProviderService
-from node.store.node_store import LeaseRow, Store
+from node.store.node_store import LeaseRow, ReceiptRow, Store
 from node.store.verify_store import VerifyStore
-from node.tenant.client import AuctionReport, Tenant
+from node.tenant.client import AuctionReport, ReceiptRejected, Tenant
 from protocol.envelope import Envelope, open_envelope
 from protocol.errors import MercatoError, PeerTimeoutError, PeerUnavailableError
 from protocol.identity import Identity
@@ -171,6 +174,13 @@ class Params:
     #: no verification), as before issue 16. 0.0: an honest market with verification.
     fabricators: float | None = None
     sweep_trials: int = 24  # trials per sweep (the digits sweep's 24)
+    #: A sweeping tenant heartbeats each lease it holds this often and countersigns the
+    #: debit notes the replies carry (node/tenant/sweep.py beats every 1 s; any interval
+    #: below the debit interval, 10 s, gets every note countersigned in time).
+    heartbeat_s: float = 5.0
+    #: How long a sweeping tenant keeps trying a release nobody answered (heartbeating
+    #: meanwhile) before it gives the lease up, as node/tenant/sweep.py tries again.
+    release_patience_s: float = 60.0
 
     @property
     def n_providers(self) -> int:
@@ -841,6 +851,7 @@ class SimSweep:
     checks: list[list[tuple[str, float]]] = field(default_factory=list)  # waiting: votes
     reruns: set[int] = field(default_factory=set)  # trials re-run after a liar's discard
     taken: Counter[str] = field(default_factory=Counter)  # provider -> trials run for it
+    why: dict[int, str] = field(default_factory=dict)  # trial -> why its check was drawn
 
 
 class Sweeps:
@@ -883,6 +894,10 @@ class Sweeps:
         self.fabricated_results = 0  # fabricated values that ended up in a finished sweep
         # Spend of each tenant's first sweep (every provider new to it) and of later ones.
         self.spend_by_sweep: list[Counter[str]] = [Counter(), Counter()]
+        # (tenant, sweep number) -> runs and spend by kind, checks by why they were drawn,
+        # results by the rate their provider was checked at; and the sweeps that ended.
+        self.by_sweep: dict[tuple[int, int], Counter[str]] = {}
+        self.ended: list[tuple[int, int]] = []
 
     def store(self, t: int) -> VerifyStore:
         return VerifyStore(self.sim.tenants[t].store)
@@ -914,6 +929,7 @@ class Sweeps:
             best = min(sw.results, key=lambda k: (sw.results[k][1], k))
             owner, value = sw.results[best]
             if best not in sw.checked and best_needs_check(self.store(t).trust(owner)):
+                sw.why[best] = "best"
                 return ("check", -1, [(owner, value), ("#trial", float(best))])
         self._finish(t, sw)
         return None
@@ -927,6 +943,7 @@ class Sweeps:
             self.fabricated_best += best_owner in self.fab_ids
         self.fabricated_results += sum(1 for p, _ in sw.results.values() if p in self.fab_ids)
         self.sim._event("sweep", t, sw.number, (best_owner or "-")[:8])
+        self.ended.append((t, sw.number))
         self.current[t] = None
 
     async def tenant_loop(self, t: int) -> None:
@@ -1041,15 +1058,11 @@ class Sweeps:
         sim = self.sim
         tenant = sim.tenants[t]
         try:
-            await asyncio.sleep(self.p.lease_hold_s)
             row = tenant.store.get_lease(lease_id)
             if row is None:
                 raise InvariantError(f"tenant lost its lease row {lease_id}")
-            try:
-                receipt = await tenant.release(row)
-            except MercatoError as e:  # the provider crashed, restarted or is cut off
-                sim.release_failures += 1
-                sim._event("release-failed", lease_id, e.code)
+            receipt = await self._hold(tenant, row)
+            if receipt is None:  # the provider crashed, restarted or is cut off
                 if self.current[t] is sw:
                     self._put_back(sw, kind, number, votes)
                 return
@@ -1059,6 +1072,11 @@ class Sweeps:
             self.spend[kind] += paid
             self.runs[kind] += 1
             self.spend_by_sweep[min(sw.number, 2) - 1][kind] += paid
+            tally = self.by_sweep.setdefault((t, sw.number), Counter())
+            tally[f"runs:{kind}"] += 1
+            tally[f"spend:{kind}"] += paid
+            if kind == "check":
+                tally[f"check:{sw.why.get(number, '?')}"] += 1
             provider = row.provider
             value = self.value(provider, sw, number, lease_id)
             self.results[(t, provider)] += 1
@@ -1070,6 +1088,47 @@ class Sweeps:
                 self.on_vote(t, sw, [*votes, (provider, value)])
         finally:
             sw.running -= 1
+
+    async def _hold(self, tenant: Tenant, row: LeaseRow) -> ReceiptRow | None:
+        """Hold ``row`` for one run and release it, settling as a real tenant does.
+
+        Why: a provider bills a lease by debit notes that ride on heartbeat replies and
+        ends the lease when one is not countersigned in time, then refuses the tenant's
+        orders for a day (market.debit.SettlementPolicy). A tenant that never heartbeats
+        lets every lease longer than two intervals plus the timeout lapse, and one that
+        gives up a release lost on the way lets that lease lapse: either way, provider
+        after provider refuses it and its sweeps starve (issue 16). So, as
+        node/tenant/sweep.py: a heartbeat every ``heartbeat_s`` (Tenant.heartbeat
+        countersigns the note its reply carries when our own meter covers it), and a
+        release that got no answer is tried again, heartbeating meanwhile, for up to
+        ``release_patience_s``. None: no receipt (the provider ended the lease without
+        one for us, or stayed silent that long).
+        """
+        sim, loop = self.sim, asyncio.get_running_loop()
+        beat = self.p.heartbeat_s
+        end = loop.time() + self.p.lease_hold_s
+        seq = 0
+        while (left := end - loop.time()) > 0:
+            await asyncio.sleep(min(beat, left))
+            if loop.time() < end:
+                seq += 1
+                await tenant.heartbeat(row, seq)
+        give_up = loop.time() + self.p.release_patience_s
+        while True:
+            try:
+                return await tenant.release(row)
+            except MercatoError as e:
+                sim.release_failures += 1
+                sim._event("release-failed", row.lease_id, e.code)
+                now = tenant.store.get_lease(row.lease_id)
+                if now is not None and now.state is LeaseState.ENDED:
+                    # The receipt came and checked; only our countersignature was lost.
+                    return tenant.store.list_receipts(row.lease_id)[-1]
+                if isinstance(e, ReceiptRejected) or loop.time() >= give_up:
+                    return None
+            await asyncio.sleep(beat)
+            seq += 1
+            await tenant.heartbeat(row, seq)
 
     def value(self, provider: str, sw: SimSweep, number: int, lease_id: str) -> float:
         if provider in self.fab_ids:
@@ -1084,7 +1143,11 @@ class Sweeps:
         vs = self.store(t)
         job_id = f"sim{t}.{sw.number}"
         key = f"{job_id}:{number}:{lease_id}:{provider}"
-        if should_check(vs.trust(provider).rate, key, seeded_secret(self.p.seed, t)):
+        rate = vs.trust(provider).rate
+        level = rate_level(rate)
+        self.by_sweep.setdefault((t, sw.number), Counter())[f"results:{level}"] += 1
+        if should_check(rate, key, seeded_secret(self.p.seed, t)):
+            sw.why[number] = level
             sw.checks.append([(provider, value), ("#trial", float(number))])
 
     def on_vote(self, t: int, sw: SimSweep, votes: list[tuple[str, float]]) -> None:
@@ -1159,9 +1222,36 @@ class Sweeps:
             base = h["trial"]
             more = h["check"] + h["decider"] + h["rerun"]
             halves.append(round(100 * more / base, 2) if base else None)
+        ended = [self.by_sweep.get(k, Counter()) for k in self.ended]
+        numbers = [n for _, n in self.ended]
+        buckets = {}
+        for lo, hi in SWEEP_BUCKETS:
+            name = f"{lo}" if lo == hi else f"{lo}-{hi or ''}"
+            got = [
+                c for c, n in zip(ended, numbers, strict=True) if lo <= n and (not hi or n <= hi)
+            ]
+            if got:
+                buckets[name] = overhead(got)
+        last = [
+            self.by_sweep.get((t, n), Counter())
+            for t in range(len(self.sim.tenants))
+            for n in [n for u, n in self.ended if u == t][-LAST_SWEEPS:]
+        ]
         return {
             "fabricators": len(self.fab_ids),
             "sweeps": self.sweeps_done,
+            # Verification's overhead over the sweeps that ended (runs: verify_bench's
+            # definition; spend: the micro-credits paid), in all of them, in each
+            # tenant's first sweep, in its later ones, by sweep number, and in each
+            # tenant's last LAST_SWEEPS.
+            "overhead": {
+                "all": overhead(ended),
+                "first": overhead([c for c, n in zip(ended, numbers, strict=True) if n == 1]),
+                "later": overhead([c for c, n in zip(ended, numbers, strict=True) if n > 1]),
+                "by_sweep": buckets,
+                f"last_{LAST_SWEEPS}": overhead(last),
+            },
+            **self._lapses(),
             "runs": dict(sorted(self.runs.items())),
             "spend": dict(sorted(self.spend.items())),
             "extra_spend_pct": round(100 * extra / trial, 2) if trial else None,
@@ -1177,6 +1267,61 @@ class Sweeps:
             "fabricated_best": self.fabricated_best,
             "fabricated_results_kept": self.fabricated_results,
         }
+
+    def _lapses(self) -> dict[str, int]:
+        """Leases providers ended because a tenant's debit note went unpaid, and the
+        (provider, tenant) pairs where the provider therefore refuses the tenant's orders
+        (market.debit.SettlementPolicy.order_problem): an honest tenant has none."""
+        lapsed = refusing = 0
+        for m in self.sim.members:
+            if m.store is None:
+                continue
+            for tenant in self.sim.tenants:
+                record = m.store.counterparty(tenant.node_id)
+                if record and record["lapsed"]:
+                    lapsed += record["lapsed"]
+                    refusing += 1
+        return {"leases_lapsed": lapsed, "providers_refusing_tenants": refusing}
+
+
+#: Sweep numbers (first, last; 0: no last) each tenant's sweeps are grouped by.
+SWEEP_BUCKETS = ((1, 1), (2, 5), (6, 20), (21, 50), (51, 100), (101, 0))
+#: Each tenant's last sweeps, the steady state the run reached.
+LAST_SWEEPS = 10
+
+
+def rate_level(rate: Fraction) -> str:
+    """Which part of the rule a check rate comes from: the newcomer rate (streak below
+    PROVEN_STREAK), 1/streak, or the floor."""
+    if rate >= UNKNOWN_RATE:
+        return "newcomer"
+    return "floor" if rate <= FLOOR_RATE else "streak"
+
+
+def overhead(sweeps: Sequence[Counter[str]]) -> dict[str, Any]:
+    """Extra runs and spend of verification over ``sweeps`` (tallies of Sweeps.by_sweep):
+    (checks + deciders + re-runs of discarded results) / first runs of trials, as
+    bench/verify_bench.py defines it, in runs and in micro-credits paid; and why the
+    checks were drawn (the newcomer rate, 1/streak, the floor, the best)."""
+    total: Counter[str] = Counter()
+    for c in sweeps:
+        total.update(c)
+    extra = ("check", "decider", "rerun")
+
+    def pct(unit: str) -> float | None:
+        base = total[f"{unit}:trial"]
+        more = sum(total[f"{unit}:{k}"] for k in extra)
+        return round(100 * more / base, 2) if base else None
+
+    return {
+        "sweeps": len(sweeps),
+        "trials": total["runs:trial"],
+        "extra_runs": sum(total[f"runs:{k}"] for k in extra),
+        "extra_runs_pct": pct("runs"),
+        "extra_spend_pct": pct("spend"),
+        "checks_by_why": {k[6:]: v for k, v in sorted(total.items()) if k.startswith("check:")},
+        "results_by_rate": {k[8:]: v for k, v in sorted(total.items()) if k.startswith("results:")},
+    }
 
 
 def check_engine(engine: BidEngine, who: str) -> None:
@@ -1398,6 +1543,22 @@ def print_verification(r: Result) -> None:
         f"caught by 20th result {v['caught_by_20th']}; honest caught {v['wrongly_caught']}; "
         f"fabricated best {v['fabricated_best']}"
     )
+    if "overhead" in v:
+        print(
+            f"  leases lapsed unpaid {v['leases_lapsed']}, providers refusing a tenant "
+            f"{v['providers_refusing_tenants']}; verification overhead, runs / spend:"
+        )
+        o = v["overhead"]
+        rows = [(k, o[k]) for k in ("all", "first", "later")]
+        rows += [(f"sweeps {k}", x) for k, x in o["by_sweep"].items()]
+        rows += [(k, x) for k, x in o.items() if k.startswith("last_")]
+        for name, x in rows:
+            print(
+                f"    {name:>14}: {x['sweeps']} sweeps, {x['trials']} trials, "
+                f"+{x['extra_runs']} runs = {x['extra_runs_pct']} % / spend "
+                f"{x['extra_spend_pct']} %; checks {x['checks_by_why']}, "
+                f"results {x['results_by_rate']}"
+            )
     for x in v["caught_pairs"]:
         print(
             f"  fabricator {x['fabricator']} caught by tenant {x['tenant']} at its result "

@@ -127,6 +127,8 @@ class Auction:
         #: lease_id -> why its accept was refused (the provider holds a lease we released).
         self.refused: dict[str, str] = {}
         self._refused_leases: dict[str, str] = {}  # lease_id -> provider
+        #: lease_id -> provider of awards that got no answer (perhaps accepted all the same).
+        self._unanswered: dict[str, str] = {}
         self._unusable: dict[tuple[str, str], Bid] = {}  # asked providers' invalid bids
         self.leases: list[TenantLease] = []
         self._lease_seq = 0
@@ -329,9 +331,19 @@ class Auction:
         return self._fallback(pending, now_ms)
 
     def on_award_failed(self, lease_id: str, now_ms: int) -> list[Award]:
-        """The award could not be delivered: treat it as a decline."""
+        """The award could not be delivered: treat it as a decline.
+
+        It may have been delivered and accepted, only the answer lost: the provider then
+        holds a lease nobody uses or pays, which lapses and has its provider refuse this
+        tenant's orders (market.debit.SettlementPolicy). So ``releases()`` ends the lease
+        by its id too; a provider that holds none ignores that.
+        """
         pending = self._pending.get(lease_id)
-        return [] if pending is None else self._fallback(pending, now_ms)
+        if pending is None:
+            return []
+        if lease_id not in self._refused_leases:
+            self._unanswered[lease_id] = pending.award.provider
+        return self._fallback(pending, now_ms)
 
     def _fallback(self, pending: _Pending, now_ms: int) -> list[Award]:
         del self._pending[pending.award.lease_id]
@@ -362,7 +374,9 @@ class Auction:
         return self.state in (AuctionState.LEASED, AuctionState.FAILED)
 
     def releases(self) -> list[tuple[str, Release]]:
-        """Once done: (provider, Release) for every bid that did not become a lease."""
+        """Once done: (provider, Release) for every bid that did not become a lease, and
+        for every lease a provider may hold that we do not (a refused accept, an award
+        that got no answer)."""
         if not self.done:
             return []
         lost = [
@@ -381,4 +395,11 @@ class Auction:
             )
             for lease_id, provider in self._refused_leases.items()
         ]
-        return lost + refused
+        unanswered = [
+            (
+                provider,
+                Release(order_id=self.order.order_id, lease_id=lease_id, reason="award unanswered"),
+            )
+            for lease_id, provider in self._unanswered.items()
+        ]
+        return lost + refused + unanswered

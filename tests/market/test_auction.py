@@ -378,6 +378,21 @@ class TestAwarding:
         assert second.provider == B
         assert au.on_award_failed(first.lease_id, T0 + 2_600) == []  # already handled
 
+    def test_an_unanswered_award_is_released_by_its_lease_id(self) -> None:
+        # The award may have reached the provider and only its accept been lost: the
+        # provider then holds a lease the tenant never uses nor pays, which lapses and
+        # makes the provider refuse the tenant's orders for a day (market.debit). Freeing
+        # the bid is not enough (the provider turned its reservation into the lease).
+        au = auction(order(1))
+        au.on_bid(A, bid(A, price=1_000_000), T0)
+        au.on_bid(B, bid(B, price=2_000_000), T0)
+        [first] = au.close(T0 + 2_000)
+        [second] = au.on_award_failed(first.lease_id, T0 + 2_500)
+        accept(au, second)
+        assert state(au) is AuctionState.LEASED
+        by_lease = [(p, r.lease_id, r.reason) for p, r in au.releases() if r.lease_id]
+        assert by_lease == [(A, first.lease_id, "award unanswered")]
+
     def test_declined_units_go_to_the_next_bids_of_a_split_order(self) -> None:
         au = auction(order(5))
         au.on_bid(A, bid(A, 3, price=1_000_000), T0)

@@ -323,3 +323,53 @@ class TestFabricatingProviders:
         # No sweep reported a made-up result as its best.
         assert v["fabricated_best"] == 0
         assert v["fabricated_results_kept"] == 0
+
+
+def _sweep_params(sim: ModuleType, **kw: Any) -> Any:
+    """A small honest market of sweeping tenants, no partition or crash."""
+    base: dict[str, Any] = dict(
+        nodes=20,
+        providers=6,
+        tenants=2,
+        seed=1,
+        fabricators=0.0,
+        sweep_trials=4,
+        partition_s=0.0,
+        crash=0.0,
+        join_s=3.0,
+    )
+    return sim.Params(**{**base, **kw})
+
+
+class TestSweepSettlement:
+    """Simulated sweeping tenants settle their leases as real ones do (node/tenant/sweep.py:
+    heartbeats whose replies carry debit notes, countersigned; a release tried again)."""
+
+    def test_a_lease_held_past_its_first_debit_note_is_paid_and_kept(self) -> None:
+        # Notes every 10 s fall due from 20 s and lapse 10 s later: a 40 s run is a
+        # lease its provider ends for want of payment unless the tenant countersigns.
+        sim = load_simulate()
+        r = sim.run_once(_sweep_params(sim, lease_hold_s=40.0, steady_s=200.0, loss=0.0))
+        v = r.verification
+        assert v["leases_lapsed"] == 0
+        assert v["providers_refusing_tenants"] == 0
+        assert v["sweeps"] >= 2  # each tenant finished one at least
+        assert v["overhead"]["all"]["trials"] >= 8
+
+    def test_a_lost_release_is_tried_again_and_the_tenant_stays_welcome(self) -> None:
+        # 5 % of messages lost each way: some releases never reach their provider. A
+        # tenant that gives up on them leaves the lease to lapse, and that provider then
+        # refuses its orders for a day (market.debit.SettlementPolicy.lapse_memory_ms).
+        sim = load_simulate()
+        r = sim.run_once(
+            _sweep_params(sim, lease_hold_s=4.0, steady_s=300.0, loss=0.05, sweep_trials=8)
+        )
+        v = r.verification
+        assert r.releases_failed > 0  # the loss did hit releases
+        assert v["leases_lapsed"] == 0
+        assert v["providers_refusing_tenants"] == 0
+        o = v["overhead"]
+        assert o["all"]["sweeps"] == v["sweeps"] >= 6
+        assert o["first"]["sweeps"] == 2
+        assert o["later"]["sweeps"] == v["sweeps"] - 2
+        assert o["later"]["extra_runs_pct"] is not None
