@@ -44,8 +44,13 @@ waits until every live node holds every live provider's advert as of the heal.
 With ``--fabricators F`` the tenants run sweeps instead of bare leases: each lease
 holds one run of a trial, and results are spot-checked by the rule of
 market.verification (see ``Sweeps``); a fraction F of the providers make results up.
-The run then also reports verification's extra spend, when each fabricator was caught
-and whether any sweep's best came from one.
+Sweeping tenants settle as real ones do: they heartbeat their leases, countersign the
+debit notes the replies carry and try a release again when it got no answer. The run
+then also reports verification's extra spend (overall, in each tenant's first sweep, in
+later ones by sweep number, in the last 10, with why each check was drawn), when each
+fabricator was caught, whether any sweep's best came from one, and leases that lapsed
+unpaid (an honest tenant has none; ``--lease-hold`` and ``--tenant-period`` compress
+a sweep's time).
 
 Invariants, checked on every run (exit code 1 when one breaks): after every order,
 award and release a provider handles, and twice a second for all providers, its
@@ -62,6 +67,9 @@ Usage::
     python bench/simulate.py --quick         # N = 200, 500, 1000, shorter phases
     python bench/simulate.py --nodes 500 --providers 50 --steady 300 --fabricators 0.1
                                              # tenants run spot-checked sweeps (issue 16)
+    python bench/simulate.py --nodes 11 --providers 10 --tenants 2 --steady 7500 \
+        --lease-hold 2 --tenant-period 0.5 --fabricators 0 --partition 0 --crash 0
+                                             # ~200 sweeps a tenant: the steady state
 
 The last line printed is ``converge_rounds=<r> msgs_per_node_s=<m>`` for the largest N
 (10,000 in the full table). docs/simulation.md has the figures and how they scale.
@@ -1541,7 +1549,8 @@ def print_verification(r: Result) -> None:
         f"{v['extra_spend_pct_first_later_sweeps']}); {v['fabricators']} fabricators, "
         f"{v['fabricators_active']} got work, {v['fabricators_caught']} caught; "
         f"caught by 20th result {v['caught_by_20th']}; honest caught {v['wrongly_caught']}; "
-        f"fabricated best {v['fabricated_best']}"
+        f"fabricated best {v['fabricated_best']}, fabricated results kept "
+        f"{v['fabricated_results_kept']}"
     )
     if "overhead" in v:
         print(
@@ -2048,6 +2057,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "providers fabricate them (0: an honest market)")  # fmt: skip
     ap.add_argument("--steady", type=float, metavar="S",
                     help="seconds of the steady-state phase (default 20)")  # fmt: skip
+    ap.add_argument("--lease-hold", type=float, metavar="S",
+                    help="seconds a tenant holds each lease (one run of a trial with "
+                         "--fabricators; default 10, 4 with --quick)")  # fmt: skip
+    ap.add_argument("--tenant-period", type=float, metavar="S",
+                    help="mean seconds between a tenant's auctions (default 2)")  # fmt: skip
     ap.add_argument("--quick", action="store_true", help="N = 200, 500, 1000; short phases")
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--jobs", type=int, default=1, help="runs in parallel processes")
@@ -2086,6 +2100,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             params.lease_hold_s = 4.0
         if args.steady is not None:
             params.steady_s = args.steady
+        if args.lease_hold is not None:
+            params.lease_hold_s = args.lease_hold
+        if args.tenant_period is not None:
+            params.tenant_period_s = args.tenant_period
         runs.append(params)
     results: list[Result] = []
     # Each run is its own process when --jobs > 1 (largest first: it takes longest).

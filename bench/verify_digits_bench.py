@@ -30,6 +30,13 @@ leases finish about as fast as more (on a market every provider is its own machi
 Runs and run time are the figures load moves least.
 
     python bench/verify_digits_bench.py [--providers 4] [--parallel 4] [--streak 40]
+    python bench/verify_digits_bench.py --sweeps 3
+
+``--sweeps K`` runs none of the above but a series: ONE fresh tenant home runs K digits
+sweeps in a row, verification on, on the same providers, and each sweep's paid
+micro-credits, task runs (trials + checks + canaries) and checks are printed, so the
+overhead is seen to fall as the tenant's streaks with its providers build (the first
+sweep pays canaries and the newcomer rate on every result; later ones the proven rate).
 
 Needs the ``examples`` extra (scikit-learn).
 """
@@ -117,6 +124,26 @@ def know(tenant: Path, providers: list[str], streak: int) -> None:
             vs.canary_passed(p, 1_000)
 
 
+def series(job: Path, tenant: Path, peer: str, a: argparse.Namespace, nodes: list[Any]) -> None:
+    """``a.sweeps`` sweeps in a row by one tenant home: what each paid and ran."""
+    done = []
+    for k in range(1, a.sweeps + 1):
+        r = run(job, tenant, peer, a.parallel, nodes)
+        extra = r["runs"] - r["succeeded"]
+        done.append(r)
+        print(json.dumps({"run": f"sweep {k}", "extra_runs": extra, **r}), flush=True)
+    print(
+        json.dumps(
+            {
+                "paid_micro": [r["paid_micro"] for r in done],
+                "runs": [r["runs"] for r in done],
+                "checks": [r["checks"] for r in done],
+                "load_avg": [round(x, 2) for x in os.getloadavg()],
+            }
+        )
+    )
+
+
 def _count(db: sqlite3.Connection, sql: str, summary: Any) -> int | None:
     try:
         return int(db.execute(sql, (summary.job.job_id,)).fetchone()[0])
@@ -129,6 +156,8 @@ def main() -> None:
     ap.add_argument("--providers", type=int, default=4)
     ap.add_argument("--parallel", type=int, default=4)
     ap.add_argument("--streak", type=int, default=40, help="known providers' streak (run 3)")
+    ap.add_argument("--sweeps", type=int, default=0, metavar="K",
+                    help="only a series of K sweeps by one fresh tenant, checks on")  # fmt: skip
     a = ap.parse_args()
     from node.cli import localcluster as cluster
 
@@ -141,6 +170,9 @@ def main() -> None:
             alike = (cluster.Template("T4", 1, 150_000, "pcie"),)
             nodes = cluster.up(a.providers, home=root / "cluster", timeout_s=180.0, templates=alike)
         peer = next(n.address for n in nodes if n.role == "bootstrap")
+        if a.sweeps:
+            series(workspace(root / "ws-on", verify=True), root / "tenant", peer, a, nodes)
+            return
         off = workspace(root / "ws-off", verify=False)
         on = workspace(root / "ws-on", verify=True)
         runs: dict[str, dict[str, Any]] = {}
