@@ -1279,7 +1279,8 @@ class Sweeps:
     def _lapses(self) -> dict[str, int]:
         """Leases providers ended because a tenant's debit note went unpaid, and the
         (provider, tenant) pairs where the provider therefore refuses the tenant's orders
-        (market.debit.SettlementPolicy.order_problem): an honest tenant has none."""
+        (market.debit.SettlementPolicy.order_problem): an honest tenant has none, unless
+        a partition keeps it from paying past a note's deadline."""
         lapsed = refusing = 0
         for m in self.sim.members:
             if m.store is None:
