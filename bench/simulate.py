@@ -1128,10 +1128,6 @@ class Sweeps:
             except MercatoError as e:
                 sim.release_failures += 1
                 sim._event("release-failed", row.lease_id, e.code)
-                now = tenant.store.get_lease(row.lease_id)
-                if now is not None and now.state is LeaseState.ENDED:
-                    # The receipt came and checked; only our countersignature was lost.
-                    return tenant.store.list_receipts(row.lease_id)[-1]
                 if isinstance(e, ReceiptRejected) or loop.time() >= give_up:
                     return None
             await asyncio.sleep(beat)

@@ -32,7 +32,7 @@ from node.net.transport import Transport
 from node.store.node_store import LeaseRow, ReceiptRow, Store
 from node.store.verify_store import VerifyStore
 from protocol.envelope import Envelope
-from protocol.errors import MercatoError
+from protocol.errors import MercatoError, PeerTimeoutError, PeerUnavailableError
 from protocol.identity import Identity
 from protocol.messages import (
     Accept,
@@ -51,6 +51,11 @@ from protocol.messages import (
 )
 
 log = logging.getLogger("mercato.tenant")
+
+#: How often a final receipt's countersignature is sent before it is left in the store.
+RECEIPT_SEND_TRIES = 3
+#: How often a release that ends a lease we do not hold is sent before we give up.
+RELEASE_SEND_TRIES = 3
 
 
 @dataclass
@@ -321,9 +326,25 @@ class Tenant:
         )
 
     async def _release_losers(self, auction: Auction) -> None:
+        """Free the bids that did not win, and end the leases a provider may hold for us.
+
+        A lost bid release costs nothing (the bid expires). A lost release of a lease
+        (an award that got no answer, a refused accept) leaves a lease nobody heartbeats
+        or pays: it lapses and its provider refuses our orders for a day. So those are
+        sent again when the network loses them (as the final receipt's countersignature).
+        """
+
         async def one(provider: str, release: Release) -> None:
-            with contextlib.suppress(MercatoError):
-                await self.node.request(self._peer(provider), release)
+            tries = RELEASE_SEND_TRIES if release.lease_id else 1
+            for attempt in range(tries):
+                try:
+                    await self.node.request(self._peer(provider), release)
+                    return
+                except (PeerTimeoutError, PeerUnavailableError):
+                    if attempt + 1 < tries:
+                        await asyncio.sleep(0.1 * 2**attempt)
+                except MercatoError:  # answered: nothing more to do
+                    return
 
         await asyncio.gather(*(one(p, r) for p, r in auction.releases()))
 
@@ -448,12 +469,45 @@ class Tenant:
         self.store.put_receipt(row)
         countersign = receipt.model_copy(update={"countersigns": reply.digest})
         raw = self.node.seal(countersign, to=lease.provider)
-        await self.node.request(peer, countersign, sealed=raw)
-        # Notes countersigned during the lease already booked part of the total.
+        # Booked before it is sent: we signed it, so we owe it, whether or not the
+        # network delivers it. Notes countersigned during the lease booked part of it.
         increment = max(0, receipt.amount - self.store.lease_paid(lease.lease_id))
         self.store.countersign_receipt(reply.digest, raw, -increment, lease.provider, now)
         self.store.record_outcome(lease.provider, "completed")
+        await self._deliver_countersignature(peer, countersign, raw, lease)
         return row
+
+    async def _deliver_countersignature(
+        self, peer: Peer, countersign: Receipt, raw: bytes, lease: LeaseRow
+    ) -> None:
+        """Send a final receipt's countersignature, again if the network lost it.
+
+        The same sealed bytes each time, so the provider books it once: if a copy did
+        arrive and only the answer was lost, the next copy is refused as a replay, which
+        ends the tries. No heartbeat follows a released lease to bring it back, and a
+        provider without it is owed money it cannot show was agreed.
+        """
+        for attempt in range(RECEIPT_SEND_TRIES):
+            try:
+                await self.node.request(peer, countersign, sealed=raw)
+                return
+            except (PeerTimeoutError, PeerUnavailableError) as e:
+                log.info(
+                    "countersignature of lease %s not delivered (try %d): %s",
+                    lease.lease_id,
+                    attempt + 1,
+                    e,
+                )
+                if attempt + 1 < RECEIPT_SEND_TRIES:
+                    await asyncio.sleep(0.1 * 2**attempt)
+            except MercatoError as e:  # answered: a copy arrived, or it is refused
+                log.info("countersignature of lease %s answered: %s", lease.lease_id, e)
+                return
+        log.warning(
+            "countersignature of lease %s not delivered after %d tries; kept in the store",
+            lease.lease_id,
+            RECEIPT_SEND_TRIES,
+        )
 
     def _check_receipt(self, lease: LeaseRow, r: Receipt, sender: str, now: int) -> None:
         """Refuse a receipt that is not for this lease or bills more than we measured.

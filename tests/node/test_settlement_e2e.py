@@ -26,7 +26,7 @@ from node.tenant.taskclient import TaskClient
 from node.workspace import pack
 from protocol.envelope import Envelope
 from protocol.errors import PeerTimeoutError
-from protocol.messages import DebitNote, Requirement, TaskAssign
+from protocol.messages import Award, DebitNote, Receipt, Release, Requirement, TaskAssign
 from tests.node.tenant.sellside import Closers, new_tenant
 
 JOB = hashlib.sha256(b"test_settlement_e2e").hexdigest()
@@ -284,3 +284,67 @@ class TestLostCountersignature:
         row = daemon.store.get_lease(lease.lease_id)
         assert row is not None
         assert row.state == "active"
+
+    async def test_a_lost_countersignature_of_the_final_receipt_is_sent_again_and_booked(
+        self, tmp_path: Path, closers: Closers
+    ) -> None:
+        daemon = await provider(tmp_path, closers)
+        tenant = await tenant_of(tmp_path, closers)
+        lease = await lease_of(tenant, daemon)
+        send = tenant.node.request
+        lost: list[str] = []
+
+        async def lossy(peer: Any, body: Any, **kw: Any) -> Any:
+            """The network drops the tenant's first countersignature of the receipt."""
+            if isinstance(body, Receipt) and body.countersigns and not lost:
+                lost.append(body.countersigns)
+                raise PeerTimeoutError("countersignature lost")
+            return await send(peer, body, **kw)
+
+        tenant.node.request = lossy  # type: ignore[method-assign]
+        receipt = await tenant.release(lease)
+        assert lost
+        # Both sides booked the receipt once: the tenant what it owes, the provider what
+        # it is owed, though the first countersignature never arrived.
+        assert tenant.store.ledger_balance() == -receipt.amount
+        assert daemon.store.ledger_balance() == receipt.amount
+        row = tenant.store.get_lease(lease.lease_id)
+        assert row is not None
+        assert row.state == "ended"
+
+
+class TestOrphanLease:
+    async def test_a_lease_whose_accept_and_first_release_were_lost_is_ended_not_lapsed(
+        self, tmp_path: Path, closers: Closers
+    ) -> None:
+        # The provider accepts the award but its answer is lost: the tenant falls back
+        # and releases that lease by its id; the first release is lost too. Given up
+        # there, the lease would run unpaid until it lapsed and the provider refused this
+        # tenant's orders for a day.
+        daemon = await provider(tmp_path, closers)
+        tenant = await tenant_of(tmp_path, closers)
+        await tenant.refresh(daemon.address)
+        send = tenant.node.request
+        lost: list[str] = []
+
+        async def lossy(peer: Any, body: Any, **kw: Any) -> Any:
+            if isinstance(body, Award):
+                await send(peer, body, **kw)  # delivered and accepted ...
+                lost.append("accept")
+                raise PeerTimeoutError("accept lost")  # ... the answer lost
+            if isinstance(body, Release) and body.lease_id and lost == ["accept"]:
+                lost.append("release")
+                raise PeerTimeoutError("release lost")
+            return await send(peer, body, **kw)
+
+        tenant.node.request = lossy  # type: ignore[method-assign]
+        report = await tenant.auction(
+            Requirement(kind="gpu"), 1, 10_000_000, job_spec_hash=JOB, heartbeat_interval_ms=1_000
+        )
+        assert report.leases == []
+        assert lost == ["accept", "release"]
+        [held] = daemon.store.list_leases()
+        # Ended when the auction returned, by the tenant's release: nothing runs unpaid
+        # until it lapses, so the provider will not refuse this tenant.
+        assert held.state == "ended"
+        assert held.end_reason == ""
