@@ -279,6 +279,26 @@ class TestPreloadedModules:
         host_random.seed(1)
         assert len({s["r"] for s in seen} | {host_random.random()}) == 3
 
+    async def test_a_parameter_parsing_trial_imports_nothing_on_its_first_parser(
+        self, executor: SandboxExecutor, workspace: Path
+    ) -> None:
+        # argparse imports shutil (the terminal's width) and locale (through gettext) on
+        # its first ArgumentParser, not at its own import: milliseconds in every trial
+        # unless the runner has them too.
+        code = """
+        import argparse, json, sys
+        before = set(sys.modules)
+        p = argparse.ArgumentParser()
+        p.add_argument("--lr", type=float, required=True)
+        x = p.parse_args()
+        print(json.dumps({"lr": x.lr, "imported": sorted(set(sys.modules) - before)}))
+        """
+        for n in (1, 2):
+            seen = record(
+                await executor.run(make_spec(workspace, code, "--lr", "0.5", task_id=f"ap{n}"))
+            )
+            assert seen == {"lr": 0.5, "imported": []}
+
     async def test_a_workspace_module_shadows_a_preloaded_one_as_in_a_fresh_interpreter(
         self, executor: SandboxExecutor, workspace: Path
     ) -> None:
