@@ -30,6 +30,7 @@ from node.provider.executor import (
     Executor,
     LeaseAwareExecutor,
     MetricDrop,
+    PreparingExecutor,
     ResourceLimits,
     TrialOutcome,
     TrialSpec,
@@ -40,6 +41,7 @@ from protocol.envelope import Envelope
 from protocol.errors import (
     BusyError,
     InvalidFieldError,
+    MercatoError,
     NotFoundError,
     SpecMismatchError,
     TooLargeError,
@@ -541,6 +543,10 @@ class WorkService:
         task = Task(assign=assign, tenant=env.sender)
         self.tasks[task.key] = task
         self._schedule(lease)
+        if task.state == "queued" and isinstance(self.executor, PreparingExecutor):
+            # Its work dir is copied while the tasks before it run, off its start's path.
+            with contextlib.suppress(MercatoError):  # a bad field fails the task at its start
+                self.node.spawn(self.executor.prepare(self._spec(task)))
         return self._status(task)
 
     def _schedule(self, lease: ProviderLease) -> None:
@@ -584,24 +590,7 @@ class WorkService:
             if isinstance(self.executor, LeaseAwareExecutor):
                 await self.executor.lease_open(lease.lease_id, lease.devices)
             try:
-                # The task's small files go into the executor's own copy of the workspace
-                # (one copy per trial); a service's task never shares a warm sandbox.
-                spec = TrialSpec(
-                    task_id=task.run_id,
-                    argv=list(a.command),
-                    workspace=self._ws_dir(task.tenant, a.workspace_hash),
-                    files=dict(a.files),
-                    warm_key=None if service_socket(dict(a.env)) else a.lease_id,
-                    timeout_s=a.timeout_ms / 1000,
-                    env=dict(a.env),
-                    device_ids=task.devices,
-                    device_env=self.device_env(task.devices),
-                    device_nodes=self.device_nodes(task.devices),
-                    max_output_bytes=a.max_output_bytes,
-                    network=a.network and self.allow_network,
-                    limits=self.limits,
-                )
-                outcome = await self.executor.run(spec, on_output, on_metrics)
+                outcome = await self.executor.run(self._spec(task), on_output, on_metrics)
                 state = _TASK_STATE[outcome.state]
                 if task.cancel_reason:
                     state = "cancelled"
@@ -649,6 +638,29 @@ class WorkService:
             # sandbox mounted) that held up the next task's start and every long poll.
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(self.executor.discard, task.run_id)
+
+    def _spec(self, task: Task) -> TrialSpec:
+        """What the executor runs for ``task`` (on the devices it has been given).
+
+        The task's small files go into the executor's own copy of the workspace (one
+        copy per trial); a service's task never shares a warm sandbox.
+        """
+        a = task.assign
+        return TrialSpec(
+            task_id=task.run_id,
+            argv=list(a.command),
+            workspace=self._ws_dir(task.tenant, a.workspace_hash),
+            files=dict(a.files),
+            warm_key=None if service_socket(dict(a.env)) else a.lease_id,
+            timeout_s=a.timeout_ms / 1000,
+            env=dict(a.env),
+            device_ids=task.devices,
+            device_env=self.device_env(task.devices),
+            device_nodes=self.device_nodes(task.devices),
+            max_output_bytes=a.max_output_bytes,
+            network=a.network and self.allow_network,
+            limits=self.limits,
+        )
 
     def _note_dropped(self, task: Task, dropped: dict[str, int]) -> None:
         """Say in the task's log which printed metrics were not kept, and count them."""
@@ -761,6 +773,9 @@ class WorkService:
                 to=task.tenant,
             )
             task.touch()
+            if isinstance(self.executor, PreparingExecutor):
+                # Its copy, if one was prepared, goes: it will never start.
+                self.node.spawn(self.executor.unprepare(task.run_id))
         elif task.state == "running":
             task.cancel_reason = reason
             self.node.spawn(self.executor.cancel(task.run_id))

@@ -111,10 +111,10 @@ def record(outcome: TrialOutcome) -> dict[str, Any]:
 
 
 def slot_of(executor: SandboxExecutor, task_id: str) -> Path:
-    """The warm sandbox a trial ran in (its work dir's parent), asserted warm."""
-    work = executor.work_dir(task_id)
-    assert work.parent.name.startswith(".warm-"), work
-    return work.parent
+    """The warm sandbox a trial ran in (its slot), asserted warm."""
+    slot = executor.warm_slot(task_id)
+    assert slot is not None and slot.startswith(".warm-"), slot
+    return executor.root_dir / slot
 
 
 class TestStartsLikeAFreshInterpreter:
@@ -493,7 +493,7 @@ class TestTheRunnerIsOutOfReach:
         seen = record(
             await executor.run(make_spec(workspace, code, str(executor.root_dir), task_id="o2"))
         )
-        assert (executor.root_dir / ".warm-1" / "o1" / "secret").exists()  # leaseB's, idle
+        assert (executor.work_dir("o1") / "secret").exists()  # leaseB's, not discarded yet
         assert seen == {"root": [slot_of(executor, "o2").name]}
 
     async def test_a_trial_that_kills_the_runner_fails_alone(
@@ -640,3 +640,122 @@ class TestFiles:
                     timeout_s=1,
                     files={name: "x"},
                 )
+
+
+#: What a queued trial's parameters file holds; a running trial must never find it.
+NEXT_SECRET = "parameters-of-the-next-trial-7c1e"
+
+#: Waits for ``go`` in its work dir, then looks everywhere it can for the next trial's
+#: parameters (by name and by content), and for the place copies are prepared in.
+SEARCH = """
+import json, os, sys, time
+ready, secret = sys.argv[1], sys.argv[2]
+while not os.path.exists("go"):
+    time.sleep(0.01)
+skip = {"/proc", "/sys", "/dev", "/usr"}
+skip |= {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix)}
+found = []
+for top, dirs, files in os.walk("/"):
+    dirs[:] = [d for d in dirs if os.path.realpath(os.path.join(top, d)) not in skip]
+    for name in files:
+        path = os.path.join(top, name)
+        if name == "params.json":
+            found.append(path)
+            continue
+        try:
+            if os.path.getsize(path) < 1 << 16 and secret in open(path, errors="replace").read():
+                found.append(path)
+        except OSError:
+            pass
+open("left-by-this-trial", "w").write("x")
+print(json.dumps({
+    "found": found,
+    "ready": os.path.exists(ready),
+    "beside": sorted(os.listdir("..")),
+}))
+"""
+
+#: What a trial starts with: its parameters file, its work dir, its slot.
+LOOK = """
+import json, os
+print(json.dumps({
+    "params": open("params.json").read(),
+    "work": sorted(os.listdir(".")),
+    "beside": sorted(os.listdir("..")),
+}))
+"""
+
+
+def prepared(executor: SandboxExecutor) -> list[Path]:
+    """The copies waiting in the executor's ready dir."""
+    ready = executor.root_dir / ".ready"
+    return sorted(ready.iterdir()) if ready.exists() else []
+
+
+class TestPreparedWorkDirs:
+    async def test_a_running_trial_sees_nothing_of_the_next_ones_copy(
+        self, executor: SandboxExecutor, workspace: Path
+    ) -> None:
+        await executor.run(make_spec(workspace, "pass", task_id="p0"))  # the sandbox starts
+        ready = str(executor.root_dir / ".ready")
+        running = asyncio.create_task(
+            executor.run(make_spec(workspace, SEARCH, ready, NEXT_SECRET, task_id="pk"))
+        )
+        while executor.warm_slot("pk") is None:
+            await asyncio.sleep(0.01)
+        nxt = make_spec(workspace, LOOK, task_id="pn", files={"params.json": NEXT_SECRET})
+        await executor.prepare(nxt)
+        (copy,) = prepared(executor)
+        assert (copy / "params.json").read_text() == NEXT_SECRET
+        (copy / "made-ahead").write_text("")  # tells the copy used apart from a fresh one
+        (executor.work_dir("pk") / "go").write_text("")
+        seen = record(await running)
+        assert seen == {"found": [], "ready": False, "beside": ["pk"]}
+        after = record(await executor.run(nxt))
+        assert slot_of(executor, "pn") == slot_of(executor, "pk")
+        assert after == {
+            "params": NEXT_SECRET,
+            "work": ["data.txt", "made-ahead", "p0.py", "params.json", "pk.py", "pn.py"],
+            "beside": ["pn"],  # nothing the trial before left in the slot
+        }
+        assert prepared(executor) == []
+
+    async def test_a_copy_not_used_or_of_a_cancelled_trial_is_removed(
+        self, executor: SandboxExecutor, workspace: Path
+    ) -> None:
+        await executor.run(make_spec(workspace, "pass", task_id="c0"))
+        old = make_spec(workspace, LOOK, task_id="ca", files={"params.json": "old"})
+        await executor.prepare(old)
+        assert len(prepared(executor)) == 1
+        # The trial starts with other parameters than the copy was made with.
+        new = TrialSpec(**{**vars(old), "files": {"params.json": "new"}})
+        assert record(await executor.run(new))["params"] == "new"
+        assert prepared(executor) == []
+        # A queued trial cancelled before it starts, once its copy is made or while it is.
+        for task_id in ("cb", "cc"):
+            spec = make_spec(workspace, LOOK, task_id=task_id, files={"params.json": "x"})
+            making = asyncio.create_task(executor.prepare(spec))
+            if task_id == "cb":
+                await making
+                assert len(prepared(executor)) == 1
+            else:
+                await asyncio.sleep(0)  # the copy has begun in its thread
+            await executor.unprepare(task_id)
+            await making
+            assert prepared(executor) == []
+
+    async def test_a_restart_or_close_leaves_no_copy_behind(
+        self, bwrap: None, workspace: Path, tmp_path: Path, home: Path
+    ) -> None:
+        root = tmp_path / "restart"
+        first = SandboxExecutor(root, hidden_paths=[home])
+        await first.prepare(make_spec(workspace, LOOK, task_id="r1", files={"a": "1"}))
+        assert len(prepared(first)) == 1
+        # The daemon stopped without closing (killed); the next one starts on the same root.
+        second = SandboxExecutor(root, hidden_paths=[home])
+        assert prepared(second) == []
+        await second.prepare(make_spec(workspace, LOOK, task_id="r2", files={"a": "2"}))
+        assert len(prepared(second)) == 1
+        await second.close()
+        assert prepared(second) == []
+        await first.close()
