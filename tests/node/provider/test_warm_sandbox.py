@@ -27,7 +27,7 @@ from node.provider.executor import (
     TrialSpec,
     TrialState,
 )
-from node.provider.sandbox import SandboxExecutor
+from node.provider.sandbox import READY_DIR, SandboxExecutor
 
 KEY_TEXT = "-----BEGIN PRIVATE KEY----- provider secret"
 
@@ -113,7 +113,8 @@ def record(outcome: TrialOutcome) -> dict[str, Any]:
 def slot_of(executor: SandboxExecutor, task_id: str) -> Path:
     """The warm sandbox a trial ran in (its slot), asserted warm."""
     slot = executor.warm_slot(task_id)
-    assert slot is not None and slot.startswith(".warm-"), slot
+    assert slot is not None
+    assert slot.startswith(".warm-"), slot
     return executor.root_dir / slot
 
 
@@ -688,7 +689,7 @@ print(json.dumps({
 
 def prepared(executor: SandboxExecutor) -> list[Path]:
     """The copies waiting in the executor's ready dir."""
-    ready = executor.root_dir / ".ready"
+    ready = executor.root_dir / READY_DIR
     return sorted(ready.iterdir()) if ready.exists() else []
 
 
@@ -697,11 +698,13 @@ class TestPreparedWorkDirs:
         self, executor: SandboxExecutor, workspace: Path
     ) -> None:
         await executor.run(make_spec(workspace, "pass", task_id="p0"))  # the sandbox starts
-        ready = str(executor.root_dir / ".ready")
+        ready = str(executor.root_dir / READY_DIR)
         running = asyncio.create_task(
             executor.run(make_spec(workspace, SEARCH, ready, NEXT_SECRET, task_id="pk"))
         )
-        while executor.warm_slot("pk") is None:
+        for _ in range(3000):
+            if executor.warm_slot("pk") is not None:
+                break
             await asyncio.sleep(0.01)
         nxt = make_spec(workspace, LOOK, task_id="pn", files={"params.json": NEXT_SECRET})
         await executor.prepare(nxt)
