@@ -1570,6 +1570,10 @@ class _Warm:
                 await pipe.drain()
         finally:
             pipe.close()
+        if reply is not None and reply.get("preload_failed"):
+            logger.warning(
+                "warm sandbox %s: %s", self.slot.name, "; ".join(reply["preload_failed"])
+            )
         why = None if reply is None else reply["unclean"]
         keep = reply is not None and state is None and why is None and not self.exited.done()
         if why is not None:
@@ -1627,6 +1631,8 @@ class _Warm:
             and type(reply.get("maxrss_kib")) is int
             and reply["maxrss_kib"] >= 0
             and (reply.get("unclean") is None or isinstance(reply["unclean"], str))
+            and isinstance(reply.get("preload_failed", []), list)
+            and all(isinstance(x, str) for x in reply.get("preload_failed", []))
         ):
             raise ValueError("the runner's answer is malformed")
         return reply

@@ -595,9 +595,15 @@ def serve(cfg: dict[str, Any]) -> tuple[list[str], int | None, frozenset[str]]:
 
     ``script`` set: ``argv[script]`` is a Python script to run here as the interpreter
     ``argv[script - 1]`` would (:func:`run_script`); else exec ``argv``. ``preloaded``:
-    the modules the runner imported for its children (:func:`preload`). The parent
-    never returns: it exits when the provider closes the socket or when the sandbox is
-    not clean after a trial.
+    the modules the runner had imported when it forked the child (:func:`preload`).
+    The parent never returns: it exits when the provider closes the socket or when the
+    sandbox is not clean after a trial.
+
+    The runner preloads once it has passed the sandbox's first trial on to its child:
+    that trial imports what it needs itself, as a fresh interpreter does, and starts
+    without waiting for the whole list (tens of milliseconds, several times that when
+    a lease's sandboxes start together on a busy host); the trials after it find the
+    modules imported. Names that fail to import are named in the first answer.
 
     The child of the next trial is forked *before* its request comes (once the sandbox
     is clean after the last trial), and waits for it on a socket of its own: the fork
@@ -619,11 +625,13 @@ def serve(cfg: dict[str, Any]) -> tuple[list[str], int | None, frozenset[str]]:
     keep = _snapshot(scratch)
     # Only a runner that runs scripts itself (under the trial's interpreter) preloads:
     # an exec'd command starts from nothing anyway.
-    preloaded = preload(list(cfg.get("preload", []))) if cfg.get("python") else frozenset()
+    to_preload = list(cfg.get("preload", [])) if cfg.get("python") else []
     while True:
         pid, chan = _fork_waiting(sock)
         if pid == 0:
-            return (*_take_request(chan), preloaded)
+            # The runner's own imports (json, ctypes...) count too: a fresh interpreter
+            # has none of them.
+            return (*_take_request(chan), frozenset(set(sys.modules) - AT_START))
         try:
             head, fds, _, _ = socket.recv_fds(sock, 4, 4)
             if not head:
@@ -652,14 +660,13 @@ def serve(cfg: dict[str, Any]) -> tuple[list[str], int | None, frozenset[str]]:
         os.close(out)
         chan.close()
         started = time.monotonic()
+        failed, to_preload = (preload(to_preload), []) if to_preload else ([], [])
         status, cpu, rss = _reap_trial(pid)
         wall = time.monotonic() - started
         why = _leftovers(scratch, keep, state)
+        reply = {"status": status, "cpu_s": cpu, "maxrss_kib": rss, "wall_s": wall, "unclean": why}
         try:
-            _send_reply(
-                sock,
-                {"status": status, "cpu_s": cpu, "maxrss_kib": rss, "wall_s": wall, "unclean": why},
-            )
+            _send_reply(sock, {**reply, "preload_failed": failed} if failed else reply)
         except OSError:
             os._exit(0)
         if why is not None:
@@ -735,8 +742,8 @@ def _take_request(chan: Any) -> tuple[list[str], int | None]:
         os._exit(SETUP_FAILED)
 
 
-def preload(names: list[str]) -> frozenset[str]:
-    """Import ``names`` once in the runner, so no trial's child imports them again.
+def preload(names: list[str]) -> list[str]:
+    """Import ``names`` once in the runner, so no later trial's child imports them again.
 
     What multiprocessing's forkserver does with its preload list: a child forked from
     the runner finds them in ``sys.modules``, the same modules a fresh interpreter
@@ -744,21 +751,20 @@ def preload(names: list[str]) -> frozenset[str]:
     on the runner's path). A child has its own copy of them (fork), so nothing a trial
     does to one reaches the next trial. The runner's objects are then frozen out of
     the collector: a child's collections never walk (and so never copy) the runner's
-    pages. Returns every module a fresh interpreter would not have (these and the
-    runner's own); a name that fails to import is said on the runner's output and
-    skipped.
+    pages. A name that fails to import is skipped; returns why each one failed (for
+    the provider's log: the runner's own output would reach the trial running then).
     """
     import gc
     import importlib
 
+    failed = []
     for name in names:
         try:
             importlib.import_module(name)
         except Exception as exc:  # an operator's list: a bad name must not end the runner
-            _say(f"cannot preload {name}: {exc!r}")
+            failed.append(f"cannot preload {name}: {exc!r}"[:500])
     gc.freeze()
-    # The runner's own imports (json, ctypes...) count too: a fresh interpreter has none.
-    return frozenset(set(sys.modules) - AT_START)
+    return failed
 
 
 def _drop_shadowed(preloaded: frozenset[str], directory: str) -> None:
