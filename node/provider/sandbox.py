@@ -510,6 +510,10 @@ class SandboxExecutor:
         finally:
             del self._running[spec.task_id]
             running.done.set()
+            # A copy prepared for a trial that could not start (its sandbox failed to).
+            ready = self._ready.pop(spec.task_id, None)
+            if ready is not None and ready.done:
+                await asyncio.to_thread(_remove_tree, ready.path)
 
     async def cancel(self, task_id: str) -> bool:
         """Kill a running trial's process tree; returns once its ``run`` has finished."""

@@ -653,10 +653,20 @@ def serve(cfg: dict[str, Any]) -> tuple[list[str], int | None, frozenset[str]]:
             os._exit(0)  # the provider is gone or confused: the sandbox ends
         out = fds[0]
         try:
-            socket.send_fds(chan, [len(raw).to_bytes(4, "big")], [out])
-            chan.sendall(raw)
+            _pass_on(chan, raw, out)
         except OSError:
-            os._exit(0)  # the waiting child is gone (killed from outside): the sandbox ends
+            # The waiting child is gone (killed from outside the sandbox, say by the
+            # kernel's OOM killer): it is reaped, and a new one takes the request.
+            chan.close()
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+            pid, chan = _fork_waiting(sock)
+            if pid == 0:
+                return (*_take_request(chan), frozenset(set(sys.modules) - AT_START))
+            try:
+                _pass_on(chan, raw, out)
+            except OSError:
+                os._exit(0)  # the sandbox ends
         os.close(out)
         chan.close()
         started = time.monotonic()
@@ -671,6 +681,14 @@ def serve(cfg: dict[str, Any]) -> tuple[list[str], int | None, frozenset[str]]:
             os._exit(0)
         if why is not None:
             os._exit(0)
+
+
+def _pass_on(chan: Any, raw: bytes, out: int) -> None:
+    """Give the waiting child its request and its output pipe's write end."""
+    import socket
+
+    socket.send_fds(chan, [len(raw).to_bytes(4, "big")], [out])
+    chan.sendall(raw)
 
 
 def _fork_waiting(control: Any) -> tuple[int, Any]:

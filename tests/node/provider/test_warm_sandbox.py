@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 import re
+import signal
 import sys
 import textwrap
 from pathlib import Path
@@ -29,6 +30,7 @@ from node.provider.executor import (
     TrialState,
 )
 from node.provider.sandbox import READY_DIR, SandboxExecutor
+from node.provider.supervisor import descendants
 
 KEY_TEXT = "-----BEGIN PRIVATE KEY----- provider secret"
 
@@ -521,6 +523,30 @@ class TestTheRunnerIsOutOfReach:
         assert after.state is TrialState.SUCCEEDED
         assert after.log_path.read_text() == "fine\n"
         assert slot_of(executor, "d2").exists()
+
+
+class TestTheNextTrialsChild:
+    async def test_it_is_forked_once_the_last_trial_is_gone_and_replaced_if_killed(
+        self, executor: SandboxExecutor, workspace: Path
+    ) -> None:
+        await executor.run(make_spec(workspace, "pass", task_id="f0"))
+        (warm,) = executor._warm_idle
+        # Below the supervisor: bwrap, bwrap's pid 1, the runner, and the next trial's
+        # child waiting under the runner (the deepest), nothing else.
+        waiting: list[int] = []
+        for _ in range(500):
+            tree = descendants(warm.pid)
+            deepest = max(depth for _, depth in tree)
+            waiting = [pid for pid, depth in tree if depth == deepest >= 4]
+            if waiting:
+                break
+            await asyncio.sleep(0.01)
+        assert len(waiting) == 1
+        os.kill(waiting[0], signal.SIGKILL)  # as the kernel's OOM killer could
+        after = await executor.run(make_spec(workspace, "print('fine')", task_id="f1"))
+        assert after.state is TrialState.SUCCEEDED, after.log_path.read_text()
+        assert after.log_path.read_text() == "fine\n"
+        assert slot_of(executor, "f0") == slot_of(executor, "f1")
 
 
 class TestLimitsAndEnds:
