@@ -383,6 +383,19 @@ class PreparingExecutor(Protocol):
         ...
 
 
+@runtime_checkable
+class WarmingExecutor(Protocol):
+    """An executor that can start a lease's sandboxes before its first trials come.
+
+    The provider calls ``warm_up`` once per lease, when its workspace starts to arrive,
+    with one spec per slot in the shape the lease's trials most likely have.
+    """
+
+    async def warm_up(self, specs: Sequence[TrialSpec]) -> None:
+        """Start what trials like ``specs`` will run in; a wrong guess costs only that."""
+        ...
+
+
 def parse_metrics_line(line: bytes) -> dict[str, Any] | None:
     """The JSON object on ``line``, or ``None`` if the line is not one (a log line)."""
     text = line.strip()

@@ -168,7 +168,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -552,8 +552,7 @@ class SandboxExecutor:
 
     async def lease_close(self, lease_id: str) -> None:
         """Close the lease's idle warm sandboxes (a running trial's closes when it ends)."""
-        for w in [w for w in self._warm_idle if w.warm_key == lease_id]:
-            self._warm_idle.remove(w)
+        for w in self._take_idle(lambda w: w.warm_key == lease_id):
             await self._retire(w)
 
     async def close(self) -> None:
@@ -841,20 +840,7 @@ class SandboxExecutor:
         on_metrics: MetricsCallback | None,
     ) -> TrialOutcome:
         """Run ``spec`` in a warm sandbox of its key: an idle one of the same spec or a new one."""
-        # The runner starts with the provider's variables and those that shape how an
-        # interpreter starts (locale, time zone, PYTHON*): only those make its key. The
-        # rest (a sweep's seed, the trial's devices) comes with each trial.
-        trial_env = self._env(spec, "/", "/tmp")
-        base_env = {k: v for k, v in trial_env.items() if k in _RUNNER_VARS or _shapes_start(k)}
-        python = _runner_python(spec.argv, trial_env)
-        key = (
-            spec.warm_key,
-            tuple(sorted((k, v) for k, v in base_env.items() if _shapes_start(k))),
-            spec.device_nodes,
-            spec.network,
-            spec.limits,
-            python,
-        )
+        key, base_env, python = self._warm_shape(spec)
         w = await self._take_warm(spec, key, base_env, python)
         keep = False
         trial_dir = self.root_dir / spec.task_id
@@ -897,27 +883,100 @@ class SandboxExecutor:
             else:
                 await self._retire(w)
 
+    def _warm_shape(self, spec: TrialSpec) -> tuple[tuple[Any, ...], dict[str, str], str | None]:
+        """A warm sandbox's key for ``spec``, the runner's environment and interpreter.
+
+        The runner starts with the provider's variables and those that shape how an
+        interpreter starts (locale, time zone, PYTHON*): only those make its key. The
+        rest (a sweep's seed, the trial's devices) comes with each trial.
+        """
+        trial_env = self._env(spec, "/", "/tmp")
+        base_env = {k: v for k, v in trial_env.items() if k in _RUNNER_VARS or _shapes_start(k)}
+        python = _runner_python(spec.argv, trial_env)
+        key = (
+            spec.warm_key,
+            tuple(sorted((k, v) for k, v in base_env.items() if _shapes_start(k))),
+            spec.device_nodes,
+            spec.network,
+            spec.limits,
+            python,
+        )
+        return key, base_env, python
+
+    async def warm_up(self, specs: Sequence[TrialSpec]) -> None:
+        """Start warm sandboxes for trials like ``specs`` (one each) before they come.
+
+        The provider calls it with one spec per slot of a lease while the tenant
+        uploads the workspace, in the shape the lease's trials most likely have (the
+        provider's environment, ``python3``, no network): the first trials find their
+        sandboxes started (their runners preloading already) instead of starting them.
+        Sandboxes of this lease only, like any other (``warm_key``); one whose shape no
+        trial has is closed when a trial of another shape starts under the lease, with
+        the lease, or after :data:`WARM_IDLE_S`. A no-op without warm sandboxes, and
+        for as many of a shape as wait idle already.
+        """
+        if not self.warm:
+            return
+        shapes: dict[tuple[Any, ...], tuple[TrialSpec, dict[str, str], str | None, int]] = {}
+        for spec in specs:
+            if spec.warm_key is None:
+                continue
+            key, base_env, python = self._warm_shape(spec)
+            n = shapes[key][3] if key in shapes else 0
+            shapes[key] = (shapes[key][0] if key in shapes else spec, base_env, python, n + 1)
+        for key, (spec, base_env, python, wanted) in shapes.items():
+            for _ in range(wanted - sum(1 for w in self._warm_idle if w.key == key)):
+                w = await self._spawn_warm(spec, key, base_env, python, preload_now=True)
+                self._warm_idle.append(w)
+        while len(self._warm_idle) > MAX_WARM_IDLE:
+            await self._retire(self._warm_idle.pop(0))
+
     async def _take_warm(
         self, spec: TrialSpec, key: tuple[Any, ...], env: dict[str, str], python: str | None
     ) -> _Warm:
         now = time.monotonic()
-        for w in list(self._warm_idle):
-            if w.exited.done() or now - w.idle_since > WARM_IDLE_S:
-                self._warm_idle.remove(w)
-                await self._retire(w)
+        for w in self._take_idle(lambda w: w.exited.done() or now - w.idle_since > WARM_IDLE_S):
+            await self._retire(w)
         for w in self._warm_idle:
             if w.key == key:
                 self._warm_idle.remove(w)
                 return w
-        for w in [w for w in self._warm_idle if w.warm_key == spec.warm_key]:
-            # The same lease with another spec (env, devices, limits): never reused now.
-            self._warm_idle.remove(w)
+        # The same lease with another spec (env, devices, limits): never reused now.
+        for w in self._take_idle(lambda w: w.warm_key == spec.warm_key):
             await self._retire(w)
+        return await self._spawn_warm(spec, key, env, python)
+
+    def _take_idle(self, which: Callable[[_Warm], bool]) -> list[_Warm]:
+        """Idle sandboxes ``which`` picks, out of the idle list at once (no await between
+        choosing and taking: trials starting together must not take one twice)."""
+        taken: list[_Warm] = []
+        kept: list[_Warm] = []
+        for w in self._warm_idle:
+            (taken if which(w) else kept).append(w)
+        self._warm_idle = kept
+        return taken
+
+    async def _spawn_warm(
+        self,
+        spec: TrialSpec,
+        key: tuple[Any, ...],
+        env: dict[str, str],
+        python: str | None,
+        *,
+        preload_now: bool = False,
+    ) -> _Warm:
+        """A new warm sandbox; its runner preloads at once with ``preload_now`` (started
+        ahead of its first trial), else once that trial runs (see supervisor.serve)."""
         self._warm_seq += 1
         slot = self.root_dir / f".warm-{self._warm_seq}"
         await asyncio.to_thread(self._make_slot, slot)
         assert self._seccomp_warm is not None
-        cfg = {"python": python, "scratch": ["/tmp", "/dev/shm"], "preload": self.warm_preload}
+        cfg = {
+            "python": python,
+            "scratch": ["/tmp", "/dev/shm"],
+            "preload": self.warm_preload,
+            "preload_now": preload_now,
+        }
         command = self._bwrap_argv(spec, str(slot), env, cfg)
         return _Warm.spawn(
             command, env, slot, spec, key, python, self._seccomp_warm, self.trial_uid

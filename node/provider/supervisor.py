@@ -626,6 +626,9 @@ def serve(cfg: dict[str, Any]) -> tuple[list[str], int | None, frozenset[str]]:
     # Only a runner that runs scripts itself (under the trial's interpreter) preloads:
     # an exec'd command starts from nothing anyway.
     to_preload = list(cfg.get("preload", [])) if cfg.get("python") else []
+    failed: list[str] = []
+    if cfg.get("preload_now"):  # started ahead of its first trial: nothing to wait for
+        failed, to_preload = preload(to_preload), []
     while True:
         pid, chan = _fork_waiting(sock)
         if pid == 0:
@@ -670,13 +673,15 @@ def serve(cfg: dict[str, Any]) -> tuple[list[str], int | None, frozenset[str]]:
         os.close(out)
         chan.close()
         started = time.monotonic()
-        failed, to_preload = (preload(to_preload), []) if to_preload else ([], [])
+        if to_preload:
+            failed, to_preload = preload(to_preload), []
         status, cpu, rss = _reap_trial(pid)
         wall = time.monotonic() - started
         why = _leftovers(scratch, keep, state)
         reply = {"status": status, "cpu_s": cpu, "maxrss_kib": rss, "wall_s": wall, "unclean": why}
         try:
             _send_reply(sock, {**reply, "preload_failed": failed} if failed else reply)
+            failed = []
         except OSError:
             os._exit(0)
         if why is not None:

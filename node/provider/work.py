@@ -34,6 +34,7 @@ from node.provider.executor import (
     ResourceLimits,
     TrialOutcome,
     TrialSpec,
+    WarmingExecutor,
 )
 from node.provider.service import ProviderService
 from node.workspace import WorkspaceError, unpack_file
@@ -231,6 +232,7 @@ class WorkService:
         # and how it ended stays on the operator's page after the lease (node.operator).
         self.finished: deque[Task] = deque(maxlen=MAX_FINISHED_KEPT)
         self._busy: dict[str, set[str]] = {}  # lease_id -> device ids running a task
+        self._warmed: set[str] = set()  # leases whose sandboxes were started ahead
         self._started = False
 
     def start(self) -> None:
@@ -275,6 +277,7 @@ class WorkService:
             if task.assign.lease_id == lease.lease_id and task.result is not None:
                 self._forget(task)
         self._busy.pop(lease.lease_id, None)
+        self._warmed.discard(lease.lease_id)
         if isinstance(self.executor, LeaseAwareExecutor):
             self.node.spawn(self.executor.lease_close(lease.lease_id))
 
@@ -407,7 +410,11 @@ class WorkService:
     async def _on_chunk(self, env: Envelope) -> Body | bytes | None:
         chunk = env.body
         assert isinstance(chunk, WorkspaceChunk)
-        self._lease(chunk.lease_id, env.sender)
+        lease = self._lease(chunk.lease_id, env.sender)
+        if lease.lease_id not in self._warmed and isinstance(self.executor, WarmingExecutor):
+            # The lease's sandboxes start while its workspace arrives, not at its first trials.
+            self._warmed.add(lease.lease_id)
+            self.node.spawn(self.executor.warm_up(self._warm_up_specs(lease)))
         tenant, digest = env.sender, chunk.workspace_hash
         now = self.node.clock()
         await self._expire_workspaces(now)
@@ -638,6 +645,28 @@ class WorkService:
             # sandbox mounted) that held up the next task's start and every long poll.
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(self.executor.discard, task.run_id)
+
+    def _warm_up_specs(self, lease: ProviderLease) -> list[TrialSpec]:
+        """One spec per slot of ``lease`` in the shape its trials most likely have: a
+        ``python3`` command (as a sweep's), the provider's environment, no network."""
+        per_unit = len(lease.devices) // lease.units
+        specs = []
+        for unit in range(lease.units):
+            devices = tuple(lease.devices[unit * per_unit : (unit + 1) * per_unit])
+            specs.append(
+                TrialSpec(
+                    task_id=f"warm-up.{unit}",
+                    argv=["python3", "-"],
+                    workspace=self.workspaces,
+                    timeout_s=1,
+                    device_ids=devices,
+                    device_env=self.device_env(devices),
+                    device_nodes=self.device_nodes(devices),
+                    limits=self.limits,
+                    warm_key=lease.lease_id,
+                )
+            )
+        return specs
 
     def _spec(self, task: Task) -> TrialSpec:
         """What the executor runs for ``task`` (on the devices it has been given).

@@ -549,6 +549,51 @@ class TestTheNextTrialsChild:
         assert slot_of(executor, "f0") == slot_of(executor, "f1")
 
 
+def guess(workspace: Path, warm_key: str, n: int = 0) -> TrialSpec:
+    """The shape a provider guesses for a lease's trials before they come (warm_up)."""
+    return TrialSpec(
+        task_id=f"warm-up.{n}",
+        argv=[sys.executable, "-"],
+        workspace=workspace,
+        timeout_s=1,
+        warm_key=warm_key,
+    )
+
+
+class TestStartedAhead:
+    async def test_a_leases_sandboxes_started_ahead_take_its_first_trials_and_no_other(
+        self, executor: SandboxExecutor, workspace: Path
+    ) -> None:
+        await executor.warm_up([guess(workspace, "lease1", n) for n in range(2)])
+        ahead = {w.slot.name for w in executor._warm_idle}
+        assert len(ahead) == 2
+        await executor.warm_up([guess(workspace, "lease1")])  # already waiting: none more
+        assert len(executor._warm_idle) == 2
+        code = "import sys; print(sorted({'argparse', 'json'} & set(sys.modules)))"
+        first = await executor.run(make_spec(workspace, code, task_id="a1"))
+        # Its sandbox was started (and its runner preloaded) before it came.
+        assert slot_of(executor, "a1").name in ahead
+        assert first.log_path.read_text() == "['argparse', 'json']\n"
+        other = await executor.run(make_spec(workspace, code, task_id="b1", warm_key="leaseB"))
+        assert slot_of(executor, "b1").name not in ahead  # another lease's: never
+        await executor.lease_close("lease1")
+        assert not any((executor.root_dir / name).exists() for name in ahead)
+        assert other.state is TrialState.SUCCEEDED
+
+    async def test_a_guess_no_trial_has_is_closed_when_one_of_another_shape_starts(
+        self, executor: SandboxExecutor, workspace: Path
+    ) -> None:
+        await executor.warm_up([guess(workspace, "lease1")])
+        (ahead,) = executor._warm_idle
+        ran = await executor.run(
+            make_spec(workspace, "print('ran')", task_id="s1", env={"LANG": "C"})
+        )
+        assert ran.log_path.read_text() == "ran\n"
+        assert slot_of(executor, "s1") != ahead.slot
+        assert not ahead.slot.exists()
+        assert ahead not in executor._warm_idle
+
+
 class TestLimitsAndEnds:
     async def test_timeout_cancel_and_a_fresh_sandbox_after(
         self, executor: SandboxExecutor, workspace: Path
