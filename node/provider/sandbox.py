@@ -101,7 +101,8 @@ to the daemon over a socketpair (descriptor 5) that only the daemon holds the ot
 of. Per trial the daemon empties the slot directory (bound read-write into the sandbox
 in place of ``<task_id>/work``) and copies the workspace into a fresh ``<task_id>/`` in
 it, then sends argv, environment and work dir with the write end of the trial's own
-output pipe (SCM_RIGHTS). The runner forks; the child closes every other descriptor and
+output pipe (SCM_RIGHTS). The runner passes them to the trial's child (forked ahead,
+once the last trial was cleaned up, every other descriptor closed), which
 execs the command, or, for ``python script.py`` under the runner's interpreter, runs
 the script in place (no new interpreter; node.provider.supervisor.run_script). When the
 trial's main process ends the runner kills every other process in the pid namespace,
