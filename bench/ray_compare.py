@@ -30,7 +30,9 @@ pyproject.toml). Without it the Ray rows are skipped, with a line saying how to 
 The last line printed is
 ``efficiency pool=<x> ray=<y> ray_reuse=<z> mercato=<w> mercato_unverified=<v>``.
 
-Run: ``python bench/ray_compare.py [--trials 40] [--slots 4] [--sleep 0.5]``
+Run: ``python bench/ray_compare.py [--trials 40] [--slots 4] [--sleep 0.5] [--no-ray]
+[--no-spot-checks]`` (the last two leave rows out: Ray's default takes minutes at 200
+trials, so on a shared machine the pool and Mercato rows alone are a short run).
 """
 
 from __future__ import annotations
@@ -115,15 +117,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trials", type=int, default=40)
     parser.add_argument("--slots", type=int, default=4)
     parser.add_argument("--sleep", type=float, default=0.5)
+    parser.add_argument(
+        "--no-ray",
+        action="store_true",
+        help="skip the Ray Tune rows even when Ray is installed (its default takes minutes)",
+    )
+    parser.add_argument(
+        "--no-spot-checks",
+        action="store_true",
+        help="run Mercato only with verify: off (the schedulers alone)",
+    )
     args = parser.parse_args(argv)
     n, s, work = args.trials, args.slots, args.sleep
     ideal = n * work / s
 
-    try:
-        import ray
-    except ImportError:
-        ray = None
-        print(INSTALL_HINT)
+    ray: Any = None
+    if not args.no_ray:
+        try:
+            import ray
+        except ImportError:
+            print(INSTALL_HINT)
 
     tmp = Path(tempfile.mkdtemp(prefix="ray-compare-"))
     walls: dict[str, float | None] = {"pool": None, "ray": None, "ray_reuse": None}
@@ -146,10 +159,8 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 ray.shutdown()
         unverified = sweep_bench.write_workspace(tmp / "job-unverified", n, work, verify=False)
-        for key, where, home in (
-            ("mercato", job, "home"),
-            ("mercato_unverified", unverified, "home-unverified"),
-        ):
+        runs = [("mercato", job, "home"), ("mercato_unverified", unverified, "home-unverified")]
+        for key, where, home in runs[1:] if args.no_spot_checks else runs:
             c = sweep_bench.run_cluster(where, s, tmp / home)
             walls[key] = c["wall"]
             if c["gaps_ms"]:

@@ -17,8 +17,11 @@ so the machine's load hits every layer alike:
 4. ``warm``: ``SandboxExecutor(use_bwrap=True).run`` with a ``warm_key``: the trial in
    the sandbox kept from the round before, started by its runner (a fork, no new
    interpreter, no bwrap); its copy into the emptied slot, the runner's clean-up after.
+4b. ``prepared``: the same with the trial's work dir copied before the clock starts
+   (``SandboxExecutor.prepare``, as the provider does for a task waiting in a lease's
+   queue while the one before it runs): at its start the copy is renamed into the slot.
 
-5. ``phases``: the warm layer once more with a probe trial (``sweep_bench.TRIAL``'s
+5. ``phases``: the prepared warm layer once more with a probe trial (``sweep_bench.TRIAL``'s
    body between two readings of the monotonic clock, which the sandbox shares), so a
    warm trial splits into: the provider's work before it asks the runner (``before
    send``: the slot emptied, the workspace copied, the log opened), the runner's fork
@@ -35,7 +38,7 @@ tenant (assignment, long poll, signed result, the tenant's store) is the cluster
 overhead per trial in ``bench/sweep_bench.py`` minus the sandbox layer here.
 
 The last line printed is ``interp_ms=<i> bare_ms=<a> supervisor_ms=<b> sandbox_ms=<c>
-warm_ms=<d>`` (medians).
+warm_ms=<d> prepared_ms=<e>`` (medians).
 
 Run: ``python bench/trial_breakdown.py [--rounds 30]``
 """
@@ -84,11 +87,14 @@ async def executor_run(
     n: int,
     parts: dict[str, list[float]],
     warm_key: str | None = None,
+    prepared: bool = False,
 ) -> float:
     spec = TrialSpec(
         task_id=f"t{n}", argv=ARGV, workspace=workspace, timeout_s=60, warm_key=warm_key
     )
-    took: dict[str, float] = {}
+    took: dict[str, float] = {"copy": 0.0}  # none with a prepared copy (rename only)
+    if prepared:
+        await ex.prepare(spec)
     if warm_key is None:
         prepare = ex._prepare
 
@@ -103,16 +109,20 @@ async def executor_run(
     else:
         prepare_warm = ex._prepare_warm
 
-        def timed_prepare_warm(s: TrialSpec, slot: Path) -> tuple[Path, Path]:
+        def timed_prepare_warm(s: TrialSpec, slot: Path, stale: Path | None = None) -> Path:
             t = time.perf_counter()
             try:
-                return prepare_warm(s, slot)
+                return prepare_warm(s, slot, stale)
             finally:
                 took["copy"] = time.perf_counter() - t
 
         ex._prepare_warm = timed_prepare_warm  # type: ignore[method-assign]
     t0 = time.perf_counter()
-    outcome = await ex.run(spec)
+    try:
+        outcome = await ex.run(spec)
+    finally:
+        # The class's own method again (else each round would wrap the last's wrapper).
+        ex.__dict__.pop("_prepare" if warm_key is None else "_prepare_warm")
     t1 = time.perf_counter()
     if outcome.exit_code != 0:
         raise SystemExit(f"trial failed: {outcome}: {outcome.log_path.read_text()}")
@@ -150,6 +160,7 @@ async def probe_run(ex: SandboxExecutor, workspace: Path, n: int) -> dict[str, f
     warm_type._send, warm_type._reply = timed_send, timed_reply  # type: ignore[method-assign]
     argv = ["python3", "probe.py", "--a", "1", "--b", "2", "--sleep", "0"]
     spec = TrialSpec(task_id=f"p{n}", argv=argv, workspace=workspace, timeout_s=60, warm_key="p")
+    await ex.prepare(spec)  # queued while the trial before ran, as on a provider
     out: list[bytes] = []
     t0 = time.monotonic()
     try:
@@ -181,22 +192,25 @@ async def main_async(rounds: int) -> int:
         )
         boxed = SandboxExecutor(tmp / "boxed", use_bwrap=True, hidden_paths=[tmp / "h"], warm=False)
         warm = SandboxExecutor(tmp / "warm", use_bwrap=True, hidden_paths=[tmp / "h"])
+        ready = SandboxExecutor(tmp / "ready", use_bwrap=True, hidden_paths=[tmp / "h"])
         times: dict[str, list[float]] = {
             "interp": [],
             "bare": [],
             "supervisor": [],
             "sandbox": [],
             "warm": [],
+            "prepared": [],
         }
         parts: dict[str, dict[str, list[float]]] = {
             k: {"copy": [], "spawn to exit": [], "discard": []}
-            for k in ("supervisor", "sandbox", "warm")
+            for k in ("supervisor", "sandbox", "warm", "prepared")
         }
         (workspace / "probe.py").write_text(PROBE)
         probe = SandboxExecutor(tmp / "probe", use_bwrap=True, hidden_paths=[tmp / "h"])
         phases: dict[str, list[float]] = {}
         # The warm sandbox's first trial starts it (a cold start): not one of the rounds.
         await executor_run(warm, workspace, -1, {k: [] for k in parts["warm"]}, "bench")
+        await executor_run(ready, workspace, -1, {k: [] for k in parts["warm"]}, "bench")
         await executor_run(probe, workspace, -1, {k: [] for k in parts["warm"]}, "p")
         for n in range(rounds):
             times["interp"].append(await asyncio.to_thread(interp))
@@ -204,9 +218,13 @@ async def main_async(rounds: int) -> int:
             times["supervisor"].append(await executor_run(plain, workspace, n, parts["supervisor"]))
             times["sandbox"].append(await executor_run(boxed, workspace, n, parts["sandbox"]))
             times["warm"].append(await executor_run(warm, workspace, n, parts["warm"], "bench"))
+            times["prepared"].append(
+                await executor_run(ready, workspace, n, parts["prepared"], "bench", prepared=True)
+            )
             for phase, took in (await probe_run(probe, workspace, n)).items():
                 phases.setdefault(phase, []).append(took)
         await warm.close()
+        await ready.close()
         await probe.close()
         med = {k: statistics.median(v) * 1000 for k, v in times.items()}
         print(f"{rounds} rounds, interleaved; medians in ms (p90 in brackets)")

@@ -364,6 +364,38 @@ class LeaseAwareExecutor(Protocol):
         ...
 
 
+@runtime_checkable
+class PreparingExecutor(Protocol):
+    """An executor that can set a queued trial's work dir up before the trial starts.
+
+    The provider calls ``prepare`` for a task that waits in a lease's queue (the spec
+    it will run, but for the devices, which are chosen at its start) and ``unprepare``
+    when such a task is cancelled before it starts. Neither may change what the trial
+    sees: the copy must be out of every running trial's reach (node.provider.sandbox).
+    """
+
+    async def prepare(self, spec: TrialSpec) -> None:
+        """Copy what the trial will start with; errors are the executor's to drop."""
+        ...
+
+    async def unprepare(self, task_id: str) -> None:
+        """Remove what ``prepare`` made for a trial that will not start."""
+        ...
+
+
+@runtime_checkable
+class WarmingExecutor(Protocol):
+    """An executor that can start a lease's sandboxes before its first trials come.
+
+    The provider calls ``warm_up`` once per lease, when its workspace starts to arrive,
+    with one spec per slot in the shape the lease's trials most likely have.
+    """
+
+    async def warm_up(self, specs: Sequence[TrialSpec]) -> None:
+        """Start what trials like ``specs`` will run in; a wrong guess costs only that."""
+        ...
+
+
 def parse_metrics_line(line: bytes) -> dict[str, Any] | None:
     """The JSON object on ``line``, or ``None`` if the line is not one (a log line)."""
     text = line.strip()

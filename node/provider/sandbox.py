@@ -13,7 +13,8 @@ Layout under ``root_dir`` (mode 0700)::
                         (owned by ``trial_uid`` when the provider runs as root)
         output.log      the trial's output within the cap
     .warm-<n>/          a warm sandbox's slot (see "Warm sandboxes" below), bound in it
-        <task_id>/      the running (or last) trial's work dir, the slot's only entry
+        <task_id>/      the running trial's work dir, the slot's only entry
+    .ready/<n>/         a queued trial's work dir, copied before it starts (``prepare``)
 
 The workspace is **copied**, not bind-mounted: trials write checkpoints and results
 next to their code, and each trial of a sweep must start from the same pristine
@@ -100,17 +101,32 @@ to the daemon over a socketpair (descriptor 5) that only the daemon holds the ot
 of. Per trial the daemon empties the slot directory (bound read-write into the sandbox
 in place of ``<task_id>/work``) and copies the workspace into a fresh ``<task_id>/`` in
 it, then sends argv, environment and work dir with the write end of the trial's own
-output pipe (SCM_RIGHTS). The runner forks; the child closes every other descriptor and
+output pipe (SCM_RIGHTS). The runner passes them to the trial's child (forked ahead,
+once the last trial was cleaned up, every other descriptor closed), which
 execs the command, or, for ``python script.py`` under the runner's interpreter, runs
 the script in place (no new interpreter; node.provider.supervisor.run_script). When the
 trial's main process ends the runner kills every other process in the pid namespace,
 reaps them all (its rusage is the trial's), empties ``/tmp`` and ``/dev/shm``, checks
 that no process, SysV IPC object or change to its own priority or affinity is left,
-and answers. Any doubt (an unclean answer, no answer, a timeout or cancel, a tripped
+and answers; the daemon then moves everything the trial left in the slot out to
+``<task_id>/slot/`` (removed with the trial's log by ``discard``), so an idle slot is
+empty. Any doubt (an unclean answer, no answer, a timeout or cancel, a tripped
 limit) closes the sandbox; the next trial starts a new one. Idle ones close after
 :data:`WARM_IDLE_S`, with their lease (``lease_close``) or with the executor
 (``close``). docs/operators.md says what a warm sandbox does not isolate (one pid and
 IPC namespace across a lease's trials, one uid, one hash seed).
+
+Prepared work dirs: the provider queues the next trial of a slot while the current
+one runs, and ``prepare`` copies the queued trial's workspace (with its files) then,
+into ``.ready/`` under ``root_dir``, which no sandbox sees (``root_dir`` is hidden, and
+a sandbox binds only its own slot). When the trial starts in a warm sandbox whose slot
+is empty, its copy moves in with one ``rename`` on the event loop: no copy and no hop
+to a thread between one trial's end and the next one's start. A copy made for other
+files or another workspace than the trial starts with, or into a slot that is not
+empty, is not used (the trial copies afresh, as without one). A copy is removed when
+its trial will not run (``unprepare``, which the provider calls for a queued task that
+is cancelled), when the executor closes, and when it starts (a daemon that stopped
+leaves none behind).
 
 Stopping: on timeout or cancel the supervisor gets SIGTERM and passes it to every
 process of the trial (not to bwrap, whose death would tear the sandbox down at
@@ -153,7 +169,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -237,6 +253,13 @@ WARM_IDLE_S = 30.0
 MAX_WARM_IDLE = 64
 #: The runner's answer is a small JSON object; anything longer is a broken runner.
 _MAX_REPLY = 1 << 16
+#: Under ``root_dir``: queued trials' work dirs, copied ahead (:meth:`SandboxExecutor.prepare`).
+READY_DIR = ".ready"
+#: Under a warm trial's own dir once it ended: what it left in its slot (moved out).
+SLOT_LEFT = "slot"
+#: A slot holding more entries than this after a trial is emptied in a thread when the
+#: next one starts, not moved out entry by entry on the event loop.
+_MAX_MOVED = 16
 #: Control nodes every CUDA process opens, besides the /dev/nvidiaN of its own GPUs.
 NVIDIA_CONTROL_NODES = ("nvidiactl", "nvidia-uvm", "nvidia-uvm-tools", "nvidia-modeset")
 
@@ -348,6 +371,16 @@ class _Running:
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+@dataclass
+class _Prepared:
+    """A queued trial's work dir, copied ahead into ``.ready/`` (``done`` once complete)."""
+
+    path: Path
+    workspace: Path
+    files: dict[str, str]
+    done: bool = False
+
+
 class SandboxExecutor:
     """Runs trials as local processes, inside bubblewrap unless explicitly allowed not to.
 
@@ -406,11 +439,15 @@ class SandboxExecutor:
                 raise SandboxUnavailableError(f"{path} is both shared with trials and hidden")
         self._running: dict[str, _Running] = {}
         self.root_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Copies prepared for trials of an earlier run of the daemon: none will start.
+        _remove_tree(self.root_dir / READY_DIR)
+        self._ready: dict[str, _Prepared] = {}
+        self._ready_seq = 0
         self._seccomp: str | None = None
         self._seccomp_warm: str | None = None
         self._warm_idle: list[_Warm] = []
         self._warm_seq = 0
-        self._warm_dirs: dict[str, Path] = {}
+        self._warm_dirs: dict[str, tuple[Path, Path]] = {}  # task id -> (slot, work dir)
         self.trial_uid: int | None = None
         if self._bwrap is not None:
             # A name no task id can take (they never start with a dot).
@@ -474,6 +511,10 @@ class SandboxExecutor:
         finally:
             del self._running[spec.task_id]
             running.done.set()
+            # A copy prepared for a trial that could not start (its sandbox failed to).
+            ready = self._ready.pop(spec.task_id, None)
+            if ready is not None and ready.done:
+                await asyncio.to_thread(_remove_tree, ready.path)
 
     async def cancel(self, task_id: str) -> bool:
         """Kill a running trial's process tree; returns once its ``run`` has finished."""
@@ -499,22 +540,71 @@ class SandboxExecutor:
     def work_dir(self, task_id: str) -> Path:
         """Where a trial works: its DiLoCo mailbox (node/provider/sync.py) lives there."""
         warm = self._warm_dirs.get(task_id)
-        return warm if warm is not None else self.root_dir / task_id / WORK_DIR
+        return warm[1] if warm is not None else self.root_dir / task_id / WORK_DIR
+
+    def warm_slot(self, task_id: str) -> str | None:
+        """The warm sandbox a trial ran in (its slot's name), until ``discard``; None for a
+        trial in a sandbox of its own. Two trials with the same name shared a sandbox."""
+        warm = self._warm_dirs.get(task_id)
+        return None if warm is None else warm[0].name
 
     async def lease_open(self, lease_id: str, device_ids: Sequence[str]) -> None:
         """Nothing to hold up front: a warm sandbox starts with a lease's first trial."""
 
     async def lease_close(self, lease_id: str) -> None:
         """Close the lease's idle warm sandboxes (a running trial's closes when it ends)."""
-        for w in [w for w in self._warm_idle if w.warm_key == lease_id]:
-            self._warm_idle.remove(w)
+        for w in self._take_idle(lambda w: w.warm_key == lease_id):
             await self._retire(w)
 
     async def close(self) -> None:
-        """Close every idle warm sandbox (the daemon's stop; trials were ended before)."""
+        """Close every idle warm sandbox and drop prepared copies (the daemon's stop)."""
         idle, self._warm_idle = self._warm_idle, []
         for w in idle:
             await self._retire(w)
+        self._ready.clear()
+        with contextlib.suppress(OSError):  # a copy still being made (a cancelled prepare)
+            await asyncio.to_thread(_remove_tree, self.root_dir / READY_DIR)
+
+    async def prepare(self, spec: TrialSpec) -> None:
+        """Copy the work dir of a trial that will start soon, before it starts.
+
+        For a trial that would run in a warm sandbox (see "Prepared work dirs" in the
+        module docstring); a no-op otherwise, or when the trial runs or is prepared
+        already. The copy is taken by ``run`` if the spec's workspace and files are
+        the same; a copy that fails is dropped (the trial's own start copies again and
+        says why).
+        """
+        if not (self.warm and spec.warm_key is not None):
+            return
+        if spec.task_id in self._ready or spec.task_id in self._running:
+            return
+        self._ready_seq += 1
+        entry = _Prepared(
+            self.root_dir / READY_DIR / str(self._ready_seq), spec.workspace, dict(spec.files)
+        )
+        self._ready[spec.task_id] = entry
+        try:
+            await asyncio.to_thread(self._copy_ready, spec, entry.path)
+            if self._ready.get(spec.task_id) is entry:
+                entry.done = True
+                return
+        except Exception as exc:
+            logger.info("no prepared work dir for %s: %s", spec.task_id, exc)
+        # Failed, or its trial started (copying for itself) or was unprepared meanwhile.
+        if self._ready.get(spec.task_id) is entry:
+            del self._ready[spec.task_id]
+        await asyncio.to_thread(_remove_tree, entry.path)
+
+    async def unprepare(self, task_id: str) -> None:
+        """Remove what ``prepare`` copied for a trial that will not start here."""
+        entry = self._ready.pop(task_id, None)
+        if entry is not None and entry.done:
+            await asyncio.to_thread(_remove_tree, entry.path)
+        # Not done: prepare sees its entry gone when the copy ends, and removes it.
+
+    def _copy_ready(self, spec: TrialSpec, path: Path) -> None:
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        self._copy_workspace(spec, path)
 
     def _prepare(self, spec: TrialSpec) -> Path:
         trial_dir = self.root_dir / spec.task_id
@@ -751,25 +841,19 @@ class SandboxExecutor:
         on_metrics: MetricsCallback | None,
     ) -> TrialOutcome:
         """Run ``spec`` in a warm sandbox of its key: an idle one of the same spec or a new one."""
-        # The runner starts with the provider's variables and those that shape how an
-        # interpreter starts (locale, time zone, PYTHON*): only those make its key. The
-        # rest (a sweep's seed, the trial's devices) comes with each trial.
-        trial_env = self._env(spec, "/", "/tmp")
-        base_env = {k: v for k, v in trial_env.items() if k in _RUNNER_VARS or _shapes_start(k)}
-        python = _runner_python(spec.argv, trial_env)
-        key = (
-            spec.warm_key,
-            tuple(sorted((k, v) for k, v in base_env.items() if _shapes_start(k))),
-            spec.device_nodes,
-            spec.network,
-            spec.limits,
-            python,
-        )
+        key, base_env, python = self._warm_shape(spec)
         w = await self._take_warm(spec, key, base_env, python)
         keep = False
+        trial_dir = self.root_dir / spec.task_id
         try:
-            trial_dir, work = await asyncio.to_thread(self._prepare_warm, spec, w.slot)
-            self._warm_dirs[spec.task_id] = work
+            ready = self._ready.pop(spec.task_id, None)
+            moved = self._move_in(spec, ready, w.slot) if ready is not None else None
+            if moved is not None:
+                work = moved
+            else:
+                stale = ready.path if ready is not None and ready.done else None
+                work = await asyncio.to_thread(self._prepare_warm, spec, w.slot, stale)
+            self._warm_dirs[spec.task_id] = (w.slot, work)
             env = self._env(spec, str(work), "/tmp")
             log_path = trial_dir / LOG_FILE
             with log_path.open("wb") as log:
@@ -791,6 +875,8 @@ class SandboxExecutor:
                 return self._outcome(spec, end.state, end, collector, log_path)
         finally:
             if keep:
+                keep = self._vacate(w.slot, trial_dir, spec.task_id)
+            if keep:
                 w.idle_since = time.monotonic()
                 self._warm_idle.append(w)
                 while len(self._warm_idle) > MAX_WARM_IDLE:
@@ -798,27 +884,100 @@ class SandboxExecutor:
             else:
                 await self._retire(w)
 
+    def _warm_shape(self, spec: TrialSpec) -> tuple[tuple[Any, ...], dict[str, str], str | None]:
+        """A warm sandbox's key for ``spec``, the runner's environment and interpreter.
+
+        The runner starts with the provider's variables and those that shape how an
+        interpreter starts (locale, time zone, PYTHON*): only those make its key. The
+        rest (a sweep's seed, the trial's devices) comes with each trial.
+        """
+        trial_env = self._env(spec, "/", "/tmp")
+        base_env = {k: v for k, v in trial_env.items() if k in _RUNNER_VARS or _shapes_start(k)}
+        python = _runner_python(spec.argv, trial_env)
+        key = (
+            spec.warm_key,
+            tuple(sorted((k, v) for k, v in base_env.items() if _shapes_start(k))),
+            spec.device_nodes,
+            spec.network,
+            spec.limits,
+            python,
+        )
+        return key, base_env, python
+
+    async def warm_up(self, specs: Sequence[TrialSpec]) -> None:
+        """Start warm sandboxes for trials like ``specs`` (one each) before they come.
+
+        The provider calls it with one spec per slot of a lease while the tenant
+        uploads the workspace, in the shape the lease's trials most likely have (the
+        provider's environment, ``python3``, no network): the first trials find their
+        sandboxes started (their runners preloading already) instead of starting them.
+        Sandboxes of this lease only, like any other (``warm_key``); one whose shape no
+        trial has is closed when a trial of another shape starts under the lease, with
+        the lease, or after :data:`WARM_IDLE_S`. A no-op without warm sandboxes, and
+        for as many of a shape as wait idle already.
+        """
+        if not self.warm:
+            return
+        shapes: dict[tuple[Any, ...], tuple[TrialSpec, dict[str, str], str | None, int]] = {}
+        for spec in specs:
+            if spec.warm_key is None:
+                continue
+            key, base_env, python = self._warm_shape(spec)
+            n = shapes[key][3] if key in shapes else 0
+            shapes[key] = (shapes[key][0] if key in shapes else spec, base_env, python, n + 1)
+        for key, (spec, base_env, python, wanted) in shapes.items():
+            for _ in range(wanted - sum(1 for w in self._warm_idle if w.key == key)):
+                w = await self._spawn_warm(spec, key, base_env, python, preload_now=True)
+                self._warm_idle.append(w)
+        while len(self._warm_idle) > MAX_WARM_IDLE:
+            await self._retire(self._warm_idle.pop(0))
+
     async def _take_warm(
         self, spec: TrialSpec, key: tuple[Any, ...], env: dict[str, str], python: str | None
     ) -> _Warm:
         now = time.monotonic()
-        for w in list(self._warm_idle):
-            if w.exited.done() or now - w.idle_since > WARM_IDLE_S:
-                self._warm_idle.remove(w)
-                await self._retire(w)
+        for w in self._take_idle(lambda w: w.exited.done() or now - w.idle_since > WARM_IDLE_S):
+            await self._retire(w)
         for w in self._warm_idle:
             if w.key == key:
                 self._warm_idle.remove(w)
                 return w
-        for w in [w for w in self._warm_idle if w.warm_key == spec.warm_key]:
-            # The same lease with another spec (env, devices, limits): never reused now.
-            self._warm_idle.remove(w)
+        # The same lease with another spec (env, devices, limits): never reused now.
+        for w in self._take_idle(lambda w: w.warm_key == spec.warm_key):
             await self._retire(w)
+        return await self._spawn_warm(spec, key, env, python)
+
+    def _take_idle(self, which: Callable[[_Warm], bool]) -> list[_Warm]:
+        """Idle sandboxes ``which`` picks, out of the idle list at once (no await between
+        choosing and taking: trials starting together must not take one twice)."""
+        taken: list[_Warm] = []
+        kept: list[_Warm] = []
+        for w in self._warm_idle:
+            (taken if which(w) else kept).append(w)
+        self._warm_idle = kept
+        return taken
+
+    async def _spawn_warm(
+        self,
+        spec: TrialSpec,
+        key: tuple[Any, ...],
+        env: dict[str, str],
+        python: str | None,
+        *,
+        preload_now: bool = False,
+    ) -> _Warm:
+        """A new warm sandbox; its runner preloads at once with ``preload_now`` (started
+        ahead of its first trial), else once that trial runs (see supervisor.serve)."""
         self._warm_seq += 1
         slot = self.root_dir / f".warm-{self._warm_seq}"
         await asyncio.to_thread(self._make_slot, slot)
         assert self._seccomp_warm is not None
-        cfg = {"python": python, "scratch": ["/tmp", "/dev/shm"], "preload": self.warm_preload}
+        cfg = {
+            "python": python,
+            "scratch": ["/tmp", "/dev/shm"],
+            "preload": self.warm_preload,
+            "preload_now": preload_now,
+        }
         command = self._bwrap_argv(spec, str(slot), env, cfg)
         return _Warm.spawn(
             command, env, slot, spec, key, python, self._seccomp_warm, self.trial_uid
@@ -835,20 +994,78 @@ class SandboxExecutor:
         w.close()
         await asyncio.to_thread(_remove_tree, w.slot)
 
-    def _prepare_warm(self, spec: TrialSpec, slot: Path) -> tuple[Path, Path]:
-        """The trial's log dir, and its fresh work dir, alone in the emptied slot."""
+    def _prepare_warm(self, spec: TrialSpec, slot: Path, stale: Path | None = None) -> Path:
+        """The trial's log dir, and its fresh work dir (returned), alone in the emptied slot.
+
+        ``stale``: a prepared copy that was not used, removed here.
+        """
+        if stale is not None:
+            _remove_tree(stale)
         trial_dir = self.root_dir / spec.task_id
         _remove_tree(trial_dir)
         trial_dir.mkdir(mode=0o700)
         # The trial owned the slot: whatever it left there or did to it is undone.
-        slot.chmod(0o700)
-        if self.trial_uid is not None:
-            os.chown(slot, self.trial_uid, self.trial_uid)
+        self._own_slot(slot)
         for entry in os.scandir(slot):
             _remove_tree(Path(entry.path))
         work = slot / spec.task_id
         self._copy_workspace(spec, work)
-        return trial_dir, work
+        return work
+
+    def _own_slot(self, slot: Path) -> None:
+        """Undo what a trial did to its slot's mode (it owned the slot)."""
+        slot.chmod(0o700)
+        if self.trial_uid is not None:
+            os.chown(slot, self.trial_uid, self.trial_uid)
+
+    def _move_in(self, spec: TrialSpec, ready: _Prepared, slot: Path) -> Path | None:
+        """The trial's prepared copy renamed into its empty slot (on the event loop: a
+        few system calls); None when it cannot be used and the trial copies afresh."""
+        if not ready.done or ready.workspace != spec.workspace or ready.files != spec.files:
+            return None
+        trial_dir = self.root_dir / spec.task_id
+        work = slot / spec.task_id
+        try:
+            trial_dir.mkdir(mode=0o700)  # exists: a run before of this id, cleaned in a thread
+            self._own_slot(slot)
+            with os.scandir(slot) as entries:
+                if next(entries, None) is not None:
+                    return None  # the last trial's leftovers are emptied in a thread
+            os.rename(ready.path, work)
+        except OSError as exc:
+            logger.info("prepared work dir for %s not used: %s", spec.task_id, exc)
+            return None
+        return work
+
+    def _vacate(self, slot: Path, trial_dir: Path, task_id: str) -> bool:
+        """Move what a finished trial left in its slot out, under its own dir (which
+        ``discard`` removes), so the next trial's copy can move into an empty slot.
+
+        Renames on the event loop, a few system calls for a trial that left only its
+        work dir; what cannot be moved (more entries than :data:`_MAX_MOVED`, a
+        directory the trial made unwritable) stays for the next trial's start to empty
+        in a thread, as without a prepared copy. False: the slot itself cannot be put
+        right, and the sandbox closes.
+        """
+        try:
+            self._own_slot(slot)
+        except OSError as exc:
+            logger.info("warm sandbox %s: cannot take its slot back: %s", slot.name, exc)
+            return False
+        left = trial_dir / SLOT_LEFT
+        try:
+            with os.scandir(slot) as it:
+                entries = [e.name for _, e in zip(range(_MAX_MOVED + 1), it, strict=False)]
+            if not entries or len(entries) > _MAX_MOVED:
+                return True
+            left.mkdir(mode=0o700)
+            for name in entries:
+                os.rename(slot / name, left / name)
+                if name == task_id and task_id in self._warm_dirs:
+                    self._warm_dirs[task_id] = (slot, left / task_id)
+        except OSError as exc:
+            logger.info("warm sandbox %s: %s left for the next start: %s", slot.name, task_id, exc)
+        return True
 
     def _launcher(self, spec: TrialSpec) -> tuple[list[str], dict[str, str]]:
         """A command that starts the supervisor elsewhere (e.g. ``srun ...``) and its env.
@@ -1417,6 +1634,10 @@ class _Warm:
                 await pipe.drain()
         finally:
             pipe.close()
+        if reply is not None and reply.get("preload_failed"):
+            logger.warning(
+                "warm sandbox %s: %s", self.slot.name, "; ".join(reply["preload_failed"])
+            )
         why = None if reply is None else reply["unclean"]
         keep = reply is not None and state is None and why is None and not self.exited.done()
         if why is not None:
@@ -1474,6 +1695,8 @@ class _Warm:
             and type(reply.get("maxrss_kib")) is int
             and reply["maxrss_kib"] >= 0
             and (reply.get("unclean") is None or isinstance(reply["unclean"], str))
+            and isinstance(reply.get("preload_failed", []), list)
+            and all(isinstance(x, str) for x in reply.get("preload_failed", []))
         ):
             raise ValueError("the runner's answer is malformed")
         return reply

@@ -443,11 +443,11 @@ def _become_trial(cfg: dict[str, Any]) -> None:
 # ("warm"). Inside it this file runs as the *runner* instead of exec'ing one trial:
 # ``warm`` does what ``enter`` does (capabilities dropped, ``trial_uid``, RLIMIT_NPROC),
 # then serves requests on CONTROL_FD, a socket only the provider holds the other end
-# of. Per request it forks a fresh child that closes every other descriptor and runs
-# the trial; when the trial's main process ends it kills every other process of the
-# sandbox's pid namespace, reaps them all, empties /tmp and /dev/shm and checks that
-# nothing is left before it answers. The runner never runs trial code itself, so a
-# child carries nothing of an earlier trial.
+# of. Per trial it forks a fresh child (ahead of the request: see serve) that closes
+# every other descriptor and runs the trial; when the trial's main process ends it
+# kills every other process of the sandbox's pid namespace, reaps them all, empties
+# /tmp and /dev/shm and checks that nothing is left before it answers. The runner
+# never runs trial code itself, so a child carries nothing of an earlier trial.
 
 
 def warm(cfg: dict[str, Any]) -> NoReturn:
@@ -595,9 +595,22 @@ def serve(cfg: dict[str, Any]) -> tuple[list[str], int | None, frozenset[str]]:
 
     ``script`` set: ``argv[script]`` is a Python script to run here as the interpreter
     ``argv[script - 1]`` would (:func:`run_script`); else exec ``argv``. ``preloaded``:
-    the modules the runner imported for its children (:func:`preload`). The parent
-    never returns: it exits when the provider closes the socket or when the sandbox is
-    not clean after a trial.
+    the modules the runner had imported when it forked the child (:func:`preload`).
+    The parent never returns: it exits when the provider closes the socket or when the
+    sandbox is not clean after a trial.
+
+    The runner preloads once it has passed the sandbox's first trial on to its child:
+    that trial imports what it needs itself, as a fresh interpreter does, and starts
+    without waiting for the whole list (tens of milliseconds, several times that when
+    a lease's sandboxes start together on a busy host); the trials after it find the
+    modules imported. Names that fail to import are named in the first answer.
+
+    The child of the next trial is forked *before* its request comes (once the sandbox
+    is clean after the last trial), and waits for it on a socket of its own: the fork
+    and the closing of descriptors are done while the provider handles the last result
+    and sends the next trial, not after. It is forked from the runner in the same state
+    as it would be later (the runner does nothing between trials), holds nothing of any
+    trial, and is not dumpable until its request comes.
     """
     import socket
 
@@ -612,8 +625,16 @@ def serve(cfg: dict[str, Any]) -> tuple[list[str], int | None, frozenset[str]]:
     keep = _snapshot(scratch)
     # Only a runner that runs scripts itself (under the trial's interpreter) preloads:
     # an exec'd command starts from nothing anyway.
-    preloaded = preload(list(cfg.get("preload", []))) if cfg.get("python") else frozenset()
+    to_preload = list(cfg.get("preload", [])) if cfg.get("python") else []
+    failed: list[str] = []
+    if cfg.get("preload_now"):  # started ahead of its first trial: nothing to wait for
+        failed, to_preload = preload(to_preload), []
     while True:
+        pid, chan = _fork_waiting(sock)
+        if pid == 0:
+            # The runner's own imports (json, ctypes...) count too: a fresh interpreter
+            # has none of them.
+            return (*_take_request(chan), frozenset(set(sys.modules) - AT_START))
         try:
             head, fds, _, _ = socket.recv_fds(sock, 4, 4)
             if not head:
@@ -621,62 +642,131 @@ def serve(cfg: dict[str, Any]) -> tuple[list[str], int | None, frozenset[str]]:
             size = int.from_bytes(head + _recv_exact(sock, 4 - len(head)), "big")
             if size > MAX_REQUEST_BYTES:
                 raise ValueError("request too large")
-            req = json.loads(_recv_exact(sock, size))
+            raw = _recv_exact(sock, size)
+            req = json.loads(raw)
             argv = [str(a) for a in req["argv"]]
-            cwd = str(req["cwd"])
-            # bwrap sets PWD; here it is the trial's own work dir.
-            env = {"PWD": cwd, **{str(k): str(v) for k, v in req["env"].items()}}
             script = req.get("script")
             if script is not None and not (cfg.get("python") and 1 <= int(script) < len(argv)):
                 raise ValueError("no interpreter to run a script in")
-            if len(fds) != 1 or not argv:
+            if len(fds) != 1 or not argv or not isinstance(req["env"], dict):
                 raise ValueError("a request passes one descriptor and a command")
+            if not isinstance(req.get("cwd"), str):
+                raise ValueError("a request names the trial's work dir")
         except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError):
             os._exit(0)  # the provider is gone or confused: the sandbox ends
         out = fds[0]
-        pid = os.fork()
-        if pid == 0:
+        try:
+            _pass_on(chan, raw, out)
+        except OSError:
+            # The waiting child is gone (killed from outside the sandbox, say by the
+            # kernel's OOM killer): it is reaped, and a new one takes the request.
+            chan.close()
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+            pid, chan = _fork_waiting(sock)
+            if pid == 0:
+                return (*_take_request(chan), frozenset(set(sys.modules) - AT_START))
             try:
-                os.dup2(out, 1)
-                os.dup2(out, 2)
-                os.closerange(3, max(3, resource.getrlimit(resource.RLIMIT_NOFILE)[0]))
-                _prctl(_PR_SET_DUMPABLE, 1)
-                os.chdir(cwd)
-                for sig in (signal.SIGTERM, signal.SIGHUP):
-                    signal.signal(sig, signal.SIG_DFL)
-                if script is None:
-                    for sig in (signal.SIGINT, signal.SIGPIPE, signal.SIGXFSZ):
-                        signal.signal(sig, signal.SIG_DFL)
-                    os.environ.clear()
-                    os.environ.update(env)
-                    return argv, None, preloaded
-                # What a fresh interpreter sets up: Ctrl-C as KeyboardInterrupt, and
-                # SIGPIPE / SIGXFSZ ignored (errors instead).
-                signal.signal(signal.SIGINT, signal.default_int_handler)
-                os.environ.clear()
-                os.environ.update(env)
-                return argv, int(script), preloaded
-            except OSError as exc:
-                _say(f"cannot set the trial up: {exc}")
-                os._exit(SETUP_FAILED)
+                _pass_on(chan, raw, out)
+            except OSError:
+                os._exit(0)  # the sandbox ends
         os.close(out)
+        chan.close()
         started = time.monotonic()
+        if to_preload:
+            failed, to_preload = preload(to_preload), []
         status, cpu, rss = _reap_trial(pid)
         wall = time.monotonic() - started
         why = _leftovers(scratch, keep, state)
+        reply = {"status": status, "cpu_s": cpu, "maxrss_kib": rss, "wall_s": wall, "unclean": why}
         try:
-            _send_reply(
-                sock,
-                {"status": status, "cpu_s": cpu, "maxrss_kib": rss, "wall_s": wall, "unclean": why},
-            )
+            _send_reply(sock, {**reply, "preload_failed": failed} if failed else reply)
+            failed = []
         except OSError:
             os._exit(0)
         if why is not None:
             os._exit(0)
 
 
-def preload(names: list[str]) -> frozenset[str]:
-    """Import ``names`` once in the runner, so no trial's child imports them again.
+def _pass_on(chan: Any, raw: bytes, out: int) -> None:
+    """Give the waiting child its request and its output pipe's write end."""
+    import socket
+
+    socket.send_fds(chan, [len(raw).to_bytes(4, "big")], [out])
+    chan.sendall(raw)
+
+
+def _fork_waiting(control: Any) -> tuple[int, Any]:
+    """Fork the next trial's child; in it, every descriptor but stdin, stdout, stderr
+    and its end of a new socket to the runner is closed. ``(pid, runner's end)`` in the
+    runner, ``(0, child's end)`` in the child."""
+    import socket
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            ours.close()
+            control.detach()  # closed below with the rest; never closed twice by its object
+            keep = theirs.fileno()
+            os.closerange(3, keep)
+            os.closerange(keep + 1, max(keep + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0]))
+        except OSError as exc:
+            _say(f"cannot set the trial up: {exc}")
+            os._exit(SETUP_FAILED)
+        return 0, theirs
+    theirs.close()
+    return pid, ours
+
+
+def _take_request(chan: Any) -> tuple[list[str], int | None]:
+    """In the waiting child: the request the runner passes on, then the trial's own
+    process set up (output, cwd, signals, environment); ``(argv, script)``."""
+    import socket
+
+    try:
+        head, fds, _, _ = socket.recv_fds(chan, 4, 1)
+        if len(fds) != 1:
+            os._exit(0)  # the runner ended without a trial for this child
+        req = json.loads(
+            _recv_exact(chan, int.from_bytes(head + _recv_exact(chan, 4 - len(head)), "big"))
+        )
+    except (OSError, EOFError, ValueError):
+        os._exit(0)
+    try:
+        chan.close()
+        out = fds[0]
+        os.dup2(out, 1)
+        os.dup2(out, 2)
+        os.close(out)
+        argv = [str(a) for a in req["argv"]]
+        cwd = str(req["cwd"])
+        # bwrap sets PWD; here it is the trial's own work dir.
+        env = {"PWD": cwd, **{str(k): str(v) for k, v in req["env"].items()}}
+        script = req.get("script")
+        _prctl(_PR_SET_DUMPABLE, 1)
+        os.chdir(cwd)
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
+        if script is None:
+            for sig in (signal.SIGINT, signal.SIGPIPE, signal.SIGXFSZ):
+                signal.signal(sig, signal.SIG_DFL)
+            os.environ.clear()
+            os.environ.update(env)
+            return argv, None
+        # What a fresh interpreter sets up: Ctrl-C as KeyboardInterrupt, and
+        # SIGPIPE / SIGXFSZ ignored (errors instead).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        os.environ.clear()
+        os.environ.update(env)
+        return argv, int(script)
+    except OSError as exc:
+        _say(f"cannot set the trial up: {exc}")
+        os._exit(SETUP_FAILED)
+
+
+def preload(names: list[str]) -> list[str]:
+    """Import ``names`` once in the runner, so no later trial's child imports them again.
 
     What multiprocessing's forkserver does with its preload list: a child forked from
     the runner finds them in ``sys.modules``, the same modules a fresh interpreter
@@ -684,21 +774,20 @@ def preload(names: list[str]) -> frozenset[str]:
     on the runner's path). A child has its own copy of them (fork), so nothing a trial
     does to one reaches the next trial. The runner's objects are then frozen out of
     the collector: a child's collections never walk (and so never copy) the runner's
-    pages. Returns every module a fresh interpreter would not have (these and the
-    runner's own); a name that fails to import is said on the runner's output and
-    skipped.
+    pages. A name that fails to import is skipped; returns why each one failed (for
+    the provider's log: the runner's own output would reach the trial running then).
     """
     import gc
     import importlib
 
+    failed = []
     for name in names:
         try:
             importlib.import_module(name)
         except Exception as exc:  # an operator's list: a bad name must not end the runner
-            _say(f"cannot preload {name}: {exc!r}")
+            failed.append(f"cannot preload {name}: {exc!r}"[:500])
     gc.freeze()
-    # The runner's own imports (json, ctypes...) count too: a fresh interpreter has none.
-    return frozenset(set(sys.modules) - AT_START)
+    return failed
 
 
 def _drop_shadowed(preloaded: frozenset[str], directory: str) -> None:

@@ -30,9 +30,11 @@ from node.provider.executor import (
     Executor,
     LeaseAwareExecutor,
     MetricDrop,
+    PreparingExecutor,
     ResourceLimits,
     TrialOutcome,
     TrialSpec,
+    WarmingExecutor,
 )
 from node.provider.service import ProviderService
 from node.workspace import WorkspaceError, unpack_file
@@ -40,6 +42,7 @@ from protocol.envelope import Envelope
 from protocol.errors import (
     BusyError,
     InvalidFieldError,
+    MercatoError,
     NotFoundError,
     SpecMismatchError,
     TooLargeError,
@@ -229,6 +232,7 @@ class WorkService:
         # and how it ended stays on the operator's page after the lease (node.operator).
         self.finished: deque[Task] = deque(maxlen=MAX_FINISHED_KEPT)
         self._busy: dict[str, set[str]] = {}  # lease_id -> device ids running a task
+        self._warmed: set[str] = set()  # leases whose sandboxes were started ahead
         self._started = False
 
     def start(self) -> None:
@@ -273,6 +277,7 @@ class WorkService:
             if task.assign.lease_id == lease.lease_id and task.result is not None:
                 self._forget(task)
         self._busy.pop(lease.lease_id, None)
+        self._warmed.discard(lease.lease_id)
         if isinstance(self.executor, LeaseAwareExecutor):
             self.node.spawn(self.executor.lease_close(lease.lease_id))
 
@@ -405,7 +410,11 @@ class WorkService:
     async def _on_chunk(self, env: Envelope) -> Body | bytes | None:
         chunk = env.body
         assert isinstance(chunk, WorkspaceChunk)
-        self._lease(chunk.lease_id, env.sender)
+        lease = self._lease(chunk.lease_id, env.sender)
+        if lease.lease_id not in self._warmed and isinstance(self.executor, WarmingExecutor):
+            # The lease's sandboxes start while its workspace arrives, not at its first trials.
+            self._warmed.add(lease.lease_id)
+            self.node.spawn(self.executor.warm_up(self._warm_up_specs(lease)))
         tenant, digest = env.sender, chunk.workspace_hash
         now = self.node.clock()
         await self._expire_workspaces(now)
@@ -541,6 +550,10 @@ class WorkService:
         task = Task(assign=assign, tenant=env.sender)
         self.tasks[task.key] = task
         self._schedule(lease)
+        if task.state == "queued" and isinstance(self.executor, PreparingExecutor):
+            # Its work dir is copied while the tasks before it run, off its start's path.
+            with contextlib.suppress(MercatoError):  # a bad field fails the task at its start
+                self.node.spawn(self.executor.prepare(self._spec(task)))
         return self._status(task)
 
     def _schedule(self, lease: ProviderLease) -> None:
@@ -584,24 +597,7 @@ class WorkService:
             if isinstance(self.executor, LeaseAwareExecutor):
                 await self.executor.lease_open(lease.lease_id, lease.devices)
             try:
-                # The task's small files go into the executor's own copy of the workspace
-                # (one copy per trial); a service's task never shares a warm sandbox.
-                spec = TrialSpec(
-                    task_id=task.run_id,
-                    argv=list(a.command),
-                    workspace=self._ws_dir(task.tenant, a.workspace_hash),
-                    files=dict(a.files),
-                    warm_key=None if service_socket(dict(a.env)) else a.lease_id,
-                    timeout_s=a.timeout_ms / 1000,
-                    env=dict(a.env),
-                    device_ids=task.devices,
-                    device_env=self.device_env(task.devices),
-                    device_nodes=self.device_nodes(task.devices),
-                    max_output_bytes=a.max_output_bytes,
-                    network=a.network and self.allow_network,
-                    limits=self.limits,
-                )
-                outcome = await self.executor.run(spec, on_output, on_metrics)
+                outcome = await self.executor.run(self._spec(task), on_output, on_metrics)
                 state = _TASK_STATE[outcome.state]
                 if task.cancel_reason:
                     state = "cancelled"
@@ -649,6 +645,51 @@ class WorkService:
             # sandbox mounted) that held up the next task's start and every long poll.
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(self.executor.discard, task.run_id)
+
+    def _warm_up_specs(self, lease: ProviderLease) -> list[TrialSpec]:
+        """One spec per slot of ``lease`` in the shape its trials most likely have: a
+        ``python3`` command (as a sweep's), the provider's environment, no network."""
+        per_unit = len(lease.devices) // lease.units
+        specs = []
+        for unit in range(lease.units):
+            devices = tuple(lease.devices[unit * per_unit : (unit + 1) * per_unit])
+            specs.append(
+                TrialSpec(
+                    task_id=f"warm-up.{unit}",
+                    argv=["python3", "-"],
+                    workspace=self.workspaces,
+                    timeout_s=1,
+                    device_ids=devices,
+                    device_env=self.device_env(devices),
+                    device_nodes=self.device_nodes(devices),
+                    limits=self.limits,
+                    warm_key=lease.lease_id,
+                )
+            )
+        return specs
+
+    def _spec(self, task: Task) -> TrialSpec:
+        """What the executor runs for ``task`` (on the devices it has been given).
+
+        The task's small files go into the executor's own copy of the workspace (one
+        copy per trial); a service's task never shares a warm sandbox.
+        """
+        a = task.assign
+        return TrialSpec(
+            task_id=task.run_id,
+            argv=list(a.command),
+            workspace=self._ws_dir(task.tenant, a.workspace_hash),
+            files=dict(a.files),
+            warm_key=None if service_socket(dict(a.env)) else a.lease_id,
+            timeout_s=a.timeout_ms / 1000,
+            env=dict(a.env),
+            device_ids=task.devices,
+            device_env=self.device_env(task.devices),
+            device_nodes=self.device_nodes(task.devices),
+            max_output_bytes=a.max_output_bytes,
+            network=a.network and self.allow_network,
+            limits=self.limits,
+        )
 
     def _note_dropped(self, task: Task, dropped: dict[str, int]) -> None:
         """Say in the task's log which printed metrics were not kept, and count them."""
@@ -761,6 +802,9 @@ class WorkService:
                 to=task.tenant,
             )
             task.touch()
+            if isinstance(self.executor, PreparingExecutor):
+                # Its copy, if one was prepared, goes: it will never start.
+                self.node.spawn(self.executor.unprepare(task.run_id))
         elif task.state == "running":
             task.cancel_reason = reason
             self.node.spawn(self.executor.cancel(task.run_id))

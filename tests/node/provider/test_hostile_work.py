@@ -40,7 +40,7 @@ from node.provider.executor import (
     TrialSpec,
 )
 from node.provider.inventory import DeviceDecl
-from node.provider.sandbox import SandboxExecutor, probe_bwrap
+from node.provider.sandbox import READY_DIR, SandboxExecutor, probe_bwrap
 from node.provider.work import STATUS_EVERY_S, WorkService
 from node.store.node_store import LeaseRow, Store
 from node.tenant.client import Tenant
@@ -350,6 +350,71 @@ class TestHostileTrialOutput:
         # The lease's device is free: the next task runs.
         result, _ = await run_trial(buyer, tmp_path, "t-next", "print('{\"acc\": 1}')")
         assert result.state == "failed"  # the same broken backend, but it ended again
+
+
+class TestQueuedTaskCopies:
+    """A queued task's work dir is copied while the task before it runs (the provider's
+    ``prepare``): the running trial never sees it, and a copy that will not be used goes."""
+
+    async def test_a_queued_tasks_copy_is_unseen_used_and_removed_when_cancelled(
+        self, market: Market, tmp_path: Path
+    ) -> None:
+        executor = market.work.executor
+        assert isinstance(executor, SandboxExecutor)
+        ready = executor.root_dir / READY_DIR
+        secret = "the-next-tasks-parameters-51f0"
+        waits = (
+            "import os, sys, time\n"
+            "while not os.path.exists('go'): time.sleep(0.01)\n"
+            "print({'beside': sorted(os.listdir('..')), 'ready': os.path.exists(sys.argv[1])})\n"
+        )
+        looks = (
+            "import os\n"
+            "slot = os.path.dirname(os.getcwd())\n"
+            "print(open('params.json').read(), os.path.basename(slot), sorted(os.listdir(slot)))\n"
+        )
+        buyer = await market.buyer()
+        data, digest = workspace(tmp_path)
+        await buyer.client.upload(data, digest)
+        first = assign(buyer, digest, "q1", waits)
+        await buyer.client.assign(
+            first.model_copy(update={"command": [*first.command, str(ready)]})
+        )
+        params = {"params.json": secret}
+        await buyer.client.assign(assign(buyer, digest, "q2", looks, files=params))
+        # q2 waits in the lease's queue; its copy is made meanwhile, then it is cancelled.
+        for _ in range(200):
+            if ready.exists() and len(list(ready.iterdir())) == 1:
+                break
+            await asyncio.sleep(0.02)
+        ((copy,),) = [list(ready.iterdir())]
+        assert (copy / "params.json").read_text() == secret
+        await buyer.client.cancel("q2", "changed my mind")
+        for _ in range(200):
+            if not list(ready.iterdir()):
+                break
+            await asyncio.sleep(0.02)
+        assert list(ready.iterdir()) == []
+        # q3 is queued, copied, and runs after q1 in the same sandbox, with its copy.
+        await buyer.client.assign(assign(buyer, digest, "q3", looks, files=params))
+        for _ in range(200):
+            if len(list(ready.iterdir())) == 1:
+                break
+            await asyncio.sleep(0.02)
+        run_id = f"{buyer.node_id}.q1"
+        slot = executor.warm_slot(run_id)
+        assert slot is not None
+        (executor.work_dir(run_id) / "go").write_text("")
+        seen: list[str] = []
+        q1 = await asyncio.wait_for(buyer.client.follow("q1", seen.append, 1_000), 60)
+        logs: list[str] = []
+        q3 = await asyncio.wait_for(buyer.client.follow("q3", logs.append, 1_000), 60)
+        assert (q1.state, q3.state) == ("succeeded", "succeeded")
+        # While q3's copy waited, q1 saw only its own work dir in its slot, no ready dir.
+        assert "".join(seen) == f"{{'beside': ['{run_id}'], 'ready': False}}\n"
+        # q3 started in the same sandbox with its parameters, nothing of q1 beside it.
+        assert "".join(logs) == f"{secret} {slot} ['{buyer.node_id}.q3']\n"
+        assert list(ready.iterdir()) == []
 
 
 # --- hostile workspaces --------------------------------------------------------------

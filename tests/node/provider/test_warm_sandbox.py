@@ -11,8 +11,10 @@ exit codes, output, timeouts, cancels, limits and usage work as in a fresh sandb
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
+import signal
 import sys
 import textwrap
 from pathlib import Path
@@ -27,7 +29,8 @@ from node.provider.executor import (
     TrialSpec,
     TrialState,
 )
-from node.provider.sandbox import SandboxExecutor
+from node.provider.sandbox import READY_DIR, SandboxExecutor
+from node.provider.supervisor import descendants
 
 KEY_TEXT = "-----BEGIN PRIVATE KEY----- provider secret"
 
@@ -111,10 +114,11 @@ def record(outcome: TrialOutcome) -> dict[str, Any]:
 
 
 def slot_of(executor: SandboxExecutor, task_id: str) -> Path:
-    """The warm sandbox a trial ran in (its work dir's parent), asserted warm."""
-    work = executor.work_dir(task_id)
-    assert work.parent.name.startswith(".warm-"), work
-    return work.parent
+    """The warm sandbox a trial ran in (its slot), asserted warm."""
+    slot = executor.warm_slot(task_id)
+    assert slot is not None
+    assert slot.startswith(".warm-"), slot
+    return executor.root_dir / slot
 
 
 class TestStartsLikeAFreshInterpreter:
@@ -279,6 +283,28 @@ class TestPreloadedModules:
         host_random.seed(1)
         assert len({s["r"] for s in seen} | {host_random.random()}) == 3
 
+    async def test_a_parameter_parsing_trial_imports_nothing_on_its_first_parser(
+        self, executor: SandboxExecutor, workspace: Path
+    ) -> None:
+        # argparse imports shutil (the terminal's width) and locale (through gettext) on
+        # its first ArgumentParser, not at its own import: milliseconds in every trial
+        # unless the runner has them too. (A sandbox's first trial runs while the runner
+        # preloads: it imports for itself, as a fresh interpreter.)
+        await executor.run(make_spec(workspace, "pass", task_id="ap0"))
+        code = """
+        import argparse, json, sys
+        before = set(sys.modules)
+        p = argparse.ArgumentParser()
+        p.add_argument("--lr", type=float, required=True)
+        x = p.parse_args()
+        print(json.dumps({"lr": x.lr, "imported": sorted(set(sys.modules) - before)}))
+        """
+        for n in (1, 2):
+            seen = record(
+                await executor.run(make_spec(workspace, code, "--lr", "0.5", task_id=f"ap{n}"))
+            )
+            assert seen == {"lr": 0.5, "imported": []}
+
     async def test_a_workspace_module_shadows_a_preloaded_one_as_in_a_fresh_interpreter(
         self, executor: SandboxExecutor, workspace: Path
     ) -> None:
@@ -292,16 +318,25 @@ class TestPreloadedModules:
         assert slot_of(executor, "sh1") == slot_of(executor, "sh2")
 
     async def test_a_module_that_cannot_be_preloaded_is_skipped(
-        self, bwrap: None, workspace: Path, tmp_path: Path, home: Path
+        self,
+        bwrap: None,
+        workspace: Path,
+        tmp_path: Path,
+        home: Path,
+        caplog: pytest.LogCaptureFixture,
     ) -> None:
         ex = SandboxExecutor(
-            tmp_path / "odd", hidden_paths=[home], warm_preload=["no_such_module_here", "json"]
+            tmp_path / "odd", hidden_paths=[home], warm_preload=["no_such_module_here", "csv"]
         )
         try:
-            code = "import sys; print(sorted({'json', 'argparse'} & set(sys.modules)))"
-            outcome = await ex.run(make_spec(workspace, code, task_id="np1"))
-            assert outcome.exit_code == 0
-            assert outcome.log_path.read_text().splitlines()[-1] == "['json']"
+            code = "import sys; print(sorted({'csv', 'argparse'} & set(sys.modules)))"
+            with caplog.at_level(logging.WARNING, logger="node.provider.sandbox"):
+                first = await ex.run(make_spec(workspace, code, task_id="np1"))
+            # The runner preloads while the sandbox's first trial runs: not for that one.
+            assert first.log_path.read_text() == "[]\n"  # nothing of the operator's list
+            assert "cannot preload no_such_module_here" in caplog.text
+            second = await ex.run(make_spec(workspace, code, task_id="np2"))
+            assert second.log_path.read_text() == "['csv']\n"
         finally:
             await ex.close()
 
@@ -473,7 +508,7 @@ class TestTheRunnerIsOutOfReach:
         seen = record(
             await executor.run(make_spec(workspace, code, str(executor.root_dir), task_id="o2"))
         )
-        assert (executor.root_dir / ".warm-1" / "o1" / "secret").exists()  # leaseB's, idle
+        assert (executor.work_dir("o1") / "secret").exists()  # leaseB's, not discarded yet
         assert seen == {"root": [slot_of(executor, "o2").name]}
 
     async def test_a_trial_that_kills_the_runner_fails_alone(
@@ -488,6 +523,75 @@ class TestTheRunnerIsOutOfReach:
         assert after.state is TrialState.SUCCEEDED
         assert after.log_path.read_text() == "fine\n"
         assert slot_of(executor, "d2").exists()
+
+
+class TestTheNextTrialsChild:
+    async def test_it_is_forked_once_the_last_trial_is_gone_and_replaced_if_killed(
+        self, executor: SandboxExecutor, workspace: Path
+    ) -> None:
+        await executor.run(make_spec(workspace, "pass", task_id="f0"))
+        (warm,) = executor._warm_idle
+        # Below the supervisor: bwrap, bwrap's pid 1, the runner, and the next trial's
+        # child waiting under the runner (the deepest), nothing else.
+        waiting: list[int] = []
+        for _ in range(500):
+            tree = descendants(warm.pid)
+            deepest = max(depth for _, depth in tree)
+            waiting = [pid for pid, depth in tree if depth == deepest >= 4]
+            if waiting:
+                break
+            await asyncio.sleep(0.01)
+        assert len(waiting) == 1
+        os.kill(waiting[0], signal.SIGKILL)  # as the kernel's OOM killer could
+        after = await executor.run(make_spec(workspace, "print('fine')", task_id="f1"))
+        assert after.state is TrialState.SUCCEEDED, after.log_path.read_text()
+        assert after.log_path.read_text() == "fine\n"
+        assert slot_of(executor, "f0") == slot_of(executor, "f1")
+
+
+def guess(workspace: Path, warm_key: str, n: int = 0) -> TrialSpec:
+    """The shape a provider guesses for a lease's trials before they come (warm_up)."""
+    return TrialSpec(
+        task_id=f"warm-up.{n}",
+        argv=[sys.executable, "-"],
+        workspace=workspace,
+        timeout_s=1,
+        warm_key=warm_key,
+    )
+
+
+class TestStartedAhead:
+    async def test_a_leases_sandboxes_started_ahead_take_its_first_trials_and_no_other(
+        self, executor: SandboxExecutor, workspace: Path
+    ) -> None:
+        await executor.warm_up([guess(workspace, "lease1", n) for n in range(2)])
+        ahead = {w.slot.name for w in executor._warm_idle}
+        assert len(ahead) == 2
+        await executor.warm_up([guess(workspace, "lease1")])  # already waiting: none more
+        assert len(executor._warm_idle) == 2
+        code = "import sys; print(sorted({'argparse', 'json'} & set(sys.modules)))"
+        first = await executor.run(make_spec(workspace, code, task_id="a1"))
+        # Its sandbox was started (and its runner preloaded) before it came.
+        assert slot_of(executor, "a1").name in ahead
+        assert first.log_path.read_text() == "['argparse', 'json']\n"
+        other = await executor.run(make_spec(workspace, code, task_id="b1", warm_key="leaseB"))
+        assert slot_of(executor, "b1").name not in ahead  # another lease's: never
+        await executor.lease_close("lease1")
+        assert not any((executor.root_dir / name).exists() for name in ahead)
+        assert other.state is TrialState.SUCCEEDED
+
+    async def test_a_guess_no_trial_has_is_closed_when_one_of_another_shape_starts(
+        self, executor: SandboxExecutor, workspace: Path
+    ) -> None:
+        await executor.warm_up([guess(workspace, "lease1")])
+        (ahead,) = executor._warm_idle
+        ran = await executor.run(
+            make_spec(workspace, "print('ran')", task_id="s1", env={"LANG": "C"})
+        )
+        assert ran.log_path.read_text() == "ran\n"
+        assert slot_of(executor, "s1") != ahead.slot
+        assert not ahead.slot.exists()
+        assert ahead not in executor._warm_idle
 
 
 class TestLimitsAndEnds:
@@ -620,3 +724,124 @@ class TestFiles:
                     timeout_s=1,
                     files={name: "x"},
                 )
+
+
+#: What a queued trial's parameters file holds; a running trial must never find it.
+NEXT_SECRET = "parameters-of-the-next-trial-7c1e"
+
+#: Waits for ``go`` in its work dir, then looks everywhere it can for the next trial's
+#: parameters (by name and by content), and for the place copies are prepared in.
+SEARCH = """
+import json, os, sys, time
+ready, secret = sys.argv[1], sys.argv[2]
+while not os.path.exists("go"):
+    time.sleep(0.01)
+skip = {"/proc", "/sys", "/dev", "/usr"}
+skip |= {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix)}
+found = []
+for top, dirs, files in os.walk("/"):
+    dirs[:] = [d for d in dirs if os.path.realpath(os.path.join(top, d)) not in skip]
+    for name in files:
+        path = os.path.join(top, name)
+        if name == "params.json":
+            found.append(path)
+            continue
+        try:
+            if os.path.getsize(path) < 1 << 16 and secret in open(path, errors="replace").read():
+                found.append(path)
+        except OSError:
+            pass
+open("left-by-this-trial", "w").write("x")
+print(json.dumps({
+    "found": found,
+    "ready": os.path.exists(ready),
+    "beside": sorted(os.listdir("..")),
+}))
+"""
+
+#: What a trial starts with: its parameters file, its work dir, its slot.
+LOOK = """
+import json, os
+print(json.dumps({
+    "params": open("params.json").read(),
+    "work": sorted(os.listdir(".")),
+    "beside": sorted(os.listdir("..")),
+}))
+"""
+
+
+def prepared(executor: SandboxExecutor) -> list[Path]:
+    """The copies waiting in the executor's ready dir."""
+    ready = executor.root_dir / READY_DIR
+    return sorted(ready.iterdir()) if ready.exists() else []
+
+
+class TestPreparedWorkDirs:
+    async def test_a_running_trial_sees_nothing_of_the_next_ones_copy(
+        self, executor: SandboxExecutor, workspace: Path
+    ) -> None:
+        await executor.run(make_spec(workspace, "pass", task_id="p0"))  # the sandbox starts
+        ready = str(executor.root_dir / READY_DIR)
+        running = asyncio.create_task(
+            executor.run(make_spec(workspace, SEARCH, ready, NEXT_SECRET, task_id="pk"))
+        )
+        for _ in range(3000):
+            if executor.warm_slot("pk") is not None:
+                break
+            await asyncio.sleep(0.01)
+        nxt = make_spec(workspace, LOOK, task_id="pn", files={"params.json": NEXT_SECRET})
+        await executor.prepare(nxt)
+        (copy,) = prepared(executor)
+        assert (copy / "params.json").read_text() == NEXT_SECRET
+        (copy / "made-ahead").write_text("")  # tells the copy used apart from a fresh one
+        (executor.work_dir("pk") / "go").write_text("")
+        seen = record(await running)
+        assert seen == {"found": [], "ready": False, "beside": ["pk"]}
+        after = record(await executor.run(nxt))
+        assert slot_of(executor, "pn") == slot_of(executor, "pk")
+        assert after == {
+            "params": NEXT_SECRET,
+            "work": ["data.txt", "made-ahead", "p0.py", "params.json", "pk.py", "pn.py"],
+            "beside": ["pn"],  # nothing the trial before left in the slot
+        }
+        assert prepared(executor) == []
+
+    async def test_a_copy_not_used_or_of_a_cancelled_trial_is_removed(
+        self, executor: SandboxExecutor, workspace: Path
+    ) -> None:
+        await executor.run(make_spec(workspace, "pass", task_id="c0"))
+        old = make_spec(workspace, LOOK, task_id="ca", files={"params.json": "old"})
+        await executor.prepare(old)
+        assert len(prepared(executor)) == 1
+        # The trial starts with other parameters than the copy was made with.
+        new = TrialSpec(**{**vars(old), "files": {"params.json": "new"}})
+        assert record(await executor.run(new))["params"] == "new"
+        assert prepared(executor) == []
+        # A queued trial cancelled before it starts, once its copy is made or while it is.
+        for task_id in ("cb", "cc"):
+            spec = make_spec(workspace, LOOK, task_id=task_id, files={"params.json": "x"})
+            making = asyncio.create_task(executor.prepare(spec))
+            if task_id == "cb":
+                await making
+                assert len(prepared(executor)) == 1
+            else:
+                await asyncio.sleep(0)  # the copy has begun in its thread
+            await executor.unprepare(task_id)
+            await making
+            assert prepared(executor) == []
+
+    async def test_a_restart_or_close_leaves_no_copy_behind(
+        self, bwrap: None, workspace: Path, tmp_path: Path, home: Path
+    ) -> None:
+        root = tmp_path / "restart"
+        first = SandboxExecutor(root, hidden_paths=[home])
+        await first.prepare(make_spec(workspace, LOOK, task_id="r1", files={"a": "1"}))
+        assert len(prepared(first)) == 1
+        # The daemon stopped without closing (killed); the next one starts on the same root.
+        second = SandboxExecutor(root, hidden_paths=[home])
+        assert prepared(second) == []
+        await second.prepare(make_spec(workspace, LOOK, task_id="r2", files={"a": "2"}))
+        assert len(prepared(second)) == 1
+        await second.close()
+        assert prepared(second) == []
+        await first.close()
