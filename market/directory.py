@@ -97,9 +97,10 @@ class Directory:
             return Offer.EXPIRED
         held = self._entries.get(advert.provider)
         if held is not None:
-            if advert.seq < held.seq:
+            held_seq = held.advert.seq
+            if advert.seq < held_seq:
                 return Offer.OLDER
-            if advert.seq == held.seq:
+            if advert.seq == held_seq:
                 return Offer.DUPLICATE
         self._entries[advert.provider] = Entry(advert, envelope, now_ms)
         self._records[advert.provider] = _record(advert.provider, advert.seq)
