@@ -488,14 +488,13 @@ class Node:
     def _ingest_batch(self, raws: list[bytes]) -> list[Entry]:
         """Ingest relayed adverts in order; the directory entries of those that were news.
 
-        Most of what a node hears is a copy of an advert it already holds: every advert
-        reaches every node, from several peers and again in anti-entropy (in the
-        simulator, quadratic in the number of nodes). The memo (``VerifiedAdverts``)
-        hands every copy of the same bytes the same opened envelope and bytes object, and
-        the directory keeps that bytes object, so a copy of the live advert held is known
-        by one lookup and an identity check: the directory's ``offer`` would call it a
-        duplicate, which changes nothing and is not counted. Anything else (a new or
-        newer advert, an expired copy, an advert opened afresh) takes the full path.
+        Most of what a node hears is a copy of an advert it already holds, or an older
+        one: every advert reaches every node, from several peers and again in
+        anti-entropy (in the simulator, quadratic in the number of nodes). The memo
+        (``VerifiedAdverts``) opens such a copy with one lookup, and one comparison with
+        the advert held settles it here: the directory's ``offer`` would call a live
+        advert no newer than the one held a duplicate or older, which changes nothing
+        and is not counted. Anything else (new, newer, expired) takes the full path.
         """
         fresh: list[Entry] = []
         if not raws:
@@ -512,8 +511,8 @@ class Node:
                 continue
             advert: Advert = env.body  # type: ignore[assignment]  # open_advert checked it
             held = held_entry(advert.provider)
-            if held is not None and held.envelope is env.raw and advert.expires_ms > now:
-                continue  # the advert held, byte for byte: Offer.DUPLICATE
+            if held is not None and advert.seq <= held.advert.seq and advert.expires_ms > now:
+                continue  # Offer.DUPLICATE or Offer.OLDER
             result = self._offer_opened(env, advert, now)
             if result is Offer.NEW or result is Offer.NEWER:
                 entry = held_entry(advert.provider)
