@@ -24,7 +24,8 @@ verdict depends on what that node holds) and the process-wide memo of directory-
 digests that passed their checks (``protocol.messages``, a pure function of the bytes,
 the same in the daemon). Every request and reply envelope is sealed by its sender and
 opened, signature-checked and validated by its receiver. The garbage collector is
-run and its survivors frozen every 5 simulated seconds (``_collect_and_freeze``).
+run and its survivors frozen every 5 simulated seconds (``_collect_and_freeze``), and
+Python's automatic collections are off during a run.
 
 Population: one bootstrap node, ``--providers`` providers that advertise and sell
 (default N/50, so the directory grows with the network), and relays for the rest:
