@@ -51,9 +51,9 @@ class Entry:
         return self.advert.seq
 
 
-#: packed record -> (its entry's rank in directory order, the entry). Ranks are unique,
-#: so sorting these pairs never compares two entries.
-_Held = dict[bytes, tuple[int, Entry]]
+#: packed record -> (its entry's rank in directory order, the record, the entry). Ranks
+#: are unique, so sorting these never compares further.
+_Held = dict[bytes, tuple[int, bytes, Entry]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +143,7 @@ class Directory:
             # any other provider's, so it takes the old one's place.
             self._sorted[bisect.bisect_left(self._sorted, old)] = record
             rank = self._held.pop(old)[0]
-        self._held[record] = (rank, entry)
+        self._held[record] = (rank, record, entry)
         self._joined = None
         self._packed = None
         self._next_expiry = min(self._next_expiry, advert.expires_ms)
@@ -211,7 +211,9 @@ class Directory:
                 live = list(self.live(now_ms))
                 until = min((e.advert.expires_ms for e in live), default=NEVER_MS)
                 packed = pack_digest({e.provider: e.seq for e in live})
-                held = {self._records[e.provider]: (i, e) for i, e in enumerate(live)}
+                held = {
+                    r: (i, r, e) for i, e in enumerate(live) for r in (self._records[e.provider],)
+                }
                 self._packed = _Digest(packed, now_ms, until, held)
                 return packed, held
         # Every held advert is live.
@@ -249,27 +251,32 @@ class Directory:
         Every node answers one pull per gossip round, each carrying one record per
         provider; comparing record by record in Python made the answers O(providers)
         each, the largest cost of a 10,000-node simulation. Whole records (provider and
-        seq) are compared as sets of bytes; only the ones that differ are looked at.
+        seq) are compared as sets of bytes; only the ones that differ are looked at, and
+        as records too: two records of one provider order as their seqs (big-endian after
+        the same 32 bytes), so no seq is decoded.
         """
         ours, held = self._digest(now_ms)
         if packed == ours:
             return [], [], False
         theirs = set(_splitter(len(packed) // DIGEST_RECORD).unpack(packed))
         only_theirs = theirs.difference(held)
-        their_seq = {r[:32]: int.from_bytes(r[32:], "big") for r in only_theirs}
+        their_record = {r[:32]: r for r in only_theirs}
         missing: list[Entry] = []
         more = False
-        for _, e in sorted(held[r] for r in held.keys() - theirs):
+        for _, r, e in sorted(held[r] for r in held.keys() - theirs):
             # Not held alike: they hold another seq of it, or nothing.
-            if their_seq.get(e.provider.encode("ascii"), -1) < e.seq:
+            t = their_record.get(r[:32])
+            if t is None or t < r:
                 if len(missing) >= limit:
                     more = True
                     break
                 missing.append(e)
         wanted = []
+        records = self._records  # every held advert, expired or not, as _seq_of sees them
         for r in sorted(only_theirs):
             provider = r[:32].decode("ascii")
-            if their_seq[r[:32]] > self._seq_of(provider):
+            o = records.get(provider)
+            if o is None or r > o:
                 wanted.append(provider)
         return missing, wanted, more
 
