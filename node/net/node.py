@@ -328,15 +328,22 @@ class Node:
     # --- peers ------------------------------------------------------------------
 
     def learn_peer(self, address: str, node_id: str | None, role: Role) -> None:
+        if self._learn(address, node_id, role):
+            self.metrics.peers.set(len(self.peers))
+
+    def _learn(self, address: str, node_id: str | None, role: Role) -> bool:
+        """``learn_peer`` without setting the ``peers`` gauge; True when the peer is new (a
+        peer list names 50 peers: the gauge, which takes a lock, is set once for all)."""
         if address == self.settings.address or node_id == self.node_id:
-            return
+            return False
+        added = False
         peer = self.peers.get(address)
         if peer is None:
             if len(self.peers) >= self.settings.max_peers:
-                return
+                return False
             peer = self.peers[address] = Peer(address=address, node_id=node_id, role=role)
-            self._peers_changed()
-            self.metrics.peers.set(len(self.peers))
+            self._peer_added(peer)
+            added = True
             if self._on_peer is not None:
                 self._on_peer(peer)
         elif node_id is not None and peer.node_id is None:
@@ -344,9 +351,20 @@ class Node:
             self._peers_changed()
         if peer.role != "bootstrap":
             peer.role = role
+        return added
 
     def _peers_changed(self) -> None:
         self._peer_list = None
+
+    def _peer_added(self, peer: Peer) -> None:
+        """Keep the index after ``peer`` became the newest key of ``peers``: it goes last in
+        the dict, so a rebuild would only append it (and map its id unless one already is).
+        Peers are learned all the time (adverts, peer lists); rebuilding the index of a
+        thousand peers for each one was most of ``_peer_index``'s cost."""
+        if self._peer_list is not None:
+            self._peer_list.append(peer)
+            if peer.node_id is not None:
+                self._address_by_id.setdefault(peer.node_id, peer.address)
 
     def _peer_index(self) -> list[Peer]:
         if self._peer_list is None:
@@ -416,8 +434,11 @@ class Node:
         )
         reply = await self.request(peer, hello)
         if reply is not None and isinstance(reply.body, PeerList):
+            added = False
             for info in reply.body.peers:
-                self.learn_peer(info.address, info.node_id, info.role)
+                added = self._learn(info.address, info.node_id, info.role) or added
+            if added:
+                self.metrics.peers.set(len(self.peers))
 
     # --- directory --------------------------------------------------------------
 
@@ -438,11 +459,18 @@ class Node:
         try:
             env = self.verified.open_advert(raw, now, self.limits)
         except MercatoError as e:
-            self.metrics.rejections.labels(e.code).inc()
-            log.debug("dropped relayed advert: %s", e)
+            self._advert_rejected(e)
             return None
         advert = env.body
         assert isinstance(advert, Advert)  # open_advert let nothing else through
+        return self._offer_opened(env, advert, now), advert
+
+    def _advert_rejected(self, e: MercatoError) -> None:
+        self.metrics.rejections.labels(e.code).inc()
+        log.debug("dropped relayed advert: %s", e)
+
+    def _offer_opened(self, env: Envelope, advert: Advert, now: int) -> Offer:
+        """Offer an opened advert (``env.body``) to the directory and act on the outcome."""
         # env.raw: the memo's copy, so identical adverts share one bytes object.
         result = self.directory.offer(advert, env.raw, now)
         if result is Offer.EXPIRED:
@@ -455,7 +483,42 @@ class Node:
             entry = self.directory.get(advert.provider)
             if entry is not None and self._on_advert is not None:
                 self._on_advert(entry)
-        return result, advert
+        return result
+
+    def _ingest_batch(self, raws: list[bytes]) -> list[Entry]:
+        """Ingest relayed adverts in order; the directory entries of those that were news.
+
+        Most of what a node hears is a copy of an advert it already holds, or an older
+        one: every advert reaches every node, from several peers and again in
+        anti-entropy (in the simulator, quadratic in the number of nodes). The memo
+        (``VerifiedAdverts``) opens such a copy with one lookup, and one comparison with
+        the advert held settles it here: the directory's ``offer`` would call a live
+        advert no newer than the one held a duplicate or older, which changes nothing
+        and is not counted. Anything else (new, newer, expired) takes the full path.
+        """
+        fresh: list[Entry] = []
+        if not raws:
+            return fresh
+        now = self.clock()
+        open_advert = self.verified.open_advert
+        held_entry = self.directory.get
+        limits = self.limits
+        for raw in raws:
+            try:
+                env = open_advert(raw, now, limits)
+            except MercatoError as e:
+                self._advert_rejected(e)
+                continue
+            advert: Advert = env.body  # type: ignore[assignment]  # open_advert checked it
+            held = held_entry(advert.provider)
+            if held is not None and advert.seq <= held.advert.seq and advert.expires_ms > now:
+                continue  # Offer.DUPLICATE or Offer.OLDER
+            result = self._offer_opened(env, advert, now)
+            if result is Offer.NEW or result is Offer.NEWER:
+                entry = held_entry(advert.provider)
+                if entry is not None:
+                    fresh.append(entry)
+        return fresh
 
     async def _on_directory_request(self, env: Envelope) -> Body | bytes | None:
         req = env.body
@@ -509,7 +572,7 @@ class Node:
     async def _on_directory_push(self, env: Envelope) -> Body | bytes | None:
         msg = env.body
         assert isinstance(msg, DirectoryMsg)
-        fresh = [e for raw in msg.adverts if (e := self._ingest_news(raw)) is not None]
+        fresh = self._ingest_batch(msg.adverts)
         if fresh:
             # Rumor mongering: relay the news, batched (see _push_loop).
             for entry in fresh:
@@ -517,16 +580,6 @@ class Node:
             self._news_from.add(self._address_of(env.sender))
             self._news_ready.set()
         return None
-
-    def _ingest_is_news(self, raw: bytes) -> bool:
-        return self._ingest_news(raw) is not None
-
-    def _ingest_news(self, raw: bytes) -> Entry | None:
-        """Ingest ``raw``; the directory entry it made when it was news, else None."""
-        offered = self._offer(raw)
-        if offered is None or not offered[0].accepted:
-            return None
-        return self.directory.get(offered[1].provider)
 
     def _address_of(self, node_id: str) -> str:
         self._peer_index()
@@ -554,7 +607,7 @@ class Node:
             if reply is None or not isinstance(reply.body, DirectoryMsg):
                 return learned
             page = reply.body
-            fresh = [raw for raw in page.adverts if self._ingest_is_news(raw)]
+            fresh = self._ingest_batch(page.adverts)
             learned += len(fresh)
             if page.wanted:
                 theirs = [

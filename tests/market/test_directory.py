@@ -301,3 +301,63 @@ class TestExpire:
         assert d.expire(NOW + 15) == [ids[1].node_id]
         assert len(d) == 0
         assert d.expire(NOW + 10**9) == []
+
+
+class TestDigestKeptInPlace:
+    """The digest is kept up to date as adverts come and go instead of rebuilt: after any
+    sequence of offers, replacements, removals, expiries and clock steps (back too), it
+    and the pull answers must be what the directory's live adverts give from scratch."""
+
+    def test_same_as_rebuilt_after_random_changes(self, make: Maker) -> None:
+        import random
+
+        rng = random.Random(19)
+        providers = [Identity.from_seed(bytes([40 + i]) * 32) for i in range(8)]
+        strangers = [Identity.from_seed(bytes([90 + i]) * 32) for i in range(2)]
+        expiries = (5, 20, 45, TTL)
+        made = {
+            (i.node_id, s, x): make(i, seq=s, expires_ms=NOW + x)
+            for i in providers
+            for s in range(1, 6)
+            for x in expiries
+        }
+        d = Directory()
+        now = NOW
+        compared = 0
+        for step in range(3000):
+            op = rng.random()
+            if op < 0.55:
+                ident = rng.choice(providers)
+                advert, raw = made[(ident.node_id, rng.randint(1, 5), rng.choice(expiries))]
+                d.offer(advert, raw, now)
+            elif op < 0.62:
+                d.remove(rng.choice(providers).node_id)
+            elif op < 0.72:
+                held = [d.get(i.node_id) for i in providers]
+                due = {e.provider for e in held if e is not None and e.advert.expires_ms <= now}
+                assert set(d.expire(now)) == due
+                assert all(d.get(p) is None for p in due)
+            elif op < 0.97:
+                now += rng.randint(0, 8)
+            else:
+                now -= rng.randint(1, 10)  # a clock that steps back
+            if step % 97 == 0:
+                now = NOW + rng.randint(0, 10)  # back to where the early adverts live
+            assert d.packed_digest(now) == pack_digest(d.digest(now)), step
+            for _ in range(2):
+                theirs = {
+                    i.node_id: rng.randint(0, 6)
+                    for i in rng.sample(providers + strangers, rng.randint(0, 10))
+                }
+                limit = rng.randint(1, 8)
+                want = d.diff(unpack_digest(pack_digest(theirs)), now, limit)
+                got = d.diff_packed(pack_digest(theirs), now, limit)
+                assert ([e.provider for e in got[0]], got[1], got[2]) == (
+                    [e.provider for e in want[0]],
+                    want[1],
+                    want[2],
+                ), step
+                assert [e.envelope for e in got[0]] == [e.envelope for e in want[0]], step
+                compared += bool(want[0])
+            assert d.diff_packed(d.packed_digest(now), now, limit=100) == ([], [], False)
+        assert compared > 1000
