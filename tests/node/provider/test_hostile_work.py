@@ -383,8 +383,11 @@ class TestQueuedTaskCopies:
         params = {"params.json": secret}
         await buyer.client.assign(assign(buyer, digest, "q2", looks, files=params))
         # q2 waits in the lease's queue; its copy is made meanwhile, then it is cancelled.
-        for _ in range(200):
-            if ready.exists() and len(list(ready.iterdir())) == 1:
+        # Until the copy is whole: its directory is made first, its files written after.
+        for _ in range(500):
+            made = list(ready.iterdir()) if ready.exists() else []
+            done = [m / "params.json" for m in made if (m / "params.json").exists()]
+            if len(made) == 1 and done and done[0].read_text() == secret:
                 break
             await asyncio.sleep(0.02)
         ((copy,),) = [list(ready.iterdir())]
