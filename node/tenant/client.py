@@ -39,6 +39,7 @@ from protocol.messages import (
     Advert,
     Award,
     Bid,
+    Body,
     DebitNote,
     Decline,
     Heartbeat,
@@ -52,10 +53,9 @@ from protocol.messages import (
 
 log = logging.getLogger("mercato.tenant")
 
-#: How often a final receipt's countersignature is sent before it is left in the store.
-RECEIPT_SEND_TRIES = 3
-#: How often a release that ends a lease we do not hold is sent before we give up.
-RELEASE_SEND_TRIES = 3
+#: How often a message whose loss costs money (a final receipt's countersignature, the
+#: release of a lease we do not hold) is sent while the network loses it.
+LOST_MESSAGE_TRIES = 3
 
 
 @dataclass
@@ -334,19 +334,37 @@ class Tenant:
         sent again when the network loses them (as the final receipt's countersignature).
         """
 
-        async def one(provider: str, release: Release) -> None:
-            tries = RELEASE_SEND_TRIES if release.lease_id else 1
-            for attempt in range(tries):
-                try:
-                    await self.node.request(self._peer(provider), release)
-                    return
-                except (PeerTimeoutError, PeerUnavailableError):
-                    if attempt + 1 < tries:
-                        await asyncio.sleep(0.1 * 2**attempt)
-                except MercatoError:  # answered: nothing more to do
-                    return
+        await asyncio.gather(
+            *(
+                self._send_while_lost(
+                    self._peer(provider), release, LOST_MESSAGE_TRIES if release.lease_id else 1
+                )
+                for provider, release in auction.releases()
+            )
+        )
 
-        await asyncio.gather(*(one(p, r) for p, r in auction.releases()))
+    async def _send_while_lost(
+        self, peer: Peer, body: Body, tries: int, *, sealed: bytes | None = None
+    ) -> bool:
+        """Send ``body`` up to ``tries`` times while it goes unanswered; True once answered.
+
+        Only a timeout or a refused connection is tried again, after 0.1 s, 0.2 s, ...
+        Any answer ends it, an error too (the peer has it, or will not take it).
+        """
+        for attempt in range(tries):
+            try:
+                await self.node.request(peer, body, sealed=sealed)
+                return True
+            except (PeerTimeoutError, PeerUnavailableError) as e:
+                log.info(
+                    "%s to %s not delivered (try %d): %s", body.TYPE, peer.address, attempt + 1, e
+                )
+                if attempt + 1 < tries:
+                    await asyncio.sleep(0.1 * 2**attempt)
+            except MercatoError as e:
+                log.info("%s to %s answered: %s", body.TYPE, peer.address, e)
+                return True
+        return False
 
     # --- leases ---------------------------------------------------------------------
 
@@ -487,27 +505,12 @@ class Tenant:
         ends the tries. No heartbeat follows a released lease to bring it back, and a
         provider without it is owed money it cannot show was agreed.
         """
-        for attempt in range(RECEIPT_SEND_TRIES):
-            try:
-                await self.node.request(peer, countersign, sealed=raw)
-                return
-            except (PeerTimeoutError, PeerUnavailableError) as e:
-                log.info(
-                    "countersignature of lease %s not delivered (try %d): %s",
-                    lease.lease_id,
-                    attempt + 1,
-                    e,
-                )
-                if attempt + 1 < RECEIPT_SEND_TRIES:
-                    await asyncio.sleep(0.1 * 2**attempt)
-            except MercatoError as e:  # answered: a copy arrived, or it is refused
-                log.info("countersignature of lease %s answered: %s", lease.lease_id, e)
-                return
-        log.warning(
-            "countersignature of lease %s not delivered after %d tries; kept in the store",
-            lease.lease_id,
-            RECEIPT_SEND_TRIES,
-        )
+        if not await self._send_while_lost(peer, countersign, LOST_MESSAGE_TRIES, sealed=raw):
+            log.warning(
+                "countersignature of lease %s not delivered after %d tries; kept in the store",
+                lease.lease_id,
+                LOST_MESSAGE_TRIES,
+            )
 
     def _check_receipt(self, lease: LeaseRow, r: Receipt, sender: str, now: int) -> None:
         """Refuse a receipt that is not for this lease or bills more than we measured.

@@ -251,6 +251,22 @@ class TestExposureLimit:
         assert daemon.provider.engine.counters.no_bids == {"unpaid_notes": 1}
 
 
+def drop_first_countersignature(tenant: Tenant, kind: type[DebitNote | Receipt]) -> list[str]:
+    """The network drops the tenant's first countersignature of a ``kind``; the list
+    returned gets the hash of the bill it countersigned."""
+    send = tenant.node.request
+    lost: list[str] = []
+
+    async def lossy(peer: Any, body: Any, **kw: Any) -> Any:
+        if isinstance(body, kind) and body.countersigns and not lost:
+            lost.append(body.countersigns)
+            raise PeerTimeoutError("countersignature lost")
+        return await send(peer, body, **kw)
+
+    tenant.node.request = lossy  # type: ignore[method-assign]
+    return lost
+
+
 class TestLostCountersignature:
     async def test_a_lost_countersignature_is_made_good_on_the_next_heartbeat(
         self, tmp_path: Path, closers: Closers
@@ -258,17 +274,7 @@ class TestLostCountersignature:
         daemon = await provider(tmp_path, closers)
         tenant = await tenant_of(tmp_path, closers)
         lease = await lease_of(tenant, daemon)
-        send = tenant.node.request
-        lost: list[str] = []
-
-        async def lossy(peer: Any, body: Any, **kw: Any) -> Any:
-            """The network drops the tenant's first countersignature."""
-            if isinstance(body, DebitNote) and body.countersigns and not lost:
-                lost.append(body.countersigns)
-                raise PeerTimeoutError("countersignature lost")
-            return await send(peer, body, **kw)
-
-        tenant.node.request = lossy  # type: ignore[method-assign]
+        lost = drop_first_countersignature(tenant, DebitNote)
         seq = 0
         while not daemon.store.ledger():
             # Every heartbeat is answered while the note is unpaid (a fresh envelope each
@@ -291,17 +297,7 @@ class TestLostCountersignature:
         daemon = await provider(tmp_path, closers)
         tenant = await tenant_of(tmp_path, closers)
         lease = await lease_of(tenant, daemon)
-        send = tenant.node.request
-        lost: list[str] = []
-
-        async def lossy(peer: Any, body: Any, **kw: Any) -> Any:
-            """The network drops the tenant's first countersignature of the receipt."""
-            if isinstance(body, Receipt) and body.countersigns and not lost:
-                lost.append(body.countersigns)
-                raise PeerTimeoutError("countersignature lost")
-            return await send(peer, body, **kw)
-
-        tenant.node.request = lossy  # type: ignore[method-assign]
+        lost = drop_first_countersignature(tenant, Receipt)
         receipt = await tenant.release(lease)
         assert lost
         # Both sides booked the receipt once: the tenant what it owes, the provider what
