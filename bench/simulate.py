@@ -23,9 +23,10 @@ bounds-checked once for all nodes; each node still offers it to its own director
 verdict depends on what that node holds) and the process-wide memo of directory-request
 digests that passed their checks (``protocol.messages``, a pure function of the bytes,
 the same in the daemon). Every request and reply envelope is sealed by its sender and
-opened, signature-checked and validated by its receiver. The garbage collector is
-run and its survivors frozen every 5 simulated seconds (``_collect_and_freeze``), and
-Python's automatic collections are off during a run.
+opened, signature-checked and validated by its receiver (``SignatureOracle`` checks
+the signatures ahead on a second core; a receiver's check passes only on its proof for
+exactly those bytes, and runs ``verify`` itself otherwise). Python's garbage collector
+is off during a run (``run_once`` says why).
 
 Population: one bootstrap node, ``--providers`` providers that advertise and sell
 (default N/50, so the directory grows with the network), and relays for the rest:
@@ -81,12 +82,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import functools
 import gc
 import hashlib
 import json
 import logging
 import math
+import multiprocessing
 import os
 import random
 import resource
@@ -97,9 +100,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Literal
 
+import msgpack
+
+import protocol.envelope as envelope_module
 from market.bidding import BidEngine, Device, LeaseState
 from market.verification import (
     FLOOR_RATE,
@@ -121,9 +128,11 @@ from node.provider.service import ProviderService
 from node.store.node_store import LeaseRow, ReceiptRow, Store
 from node.store.verify_store import VerifyStore
 from node.tenant.client import AuctionReport, ReceiptRejected, Tenant
-from protocol.envelope import Envelope, open_envelope
+from protocol import codec
+from protocol.envelope import Envelope, open_envelope, signed_part
 from protocol.errors import MercatoError, PeerTimeoutError, PeerUnavailableError
 from protocol.identity import Identity
+from protocol.identity import verify as verify_signature
 from protocol.messages import (
     Accept,
     Advert,
@@ -192,6 +201,9 @@ class Params:
     #: How long a sweeping tenant keeps trying a release nobody answered (heartbeating
     #: meanwhile) before it gives the lease up, as node/tenant/sweep.py tries again.
     release_patience_s: float = 60.0
+    #: Check signatures ahead in a second process (SignatureOracle): same results, less
+    #: of this process's time. Off when runs already share the cores (--jobs).
+    checker: bool = False
 
     @property
     def n_providers(self) -> int:
@@ -228,12 +240,144 @@ class Result:
     dropped: int = 0
     verify_hits: int = 0
     verify_misses: int = 0
+    checker_hits: int = 0  # envelope signatures the second process had checked ahead
+    checker_misses: int = 0  # ... that receivers checked themselves
+    checker_cpu_s: float = 0.0  # the second process's CPU (cpu_s is this process's)
     sim_s: float = 0.0
     wall_s: float = 0.0
     cpu_s: float = 0.0
     max_rss_mb: float = 0.0
     trace: str = ""
     verification: dict[str, Any] = field(default_factory=dict)  # with --fabricators
+
+
+# --- signatures checked on the second core ------------------------------------------
+
+
+#: Envelopes sent to the checker in one write (fewer system calls; a receiver opens an
+#: envelope at least one simulated latency after it was sent, hundreds of messages later).
+ORACLE_BATCH = 8
+#: Proofs kept at most: an envelope never opened (lost, refused before its signature)
+#: leaves its proof behind, and past this many they are dropped (those receivers, if
+#: any, check the signature themselves).
+ORACLE_MAX_PROOFS = 200_000
+_PROOF = 64 + 32  # signature, SHA-256 of (public key, signed bytes)
+
+
+def _proof_of(data: bytes) -> bytes:
+    """The proof that ``data``'s signature verifies, or b"": its signature and the SHA-256
+    of the key and the signed bytes, made only once the real ``verify`` passed on them."""
+    try:
+        env = codec.decode(data, codec.DEFAULT_LIMITS)
+        key, sig = env["from"], env["sig"]
+        message = signed_part(data, env)
+        if type(key) is not bytes or type(sig) is not bytes:
+            return b""
+        verify_signature(key, sig, message)
+    except (MercatoError, KeyError, TypeError, IndexError):
+        return b""  # the receiver finds out why, itself
+    return sig + hashlib.sha256(key + message).digest()
+
+
+def _checker(requests: Connection, proofs: Connection, unused: list[Connection]) -> None:
+    """The second process: verify every envelope the simulation sends, in order."""
+    for conn in unused:  # without this, the parent's exit would not end our reads
+        conn.close()
+    with contextlib.suppress(EOFError, OSError, KeyboardInterrupt):
+        while True:
+            batch = msgpack.unpackb(requests.recv_bytes())
+            proofs.send_bytes(b"".join([_proof_of(data) for data in batch]))
+
+
+class SignatureOracle:
+    """Ed25519 checks of the simulation's envelopes, done ahead on the second core.
+
+    Every envelope the simulated network carries is also sent to a checker process as
+    it leaves its sender; the checker opens it as far as the signature, runs the real
+    ``protocol.identity.verify`` and answers a proof: the signature and the SHA-256 of
+    (public key, signed bytes). While installed, ``protocol.envelope``'s ``verify`` is
+    ``check``: a receiver's check passes on a proof for exactly its key, signature and
+    signed bytes (SHA-256 binds them; a collision is not a thing), and otherwise runs
+    the real ``verify`` itself, which decides every rejection. The node code and its
+    order of checks are unchanged, and so is every result: only which core spends the
+    ~60 us of a verification moves (a quarter of a 10,000-node run's CPU).
+    """
+
+    def __init__(self) -> None:
+        self._children_cpu0 = _children_cpu_s()
+        ctx = multiprocessing.get_context("fork")
+        requests_r, self._requests = ctx.Pipe(duplex=False)
+        self._proofs, proofs_w = ctx.Pipe(duplex=False)
+        self._process = ctx.Process(
+            target=_checker,
+            args=(requests_r, proofs_w, [self._requests, self._proofs]),
+            name="signature-checker",
+            daemon=True,
+        )
+        for conn in (self._requests, self._proofs):
+            # 1 MiB pipes (Linux's default limit): a checker a few batches behind, or
+            # descheduled for a moment, does not make the simulation wait on a write.
+            with contextlib.suppress(OSError, AttributeError):
+                fcntl.fcntl(conn.fileno(), fcntl.F_SETPIPE_SZ, 1 << 20)
+        self._process.start()
+        requests_r.close()
+        proofs_w.close()
+        self._batch: list[bytes] = []
+        self._known: dict[bytes, bytes] = {}  # signature -> SHA-256(key + signed bytes)
+        self.hits = 0
+        self.misses = 0
+        self.cpu_s = 0.0
+        self._real = envelope_module.verify
+
+    def submit(self, data: bytes) -> None:
+        """Send ``data`` (an envelope on its way) to the checker."""
+        batch = self._batch
+        batch.append(data)
+        if len(batch) >= ORACLE_BATCH:
+            # Take the answers waiting first: a checker blocked on a full answer pipe
+            # while this write blocks on a full request pipe would be a deadlock.
+            self._collect()
+            self._requests.send_bytes(msgpack.packb(batch))
+            batch.clear()
+
+    def _collect(self) -> None:
+        known = self._known
+        if len(known) > ORACLE_MAX_PROOFS:
+            known.clear()
+        while self._proofs.poll():
+            answer = self._proofs.recv_bytes()
+            for i in range(0, len(answer), _PROOF):
+                known[answer[i : i + 64]] = answer[i + 64 : i + _PROOF]
+
+    def check(self, public_key: bytes, signature: bytes, message: bytes) -> None:
+        """``protocol.identity.verify``, answered by a proof when the checker made one."""
+        proof = self._known.pop(signature, None)
+        if proof is None:
+            self._collect()
+            proof = self._known.pop(signature, None)
+        if proof is not None and proof == hashlib.sha256(public_key + message).digest():
+            self.hits += 1
+            return
+        self.misses += 1
+        self._real(public_key, signature, message)
+
+    def __enter__(self) -> SignatureOracle:
+        envelope_module.verify = self.check
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        envelope_module.verify = self._real
+        self._requests.close()
+        self._proofs.close()
+        self._process.join(timeout=5)
+        if self._process.is_alive():
+            self._process.kill()
+        self.cpu_s = _children_cpu_s() - self._children_cpu0
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 # --- network ----------------------------------------------------------------------
@@ -251,6 +395,8 @@ class SimNetwork(MemoryNetwork):
         self.sent: Counter[str] = Counter()
         self.received: Counter[str] = Counter()
         self.bytes_sent: Counter[str] = Counter()
+        #: Checks the envelopes' signatures ahead, on the second core (None: receivers only).
+        self.oracle: SignatureOracle | None = None
 
     async def deliver(self, source: str, dest: str, data: bytes, timeout_s: float) -> bytes:
         self.sent[source] += 1
@@ -264,6 +410,8 @@ class SimNetwork(MemoryNetwork):
             await asyncio.sleep(timeout_s)
             raise PeerTimeoutError(f"request to {dest} was lost")
         one_way = self.latency_s * rnd.uniform(0.5, 1.5)
+        if self.oracle is not None:
+            self.oracle.submit(data)
         if one_way:
             await asyncio.sleep(one_way)
         if not self._reachable(source, dest):  # it crashed or was cut off meanwhile
@@ -281,6 +429,8 @@ class SimNetwork(MemoryNetwork):
             self.dropped += 1
             await asyncio.sleep(max(0.0, timeout_s - one_way))
             raise PeerTimeoutError(f"reply from {dest} was lost")
+        if reply and self.oracle is not None:
+            self.oracle.submit(reply)
         if one_way:
             await asyncio.sleep(one_way)
         return reply
@@ -581,12 +731,8 @@ class Simulation:
         return len(rows)
 
     async def invariant_loop(self) -> None:
-        ticks = 0
         while not self._stopping:
             await asyncio.sleep(0.5)
-            ticks += 1
-            if ticks % GC_EVERY_TICKS == 0:
-                _collect_and_freeze()
             for m in self.members:
                 if m.alive:
                     self.check_provider(m)
@@ -1434,53 +1580,46 @@ def run_once(params: Params) -> Result:
     def on_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         errors.append(str(context.get("exception") or context.get("message")))
 
+    # Forked first, while the heap is small.
+    oracle = SignatureOracle() if params.checker else None
+
     async def main() -> Result:
         asyncio.get_running_loop().set_exception_handler(on_error)
-        return await Simulation(params).run()
+        sim = Simulation(params)
+        sim.net.oracle = oracle
+        return await sim.run()
 
     cpu0 = time.process_time()
     with contextlib.suppress(OSError):  # Linux: reset the peak RSS (VmHWM) of this process
         Path("/proc/self/clear_refs").write_text("5")
+    # No garbage collection during a run. Python's collector walks every tracked object
+    # it has not frozen; a run holds N nodes' state (an entry per provider at every node,
+    # N^2 / 50), and the collections found nearly nothing to free: most objects die by
+    # reference count. Measured with collections every 5 simulated seconds (each then
+    # freezing its survivors, the cheapest way to collect): 21 collections at 1,000 nodes
+    # took 1.3 s of 28 and found 243 unreachable objects in all; 23 at 2,000 took 4.1 s
+    # and found 403; at 10,000 they were 5.6 % of the CPU. Automatic young-generation
+    # collections were worse (9 ms each, 160 of them at 1,000 nodes). The few cycles a
+    # run makes wait for its end (``_run_or_fail`` collects before the next run).
     collecting = gc.isenabled()
-    gc.disable()  # the run collects every GC_EVERY_TICKS instead (_collect_and_freeze)
+    gc.disable()
     try:
-        with asyncio.Runner(loop_factory=VirtualTimeLoop) as runner:
+        with (
+            oracle or contextlib.nullcontext(),
+            asyncio.Runner(loop_factory=VirtualTimeLoop) as runner,
+        ):
             result = runner.run(main())
     finally:
-        gc.unfreeze()  # the next run (or the caller) collects what this run froze
         if collecting:
             gc.enable()
     if errors:
         raise InvariantError("event loop errors: " + "; ".join(errors[:3]))
     result.cpu_s = time.process_time() - cpu0
+    if oracle is not None:
+        result.checker_hits, result.checker_misses = oracle.hits, oracle.misses
+        result.checker_cpu_s = oracle.cpu_s
     result.max_rss_mb = _peak_rss_mb()
     return result
-
-
-#: Invariant ticks (half a simulated second each) between two ``_collect_and_freeze``,
-#: the only collections during a run: Python's automatic collections are off, as their
-#: young-generation passes walked whatever a message had in flight at the moment, 9 ms
-#: each, 160 of them at 1,000 nodes (more than the full collections); most objects die
-#: by reference count, and the cyclic garbage of 5 simulated seconds waits for the next.
-GC_EVERY_TICKS = 10
-
-
-def _collect_and_freeze() -> None:
-    """Collect the garbage made since the last call, then exempt what survived from later
-    collections (the simulator's own memory management; nothing simulated changes).
-
-    Python's full collection walks every tracked object. A run holds N nodes' state, and
-    every node holds an entry per provider (N^2 / 50 entries): at 10,000 nodes each full
-    collection walked about 3 GB, and they came once a quarter of the heap had been
-    allocated anew, so collecting cost O(N^2) per simulated second, as much as the
-    gossip itself (a fifth of the CPU at 1,000 nodes, measured with gc.callbacks).
-    Frozen objects are still freed by reference counting when they die; only cyclic
-    garbage made of objects older than the last freeze waits for ``run_once``'s end.
-    Called from ``invariant_loop``, which already wakes twice a second, so the event
-    loop's timers (and the trace) are the same as without it.
-    """
-    gc.collect()
-    gc.freeze()
 
 
 def _peak_rss_mb() -> float:
@@ -2067,6 +2206,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="N = 200, 500, 1000; short phases")
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--jobs", type=int, default=1, help="runs in parallel processes")
+    ap.add_argument("--checker", action=argparse.BooleanOptionalAction,
+                    help="check envelope signatures ahead in a second process (same "
+                         "results; default: on with --jobs 1 on 2+ cores)")  # fmt: skip
     ap.add_argument("--dishonest", type=float, metavar="F",
                     help="settlement run: fraction F of providers and tenants cheat")  # fmt: skip
     ap.add_argument("--settle-s", type=float, default=SettlementParams.sim_s,
@@ -2081,6 +2223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return settlement_main(args)
     sizes = [args.nodes] if args.nodes else list(QUICK_SIZES if args.quick else TABLE_SIZES)
     runs = []
+    checker_default = args.jobs == 1 and (os.cpu_count() or 1) >= 2
     for n in sizes:
         params = Params(
             nodes=n,
@@ -2095,6 +2238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             push_interval_s=args.push_interval,
             fanout=args.fanout,
             fabricators=args.fabricators,
+            checker=args.checker if args.checker is not None else checker_default,
         )
         if args.quick:
             params.join_s, params.steady_s, params.restart_after_s = 5.0, 8.0, 6.0

@@ -136,6 +136,17 @@ def seal(
     return b"".join((_MAP8, head, _SIG_ENTRY_HEAD, sig, tail))
 
 
+def signed_part(data: bytes, env: dict[str, Any]) -> bytes:
+    """The bytes ``env["sig"]`` signs, cut out of ``data``: the envelope without its "sig"
+    entry. ``env`` is ``data`` decoded by ``codec.decode``, which proved it canonical, so
+    it is laid out as ``seal`` packs it (the entries after "sig": to, ts, type, v)."""
+    tail = codec.pack_canonical(
+        {"to": env["to"], "ts": env["ts"], "type": env["type"], "v": env["v"]}
+    )
+    sig_end = len(data) - len(tail) + 1
+    return b"".join((_MAP7, data[1 : sig_end - _SIG_ENTRY_SIZE], data[sig_end:]))
+
+
 def _field(env: dict[str, Any], key: str, typ: type, size: int | None = None) -> None:
     value: Any = env[key]
     if type(value) is not typ:
@@ -215,11 +226,7 @@ def open_envelope(
         replay = None
     if replay is not None:
         replay.check_time(ts, now_ms)
-    # The signed bytes are the envelope without its "sig" entry. decode() proved the
-    # input canonical, so it is laid out as seal() packs it: cut that entry out.
-    tail = codec.pack_canonical({"to": to, "ts": ts, "type": type_, "v": version})
-    sig_end = len(data) - len(tail) + 1
-    verify(sender_key, sig, b"".join((_MAP7, data[1 : sig_end - _SIG_ENTRY_SIZE], data[sig_end:])))
+    verify(sender_key, sig, signed_part(data, env))
     if recipient is not None and to is not None and to != recipient:
         raise WrongRecipientError(f"envelope is addressed to {to}, not to this node")
     if replay is not None:
