@@ -22,6 +22,7 @@ from market.debit import (
     TASK_GRACE_MS,
     TenantMeter,
 )
+from market.directory import NEVER_MS, Entry, OwnDevices, as_known
 from market.lifecycle import LeaseState
 from market.matching import Candidate, describe, rank
 from market.reputation import Reputation
@@ -31,6 +32,7 @@ from node.net.node import Node, NodeSettings, Peer, wall_clock_ms
 from node.net.transport import Transport
 from node.store.node_store import LeaseRow, ReceiptRow, Store
 from node.store.verify_store import VerifyStore
+from protocol import codec
 from protocol.envelope import Envelope
 from protocol.errors import MercatoError, PeerTimeoutError, PeerUnavailableError
 from protocol.identity import Identity
@@ -56,6 +58,10 @@ log = logging.getLogger("mercato.tenant")
 #: How often a message whose loss costs money (a final receipt's countersignature, the
 #: release of a lease we do not hold) is sent while the network loses it.
 LOST_MESSAGE_TRIES = 3
+#: How far back the tenant reads its own ended leases to correct the adverts it holds
+#: (``Tenant.adverts_as_known``): providers re-advertise every fraction of their advert
+#: TTL (60 s by default), so an advert signed this long before is long replaced.
+OWN_RELEASES_MS = 600_000
 
 
 @dataclass
@@ -135,6 +141,39 @@ class Tenant:
     def adverts(self) -> list[Advert]:
         return [e.advert for e in self.node.directory.live(self.clock())]
 
+    def adverts_as_known(self) -> list[Advert]:
+        """The live directory, corrected by what this tenant knows itself of its leases.
+
+        Adverts lag: one signed before our newest lease still shows its devices free
+        (asking gets ``all_reserved`` from our own lease), one signed before our last
+        release still shows them taken (we would not ask). market.directory.as_known.
+        """
+        now = self.clock()
+        own = self._own_devices(now)
+        out = []
+        for e in self.node.directory.live(now):
+            mine = own.get(e.provider)
+            out.append(e.advert if mine is None else as_known(e.advert, _signed_ms(e), mine))
+        return out
+
+    def _own_devices(self, now: int) -> dict[str, OwnDevices]:
+        held: dict[str, set[str]] = {}
+        for row in self.store.list_leases(LeaseState.ACTIVE):
+            if row.side == "tenant":
+                held.setdefault(row.provider, set()).update(row.devices)
+        released: dict[str, list[tuple[int, frozenset[str]]]] = {}
+        # ENDED only when the provider's receipt confirmed it; a LOST lease may still
+        # be held at its provider.
+        for row in self.store.list_leases(LeaseState.ENDED, updated_since=now - OWN_RELEASES_MS):
+            if row.side == "tenant":
+                released.setdefault(row.provider, []).append(
+                    (row.updated_ms, frozenset(row.devices))
+                )
+        return {
+            p: OwnDevices(frozenset(held.get(p, ())), tuple(released.get(p, ())))
+            for p in held.keys() | released.keys()
+        }
+
     def reputation(self) -> dict[str, Reputation]:
         return {p: Reputation(**r) for p, r in self.store.reputation().items()}
 
@@ -178,7 +217,7 @@ class Tenant:
     ) -> AuctionReport:
         """Run one reverse auction over the current directory; return the leases made."""
         reputation = self.reputation()
-        adverts = [a for a in self.adverts() if a.provider not in set(exclude)]
+        adverts = [a for a in self.adverts_as_known() if a.provider not in set(exclude)]
         for a in adverts:  # the directory may have come by gossip, not by refresh()
             self._addresses[a.provider] = a.address
         measured = self.measured_flops(adverts)
@@ -537,3 +576,17 @@ class Tenant:
             meter = TenantMeter(len(lease.devices), lease.price, lease.start_ms)
             self._meters[lease.lease_id] = meter
         return meter
+
+
+def _signed_ms(entry: Entry) -> int:
+    """When the provider signed an advert: its envelope's timestamp (verified on entry).
+
+    An envelope that does not read (never for a verified one) counts as signed at the
+    end of time, so nothing the tenant released is taken back as free because of it.
+    """
+    try:
+        env = codec.decode(entry.envelope)
+    except MercatoError:
+        return NEVER_MS
+    ts = env.get("ts") if type(env) is dict else None
+    return ts if type(ts) is int else NEVER_MS
