@@ -59,7 +59,7 @@ log = logging.getLogger("mercato.tenant")
 #: release of a lease we do not hold) is sent while the network loses it.
 LOST_MESSAGE_TRIES = 3
 #: How far back the tenant reads its own ended leases to correct the adverts it holds
-#: (``Tenant.adverts_as_known``): providers re-advertise every fraction of their advert
+#: (``Tenant.adverts``): providers re-advertise every fraction of their advert
 #: TTL (60 s by default), so an advert signed this long before is long replaced.
 OWN_RELEASES_MS = 600_000
 
@@ -139,9 +139,6 @@ class Tenant:
         return adverts
 
     def adverts(self) -> list[Advert]:
-        return [e.advert for e in self.node.directory.live(self.clock())]
-
-    def adverts_as_known(self) -> list[Advert]:
         """The live directory, corrected by what this tenant knows itself of its leases.
 
         Adverts lag: one signed before our newest lease still shows its devices free
@@ -217,7 +214,7 @@ class Tenant:
     ) -> AuctionReport:
         """Run one reverse auction over the current directory; return the leases made."""
         reputation = self.reputation()
-        adverts = [a for a in self.adverts_as_known() if a.provider not in set(exclude)]
+        adverts = [a for a in self.adverts() if a.provider not in set(exclude)]
         for a in adverts:  # the directory may have come by gossip, not by refresh()
             self._addresses[a.provider] = a.address
         measured = self.measured_flops(adverts)
