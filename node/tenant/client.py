@@ -123,6 +123,11 @@ class Tenant:
         self._meters: dict[str, TenantMeter] = {}  # lease_id ->
         #: lease_id -> why we last refused to countersign its provider's bill.
         self.refusals: dict[str, str] = {}
+        #: Releases of cancelled auctions under way (``_abandon``); ``close`` waits.
+        self._abandoning: set[asyncio.Task[None]] = set()
+        #: How long those may take: every release tried LOST_MESSAGE_TRIES times, and a
+        #: lease's end (its release, then the receipt's countersignature) one more.
+        self.abandon_timeout_s = (LOST_MESSAGE_TRIES + 1) * request_timeout_s + 1.0
 
     @property
     def node_id(self) -> str:
@@ -272,17 +277,21 @@ class Tenant:
             return AuctionReport(order, auction.state, [], [], why, why)
 
         timeout_s = max(0.05, bid_window_ms / 1000)
-        await asyncio.gather(
-            *(self._collect(auction, c.provider, order, timeout_s) for c in candidates)
-        )
-        if auction.state is AuctionState.COLLECTING:
-            auction.close(self.clock())
-        # Awards go out concurrently; a decline or failure yields fallback awards.
-        awards = auction.last_awards
-        while awards:
-            results = await asyncio.gather(*(self._award(auction, a) for a in awards))
-            awards = [nxt for batch in results for nxt in batch]
-        await self._release_losers(auction)
+        try:
+            await asyncio.gather(
+                *(self._collect(auction, c.provider, order, timeout_s) for c in candidates)
+            )
+            if auction.state is AuctionState.COLLECTING:
+                auction.close(self.clock())
+            # Awards go out concurrently; a decline or failure yields fallback awards.
+            awards = auction.last_awards
+            while awards:
+                results = await asyncio.gather(*(self._award(auction, a) for a in awards))
+                awards = [nxt for batch in results for nxt in batch]
+            await self._release_losers(auction)
+        except asyncio.CancelledError:
+            await self._abandon(auction)
+            raise
         return AuctionReport(
             order=order,
             state=auction.state,
@@ -378,6 +387,64 @@ class Tenant:
                 for provider, release in auction.releases()
             )
         )
+
+    async def _abandon(self, auction: Auction) -> None:
+        """The auction was cancelled: give back all it holds before the cancel goes on.
+
+        Bids it received stay reserved at their providers until they expire, and a
+        lease whose accept was on its way, or made and not yet handed to the caller,
+        is held for a tenant that never heartbeats nor pays it: it lapses unpaid and
+        its provider refuses our orders (``unpaid_notes``). So the releases
+        (market.auction.Auction.abandon) and the end of every lease made (receipt
+        checked and countersigned, as ``release``) run in a task this tenant owns,
+        shielded from the cancel and bounded by ``abandon_timeout_s``; the cancelled
+        caller waits for it, and ``close`` waits for any a second cancel left running.
+        """
+        owed = auction.abandon(self.clock())
+        made = [row for x in auction.leases if (row := self.store.get_lease(x.lease_id))]
+        made = [row for row in made if row.state is LeaseState.ACTIVE]
+        if not owed and not made:
+            return
+        log.info(
+            "auction %s cancelled: %d releases and %d leases to end",
+            auction.order.order_id,
+            len(owed),
+            len(made),
+        )
+        task = asyncio.get_running_loop().create_task(self._give_back(owed, made))
+        self._abandoning.add(task)
+        task.add_done_callback(self._abandoning.discard)
+        await asyncio.shield(task)
+
+    async def _give_back(self, owed: list[tuple[str, Release]], made: list[LeaseRow]) -> None:
+        async def end(row: LeaseRow) -> None:
+            try:
+                await self.release(row)
+            except MercatoError as e:
+                log.warning("lease %s of a cancelled auction not ended: %s", row.lease_id, e)
+
+        try:
+            async with asyncio.timeout(self.abandon_timeout_s):
+                await asyncio.gather(
+                    *(
+                        self._send_while_lost(
+                            self._peer(provider),
+                            release,
+                            LOST_MESSAGE_TRIES if release.lease_id else 1,
+                        )
+                        for provider, release in owed
+                    ),
+                    *(end(row) for row in made),
+                )
+        except TimeoutError:
+            log.warning(
+                "releases of a cancelled auction unfinished after %g s", self.abandon_timeout_s
+            )
+
+    async def close(self) -> None:
+        """Wait for the releases of cancelled auctions still under way (bounded each)."""
+        while self._abandoning:
+            await asyncio.gather(*self._abandoning, return_exceptions=True)
 
     async def _send_while_lost(
         self, peer: Peer, body: Body, tries: int, *, sealed: bytes | None = None
