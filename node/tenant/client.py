@@ -414,7 +414,10 @@ class Tenant:
         task = asyncio.get_running_loop().create_task(self._give_back(owed, made))
         self._abandoning.add(task)
         task.add_done_callback(self._abandoning.discard)
-        await asyncio.shield(task)
+        try:
+            await asyncio.shield(task)
+        except Exception:  # a bug there must not turn the caller's cancel into it
+            log.exception("releasing cancelled auction %s failed", auction.order.order_id)
 
     async def _give_back(self, owed: list[tuple[str, Release]], made: list[LeaseRow]) -> None:
         async def end(row: LeaseRow) -> None:
@@ -444,7 +447,10 @@ class Tenant:
     async def close(self) -> None:
         """Wait for the releases of cancelled auctions still under way (bounded each)."""
         while self._abandoning:
-            await asyncio.gather(*self._abandoning, return_exceptions=True)
+            done = await asyncio.gather(*self._abandoning, return_exceptions=True)
+            for e in done:
+                if isinstance(e, Exception):
+                    log.error("releasing a cancelled auction failed: %r", e)
 
     async def _send_while_lost(
         self, peer: Peer, body: Body, tries: int, *, sealed: bytes | None = None

@@ -92,6 +92,22 @@ class Observed(Tenant):
         return fallback
 
 
+def slow_release_after_award(award_gate: Gate, release_gate: Gate) -> type[ProviderService]:
+    class SlowBoth(ProviderService):
+        """Holds its accept (as SlowAward), then holds the release that ends the lease."""
+
+        async def _on_award(self, env: Envelope) -> Body | bytes | None:
+            reply = await super()._on_award(env)
+            await award_gate.hold()
+            return reply
+
+        async def _on_release(self, env: Envelope) -> Body | bytes | None:
+            await release_gate.hold()
+            return await super()._on_release(env)
+
+    return SlowBoth
+
+
 @pytest.fixture
 async def closers() -> AsyncIterator[Closers]:
     stack: Closers = []
@@ -191,3 +207,30 @@ class TestCancelledAuction:
             assert again.state is AuctionState.LEASED, again.failure
         finally:
             gate.open.set()
+
+    async def test_a_second_cancel_leaves_the_releases_to_the_tenant_which_close_awaits(
+        self, tmp_path: Path, closers: Closers, gate: Gate
+    ) -> None:
+        # The caller is cancelled again while the releases are under way (a TaskGroup
+        # torn down twice, a second Ctrl-C): it stops waiting, the releases do not.
+        releasing = Gate()
+        slow = await sell(
+            tmp_path, closers, "slow", 3_600_000, slow_release_after_award(gate, releasing)
+        )
+        tenant = new_tenant(tmp_path / "tenant.sqlite", closers)
+        try:
+            await tenant.refresh(slow.address)
+            task = asyncio.create_task(
+                tenant.auction(Requirement(kind="gpu"), 1, MAX_PRICE, job_spec_hash=JOB)
+            )
+            await gate.arrived.wait()  # the lease is made, its accept held
+            task.cancel()
+            await releasing.arrived.wait()  # the release is at the provider, held
+            await cancelled(task)  # the second cancel: the caller is free at once
+            assert active(slow)  # the release has not been applied yet
+            releasing.open.set()
+            await tenant.close()
+            assert active(slow) == []
+        finally:
+            gate.open.set()
+            releasing.open.set()
