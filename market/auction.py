@@ -35,6 +35,9 @@ from market.reputation import NEUTRAL, Reputation
 from market.settlement import expected_cost
 from protocol.messages import Accept, Award, Bid, Decline, NoBid, Order, Release
 
+#: The reason of every release an abandoned auction sends.
+ABANDON_REASON = "auction abandoned"
+
 
 class AuctionState(Enum):
     OPEN = "open"
@@ -42,6 +45,7 @@ class AuctionState(Enum):
     AWARDING = "awarding"
     LEASED = "leased"
     FAILED = "failed"
+    ABANDONED = "abandoned"  # its driver stopped (cancelled) before it ended
 
 
 @dataclass(frozen=True, slots=True)
@@ -372,6 +376,59 @@ class Auction:
     @property
     def done(self) -> bool:
         return self.state in (AuctionState.LEASED, AuctionState.FAILED)
+
+    def abandon(self, now_ms: int) -> list[tuple[str, Release]]:
+        """The driver stops here (it was cancelled): (provider, Release) for all it owes.
+
+        Every bid received and not awarded is released, unless it has expired by
+        ``now_ms`` (its provider freed it already). Every award in flight is released
+        by its ``lease_id`` and its ``bid_id`` in one message: the provider frees the
+        reservation if the award has not arrived, and ends the lease if it has (and
+        the accept is on its way to nobody). Awards that got no answer and refused
+        accepts are released by ``lease_id``, as ``releases()`` does.
+
+        Not in the list: the leases already made (``leases``). Ending one is settling
+        it, a receipt to check and countersign, so that is the driver's part; it must
+        end them all, since the caller never gets them and a lease nobody heartbeats
+        or pays lapses unpaid (its provider then refuses this tenant's orders). After
+        this the auction is ``ABANDONED``: it takes no more messages, and a second call
+        (or ``releases()``) returns nothing.
+        """
+        if self.state is AuctionState.ABANDONED:
+            return []
+        owed: list[tuple[str, Release]] = []
+        if not self.done:
+            in_flight = {(p.bid.provider, p.bid.bid_id) for p in self._pending.values()}
+            owed = [
+                (
+                    key[0],
+                    Release(order_id=self.order.order_id, bid_id=b.bid_id, reason=ABANDON_REASON),
+                )
+                for key, b in {**self.bids, **self._unusable}.items()
+                if key not in self._leased_bids and key not in in_flight and b.expires_ms > now_ms
+            ]
+            owed += [
+                (
+                    p.award.provider,
+                    Release(
+                        order_id=self.order.order_id,
+                        bid_id=p.bid.bid_id,
+                        lease_id=lease_id,
+                        reason=ABANDON_REASON,
+                    ),
+                )
+                for lease_id, p in self._pending.items()
+            ]
+            owed += [
+                (provider, Release(order_id=self.order.order_id, lease_id=i, reason=ABANDON_REASON))
+                for i, provider in {**self._refused_leases, **self._unanswered}.items()
+            ]
+        else:
+            owed = self.releases()  # ended, but the driver stopped before it sent them
+        self._pending.clear()
+        self.state = AuctionState.ABANDONED
+        self.failure = f"abandoned: {self.outcome.explain()}"
+        return owed
 
     def releases(self) -> list[tuple[str, Release]]:
         """Once done: (provider, Release) for every bid that did not become a lease, and

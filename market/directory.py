@@ -288,3 +288,49 @@ class Directory:
     def _seq_of(self, provider: str) -> int:
         e = self._entries.get(provider)
         return -1 if e is None else e.seq
+
+
+@dataclass(frozen=True, slots=True)
+class OwnDevices:
+    """What a tenant knows itself of one provider's devices, sooner than any advert.
+
+    A provider re-advertises after a hold-down and the gossip carries it on, so the
+    adverts a tenant pulls lag its own leases by a second or more: right after it
+    leased a device the advert still says free (asking for it gets ``all_reserved``
+    from our own lease), right after it released one the advert still says taken (the
+    tenant does not ask, and leases fewer units than it could).
+    """
+
+    #: Device ids of the tenant's active leases on this provider: never free to it.
+    held: frozenset[str] = frozenset()
+    #: (when the tenant's lease ended, its device ids), the provider having confirmed
+    #: the end (a receipt): free again as far as any advert signed before that knows.
+    released: tuple[tuple[int, frozenset[str]], ...] = ()
+
+
+def as_known(advert: Advert, signed_ms: int, own: OwnDevices) -> Advert:
+    """``advert`` with the free devices the tenant knows better about (``own``).
+
+    ``signed_ms`` is when the provider signed the advert (its envelope's timestamp):
+    a device released after that is free again, unless the tenant holds it anew. That
+    compares the provider's clock with the tenant's: a skewed clock only makes the
+    tenant ask a provider that is busy after all (it answers ``all_reserved``) or skip
+    one until its next advert, what it did before. Only device ids the advert lists
+    are ever added, so nothing here makes a provider look larger than it says it is.
+    Returns ``advert`` itself when nothing changes.
+    """
+    back = {d for ended_ms, ids in own.released if ended_ms > signed_ms for d in ids}
+    if not own.held and not back:
+        return advert
+    groups = []
+    changed = False
+    for g in advert.devices:
+        listed = set(g.ids)
+        free = set(g.free) | (back & listed)
+        free -= own.held
+        if free != set(g.free):
+            changed = True
+            # In the advert's order of ids: the same inputs give the same lists.
+            g = g.model_copy(update={"free": [d for d in g.ids if d in free]})
+        groups.append(g)
+    return advert.model_copy(update={"devices": groups}) if changed else advert

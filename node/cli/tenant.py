@@ -143,8 +143,8 @@ async def _order(args: argparse.Namespace) -> dict[str, Any]:
     peer = resolve_peer(args.peer)
     transport = tenant_transport(peer)
     with Store(home.store_path) as store:
+        tenant = Tenant(home.load_or_create_identity(), store, transport)
         try:
-            tenant = Tenant(home.load_or_create_identity(), store, transport)
             await tenant.refresh(peer)
             req = Requirement(
                 kind=args.kind,
@@ -169,6 +169,7 @@ async def _order(args: argparse.Namespace) -> dict[str, Any]:
                         r = await tenant.release(row)
                         receipts.append({"lease_id": r.lease_id, "amount_micro_credits": r.amount})
         finally:
+            await tenant.close()  # a cancelled auction's releases (Ctrl-C) end first
             await transport.close()
     wanted = args.min_units if args.min_units is not None else args.units
     short = ""

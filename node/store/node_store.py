@@ -404,8 +404,15 @@ class Store:
         rows = list(self._query("SELECT * FROM leases WHERE lease_id = ?", [lease_id]))
         return _lease_row(rows[0]) if rows else None
 
-    def list_leases(self, state: LeaseState | None = None) -> list[LeaseRow]:
-        where, params = ("WHERE state = ?", [LeaseState(state).value]) if state else ("", [])
+    def list_leases(
+        self, state: LeaseState | None = None, *, updated_since: int | None = None
+    ) -> list[LeaseRow]:
+        """Leases (in ``state``, last changed at or after ``updated_since``), oldest first."""
+        params: list[Any] = [LeaseState(state).value] if state else []
+        where = "WHERE state = ?" if state else ""
+        if updated_since is not None:
+            where = f"{where} {'AND' if where else 'WHERE'} updated_ms >= ?"
+            params = [*params, updated_since]
         rows = self._query(f"SELECT * FROM leases {where} ORDER BY start_ms, lease_id", params)
         return [_lease_row(r) for r in rows]
 

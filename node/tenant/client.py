@@ -22,6 +22,7 @@ from market.debit import (
     TASK_GRACE_MS,
     TenantMeter,
 )
+from market.directory import NEVER_MS, Entry, OwnDevices, as_known
 from market.lifecycle import LeaseState
 from market.matching import Candidate, describe, rank
 from market.reputation import Reputation
@@ -31,6 +32,7 @@ from node.net.node import Node, NodeSettings, Peer, wall_clock_ms
 from node.net.transport import Transport
 from node.store.node_store import LeaseRow, ReceiptRow, Store
 from node.store.verify_store import VerifyStore
+from protocol import codec
 from protocol.envelope import Envelope
 from protocol.errors import MercatoError, PeerTimeoutError, PeerUnavailableError
 from protocol.identity import Identity
@@ -56,6 +58,10 @@ log = logging.getLogger("mercato.tenant")
 #: How often a message whose loss costs money (a final receipt's countersignature, the
 #: release of a lease we do not hold) is sent while the network loses it.
 LOST_MESSAGE_TRIES = 3
+#: How far back the tenant reads its own ended leases to correct the adverts it holds
+#: (``Tenant.adverts``): providers re-advertise every fraction of their advert
+#: TTL (60 s by default), so an advert signed this long before is long replaced.
+OWN_RELEASES_MS = 600_000
 
 
 @dataclass
@@ -117,6 +123,11 @@ class Tenant:
         self._meters: dict[str, TenantMeter] = {}  # lease_id ->
         #: lease_id -> why we last refused to countersign its provider's bill.
         self.refusals: dict[str, str] = {}
+        #: Releases of cancelled auctions under way (``_abandon``); ``close`` waits.
+        self._abandoning: set[asyncio.Task[None]] = set()
+        #: How long those may take: every release tried LOST_MESSAGE_TRIES times, and a
+        #: lease's end (its release, then the receipt's countersignature) one more.
+        self.abandon_timeout_s = (LOST_MESSAGE_TRIES + 1) * request_timeout_s + 1.0
 
     @property
     def node_id(self) -> str:
@@ -133,7 +144,37 @@ class Tenant:
         return adverts
 
     def adverts(self) -> list[Advert]:
-        return [e.advert for e in self.node.directory.live(self.clock())]
+        """The live directory, corrected by what this tenant knows itself of its leases.
+
+        Adverts lag: one signed before our newest lease still shows its devices free
+        (asking gets ``all_reserved`` from our own lease), one signed before our last
+        release still shows them taken (we would not ask). market.directory.as_known.
+        """
+        now = self.clock()
+        own = self._own_devices(now)
+        out = []
+        for e in self.node.directory.live(now):
+            mine = own.get(e.provider)
+            out.append(e.advert if mine is None else as_known(e.advert, _signed_ms(e), mine))
+        return out
+
+    def _own_devices(self, now: int) -> dict[str, OwnDevices]:
+        held: dict[str, set[str]] = {}
+        for row in self.store.list_leases(LeaseState.ACTIVE):
+            if row.side == "tenant":
+                held.setdefault(row.provider, set()).update(row.devices)
+        released: dict[str, list[tuple[int, frozenset[str]]]] = {}
+        # ENDED only when the provider's receipt confirmed it; a LOST lease may still
+        # be held at its provider.
+        for row in self.store.list_leases(LeaseState.ENDED, updated_since=now - OWN_RELEASES_MS):
+            if row.side == "tenant":
+                released.setdefault(row.provider, []).append(
+                    (row.updated_ms, frozenset(row.devices))
+                )
+        return {
+            p: OwnDevices(frozenset(held.get(p, ())), tuple(released.get(p, ())))
+            for p in held.keys() | released.keys()
+        }
 
     def reputation(self) -> dict[str, Reputation]:
         return {p: Reputation(**r) for p, r in self.store.reputation().items()}
@@ -236,17 +277,21 @@ class Tenant:
             return AuctionReport(order, auction.state, [], [], why, why)
 
         timeout_s = max(0.05, bid_window_ms / 1000)
-        await asyncio.gather(
-            *(self._collect(auction, c.provider, order, timeout_s) for c in candidates)
-        )
-        if auction.state is AuctionState.COLLECTING:
-            auction.close(self.clock())
-        # Awards go out concurrently; a decline or failure yields fallback awards.
-        awards = auction.last_awards
-        while awards:
-            results = await asyncio.gather(*(self._award(auction, a) for a in awards))
-            awards = [nxt for batch in results for nxt in batch]
-        await self._release_losers(auction)
+        try:
+            await asyncio.gather(
+                *(self._collect(auction, c.provider, order, timeout_s) for c in candidates)
+            )
+            if auction.state is AuctionState.COLLECTING:
+                auction.close(self.clock())
+            # Awards go out concurrently; a decline or failure yields fallback awards.
+            awards = auction.last_awards
+            while awards:
+                results = await asyncio.gather(*(self._award(auction, a) for a in awards))
+                awards = [nxt for batch in results for nxt in batch]
+            await self._release_losers(auction)
+        except asyncio.CancelledError:
+            await self._abandon(auction)
+            raise
         return AuctionReport(
             order=order,
             state=auction.state,
@@ -342,6 +387,70 @@ class Tenant:
                 for provider, release in auction.releases()
             )
         )
+
+    async def _abandon(self, auction: Auction) -> None:
+        """The auction was cancelled: give back all it holds before the cancel goes on.
+
+        Bids it received stay reserved at their providers until they expire, and a
+        lease whose accept was on its way, or made and not yet handed to the caller,
+        is held for a tenant that never heartbeats nor pays it: it lapses unpaid and
+        its provider refuses our orders (``unpaid_notes``). So the releases
+        (market.auction.Auction.abandon) and the end of every lease made (receipt
+        checked and countersigned, as ``release``) run in a task this tenant owns,
+        shielded from the cancel and bounded by ``abandon_timeout_s``; the cancelled
+        caller waits for it, and ``close`` waits for any a second cancel left running.
+        """
+        owed = auction.abandon(self.clock())
+        made = [row for x in auction.leases if (row := self.store.get_lease(x.lease_id))]
+        made = [row for row in made if row.state is LeaseState.ACTIVE]
+        if not owed and not made:
+            return
+        log.info(
+            "auction %s cancelled: %d releases and %d leases to end",
+            auction.order.order_id,
+            len(owed),
+            len(made),
+        )
+        task = asyncio.get_running_loop().create_task(self._give_back(owed, made))
+        self._abandoning.add(task)
+        task.add_done_callback(self._abandoning.discard)
+        try:
+            await asyncio.shield(task)
+        except Exception:  # a bug there must not turn the caller's cancel into it
+            log.exception("releasing cancelled auction %s failed", auction.order.order_id)
+
+    async def _give_back(self, owed: list[tuple[str, Release]], made: list[LeaseRow]) -> None:
+        async def end(row: LeaseRow) -> None:
+            try:
+                await self.release(row)
+            except MercatoError as e:
+                log.warning("lease %s of a cancelled auction not ended: %s", row.lease_id, e)
+
+        try:
+            async with asyncio.timeout(self.abandon_timeout_s):
+                await asyncio.gather(
+                    *(
+                        self._send_while_lost(
+                            self._peer(provider),
+                            release,
+                            LOST_MESSAGE_TRIES if release.lease_id else 1,
+                        )
+                        for provider, release in owed
+                    ),
+                    *(end(row) for row in made),
+                )
+        except TimeoutError:
+            log.warning(
+                "releases of a cancelled auction unfinished after %g s", self.abandon_timeout_s
+            )
+
+    async def close(self) -> None:
+        """Wait for the releases of cancelled auctions still under way (bounded each)."""
+        while self._abandoning:
+            done = await asyncio.gather(*self._abandoning, return_exceptions=True)
+            for e in done:
+                if isinstance(e, Exception):
+                    log.error("releasing a cancelled auction failed: %r", e)
 
     async def _send_while_lost(
         self, peer: Peer, body: Body, tries: int, *, sealed: bytes | None = None
@@ -537,3 +646,17 @@ class Tenant:
             meter = TenantMeter(len(lease.devices), lease.price, lease.start_ms)
             self._meters[lease.lease_id] = meter
         return meter
+
+
+def _signed_ms(entry: Entry) -> int:
+    """When the provider signed an advert: its envelope's timestamp (verified on entry).
+
+    An envelope that does not read (never for a verified one) counts as signed at the
+    end of time, so nothing the tenant released is taken back as free because of it.
+    """
+    try:
+        env = codec.decode(entry.envelope)
+    except MercatoError:
+        return NEVER_MS
+    ts = env.get("ts") if type(env) is dict else None
+    return ts if type(ts) is int else NEVER_MS

@@ -339,6 +339,7 @@ async def drive(
     finally:
         loop.remove_signal_handler(signal.SIGINT)
         loop.remove_signal_handler(signal.SIGTERM)
+        await tenant.close()
         await transport.close()
     current = jobs.get_job(job.job_id)
     now = wall_clock_ms()
@@ -440,6 +441,7 @@ async def drive_gang(
     finally:
         loop.remove_signal_handler(signal.SIGINT)
         loop.remove_signal_handler(signal.SIGTERM)
+        await tenant.close()
         await transport.close()
     result = report.result
     metric = spec.training.metric if spec.training is not None else None

@@ -620,6 +620,7 @@ def serve(path: Path, *, peer: str, host: str, port: int, as_json: bool) -> str:
                     state = await runner.run()
                     watcher.cancel()
             finally:
+                await tenant.close()
                 await transport.close()
             return state
 

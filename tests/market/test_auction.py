@@ -546,6 +546,98 @@ class TestAwarding:
         assert [(p, r.bid_id) for p, r in au.releases()] == [(A, b.bid_id)]
 
 
+class TestAbandon:
+    """The driver is cancelled mid-way: the auction says every release it owes."""
+
+    def test_bids_received_while_collecting_are_released(self) -> None:
+        au = auction(order(2))
+        b_a, b_b = bid(A), bid(B)
+        au.on_bid(A, b_a, T0)
+        au.on_bid(B, b_b, T0)  # C has not answered: collecting
+        owed = au.abandon(T0 + 500)
+        assert {(p, r.bid_id, r.lease_id) for p, r in owed} == {
+            (A, b_a.bid_id, None),
+            (B, b_b.bid_id, None),
+        }
+        assert {r.reason for _, r in owed} == {"auction abandoned"}
+        assert state(au) is AuctionState.ABANDONED
+        assert au.failure is not None
+        assert au.failure.startswith("abandoned")
+
+    def test_an_asked_providers_unusable_bid_is_released_too(self) -> None:
+        au = auction(order(1, max_price=1_000_000))
+        over = bid(A, price=2_000_000)  # its devices are held all the same
+        au.on_bid(A, over, T0)
+        assert [(p, r.bid_id) for p, r in au.abandon(T0 + 500)] == [(A, over.bid_id)]
+
+    def test_an_expired_bid_is_not_released(self) -> None:
+        au = auction(order(1))
+        au.on_bid(A, bid(A, expires_ms=T0 + 1_000), T0)
+        assert au.abandon(T0 + 1_000) == []  # its provider freed it already
+
+    def test_an_award_in_flight_is_released_by_its_lease_and_its_bid(self) -> None:
+        # The award may not have arrived (the bid is still a reservation) or may have
+        # made a lease whose accept nobody reads: one release frees either.
+        au = auction(order(1))
+        b_a, b_b = bid(A, price=1_000_000), bid(B, price=2_000_000)
+        au.on_bid(A, b_a, T0)
+        au.on_bid(B, b_b, T0)
+        [award] = au.close(T0 + 2_000)
+        au.award_sent(award.lease_id, award_hash(award), T0 + 2_000)
+        owed = {(p, r.bid_id, r.lease_id) for p, r in au.abandon(T0 + 2_100)}
+        assert owed == {(A, b_a.bid_id, award.lease_id), (B, b_b.bid_id, None)}
+        # The accept that comes back after all is not a lease of this auction.
+        h = award_hash(award)
+        late = Accept(lease_id=award.lease_id, order_id="ord-1", award_hash=h, start_ms=T0)
+        assert au.on_accept(A, late, T0 + 2_200) is None
+        assert au.leases == []
+
+    def test_leases_made_are_left_to_the_driver_and_the_rest_released(self) -> None:
+        # Ending a lease is settling it (a receipt to check and countersign): the
+        # driver does it for ``leases``; the auction owes the others.
+        au = auction(order(2))
+        b_a, b_b, b_c = bid(A, price=1_000_000), bid(B, price=2_000_000), bid(C, price=3_000_000)
+        for b in (b_a, b_b, b_c):
+            au.on_bid(b.provider, b, T0)
+        first, second = au.close(T0 + 2_000)
+        accept(au, first)
+        au.award_sent(second.lease_id, award_hash(second), T0 + 2_000)
+        owed = {(p, r.bid_id, r.lease_id) for p, r in au.abandon(T0 + 2_200)}
+        assert owed == {(B, b_b.bid_id, second.lease_id), (C, b_c.bid_id, None)}
+        assert [x.provider for x in au.leases] == [A]
+
+    def test_unanswered_and_refused_awards_are_released_by_lease_id(self) -> None:
+        au = auction(order(2), [A, B, C, D])
+        for p, price in ((A, 1), (B, 2), (C, 3), (D, 4)):
+            au.on_bid(p, bid(p, price=price * 1_000_000), T0)
+        first, second = au.close(T0 + 2_000)
+        au.award_sent(first.lease_id, award_hash(first), T0 + 2_000)
+        [third] = au.on_award_failed(first.lease_id, T0 + 2_500)  # A: no answer
+        owed = {(p, r.lease_id) for p, r in au.abandon(T0 + 2_600) if r.lease_id}
+        assert owed == {(A, first.lease_id), (B, second.lease_id), (C, third.lease_id)}
+
+    def test_an_ended_auction_owes_what_releases_would_have_sent(self) -> None:
+        # Cancelled after it ended, while its losers were being released.
+        au = auction(order(1))
+        b_a, b_b = bid(A, price=1_000_000), bid(B, price=2_000_000)
+        au.on_bid(A, b_a, T0)
+        au.on_bid(B, b_b, T0)
+        [award] = au.close(T0 + 2_000)
+        accept(au, award)
+        assert au.done
+        assert [(p, r.bid_id) for p, r in au.abandon(T0 + 2_200)] == [(B, b_b.bid_id)]
+
+    def test_abandon_twice_owes_nothing_more_and_releases_says_nothing(self) -> None:
+        au = auction(order(1))
+        au.on_bid(A, bid(A), T0)
+        assert len(au.abandon(T0 + 100)) == 1
+        assert au.abandon(T0 + 200) == []
+        assert au.releases() == []
+        assert not au.done
+        assert au.on_bid(B, bid(B), T0 + 300) is False  # late: it takes nothing more
+        assert au.outcome.ignored["late"] == 1
+
+
 # --- a full round trip with real bid engines ----------------------------------------
 
 

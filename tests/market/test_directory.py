@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import pytest
 
-from market.directory import Directory, Entry, Offer
+from market.directory import Directory, Entry, Offer, OwnDevices, as_known
 from protocol.codec import decode
 from protocol.identity import Identity
 from protocol.messages import Advert, pack_digest, unpack_digest
@@ -361,3 +361,59 @@ class TestDigestKeptInPlace:
                 compared += bool(want[0])
             assert d.diff_packed(d.packed_digest(now), now, limit=100) == ([], [], False)
         assert compared > 1000
+
+
+class TestAsKnown:
+    """A tenant's own leases correct the adverts it holds (they lag by a hold-down)."""
+
+    def advert(self, make: Maker, ids: list[Identity], free: list[str]) -> Advert:
+        advert, _ = make(ids[0], seq=1)
+        group = advert.devices[0].model_copy(update={"free": free})
+        return advert.model_copy(update={"devices": [group]})
+
+    def test_devices_we_hold_are_not_free_whatever_the_advert_says(
+        self, make: Maker, ids: list[Identity]
+    ) -> None:
+        stale = self.advert(make, ids, ["gpu0", "gpu1"])
+        seen = as_known(stale, NOW, OwnDevices(held=frozenset({"gpu0"})))
+        assert seen.devices[0].free == ["gpu1"]
+        assert seen.free_units == 1
+
+    def test_devices_released_after_the_advert_was_signed_are_free_again(
+        self, make: Maker, ids: list[Identity]
+    ) -> None:
+        stale = self.advert(make, ids, [])
+        seen = as_known(stale, NOW, OwnDevices(released=((NOW + 5, frozenset({"gpu1"})),)))
+        assert seen.devices[0].free == ["gpu1"]
+
+    def test_an_advert_signed_after_the_release_is_believed(
+        self, make: Maker, ids: list[Identity]
+    ) -> None:
+        # Someone else leased the device since: the newer advert knows.
+        fresh = self.advert(make, ids, [])
+        released = OwnDevices(released=((NOW - 1, frozenset({"gpu0", "gpu1"})),))
+        assert as_known(fresh, NOW, released) is fresh
+        assert as_known(fresh, NOW - 1, released) is fresh  # same ms: not known to be after
+
+    def test_a_device_released_then_leased_again_by_us_is_held(
+        self, make: Maker, ids: list[Identity]
+    ) -> None:
+        stale = self.advert(make, ids, [])
+        own = OwnDevices(
+            held=frozenset({"gpu0"}), released=((NOW + 5, frozenset({"gpu0", "gpu1"})),)
+        )
+        assert as_known(stale, NOW, own).devices[0].free == ["gpu1"]
+
+    def test_ids_the_advert_does_not_list_are_never_added(
+        self, make: Maker, ids: list[Identity]
+    ) -> None:
+        stale = self.advert(make, ids, [])
+        own = OwnDevices(released=((NOW + 5, frozenset({"gpu7", "h100-0"})),))
+        assert as_known(stale, NOW, own) is stale
+
+    def test_nothing_known_leaves_the_advert_as_it_is(
+        self, make: Maker, ids: list[Identity]
+    ) -> None:
+        advert = self.advert(make, ids, ["gpu0"])
+        assert as_known(advert, NOW, OwnDevices()) is advert
+        assert as_known(advert, NOW, OwnDevices(held=frozenset({"gpu1"}))) is advert
