@@ -16,16 +16,21 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import msgpack
 import pytest
 
+import protocol.envelope as envelope_module
 from market.bidding import BidEngine, Device, LeaseState, ProviderLease
 from node.net.simloop import VirtualTimeLoop, run
 from node.store.node_store import LeaseRow
-from protocol.envelope import seal
+from protocol import codec
+from protocol.envelope import open_envelope, seal, signed_part
+from protocol.errors import BadSignatureError
 from protocol.identity import Identity
 from protocol.messages import Accept, Advert, Award, DeviceGroup, Interconnect, Order, Requirement
 
@@ -219,10 +224,10 @@ class TestInvariantChecks:
             sim.check_candidates(order, T0, [provider.node_id], dead)
 
 
-def _simulate(tmp_path: Path, hash_seed: str) -> subprocess.Popen[str]:
+def _simulate(tmp_path: Path, hash_seed: str, *extra: str) -> subprocess.Popen[str]:
     out = tmp_path / f"run-{hash_seed}.json"
     env = {**os.environ, "PYTHONHASHSEED": hash_seed}
-    args = [sys.executable, str(SCRIPT), "--nodes", "200", "--quick", "--seed", "7"]
+    args = [sys.executable, str(SCRIPT), "--nodes", "200", "--quick", "--seed", "7", *extra]
     # 20 % of the nodes crash: enough to hit providers holding leases (seed 7 does).
     args += ["--loss", "0.01", "--partition", "16", "--crash", "0.2", "--json", str(out)]
     return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
@@ -232,8 +237,12 @@ class TestSimulation:
     def test_memory_transport_200_nodes_with_faults_are_deterministic_and_converge(
         self, tmp_path: Path
     ) -> None:
-        # Two processes at once (two cores), with different hash randomisation.
-        procs = {seed: _simulate(tmp_path, seed) for seed in ("1", "4242")}
+        # Two processes at once (two cores), with different hash randomisation, one
+        # checking signatures ahead in a second process, the other not.
+        procs = {
+            "1": _simulate(tmp_path, "1", "--checker"),
+            "4242": _simulate(tmp_path, "4242", "--no-checker"),
+        }
         outputs = {seed: p.communicate(timeout=110)[0] for seed, p in procs.items()}
         for seed, p in procs.items():
             assert p.returncode == 0, outputs[seed]  # exit 1 means an invariant broke
@@ -241,8 +250,12 @@ class TestSimulation:
             seed: json.loads((tmp_path / f"run-{seed}.json").read_text())[0] for seed in procs
         }
         first, second = runs["1"], runs["4242"]
-        # Same seed: the same trace (every auction, crash, heal, final directory).
+        # Same seed: the same trace (every auction, crash, heal, final directory), with
+        # or without the signature checker, which answered most receivers' checks.
         assert first["trace"] == second["trace"]
+        assert first["checker_hits"] > 2 * first["checker_misses"] > 0
+        assert first["checker_cpu_s"] > 0
+        assert second["checker_hits"] == second["checker_misses"] == 0
         assert outputs["1"].splitlines()[-1] == outputs["4242"].splitlines()[-1]
         assert outputs["1"].splitlines()[-1].startswith("converge_rounds=")
         # --table prints the saved runs again, without simulating, with the same last line.
@@ -377,3 +390,86 @@ class TestSweepSettlement:
         assert o["first"]["sweeps"] == 2
         assert o["later"]["sweeps"] == v["sweeps"] - 2
         assert o["later"]["extra_runs_pct"] is not None
+
+
+class TestSignatureOracle:
+    """The simulation's second-core signature checks (``SignatureOracle``) with a real
+    checker process: a proof passes exactly the check it was made for and nothing
+    else, so a simulated receiver still rejects every signature a daemon rejects."""
+
+    @pytest.fixture
+    def oracle(self) -> Any:
+        sim = load_simulate()
+        with sim.SignatureOracle() as oracle:
+            yield oracle
+
+    @staticmethod
+    def _parts(data: bytes) -> tuple[bytes, bytes, bytes]:
+        env = codec.decode(data)
+        return env["from"], env["sig"], signed_part(data, env)
+
+    @staticmethod
+    def _answered(oracle: Any, data: bytes) -> bool:
+        """Send ``data`` alone and wait for the checker's answer: True if it proved it."""
+        sig = codec.decode(data)["sig"]
+        oracle._requests.send_bytes(msgpack.packb([data]))
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            oracle._collect()
+            if sig in oracle._known:
+                return True
+            time.sleep(0.01)
+        return False
+
+    def _sealed(self) -> tuple[Identity, bytes]:
+        tenant = Identity.generate()
+        data = seal(tenant, _advert(tenant, T0 + 60_000), now_ms=T0, nonce=b"\7" * 16)
+        return tenant, data
+
+    def test_a_proof_passes_only_the_bytes_and_key_it_was_made_for(self, oracle: Any) -> None:
+        _, data = self._sealed()
+        key, sig, message = self._parts(data)
+        assert self._answered(oracle, data)
+        # Other bytes under the same signature: the proof does not cover them.
+        with pytest.raises(BadSignatureError):
+            oracle.check(key, sig, message[:-1] + bytes([message[-1] ^ 1]))
+        # Another key with the same signature and bytes: neither.
+        assert self._answered(oracle, data)
+        with pytest.raises(BadSignatureError):
+            oracle.check(Identity.generate().public_key, sig, message)
+        assert oracle.hits == 0
+        assert oracle.misses == 2
+        # The exact triple: passed on the proof, without verifying here.
+        assert self._answered(oracle, data)
+        oracle.check(key, sig, message)
+        assert oracle.hits == 1
+
+    def test_a_forged_signature_gets_no_proof_and_is_rejected(self, oracle: Any) -> None:
+        _, data = self._sealed()
+        forged = data.replace(codec.decode(data)["sig"], bytes(64))
+        key, sig, message = self._parts(forged)
+        assert not self._answered_within(oracle, forged, 1.0)
+        with pytest.raises(BadSignatureError):
+            oracle.check(key, sig, message)
+        assert (oracle.hits, oracle.misses) == (0, 1)
+
+    @staticmethod
+    def _answered_within(oracle: Any, data: bytes, seconds: float) -> bool:
+        sig = codec.decode(data)["sig"]
+        oracle._requests.send_bytes(msgpack.packb([data]))
+        time.sleep(seconds)  # the checker answers an empty proof at once; give it time
+        oracle._collect()
+        return sig in oracle._known
+
+    def test_installed_it_answers_open_envelope_and_uninstalls(self) -> None:
+        sim = load_simulate()
+        real = envelope_module.verify
+        _, data = self._sealed()
+        with sim.SignatureOracle() as oracle:
+            assert envelope_module.verify == oracle.check
+            assert self._answered(oracle, data)
+            opened = open_envelope(data, now_ms=T0, replay=None)
+            assert opened.type == "advert"
+            assert oracle.hits == 1
+        assert envelope_module.verify is real
+        assert oracle.cpu_s > 0  # the checker's CPU, taken when it ended
