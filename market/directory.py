@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import heapq
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -101,6 +102,13 @@ class Directory:
         # Every node runs expire() every second: without the bound each run scans the
         # whole directory, O(providers) per node per second.
         self._next_expiry = NEVER_MS
+        # (expires_ms, provider) of every advert offered and kept, a heap: the top is the
+        # earliest expiry, unless its advert was replaced or removed since (then it is
+        # dropped when it comes up). expire() and the bound above read it instead of
+        # scanning every entry: a node's earliest expiry passes about once a second
+        # (each provider re-advertises before its advert expires, and the bound stays
+        # at the replaced advert's expiry), and each scan was O(providers).
+        self._expiries: list[tuple[int, str]] = []
         #: Counts every change of what is held (added, replaced, removed, expired), so a
         #: reader can tell that nothing changed since it last looked.
         self.version = 0
@@ -150,6 +158,7 @@ class Directory:
         self._held[record] = (rank, record, entry)
         self._joined = None
         self._packed = None
+        heapq.heappush(self._expiries, (expires, provider))
         if expires < self._next_expiry:
             self._next_expiry = expires
         self.version += 1
@@ -169,20 +178,37 @@ class Directory:
         """Drop expired adverts; return their providers."""
         if now_ms < self._next_expiry:
             return []  # none expires before the earliest expiry
-        gone = [p for p, e in self._entries.items() if e.advert.expires_ms <= now_ms]
-        for p in gone:
-            del self._entries[p]
-            del self._held[self._records.pop(p)]
+        due = self._expiries
+        entries = self._entries
+        gone = []
+        while due and due[0][0] <= now_ms:
+            expires, p = heapq.heappop(due)
+            e = entries.get(p)
+            if e is not None and e.advert.expires_ms == expires:
+                gone.append(p)
+                del entries[p]
+                del self._held[self._records.pop(p)]
+            # else: replaced or removed since, or a second copy of one just dropped
         if gone:
             held = self._held
             self._sorted = [r for r in self._sorted if r in held]
             self._joined = None
             self._packed = None
             self.version += 1
-        self._next_expiry = min(
-            (e.advert.expires_ms for e in self._entries.values()), default=NEVER_MS
-        )
+        self._next_expiry = self._earliest()
         return gone
+
+    def _earliest(self) -> int:
+        """The earliest expires_ms of any held advert (NEVER_MS when none), exactly."""
+        due = self._expiries
+        entries = self._entries
+        while due:
+            expires, p = due[0]
+            e = entries.get(p)
+            if e is not None and e.advert.expires_ms == expires:
+                return expires
+            heapq.heappop(due)  # its advert was replaced or removed
+        return NEVER_MS
 
     def live(self, now_ms: int) -> Iterator[Entry]:
         """Adverts that have not expired at ``now_ms`` (an expired one is never used)."""
@@ -208,9 +234,7 @@ class Directory:
                 return cached.packed, cached.held
             # The bound may be stale (the advert that set it was replaced): make it exact,
             # which expire() also relies on.
-            self._next_expiry = min(
-                (e.advert.expires_ms for e in self._entries.values()), default=NEVER_MS
-            )
+            self._next_expiry = self._earliest()
             if now_ms >= self._next_expiry:
                 # A held advert has expired and is not purged yet: the live ones only.
                 live = list(self.live(now_ms))
