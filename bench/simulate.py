@@ -2274,6 +2274,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{result.wall_s:.0f} s wall",
                 flush=True,
             )
+            if result.checker_hits or result.checker_misses:
+                checks = result.checker_hits + result.checker_misses
+                print(
+                    f"  signature checks done ahead by the second process: "
+                    f"{result.checker_hits:,} of {checks:,} "
+                    f"({100 * result.checker_hits / checks:.1f} %), its CPU "
+                    f"{result.checker_cpu_s:.0f} s; this process's CPU {result.cpu_s:.0f} s",
+                    flush=True,
+                )
             if result.verification:
                 print_verification(result)
     results.sort(key=lambda r: r.nodes)
