@@ -119,6 +119,10 @@ class Tenant:
             nonce=nonce,  # a simulation passes a seeded source; random otherwise
         )
         self._addresses: dict[str, str] = {}  # provider -> address, from adverts and leases
+        #: When ``refresh`` last pulled the directory (tenant clock, ms), or None. Held
+        #: adverts expire (a TTL of seconds) and nothing else pulls them: a reader that
+        #: concludes from an absence (nobody sells this) must read a pull this recent.
+        self.pulled_ms: int | None = None
         self._order_seq = 0
         self._meters: dict[str, TenantMeter] = {}  # lease_id ->
         #: lease_id -> why we last refused to countersign its provider's bill.
@@ -138,6 +142,7 @@ class Tenant:
     async def refresh(self, peer_address: str) -> list[Advert]:
         """Pull (and verify) the live directory from any peer."""
         entries = await self.node.fetch_directory(Peer(address=peer_address, role="bootstrap"))
+        self.pulled_ms = self.clock()
         adverts = [e.advert for e in entries]
         for a in adverts:
             self._addresses[a.provider] = a.address

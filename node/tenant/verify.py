@@ -100,7 +100,8 @@ class Verifier:
         self.waiting: list[PendingCheck] = []
         self.running: dict[int, tuple[PendingCheck, Slot, asyncio.Task[None]]] = {}
         self.gave_up: set[int] = set()  # trials no other provider could check
-        self._starved_since: float | None = None
+        self._starved_since: float | None = None  # loop time
+        self._starved_ms = 0  # the same moment by the tenant's clock (``Tenant.pulled_ms``)
         self.checks_run = 0
         self.canary = policy.enabled and policy.canary
         self.canaries: dict[str, asyncio.Task[None]] = {}  # lease id ->
@@ -233,15 +234,22 @@ class Verifier:
         if any(providers - c.providers for c in self.waiting):
             self._starved_since = None
             return False
-        if not self._others_for_sale():
-            for c in self.waiting:  # a one-provider market: nobody to ask, no waiting
-                self._give_up(c, "no other provider in the directory sells this job")
-            self.waiting.clear()
-            return False
         now = asyncio.get_running_loop().time()
         if self._starved_since is None:
             self._starved_since = now
-        elif now - self._starved_since > (self.r.max_wait_s or 120.0):
+            self._starved_ms = self.r.tenant.clock()
+        # Nobody else for sale counts only in a directory pulled since the check began
+        # to starve: the one held may be the sweep's last auction's, its adverts expired
+        # long ago (the tenant pulls for auctions only), and an expired directory holds
+        # nobody. Until then the check is starved, and the auction that asks for pulls.
+        pulled = self.r.tenant.pulled_ms
+        if pulled is not None and pulled >= self._starved_ms and not self._others_for_sale():
+            for c in self.waiting:  # a one-provider market: nobody to ask, no waiting
+                self._give_up(c, "no other provider in the directory sells this job")
+            self.waiting.clear()
+            self._starved_since = None
+            return False
+        if now - self._starved_since > (self.r.max_wait_s or 120.0):
             for c in self.waiting:  # nobody else sells this: the result stays unchecked
                 self._give_up(c, "no other provider to check it")
             self.waiting.clear()

@@ -277,3 +277,41 @@ class TestRoomForNewcomers:
                 assert {x.lease_id for x in leases if x.provider == newcomer} <= paid
         finally:
             cluster.down(home=root)
+
+
+class TestCheckAfterTheAdvertsExpired:
+    def test_a_check_opened_after_the_tenants_adverts_expired_still_finds_the_other_provider(
+        self, tmp_path: Path
+    ) -> None:
+        """The tenant pulls the directory only for an auction, and adverts live a few
+        seconds (6 s in a local cluster): a sweep that holds all the leases it wants
+        runs on without pulling. A check opened later saw an expired directory, found
+        "no other provider in the directory sells this job" and gave up, leaving the
+        best one provider's word while another provider sold the job all along
+        (bench/verify_digits_bench.py --sweeps 4: five checks of one sweep given up)."""
+        root = tmp_path / "cluster"
+        alike = (cluster.Template("T4", 1, 150_000, "pcie"),)
+        ttl_s = 6.0
+        nodes = cluster.up(2, home=root, timeout_s=120.0, templates=alike, ttl_s=ttl_s)
+        c = sweep_e2e.Cluster(root, nodes)
+        try:
+            where = tmp_path / "job"
+            # One trial, on the one lease of --parallel 1, outlives every advert the
+            # sweep's only auction pulled: its result (the best) is checked after that.
+            job = sweep_e2e.job_file(where, sleep=ttl_s + 2)
+            spec = yaml.safe_load(job.read_text())
+            spec["sweep"]["parameters"]["x"] = {"values": [2]}
+            spec["sweep"]["parameters"]["y"] = {"values": [0]}
+            job.write_text(yaml.safe_dump(spec))
+            with sweep_e2e.tenant_at(tmp_path / "tenant-home", c) as tenant:
+                proc = tenant.run("submit", str(job), "--quiet", "--json", "--parallel", "1")
+                assert proc.returncode == 0, proc.stdout + proc.stderr
+                summary = json.loads(proc.stdout)
+                evidence = tenant.json("evidence", summary["job_id"])
+                verdicts = [x["verdict"] for x in evidence["all_checks"]]
+                assert not [v for v in verdicts if v.startswith("unchecked")], verdicts
+                assert summary["best"]["verified"] is True, summary
+                leased = {x.provider for x in tenant.leases(summary["job_id"])}
+                assert leased == {p.node_id for p in c.providers}  # the check ran elsewhere
+        finally:
+            cluster.down(home=root)
