@@ -1610,6 +1610,11 @@ def run_once(params: Params) -> Result:
         ):
             result = runner.run(main())
     finally:
+        # The run's heap sits in the collector's young generation: re-enabled so, its
+        # first pass would walk all of it (40 s at 10,000 nodes). Frozen and unfrozen,
+        # it moves to the oldest generation in one step, as if it had survived there.
+        gc.freeze()
+        gc.unfreeze()
         if collecting:
             gc.enable()
     if errors:
