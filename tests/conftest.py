@@ -5,13 +5,15 @@ example says nothing about correctness (speed is measured in bench/, not here). 
 example count is kept modest so the whole suite stays fast; raise it locally with
 ``--hypothesis-profile=thorough``.
 
-Shared fixtures: ``sealed_advert`` builds a real, signed advert envelope.
+Shared fixtures: ``sealed_advert`` builds a real, signed advert envelope; ``closers``
+collects a test's async closers (daemons, tenants, servers) and runs them in reverse at
+its end.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -92,3 +94,12 @@ def bwrap() -> None:
     probe = probe_bwrap()
     if not probe.ok:
         pytest.skip(f"bubblewrap cannot run on this machine: {probe.reason}")
+
+
+@pytest.fixture
+async def closers() -> AsyncIterator[list[Callable[[], Awaitable[None]]]]:
+    """What a test started, closed in reverse order when it ends (pass or fail)."""
+    stack: list[Callable[[], Awaitable[None]]] = []
+    yield stack
+    for close in reversed(stack):
+        await close()

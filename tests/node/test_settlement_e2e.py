@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +38,6 @@ class NeverCountersigns(Tenant):
 
     async def _settle(self, lease: LeaseRow, reply: Envelope) -> None:
         return None
-
-
-@pytest.fixture
-async def closers() -> AsyncIterator[Closers]:
-    stack: Closers = []
-    yield stack
-    for close in reversed(stack):
-        await close()
 
 
 async def provider(tmp_path: Path, closers: Closers, max_unpaid: int = 0) -> Daemon:

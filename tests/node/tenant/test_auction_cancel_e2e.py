@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -106,14 +105,6 @@ def slow_release_after_award(award_gate: Gate, release_gate: Gate) -> type[Provi
             return await super()._on_release(env)
 
     return SlowBoth
-
-
-@pytest.fixture
-async def closers() -> AsyncIterator[Closers]:
-    stack: Closers = []
-    yield stack
-    for close in reversed(stack):
-        await close()
 
 
 @pytest.fixture

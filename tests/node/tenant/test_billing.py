@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -75,14 +74,6 @@ async def start_provider(
 ) -> Server:
     """The daemon's wiring with ``service`` as the sell side, selling PRICEY."""
     return await start_sell_side(store_path, stack, PRICEY, service)
-
-
-@pytest.fixture
-async def closers() -> AsyncIterator[Closers]:
-    stack: Closers = []
-    yield stack
-    for close in reversed(stack):
-        await close()
 
 
 @pytest.fixture

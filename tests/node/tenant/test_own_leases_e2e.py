@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator
 from pathlib import Path
-
-import pytest
 
 from market.auction import AuctionState
 from market.lifecycle import LeaseState
@@ -31,14 +28,6 @@ from tests.node.tenant.sellside import Closers, new_tenant
 
 JOB = hashlib.sha256(b"test_own_leases_e2e").hexdigest()
 MAX_PRICE = 10_000_000
-
-
-@pytest.fixture
-async def closers() -> AsyncIterator[Closers]:
-    stack: Closers = []
-    yield stack
-    for close in reversed(stack):
-        await close()
 
 
 async def provider(tmp_path: Path, closers: Closers, name: str, floor: int) -> Daemon:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -82,14 +82,6 @@ async def start_provider(store_path: Path, stack: Closers, lie: Lie = honest) ->
     return await start_sell_side(
         store_path, stack, RTX, lambda node, engine, store: LyingProvider(node, engine, store, lie)
     )
-
-
-@pytest.fixture
-async def closers() -> AsyncIterator[Closers]:
-    stack: Closers = []
-    yield stack
-    for close in reversed(stack):
-        await close()
 
 
 @pytest.fixture
