@@ -376,20 +376,23 @@ class Tenant:
         )
 
     async def _release_losers(self, auction: Auction) -> None:
-        """Free the bids that did not win, and end the leases a provider may hold for us.
+        """Free the bids that did not win, and end the leases a provider may hold for us."""
+        await self._send_releases(auction.releases())
+
+    async def _send_releases(self, releases: list[tuple[str, Release]]) -> None:
+        """Send each (provider, Release) at once.
 
         A lost bid release costs nothing (the bid expires). A lost release of a lease
         (an award that got no answer, a refused accept) leaves a lease nobody heartbeats
         or pays: it lapses and its provider refuses our orders for a day. So those are
         sent again when the network loses them (as the final receipt's countersignature).
         """
-
         await asyncio.gather(
             *(
                 self._send_while_lost(
                     self._peer(provider), release, LOST_MESSAGE_TRIES if release.lease_id else 1
                 )
-                for provider, release in auction.releases()
+                for provider, release in releases
             )
         )
 
@@ -433,17 +436,7 @@ class Tenant:
 
         try:
             async with asyncio.timeout(self.abandon_timeout_s):
-                await asyncio.gather(
-                    *(
-                        self._send_while_lost(
-                            self._peer(provider),
-                            release,
-                            LOST_MESSAGE_TRIES if release.lease_id else 1,
-                        )
-                        for provider, release in owed
-                    ),
-                    *(end(row) for row in made),
-                )
+                await asyncio.gather(self._send_releases(owed), *(end(row) for row in made))
         except TimeoutError:
             log.warning(
                 "releases of a cancelled auction unfinished after %g s", self.abandon_timeout_s
