@@ -178,17 +178,12 @@ class Directory:
         """Drop expired adverts; return their providers."""
         if now_ms < self._next_expiry:
             return []  # none expires before the earliest expiry
-        due = self._expiries
-        entries = self._entries
         gone = []
-        while due and due[0][0] <= now_ms:
-            expires, p = heapq.heappop(due)
-            e = entries.get(p)
-            if e is not None and e.advert.expires_ms == expires:
-                gone.append(p)
-                del entries[p]
-                del self._held[self._records.pop(p)]
-            # else: replaced or removed since, or a second copy of one just dropped
+        while self._earliest() <= now_ms:  # the top is a held advert's now: due
+            _, p = heapq.heappop(self._expiries)
+            gone.append(p)
+            del self._entries[p]
+            del self._held[self._records.pop(p)]
         if gone:
             held = self._held
             self._sorted = [r for r in self._sorted if r in held]
